@@ -68,3 +68,16 @@ class NoReplicaError(EaasError):
 
 class RequestAbortedError(EaasError):
     """A request was aborted (by the caller, a deadline, or shutdown)."""
+
+
+class RemoteError(EaasError):
+    """A remote handler raised; `type_name` and `message` describe the peer's exception."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+
+class EngineOverloadedError(EaasError):
+    """The engine's waiting queue is full; retry later (HTTP 503 with a Retry-After header)."""
