@@ -116,6 +116,10 @@ class LayerGraph:
         self._check_edges()
         self._check_shape()
         self.order: tuple[Node, ...] = self._topological_order()
+        for e in self.edges:
+            if self.nodes[e.src].kind is NodeKind.COMBINE:
+                raise GraphError(f"{where(self.name, e.src, e.line or self.nodes[e.src].line)}: "
+                                 f"combine is the layer's sink; its output cannot feed '{e.dst}'")
         self._check_reaches_combine()
 
     # --- queries ------------------------------------------------------------------------
@@ -183,9 +187,6 @@ class LayerGraph:
                 raise GraphError(
                     f"{where(self.name, dst.name, e.line or dst.line)}: port {inp.name!r} expects "
                     f"{inp.type} but edge from '{e.src}.{e.src_port}' carries {out.type}")
-            if src.kind is NodeKind.COMBINE:
-                raise GraphError(f"{where(self.name, src.name, e.line or src.line)}: combine is "
-                                 f"the layer's sink; its output cannot feed '{e.dst}'")
             if e in seen:
                 raise GraphError(f"{where(self.name, dst.name, e.line)}: duplicate edge '{e}'")
             seen.add(e)
@@ -239,12 +240,15 @@ class LayerGraph:
     def _find_cycle(self, left: set[str], succ: dict[str, list[str]]) -> list[str]:
         # Every node left by Kahn's algorithm has a predecessor also left; walk predecessors.
         pred = {n: [e.src for e in self.edges if e.dst == n and e.src in left] for n in left}
-        start = min(left, key=list(self.nodes).index)
+        rank = {n: i for i, n in enumerate(self.nodes)}
+        start = min(left, key=rank.__getitem__)
         path, pos = [start], {start: 0}
         while True:
             nxt = pred[path[-1]][0]
             if nxt in pos:
-                return list(reversed(path[pos[nxt]:]))
+                cycle = list(reversed(path[pos[nxt]:]))
+                first = min(range(len(cycle)), key=lambda i: rank[cycle[i]])
+                return cycle[first:] + cycle[:first]  # start at the first declared node
             pos[nxt] = len(path)
             path.append(nxt)
 

@@ -183,7 +183,7 @@ def _check_layer(g: LayerGraph, i: int, moe: bool, shared: bool, mt: str, s: Lay
     if moe:
         for k in (NodeKind.DENSE_MLP,):
             if kinds[k]:
-                raise fail(kinds[k][0], f"a {k} node on a MoE layer of {mt}")
+                raise fail(kinds[k][0], f"{_a(k)} node on a MoE layer of {mt}")
         for k in (NodeKind.ROUTER, NodeKind.EXPERTS):
             if not kinds[k]:
                 raise fail(None, f"MoE layer of {mt} but the graph has no {k} node")
@@ -192,7 +192,7 @@ def _check_layer(g: LayerGraph, i: int, moe: bool, shared: bool, mt: str, s: Lay
     else:
         for k in (NodeKind.EXPERTS, NodeKind.ROUTER, NodeKind.SHARED_EXPERT):
             if kinds[k]:
-                raise fail(kinds[k][0], f"a {k} node on a dense layer of {mt}")
+                raise fail(kinds[k][0], f"{_a(k)} node on a dense layer of {mt}")
         if not kinds[NodeKind.DENSE_MLP]:
             raise fail(None, f"dense layer of {mt} but the graph has no dense_mlp node")
     if not shared and kinds[NodeKind.SHARED_EXPERT]:
@@ -228,6 +228,10 @@ def _flow_leaves(v: Any) -> Any:
             return _FlowSeq(v)
         return [_flow_leaves(x) for x in v]
     return v
+
+
+def _a(kind: NodeKind) -> str:
+    return ("an " if kind.value[0] in "aeiou" else "a ") + kind.value
 
 
 def _ranges(ids: list[int]) -> str:
