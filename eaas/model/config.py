@@ -1,0 +1,219 @@
+"""ModelConfig: one frozen view of a Hugging Face `config.json` for the supported MoE architectures.
+
+The four architectures name the same concepts differently (`num_experts` / `num_local_experts` /
+`n_routed_experts`, `rope_theta` / `rope_parameters`, ...). `ModelConfig.from_dict` maps each onto one
+vocabulary; every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eaas.errors import CheckpointError
+
+__all__ = ["ARCHS", "ModelConfig"]
+
+ARCHS: tuple[str, ...] = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3")
+
+_ROPE_TYPES = ("default", "linear", "yarn")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Architecture hyper-parameters, named one way for all supported architectures.
+
+    `head_dim` is the query/key head width (for MLA: qk_nope_head_dim + qk_rope_head_dim).
+    `num_experts` counts routed experts; `moe_intermediate_size` is F, the routed expert FFN width.
+    `scoring` is "softmax" (qwen, mixtral) or "sigmoid" (deepseek_v3, with e_score_correction_bias).
+    `raw` is the original config.json.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    num_experts: int
+    num_experts_per_tok: int
+    moe_intermediate_size: int
+    intermediate_size: int
+    has_shared_expert: bool
+    shared_expert_intermediate_size: int
+    shared_expert_gate: bool
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None
+    tie_word_embeddings: bool
+    norm_topk_prob: bool
+    scoring: str
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+    first_k_dense_replace: int = 0
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ARCHS:
+            raise CheckpointError(f"config.json: model_type {self.model_type!r} is not one of {ARCHS}")
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise CheckpointError(f"config.json: field {name!r} must be a positive int, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise CheckpointError(
+                f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}")
+        if self.num_experts_per_tok > self.num_experts:
+            raise CheckpointError(
+                f"config.json: num_experts_per_tok {self.num_experts_per_tok} > experts {self.num_experts}")
+        if self.num_experts % self.n_group or (self.topk_group > self.n_group):
+            raise CheckpointError(
+                f"config.json: n_group {self.n_group} / topk_group {self.topk_group} do not fit "
+                f"{self.num_experts} experts")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in _ROPE_TYPES:
+            raise CheckpointError(
+                f"config.json: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
+                f"supported (allowed: {_ROPE_TYPES})")
+
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type == "deepseek_v3"
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """True when layer `layer_idx` has routed experts (else it has a dense MLP)."""
+        if not 0 <= layer_idx < self.num_hidden_layers:
+            raise ValueError(f"layer_idx {layer_idx} outside 0..{self.num_hidden_layers - 1}")
+        if self.model_type == "deepseek_v3":
+            return layer_idx >= self.first_k_dense_replace
+        if self.model_type in ("qwen2_moe", "qwen3_moe"):
+            return (layer_idx not in self.mlp_only_layers
+                    and (layer_idx + 1) % self.decoder_sparse_step == 0)
+        return True
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: config.json not found") from None
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: cannot read config.json ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: config.json must hold a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        """Build from a config.json dict; CheckpointError names `source` and the field."""
+
+        def req(name: str, *alts: str) -> Any:
+            for key in (name, *alts):
+                if raw.get(key) is not None:
+                    return raw[key]
+            raise CheckpointError(f"{source}: missing config field {name!r}")
+
+        def opt(name: str, default: Any) -> Any:
+            value = raw.get(name)
+            return default if value is None else value
+
+        model_type = raw.get("model_type")
+        if model_type not in ARCHS:
+            raise CheckpointError(
+                f"{source}: unknown model_type {model_type!r} (supported: {', '.join(ARCHS)})")
+        try:
+            return cls._build(raw, model_type, req, opt)
+        except (TypeError, ValueError, KeyError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise CheckpointError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
+            raise CheckpointError(f"{source}: invalid config field ({exc})") from None
+
+    @classmethod
+    def _build(cls, raw: dict[str, Any], model_type: str, req: Any, opt: Any) -> ModelConfig:
+        hidden = int(req("hidden_size"))
+        heads = int(req("num_attention_heads"))
+        rope_params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+        default_theta = 1e6 if model_type == "mixtral" else 10000.0
+        rope_theta = float(opt("rope_theta", rope_params.get("rope_theta", default_theta)))
+        scaling = raw.get("rope_scaling") or rope_params or None
+        if scaling is not None:
+            scaling = dict(scaling)
+            scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+            if scaling["rope_type"] == "default":
+                scaling = None
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        if opt("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported")
+        common: dict[str, Any] = dict(
+            model_type=model_type, vocab_size=int(req("vocab_size")), hidden_size=hidden,
+            num_hidden_layers=int(req("num_hidden_layers")), num_attention_heads=heads,
+            num_experts_per_tok=int(req("num_experts_per_tok")),
+            max_position_embeddings=int(opt("max_position_embeddings", 4096)),
+            rms_norm_eps=float(opt("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
+            tie_word_embeddings=bool(opt("tie_word_embeddings", False)),
+            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, raw=dict(raw))
+        if model_type in ("qwen3_moe", "qwen2_moe"):
+            qwen3 = model_type == "qwen3_moe"
+            shared = int(opt("shared_expert_intermediate_size", 0)) if not qwen3 else 0
+            if not qwen3:
+                shared = int(req("shared_expert_intermediate_size"))
+            bias = bool(opt("attention_bias", False)) if qwen3 else bool(opt("qkv_bias", True))
+            return cls(
+                **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
+                head_dim=int(opt("head_dim", hidden // heads)) if qwen3 else hidden // heads,
+                num_experts=int(req("num_experts", "num_local_experts")),
+                moe_intermediate_size=int(req("moe_intermediate_size")),
+                intermediate_size=int(opt("intermediate_size", 0)),
+                has_shared_expert=shared > 0, shared_expert_intermediate_size=shared,
+                shared_expert_gate=shared > 0, norm_topk_prob=bool(opt("norm_topk_prob", False)),
+                scoring="softmax", qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3,
+                mlp_only_layers=tuple(int(i) for i in opt("mlp_only_layers", [])),
+                decoder_sparse_step=int(opt("decoder_sparse_step", 1)))
+        if model_type == "mixtral":
+            head_dim = raw.get("head_dim") or hidden // heads
+            return cls(
+                **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
+                head_dim=int(head_dim), num_experts=int(req("num_local_experts")),
+                moe_intermediate_size=int(req("intermediate_size")), intermediate_size=0,
+                has_shared_expert=False, shared_expert_intermediate_size=0, shared_expert_gate=False,
+                norm_topk_prob=True, scoring="softmax", qkv_bias=False, o_bias=False, qk_norm=False)
+        # deepseek_v3 (MLA + sigmoid grouped router)
+        moe_f = int(req("moe_intermediate_size"))
+        n_shared = int(opt("n_shared_experts", 0))
+        nope, rope = int(opt("qk_nope_head_dim", 128)), int(opt("qk_rope_head_dim", 64))
+        q_lora = raw.get("q_lora_rank")
+        bias = bool(opt("attention_bias", False))
+        return cls(
+            **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
+            head_dim=nope + rope, num_experts=int(req("n_routed_experts")),
+            moe_intermediate_size=moe_f, intermediate_size=int(req("intermediate_size")),
+            has_shared_expert=n_shared > 0, shared_expert_intermediate_size=moe_f * n_shared,
+            shared_expert_gate=False, norm_topk_prob=bool(opt("norm_topk_prob", True)),
+            scoring="sigmoid", qkv_bias=bias, o_bias=bias, qk_norm=False,
+            first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
+            n_group=int(opt("n_group", 1)), topk_group=int(opt("topk_group", 1)),
+            routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
+            q_lora_rank=None if q_lora is None else int(q_lora), kv_lora_rank=int(req("kv_lora_rank")),
+            qk_nope_head_dim=nope, qk_rope_head_dim=rope,
+            v_head_dim=int(opt("v_head_dim", 128)), rope_interleave=bool(opt("rope_interleave", True)))

@@ -1,0 +1,150 @@
+"""The MoE pieces: routers, the routed ExpertBank, the dense/shared MLP, and combine_experts.
+
+combine_experts is the ONE place routed outputs are weighted and summed; the monolithic reference
+and the disaggregated engine both call it, so their results are bitwise equal when every row is
+computed batch-invariantly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from eaas.model import ops
+from eaas.model.checkpoint import Checkpoint
+from eaas.model.config import ModelConfig
+
+__all__ = ["MLP", "ExpertBank", "Router", "combine_experts"]
+
+
+def combine_experts(expert_out: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of routed expert outputs.
+
+    expert_out: [T, K, H] (row t, slot k = output of expert topk_ids[t, k] on token t);
+    topk_weights: [T, K] float32. Returns [T, H] in expert_out's dtype. Accumulates in float32 in the
+    fixed order k = 0..K-1, so the result depends only on (expert_out, topk_weights).
+    """
+    if expert_out.dim() != 3 or topk_weights.shape != expert_out.shape[:2]:
+        raise ValueError(f"combine_experts: expert_out {tuple(expert_out.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must be [T, K, H] and [T, K]")
+    w = topk_weights.to(torch.float32)
+    acc = expert_out[:, 0].to(torch.float32) * w[:, :1]  # [T, H]
+    for k in range(1, expert_out.shape[1]):
+        acc = acc + expert_out[:, k].to(torch.float32) * w[:, k:k + 1]
+    return acc.to(expert_out.dtype)
+
+
+class Router:
+    """Top-k routing of one MoE layer.
+
+    softmax (qwen, mixtral): probs = softmax(x W^T) in float32, top-k, optional renormalisation
+    (mixtral always renormalises). sigmoid (deepseek_v3): scores = sigmoid(x W^T) in float32, choice by
+    scores + e_score_correction_bias restricted to the best `topk_group` of `n_group` groups (group
+    score = sum of its top-2), weights = scores of the chosen (renormalised if norm_topk_prob) times
+    routed_scaling_factor.
+    """
+
+    def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None,
+                 batch_invariant: bool = False) -> None:
+        self.cfg, self.weight, self.bias, self.batch_invariant = cfg, weight, bias, batch_invariant
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K])."""
+        cfg, k = self.cfg, self.cfg.num_experts_per_tok
+        if cfg.scoring == "softmax":
+            logits = ops.linear(x, self.weight, None, self.batch_invariant)  # [T, E]
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+            topk_weights, topk_ids = torch.topk(probs, k, dim=-1)
+            if cfg.norm_topk_prob:
+                topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+            return topk_ids, topk_weights
+        logits = ops.linear(x.to(torch.float32), self.weight.to(torch.float32), None,
+                            self.batch_invariant)  # [T, E]
+        scores = logits.sigmoid()
+        choice = scores + self.bias.to(torch.float32) if self.bias is not None else scores
+        t, e, g = x.shape[0], cfg.num_experts, cfg.n_group
+        group_scores = choice.view(t, g, e // g).topk(min(2, e // g), dim=-1)[0].sum(-1)  # [T, G]
+        group_idx = torch.topk(group_scores, cfg.topk_group, dim=-1)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        expert_mask = group_mask[:, :, None].expand(t, g, e // g).reshape(t, e).bool()
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        topk_ids = torch.topk(choice, k, dim=-1)[1]
+        topk_weights = scores.gather(1, topk_ids)
+        if cfg.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_ids, topk_weights * cfg.routed_scaling_factor
+
+
+class MLP:
+    """SwiGLU MLP (dense layers, shared experts). `gate_weight` [1, H]: qwen2_moe's sigmoid gate."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 gate_weight: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
+        self.gate, self.up, self.down, self.gate_weight = gate, up, down, gate_weight
+        self.batch_invariant = batch_invariant
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype, device: str | torch.device,
+             gate_name: str | None = None, batch_invariant: bool = False) -> MLP:
+        r = lambda n: ckpt.read(n, dtype, device)  # noqa: E731
+        return cls(r(f"{prefix}.gate_proj.weight"), r(f"{prefix}.up_proj.weight"),
+                   r(f"{prefix}.down_proj.weight"), r(gate_name) if gate_name else None,
+                   batch_invariant)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [T, H] -> [T, H]."""
+        bi = self.batch_invariant
+        h = ops.silu_mul(ops.linear(x, self.gate, None, bi), ops.linear(x, self.up, None, bi))
+        out = ops.linear(h, self.down, None, bi)
+        if self.gate_weight is not None:
+            out = torch.sigmoid(ops.linear(x, self.gate_weight, None, bi)) * out
+        return out
+
+
+class ExpertBank:
+    """The routed experts of ONE layer that one server hosts (a subset of the layer's experts)."""
+
+    def __init__(self, layer_idx: int, expert_ids: tuple[int, ...], gate: torch.Tensor,
+                 up: torch.Tensor, down: torch.Tensor, batch_invariant: bool = False) -> None:
+        self.layer_idx = layer_idx
+        self.expert_ids = expert_ids
+        self.gate, self.up, self.down = gate, up, down  # [E_local, F, H], [E_local, F, H], [E_local, H, F]
+        self.batch_invariant = batch_invariant
+        self._local = {e: i for i, e in enumerate(expert_ids)}
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, layer_idx: int, expert_ids: Iterable[int], dtype: torch.dtype,
+             device: str | torch.device = "cpu", batch_invariant: bool = False) -> ExpertBank:
+        """Read only experts `expert_ids` of layer `layer_idx` from `ckpt`."""
+        ids = tuple(sorted({int(e) for e in expert_ids}))
+        if not ids:
+            raise ValueError("ExpertBank.load: expert_ids is empty")
+        parts = [ckpt.read_expert(layer_idx, e, dtype, device) for e in ids]
+        stack = lambda k: torch.stack([p[k] for p in parts])  # noqa: E731
+        return cls(layer_idx, ids, stack("gate"), stack("up"), stack("down"), batch_invariant)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """Row n of x goes through expert expert_ids[n]: down(silu(gate x) * up x).
+
+        x: [N, H]; expert_ids: int64 [N], every id hosted here (else ValueError naming it).
+        Returns [N, H] in x's dtype.
+        """
+        if x.shape[0] != expert_ids.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows but expert_ids has {expert_ids.shape[0]}")
+        out = x.new_empty(x.shape)
+        present = torch.unique(expert_ids).tolist()
+        missing = [e for e in present if e not in self._local]
+        if missing:
+            raise ValueError(f"layer {self.layer_idx}: experts {missing} are not hosted here "
+                             f"(hosted: {list(self.expert_ids)})")
+        bi = self.batch_invariant
+        for e in present:
+            rows = (expert_ids == e).nonzero(as_tuple=True)[0]  # [n_e]
+            i = self._local[e]
+            xe = x[rows]
+            h = ops.silu_mul(ops.linear(xe, self.gate[i], None, bi), ops.linear(xe, self.up[i], None, bi))
+            out[rows] = ops.linear(h, self.down[i], None, bi)
+        return out
+
+    __call__ = forward

@@ -1,0 +1,75 @@
+"""Tokenizer: a thin wrapper over a `tokenizer.json` (the `tokenizers` package) plus chat formatting."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from eaas.errors import CheckpointError
+
+__all__ = ["Tokenizer"]
+
+
+class Tokenizer:
+    """Encode/decode with a Hugging Face `tokenizer.json`.
+
+    `eos_token_ids` come from generation_config.json / config.json (the caller passes them);
+    `apply_chat_template` renders tokenizer_config.json's Jinja template when there is one, else the
+    simple default `"<|role|>\\ncontent\\n"` per message followed by `"<|assistant|>\\n"`.
+    """
+
+    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = (),
+                 bos_token_id: int | None = None) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+
+        self.path = Path(path)
+        try:
+            self._tok = _HFTokenizer.from_file(str(self.path))
+        except Exception as exc:  # the Rust side raises plain Exception subclasses
+            raise CheckpointError(f"{self.path}: cannot read tokenizer.json ({exc})") from None
+        self.eos_token_ids: tuple[int, ...] = tuple(int(i) for i in eos_token_ids)
+        self.bos_token_id = bos_token_id
+        self._chat_template: str | None = None
+        self._special: dict[str, Any] = {}
+        cfg_path = self.path.parent / "tokenizer_config.json"
+        if cfg_path.exists():
+            try:
+                tcfg = json.loads(cfg_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"{cfg_path}: cannot read ({exc})") from None
+            template = tcfg.get("chat_template")
+            self._chat_template = template if isinstance(template, str) else None
+            self._special = {k: tcfg.get(k) for k in ("bos_token", "eos_token")}
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no special tokens added; a BOS is prepended when the model has one)."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] + ids) if self.bos_token_id is not None else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """Render chat `messages` ([{"role": ..., "content": ...}]) into one prompt string."""
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        if self._chat_template is not None:
+            import jinja2
+
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+            return env.from_string(self._chat_template).render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt,
+                **{k: (v if isinstance(v, str) else "") for k, v in self._special.items()})
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return text + ("<|assistant|>\n" if add_generation_prompt else "")
