@@ -1,0 +1,21 @@
+"""Transports chosen by URL scheme behind one Connection/Listener protocol.
+
+    listener = await listen("tcp://127.0.0.1:0", handler)   # or inproc://name, shm://
+    conn = await connect(listener.url)
+    await conn.send({"rows": x, "expert_ids": ids})         # nested values + torch.Tensor leaves
+    msg = await conn.recv(timeout=5.0)
+    reply = await RpcClient(conn).call(msg, timeout=1.0)    # request/response on a connection
+"""
+
+from __future__ import annotations
+
+from eaas.transport.base import Connection, Lease, Listener, SendHandle
+from eaas.transport.codec import DTYPES, decode_message, encode_message
+from eaas.transport.limits import TransportLimits
+from eaas.transport.registry import SCHEMES, connect, listen
+from eaas.transport.rpc import RpcClient, serve_rpc
+
+__all__ = [
+    "Connection", "Listener", "SendHandle", "Lease", "TransportLimits", "connect", "listen",
+    "SCHEMES", "DTYPES", "encode_message", "decode_message", "RpcClient", "serve_rpc",
+]

@@ -1,0 +1,50 @@
+"""Transport limits: the bounds a peer's frames must respect (checked before allocating)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TransportLimits"]
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """Bounds on frames and buffering for one connection (both directions).
+
+    max_frame_bytes:     largest frame (16-byte prefix + header + tensor body) accepted or sent.
+    max_header_bytes:    largest msgpack header (the message tree and tensor descriptors).
+    max_tensors:         most tensor leaves in one message.
+    max_ndim:            most dimensions of one tensor.
+    max_queued_messages: received messages buffered before reading from the peer pauses
+                         (inproc: sent messages buffered before `send` waits).
+    write_buffer_bytes:  bytes queued in the OS-facing write buffer before `await send` waits.
+    shm_min_bytes:       shm:// only; messages whose tensors total fewer bytes travel inline
+                         over the socket (a copy there is cheaper than a slot round trip).
+    shm_pool_bytes:      shm:// only; most shared memory one sender keeps mapped per connection;
+                         a send that needs more waits until the receiver releases slots.
+    """
+
+    max_frame_bytes: int = 1 << 30
+    max_header_bytes: int = 1 << 20
+    max_tensors: int = 4096
+    max_ndim: int = 16
+    max_queued_messages: int = 1024
+    write_buffer_bytes: int = 4 << 20
+    shm_min_bytes: int = 64 << 10
+    shm_pool_bytes: int = 2 << 30
+
+    def __post_init__(self) -> None:
+        for name in ("max_frame_bytes", "max_header_bytes", "max_tensors", "max_ndim",
+                     "max_queued_messages", "shm_pool_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 1")
+        for name in ("write_buffer_bytes", "shm_min_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 0")
+        if self.max_header_bytes > self.max_frame_bytes:
+            raise ValueError(
+                f"TransportLimits.max_header_bytes={self.max_header_bytes} must not exceed "
+                f"max_frame_bytes={self.max_frame_bytes}"
+            )
