@@ -91,7 +91,7 @@ def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> dict[str, Any]
 
 
 def _tensors(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random weights: N(0, 0.08) matrices, norms ~1, embeddings N(0, 1)."""
+    """Random weights: N(0, 0.08) matrices, norms ~1, embeddings N(0, 1), routers N(0, 0.3)."""
     def randn(shape: tuple[int, ...], std: float) -> torch.Tensor:
         return torch.randn(shape, generator=gen) * std
 
@@ -112,8 +112,15 @@ def _tensors(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
             out[name] = randn(shape, 0.05)
         elif name.endswith("gate.weight"):
             out[name] = randn(shape, 0.3)  # router: well separated expert choices
+        elif ".self_attn." in name:
+            out[name] = randn(shape, 0.2)  # strong attention: the context shapes the next token
         else:
             out[name] = randn(shape, 0.08)
+    if "lm_head.weight" in out:
+        # Subtract each token's own (unit-rms) embedding from its output row: the current token's
+        # logit drops well below the rest, so greedy decoding does not lock onto one repeated token.
+        emb = out["model.embed_tokens.weight"]
+        out["lm_head.weight"] -= 0.1 * emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
     return {k: v.contiguous() for k, v in out.items()}
 
 
