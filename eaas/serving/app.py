@@ -1,0 +1,83 @@
+"""The aiohttp application factory: OpenAI API, ops routes, admin dashboard, one engine.
+
+`create_app(engine, admin_token=...)` wires routes, the error middleware, the app's own
+metrics registry, the event pump and the shutdown drain. The caller owns the engine (starts
+and stops it); `serve()` in `server.py` is the caller for `eaas serve`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from eaas.serving import admin_api, ops, openai_api
+from eaas.serving.api_errors import make_error_middleware
+from eaas.serving.metrics import ServingMetrics
+from eaas.serving.state import ENGINE, STATE, ServingState
+
+log = logging.getLogger("eaas.serving")
+
+DEFAULT_CLIENT_MAX_SIZE = 1 << 20  # bytes of request body; more is a 413
+
+
+def create_app(engine: Any, *, admin_token: str, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
+               drain_grace_s: float = 10.0) -> web.Application:
+    """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller).
+
+    admin_token: the bearer token mutating admin routes require (non-empty).
+    client_max_size: largest accepted request body in bytes (larger: 413).
+    drain_grace_s: on shutdown, how long in-flight requests may run before they are aborted.
+    """
+    if not isinstance(admin_token, str) or len(admin_token) < 8:
+        raise ValueError("admin_token must be a string of at least 8 characters")
+    if not (isinstance(client_max_size, int) and client_max_size >= 1024):
+        raise ValueError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
+    if not drain_grace_s >= 0:
+        raise ValueError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
+    metrics = ServingMetrics(engine.model_name, snapshot=engine.snapshot)
+    state = ServingState(engine=engine, admin_token=admin_token, metrics=metrics,
+                         drain_grace_s=float(drain_grace_s))
+
+    def on_response(request: web.Request, status: int) -> None:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics.http_requests.labels(request.method, route, str(status)).inc()
+
+    app = web.Application(client_max_size=client_max_size,
+                          middlewares=[make_error_middleware(on_response)])
+    app[STATE] = state
+    app[ENGINE] = engine
+    app.add_routes(openai_api.routes)
+    app.add_routes(ops.routes)
+    app.add_routes(admin_api.routes)
+    app.cleanup_ctx.append(_event_pump)
+    app.on_shutdown.append(_drain)
+    return app
+
+
+async def _event_pump(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    task = asyncio.create_task(state.events.pump(state.engine), name="eaas-event-pump")
+    yield
+    state.events.close()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _drain(app: web.Application) -> None:
+    """Stop taking work, end event streams, let in-flight requests finish, then abort them."""
+    state = app[STATE]
+    state.draining = True
+    state.events.publish({"type": "server.draining", "inflight": len(state.inflight)})
+    state.events.close()
+    aborted = await state.inflight.drain(state.engine.abort, state.drain_grace_s,
+                                         "server shutting down")
+    if aborted:
+        log.warning("shutdown: aborted %d in-flight request(s) after %.1fs grace", aborted,
+                    state.drain_grace_s)

@@ -1,0 +1,233 @@
+"""OpenAI-compatible routes, shaped as vLLM serves them.
+
+`POST /v1/completions`, `POST /v1/chat/completions` (SSE when `stream: true`),
+`GET /v1/models`. A completions prompt may be a string, a list of token ids, or a list of
+those (one choice each). `return_token_ids: true` adds `token_ids` to each choice and the
+prompt's ids (`prompt_token_ids`: on each choice for completions, top level for chat).
+Errors before the first streamed byte are JSON with their status; errors after it are an SSE
+`data: {"error": ...}` message, then `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from eaas.serving.api_errors import error_body, error_response
+from eaas.serving.events import sse_bytes
+from eaas.serving.generation import ChoiceResult, Step, run_choice
+from eaas.serving.protocol import GenerationPlan, parse_chat, parse_completion, parse_json_body
+from eaas.serving.state import STATE, ServingState
+
+routes = web.RouteTableDef()
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+@routes.get("/v1/models")
+async def list_models(request: web.Request) -> web.Response:
+    engine = request.app[STATE].engine
+    created = int(request.app[STATE].started_at)
+    return web.json_response({"object": "list", "data": [{
+        "id": engine.model_name, "object": "model", "created": created, "owned_by": "eaas",
+        "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+    }]})
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = parse_json_body(await request.read())
+    state.check_accepting()
+    engine = state.engine
+    plan = parse_completion(body, model_name=engine.model_name, tokenizer=engine.tokenizer,
+                            max_model_len=engine.max_model_len)
+    return await _serve(request, state, plan, _request_id(request, "cmpl"))
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = parse_json_body(await request.read())
+    state.check_accepting()
+    engine = state.engine
+    plan = parse_chat(body, model_name=engine.model_name, tokenizer=engine.tokenizer,
+                      max_model_len=engine.max_model_len)
+    return await _serve(request, state, plan, _request_id(request, "chatcmpl"))
+
+
+def _request_id(request: web.Request, prefix: str) -> str:
+    given = request.headers.get("X-Request-Id", "")
+    return given if _REQUEST_ID_OK.match(given) else f"{prefix}-{uuid.uuid4().hex}"
+
+
+async def _run_all(state: ServingState, plan: GenerationPlan, request_id: str,
+                   on_step: Any) -> list[ChoiceResult]:
+    """Run every choice concurrently; the first failure cancels (and aborts) the others."""
+    arrival = time.monotonic()
+    unique = uuid.uuid4().hex[:8]  # engine ids stay unique even if a client reuses X-Request-Id
+
+    def run(i: int) -> Any:
+        return run_choice(state.engine, plan.prompts[i], index=i,
+                          request_id=f"{request_id}-{unique}-{i}", stop=plan.stop, metrics=state.metrics, inflight=state.inflight,
+                          on_step=on_step, arrival=arrival)
+
+    if len(plan.prompts) == 1:
+        return [await run(0)]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(run(i)) for i in range(len(plan.prompts))]
+    except BaseExceptionGroup as eg:
+        raise _first_cause(eg) from None
+    return [t.result() for t in tasks]
+
+
+def _first_cause(eg: BaseExceptionGroup) -> BaseException:
+    for e in eg.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            return _first_cause(e)
+        if not isinstance(e, asyncio.CancelledError):
+            return e
+    return eg.exceptions[0]
+
+
+async def _serve(request: web.Request, state: ServingState, plan: GenerationPlan,
+                 request_id: str) -> web.StreamResponse:
+    if plan.stream:
+        return await _serve_stream(request, state, plan, request_id)
+
+    async def ignore(step: Step) -> None:
+        return None
+
+    results = await _run_all(state, plan, request_id, ignore)
+    failed = [r for r in results if r.finish_reason in ("error", "abort")]
+    if failed:
+        return error_response(503, f"request {request_id} did not complete: {failed[0].error}",
+                              headers={"X-Request-Id": request_id})
+    created = int(time.time())
+    usage = _usage(results)
+    tok = state.engine.tokenizer
+    if plan.kind == "completion":
+        choices = []
+        for r in results:
+            prompt = plan.prompts[r.index].prompt
+            text = ((prompt if isinstance(prompt, str) else tok.decode(prompt)) + r.text
+                    if plan.echo else r.text)
+            choice: dict[str, Any] = {"index": r.index, "text": text, "logprobs": None,
+                                      "finish_reason": r.finish_reason,
+                                      "stop_reason": r.stop_reason}
+            if plan.return_token_ids:
+                choice["prompt_token_ids"] = r.prompt_token_ids
+                choice["token_ids"] = r.token_ids
+            choices.append(choice)
+        body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
+                                "model": plan.model, "choices": choices, "usage": usage}
+    else:
+        r = results[0]
+        choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
+                  "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
+        if plan.return_token_ids:
+            choice["token_ids"] = r.token_ids
+        body = {"id": request_id, "object": "chat.completion", "created": created,
+                "model": plan.model, "choices": [choice], "usage": usage}
+        if plan.return_token_ids:
+            body["prompt_token_ids"] = r.prompt_token_ids
+    return web.json_response(body, headers={"X-Request-Id": request_id})
+
+
+def _usage(results: list[ChoiceResult]) -> dict[str, int]:
+    p = sum(len(r.prompt_token_ids) for r in results)
+    c = sum(len(r.token_ids) for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+async def _serve_stream(request: web.Request, state: ServingState, plan: GenerationPlan,
+                        request_id: str) -> web.StreamResponse:
+    """SSE: headers go out with the first chunk, so errors before it are plain JSON errors."""
+    created = int(time.time())
+    chat = plan.kind == "chat"
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    lock = asyncio.Lock()
+    resp: web.StreamResponse | None = None
+    started: set[int] = set()
+    tok = state.engine.tokenizer
+
+    def chunk(choice: dict[str, Any]) -> dict[str, Any]:
+        c: dict[str, Any] = {"id": request_id, "object": obj, "created": created,
+                             "model": plan.model, "choices": [choice]}
+        if plan.include_usage:
+            c["usage"] = None
+        return c
+
+    async def send(data: Any) -> None:
+        nonlocal resp
+        if resp is None:
+            resp = web.StreamResponse(status=200, headers={"X-Request-Id": request_id})
+            resp.headers.update({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                 "X-Accel-Buffering": "no"})
+            await resp.prepare(request)
+        await resp.write(sse_bytes(data))
+
+    async def on_step(step: Step) -> None:
+        async with lock:
+            first = step.index not in started
+            started.add(step.index)
+            pp = plan.prompts[step.index]
+            if chat:
+                if first:
+                    head: dict[str, Any] = {"index": step.index, "logprobs": None,
+                                            "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}
+                    data = chunk(head)
+                    if plan.return_token_ids:
+                        data["prompt_token_ids"] = pp.prompt_token_ids
+                    await send(data)
+                delta = {"content": step.text} if step.text else {}
+                choice: dict[str, Any] = {"index": step.index, "delta": delta, "logprobs": None,
+                                          "finish_reason": step.finish_reason}
+            else:
+                text = step.text
+                if first and plan.echo:
+                    text = (pp.prompt if isinstance(pp.prompt, str) else tok.decode(pp.prompt)) + text
+                choice = {"index": step.index, "text": text, "logprobs": None,
+                          "finish_reason": step.finish_reason}
+                if first and plan.return_token_ids:
+                    choice["prompt_token_ids"] = pp.prompt_token_ids
+            if step.finish_reason is not None:
+                choice["stop_reason"] = step.stop_reason
+            if plan.return_token_ids:
+                choice["token_ids"] = step.token_ids
+            await send(chunk(choice))
+            if step.error is not None:
+                await send(error_body(503, f"request {request_id} did not complete: {step.error}"))
+
+    try:
+        results = await _run_all(state, plan, request_id, on_step)
+    except (ConnectionResetError, ConnectionError):
+        # the client went away mid-stream; run_choice already aborted the engine requests
+        return resp if resp is not None else web.Response(status=499)
+    except Exception as e:
+        if resp is None:
+            raise  # nothing sent yet: the error middleware answers with a JSON error
+        await _send_quietly(resp, sse_bytes(error_body(500, f"stream failed: {e}")))
+        await _send_quietly(resp, b"data: [DONE]\n\n")
+        return resp
+    assert resp is not None  # every choice sends at least its finishing step
+    if plan.include_usage:
+        await _send_quietly(resp, sse_bytes({"id": request_id, "object": obj, "created": created,
+                                             "model": plan.model, "choices": [],
+                                             "usage": _usage(results)}))
+    await _send_quietly(resp, b"data: [DONE]\n\n")
+    return resp
+
+
+async def _send_quietly(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+    except ConnectionError:
+        pass

@@ -1,0 +1,45 @@
+"""The runtime state one app serves with, and the typed `web.AppKey`s that reach it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from eaas.serving.api_errors import RETRY_AFTER_S, ApiError
+from eaas.serving.events import EventHub
+from eaas.serving.generation import InflightRequests
+from eaas.serving.metrics import ServingMetrics
+
+if TYPE_CHECKING:
+    from eaas.engine.engine import AsyncEngine
+
+__all__ = ["ENGINE", "STATE", "ServingState"]
+
+
+@dataclass(slots=True)
+class ServingState:
+    """Everything the handlers share. Runtime state, not config: it changes while serving."""
+
+    engine: Any  # eaas.AsyncEngine (typed loosely so that importing this stays torch-free)
+    admin_token: str
+    metrics: ServingMetrics
+    drain_grace_s: float
+    inflight: InflightRequests = field(default_factory=InflightRequests)
+    events: EventHub = field(default_factory=EventHub)
+    started_at: float = field(default_factory=time.time)
+    draining: bool = False
+
+    def check_accepting(self) -> None:
+        """Refuse new generation work while starting or draining (503 + Retry-After)."""
+        retry = {"Retry-After": str(RETRY_AFTER_S)}
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", headers=retry)
+        if not self.engine.is_ready:
+            raise ApiError(503, "the engine is not ready yet", headers=retry)
+
+
+ENGINE: web.AppKey[AsyncEngine] = web.AppKey("eaas_engine")
+STATE = web.AppKey("eaas_state", ServingState)
