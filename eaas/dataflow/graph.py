@@ -203,9 +203,9 @@ class LayerGraph:
             found = self.nodes_of(kind)
             if len(found) != 1:
                 extra = found[1] if found[1:] else None
+                at = where(self.name, extra.name, extra.line) if extra else where(self.name)
                 raise GraphError(
-                    f"{where(self.name, extra.name if extra else None, extra.line if extra else None)}"
-                    f": a layer graph needs exactly one {kind} node, found {len(found)}"
+                    f"{at}: a layer graph needs exactly one {kind} node, found {len(found)}"
                     + (f" ({', '.join(n.name for n in found)})" if found else ""))
         for node in self.nodes.values():
             for port in kind_spec(node.kind).inputs:

@@ -176,8 +176,8 @@ def _check_layer(g: LayerGraph, i: int, moe: bool, shared: bool, mt: str, s: Lay
     at = f"layer {i} ({s.describe()})"
 
     def fail(node: Node | None, msg: str) -> GraphError:
-        return GraphError(f"{where(g.name, node.name if node else None, node.line if node else None)}"
-                          f", {at}: {msg}")
+        head = where(g.name, node.name, node.line) if node else where(g.name)
+        return GraphError(f"{head}, {at}: {msg}")
 
     kinds = {k: g.nodes_of(k) for k in NodeKind}
     if moe:
@@ -350,7 +350,8 @@ class _Parser:
             nodes.append(Node(str(node_name), kind, dict(params), line))
         raw_edges = body.get("edges") or []
         if not isinstance(raw_edges, list):
-            raise GraphError(f"{where(name, line=self.line(*path, 'edges'))}: 'edges' must be a list")
+            at = where(name, line=self.line(*path, "edges"))
+            raise GraphError(f"{at}: 'edges' must be a list")
         edges: list[Edge] = [parse_edge(e, name, self.line(*path, "edges", i))
                              for i, e in enumerate(raw_edges)]
         return LayerGraph(name, nodes, edges)

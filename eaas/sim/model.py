@@ -27,8 +27,10 @@ Assumptions (the simulator's answers hold only under these):
    per server at most, while it exceeds a quarter of the mean server share and slots remain),
    packed largest first onto the least loaded server with a free slot not holding that expert;
    (b) wrap-around packing: servers filled in turn to ``1/n`` of the load, experts taken
-   largest, smallest, next largest, ..., an expert crossing a boundary split into replicas. Since the placer may also
-   pick the EP layout when ``n`` is a power of two, EaaS never needs more GPUs than EP.
+   largest, smallest, next largest, ..., an expert crossing a boundary split into replicas.
+   When (b) runs out of slots at ``1/n`` it is retried at the smallest larger per-server cap
+   that fits (bisection). Since the placer may also pick the EP layout when ``n`` is a power
+   of two, EaaS never needs more GPUs than EP.
 6. Not modelled: network bandwidth/latency, per-replica weight-read cost at small batches,
    placement changes over time (shares are the trace mean; one placement serves it), and
    attention GPUs (counted apart in both designs).

@@ -113,8 +113,9 @@ def eaas_placement(shares: np.ndarray, num_servers: int, expert_slots: int) -> E
 def wrap_placement(shares: np.ndarray, num_servers: int, expert_slots: int,
                    cap: float | None = None) -> EaasPlacement | None:
     """Wrap-around packing (McNaughton): fill server after server up to ``1 / num_servers`` of
-    the load, experts taken largest, smallest, next largest, ..., splitting an expert that crosses a server boundary into
-    replicas with unequal traffic parts; ``None`` when a server runs out of slots first.
+    the load, experts taken largest, smallest, next largest, ..., splitting an expert that
+    crosses a server boundary into replicas with unequal traffic parts; ``None`` when the
+    servers run out of slots first.
 
     Args:
         shares: float ``[E]``, each expert's fraction of the load.

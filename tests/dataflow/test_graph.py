@@ -67,7 +67,8 @@ def test_cycle() -> None:
              Node("mlp", NodeKind.DENSE_MLP), Node("out", NodeKind.COMBINE)]
     edges = [Edge("attn", "hidden", "out", "residual"), Edge("norm", "x", "mlp", "x"),
              Edge("mlp", "y", "out", "parts"), Edge("out", "hidden", "norm", "hidden")]
-    with pytest.raises(GraphError, match=r"node 'norm' \(line 3\): cycle norm -> mlp -> out -> norm"):
+    msg = r"node 'norm' \(line 3\): cycle norm -> mlp -> out -> norm"
+    with pytest.raises(GraphError, match=msg):
         LayerGraph("g", nodes, edges)
 
 
