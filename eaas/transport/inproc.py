@@ -48,8 +48,7 @@ def check_message(msg: Any, depth: int = 0) -> None:
             raise TypeError(f"tensor dtype {msg.dtype} cannot be sent; allowed: {list(DTYPES)}")
     elif isinstance(msg, dict):
         for key, value in msg.items():
-            if not isinstance(key, (str, int)):
-                raise TypeError(f"dict key of type {type(key).__name__}; allowed: str, int")
+            check_message(key, depth + 1)
             check_message(value, depth + 1)
     elif isinstance(msg, (list, tuple)):
         for item in msg:

@@ -260,9 +260,13 @@ class ShmConnection(StreamConnection):
             if not future.done():
                 future.set_exception(TransportError(f"connection to {self.url} closed before "
                                                     "a shared-memory slot was free"))
-        for slot in self._slots.values():
+        busy = set(self._slots) - set(self._free)
+        for slot_id, slot in self._slots.items():
             slot.unmap()
-            _unlink(slot.name)
+            # After our own clean close the peer may still read in-flight messages: it
+            # unlinks those slots' names when it maps them. Otherwise nobody will map them.
+            if not (self._local_close and slot_id in busy):
+                _unlink(slot.name)
         for slot in self._attached.values():
             slot.unmap()
         self._slots.clear()

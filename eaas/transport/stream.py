@@ -41,6 +41,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         self._on_made = on_made
         self._transport: asyncio.Transport | None = None
         self._closed = False
+        self._local_close = False  # we called aclose() while the peer was (as far as we know) up
         self._inbox = Inbox(low=limits.max_queued_messages // 2, on_low=self._maybe_resume)
         self._reading_paused = False
         self._write_paused = False
@@ -70,6 +71,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._local_close = True
             self._inbox.fail(TransportError(f"connection to {self.url} is closed"))
             if self._transport is not None:
                 self._transport.close()
