@@ -16,6 +16,7 @@ from pathlib import Path
 
 from eaas.dataflow.graph import GraphBuilder, LayerGraph
 from eaas.dataflow.model_graph import LayerSpan, ModelConfigLike, ModelGraph
+from eaas.errors import GraphError
 
 __all__ = ["default_model_graph", "load_model_graph", "moe_graph", "dense_graph"]
 
@@ -71,5 +72,10 @@ def load_model_graph(path_or_yaml_text: str | Path, model_config: ModelConfigLik
     if isinstance(path_or_yaml_text, Path) or (
             "\n" not in str(path_or_yaml_text) and Path(str(path_or_yaml_text)).is_file()):
         path = Path(path_or_yaml_text)
+        if not path.is_file():
+            raise GraphError(f"{path}: no such graph file")
         return ModelGraph.from_yaml(path.read_text(), source=str(path)).validate(model_config)
-    return ModelGraph.from_yaml(str(path_or_yaml_text)).validate(model_config)
+    text = str(path_or_yaml_text)
+    if "\n" not in text and text.endswith((".yaml", ".yml")):
+        raise GraphError(f"{text}: no such graph file")
+    return ModelGraph.from_yaml(text).validate(model_config)

@@ -67,6 +67,8 @@ def test_load_from_path(tmp_path: Path, deepseek: FakeConfig) -> None:
     path.write_text(MOE_YAML)
     assert load_model_graph(path, deepseek) == load_model_graph(str(path), deepseek)
     assert load_model_graph(path, deepseek).source == str(path)
+    with pytest.raises(GraphError, match="no such graph file"):
+        load_model_graph(str(tmp_path / "missing.yaml"), deepseek)
 
 
 def fit_error(cfg: FakeConfig, text: str = MOE_YAML) -> str:
@@ -132,3 +134,19 @@ def test_builder_graph_in_a_model_graph(deepseek: FakeConfig) -> None:
              .edge("experts.y", "out.parts").edge("shared.y", "out.parts").build())
     assert built == moe
     assert dense != moe
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
+def test_default_graph_fits_the_real_tiny_configs(arch: str) -> None:
+    from eaas.model.config import ModelConfig
+    from eaas.model.tiny import tiny_config
+
+    cfg = ModelConfig.from_dict(tiny_config(arch, 256, 1))
+    g = default_model_graph(cfg)
+    assert g.num_layers == cfg.num_hidden_layers
+    for i in range(cfg.num_hidden_layers):
+        kinds = {n.kind for n in g.layer(i).order}
+        assert (NodeKind.EXPERTS in kinds) == cfg.is_moe_layer(i)
+        assert (NodeKind.DENSE_MLP in kinds) != cfg.is_moe_layer(i)
+        assert (NodeKind.SHARED_EXPERT in kinds) == (cfg.is_moe_layer(i) and cfg.has_shared_expert)
+    assert ModelGraph.from_yaml(g.to_yaml()).validate(cfg) == g
