@@ -45,6 +45,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eaas.errors import ConfigError
+
 __all__ = ["ServerModel", "zipf_trace", "expert_shares"]
 
 
@@ -58,11 +60,11 @@ class ServerModel:
 
     def __post_init__(self) -> None:
         if not self.tokens_per_s > 0:
-            raise ValueError(f"ServerModel.tokens_per_s must be > 0, got {self.tokens_per_s}")
+            raise ConfigError(f"ServerModel.tokens_per_s must be > 0, got {self.tokens_per_s}")
         if self.expert_slots < 1:
-            raise ValueError(f"ServerModel.expert_slots must be >= 1, got {self.expert_slots}")
+            raise ConfigError(f"ServerModel.expert_slots must be >= 1, got {self.expert_slots}")
         if not 0 < self.max_util <= 1:
-            raise ValueError(f"ServerModel.max_util must be in (0, 1], got {self.max_util}")
+            raise ConfigError(f"ServerModel.max_util must be in (0, 1], got {self.max_util}")
 
     @property
     def capacity(self) -> float:

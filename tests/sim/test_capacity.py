@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from eaas.sim import (CapacitySimulator, ServerModel, eaas_placement, ep_max_share,
                       expert_shares, zipf_trace)
@@ -94,3 +96,16 @@ def test_server_model_rejects_bad_fields() -> None:
         ServerModel(expert_slots=0)
     with pytest.raises(ValueError, match="max_util"):
         ServerModel(max_util=1.5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(weights=st.lists(st.floats(0.01, 10.0), min_size=2, max_size=24),
+       slots=st.integers(1, 6), loads=st.lists(st.floats(0.0, 12.0), min_size=2, max_size=6))
+def test_monotone_and_no_worse_than_ep_on_random_shares(weights: list[float], slots: int,
+                                                        loads: list[float]) -> None:
+    shares = np.array(weights) / sum(weights)
+    sim = CapacitySimulator(shares, ServerModel(tokens_per_s=1.0, expert_slots=slots))
+    points = sim.curve(sorted(loads))
+    assert [p.ep_gpus for p in points] == sorted(p.ep_gpus for p in points)
+    assert [p.eaas_gpus for p in points] == sorted(p.eaas_gpus for p in points)
+    assert all(p.eaas_gpus <= p.ep_gpus for p in points)
