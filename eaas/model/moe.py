@@ -51,6 +51,11 @@ class Router:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K])."""
+        if self.batch_invariant:
+            return ops.rowwise(self._route, x)
+        return self._route(x)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, k = self.cfg, self.cfg.num_experts_per_tok
         if cfg.scoring == "softmax":
             logits = ops.linear(x, self.weight, None, self.batch_invariant)  # [T, E]
@@ -94,6 +99,9 @@ class MLP:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
+        return ops.rowwise(self._mlp, x) if self.batch_invariant else self._mlp(x)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         bi = self.batch_invariant
         h = ops.silu_mul(ops.linear(x, self.gate, None, bi), ops.linear(x, self.up, None, bi))
         out = ops.linear(h, self.down, None, bi)
@@ -138,13 +146,16 @@ class ExpertBank:
         if missing:
             raise ValueError(f"layer {self.layer_idx}: experts {missing} are not hosted here "
                              f"(hosted: {list(self.expert_ids)})")
-        bi = self.batch_invariant
         for e in present:
             rows = (expert_ids == e).nonzero(as_tuple=True)[0]  # [n_e]
             i = self._local[e]
-            xe = x[rows]
-            h = ops.silu_mul(ops.linear(xe, self.gate[i], None, bi), ops.linear(xe, self.up[i], None, bi))
-            out[rows] = ops.linear(h, self.down[i], None, bi)
+
+            def mlp(xe: torch.Tensor, i: int = i) -> torch.Tensor:  # [n, H] -> [n, H]
+                h = ops.silu_mul(torch.nn.functional.linear(xe, self.gate[i]),
+                                 torch.nn.functional.linear(xe, self.up[i]))  # [n, F]
+                return torch.nn.functional.linear(h, self.down[i])
+
+            out[rows] = ops.rowwise(mlp, x[rows]) if self.batch_invariant else mlp(x[rows])
         return out
 
     __call__ = forward

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-__all__ = ["apply_rope", "linear", "rms_norm", "rope_cos_sin", "rope_inv_freq", "silu_mul"]
+__all__ = [
+    "apply_rope", "linear", "rms_norm", "rope_cos_sin", "rope_inv_freq", "rowwise", "silu_mul",
+]
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
@@ -15,15 +18,26 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     """y = x @ w.T (+ bias).
 
     x: [N, I] rows; w: [O, I]; bias: [O] or None. Returns [N, O] in x's dtype.
-    batch_invariant=True computes each row with its own vector-matrix product, so a row's result is
-    bitwise the same whatever other rows share the call (same kernel, same shape for every row).
+    batch_invariant=True computes each row alone (a [1, I] x [I, O] product, bias included), so a
+    row's result is bitwise the same whatever other rows share the call: every row runs the same
+    kernel on the same shape.
     """
-    if not batch_invariant or x.shape[0] <= 1:
+    if not batch_invariant:
         return torch.nn.functional.linear(x, w, bias)
-    wt = w.t()
-    rows = [torch.matmul(x[i], wt) for i in range(x.shape[0])]  # each [O]
-    out = torch.stack(rows) if rows else x.new_empty((0, w.shape[0]))
-    return out if bias is None else out + bias
+    return rowwise(lambda row: torch.nn.functional.linear(row, w, bias), x)
+
+
+def rowwise(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
+    """Apply `fn` to each row x[i:i+1] alone and concatenate (tuples of outputs are concatenated
+    element-wise). Every call has the same shape, so each row's bits are independent of the batch:
+    even element-wise kernels (silu, sigmoid, exp) take vector or scalar paths by position in the
+    flattened tensor, so batching can change a row's last bits unless it is computed alone."""
+    outs = [fn(x[i:i + 1]) for i in range(x.shape[0])]
+    if not outs:
+        return fn(x)
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
