@@ -101,9 +101,12 @@ class LayerGraph:
         self.name = name
         table: dict[str, Node] = {}
         for node in nodes:
-            if not isinstance(node.kind, NodeKind):
+            kind = parse_kind(node.kind)
+            if kind is None:
                 raise GraphError(f"{where(name, node.name, node.line)}: unknown node kind "
                                  f"{node.kind!r} (allowed: {', '.join(k.value for k in NodeKind)})")
+            if kind is not node.kind:  # Node("x", "experts"): keep the enum
+                node = Node(node.name, kind, node.params, node.line)
             if node.name in table:
                 raise GraphError(f"{where(name, node.name, node.line)}: duplicate node name")
             if not _NAME.match(node.name):
@@ -231,13 +234,13 @@ class LayerGraph:
                     ready.append(m)
                     ready.sort(key=rank.__getitem__)
         if len(order) < len(self.nodes):
-            cycle = self._find_cycle({n for n, d in indegree.items() if d > 0}, succ)
+            cycle = self._find_cycle({n for n, d in indegree.items() if d > 0})
             first = self.nodes[cycle[0]]
             raise GraphError(f"{where(self.name, first.name, first.line)}: cycle "
                              f"{' -> '.join(cycle + [cycle[0]])}")
         return tuple(self.nodes[n] for n in order)
 
-    def _find_cycle(self, left: set[str], succ: dict[str, list[str]]) -> list[str]:
+    def _find_cycle(self, left: set[str]) -> list[str]:
         # Every node left by Kahn's algorithm has a predecessor also left; walk predecessors.
         pred = {n: [e.src for e in self.edges if e.dst == n and e.src in left] for n in left}
         rank = {n: i for i, n in enumerate(self.nodes)}
