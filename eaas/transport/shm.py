@@ -200,6 +200,10 @@ class ShmConnection(StreamConnection):
             return super()._on_frame(head, body)
         slot = self._attach(head["s"])
         views = build_tensors(head["t"], slot.flat, self.limits)
+        extent = max(((v.storage_offset() + v.numel()) * v.element_size() for v in views), default=0)
+        if extent > self.limits.max_frame_bytes:
+            raise FrameError(f"shm message of {extent} bytes > max_frame_bytes="
+                             f"{self.limits.max_frame_bytes}")
         unflatten(head["m"], views, self.limits)  # validate now; rebuilt at recv
         return _ShmItem(head, slot.slot_id, views)
 
