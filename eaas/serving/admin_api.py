@@ -39,10 +39,10 @@ async def dashboard(request: web.Request) -> web.FileResponse:
 @routes.get("/admin/api/topology")
 async def topology(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    snap = state.engine.snapshot()
+    snap = state.snapshot()
     return web.json_response({
-        "model": state.engine.model_name,
-        "max_model_len": state.engine.max_model_len,
+        "model": state.model_name,
+        "max_model_len": getattr(state.engine, "max_model_len", None),
         "ready": bool(state.engine.is_ready) and not state.draining,
         "uptime_s": time.time() - state.started_at,
         "actors": snap.get("actors", []),
@@ -58,7 +58,7 @@ async def topology(request: web.Request) -> web.Response:
 @routes.get("/admin/api/load")
 async def load(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    snap = state.engine.snapshot()
+    snap = state.snapshot()
     load_ = snap.get("load") or {}
     tokens = load_.get("tokens") or []
     return web.json_response({
@@ -120,7 +120,7 @@ async def _act(request: web.Request, action: str, coro: Awaitable[Any], *,
         raise
     except ValueError as e:
         state.events.publish({**event, "ok": False, "error": str(e)})
-        known = {s.get("name") for s in state.engine.snapshot().get("servers", [])}
+        known = {s.get("name") for s in state.snapshot().get("servers", [])}
         status = 404 if server is not None and server not in known else 400
         raise ApiError(status, str(e), param="name" if status == 404 else None) from None
     state.events.publish({**event, "ok": True})

@@ -25,11 +25,13 @@ log = logging.getLogger("eaas.serving")
 DEFAULT_CLIENT_MAX_SIZE = 1 << 20  # bytes of request body; more is a 413
 
 
-def create_app(engine: Any, *, admin_token: str, client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
+def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
+               client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
                drain_grace_s: float = 10.0) -> web.Application:
-    """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller).
+    """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller before or after).
 
-    admin_token: the bearer token mutating admin routes require (non-empty).
+    admin_token: the bearer token mutating admin routes require (at least 8 characters).
+    model_name: the served model name; None reads `engine.model_name` (needs a started engine).
     client_max_size: largest accepted request body in bytes (larger: 413).
     drain_grace_s: on shutdown, how long in-flight requests may run before they are aborted.
     """
@@ -39,8 +41,11 @@ def create_app(engine: Any, *, admin_token: str, client_max_size: int = DEFAULT_
         raise ValueError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
     if not drain_grace_s >= 0:
         raise ValueError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
-    metrics = ServingMetrics(engine.model_name, snapshot=engine.snapshot)
-    state = ServingState(engine=engine, admin_token=admin_token, metrics=metrics,
+    model_name = model_name or engine.model_name
+    # the snapshot collector goes through state.snapshot(): {} while the engine is not started
+    metrics = ServingMetrics(model_name, snapshot=lambda: state.snapshot())
+    state = ServingState(engine=engine, model_name=model_name, admin_token=admin_token,
+                         metrics=metrics,
                          drain_grace_s=float(drain_grace_s))
 
     def on_response(request: web.Request, status: int) -> None:

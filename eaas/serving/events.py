@@ -43,6 +43,9 @@ async def open_sse(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+_WALL_CLOCK_MIN = 1e9  # seconds since the epoch (2001); smaller stamps are monotonic clocks
+
+
 class _Subscriber:
     def __init__(self, maxsize: int) -> None:
         self.queue: deque[tuple[int, dict]] = deque()
@@ -74,7 +77,11 @@ class EventHub:
 
     def publish(self, event: dict) -> int:
         event = dict(event)
-        event.setdefault("time", time.time())
+        t = event.get("time")
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            event["time"] = time.time()
+        elif t < _WALL_CLOCK_MIN:  # a monotonic (event-loop) timestamp: serve wall-clock time
+            event["time"] = t + (time.time() - time.monotonic())
         event.setdefault("type", "unknown")
         self._seq += 1
         item = (self._seq, event)

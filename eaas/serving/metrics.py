@@ -8,7 +8,8 @@ Request metrics are named as vLLM names them, with the `eaas_` prefix and base u
 `engine.snapshot()` at scrape time (`SnapshotCollector`): `eaas_actor_restarts_total{actor}`,
 `eaas_actor_mailbox_depth{actor}`, `eaas_actor_state{actor,state}`, every engine counter as
 `eaas_<name>_total` (reroutes, dead_letters, ...), running/waiting requests, per-server
-in-flight tokens and the routing generation.
+in-flight tokens and up/down, and the routing generation. The snapshot callable must return
+a normalized snapshot (`snapshot.normalize`: flat actor list, per-server `up`).
 
 `Timeline` keeps per-second buckets (tokens, finished requests, latencies) for the admin
 dashboard's throughput and latency charts.
@@ -99,7 +100,8 @@ _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")
 _OWN = frozenset({"eaas_prompt_tokens", "eaas_generation_tokens", "eaas_request_success",
                   "eaas_http_requests", "eaas_actor_restarts", "eaas_actor_mailbox_depth",
                   "eaas_actor_state", "eaas_num_requests_running", "eaas_num_requests_waiting",
-                  "eaas_server_inflight_tokens", "eaas_server_up", "eaas_routing_generation"})
+                  "eaas_server_inflight_tokens", "eaas_server_up", "eaas_routing_generation",
+                  "eaas_routing_dead_servers"})
 
 
 class SnapshotCollector:
@@ -115,7 +117,7 @@ class SnapshotCollector:
         try:
             snap = self._snapshot()
         except Exception:  # a failing engine must not break the scrape of request metrics
-            log.exception("engine.snapshot() failed during a /metrics scrape")
+            log.exception("engine snapshot failed during a /metrics scrape")
             snap = {}
         actors = snap.get("actors") or []
         restarts = CounterMetricFamily("eaas_actor_restarts", "Restarts of each actor.",
@@ -150,8 +152,12 @@ class SnapshotCollector:
                                labels=["server"])
         for s in servers:
             inflight.add_metric([str(s.get("name"))], float(s.get("inflight_tokens") or 0))
-            up.add_metric([str(s.get("name"))], 1.0 if s.get("state") == "running" else 0.0)
+            up.add_metric([str(s.get("name"))], 1.0 if s.get("up") else 0.0)
         yield from (inflight, up)
+        dead = GaugeMetricFamily("eaas_routing_dead_servers",
+                                 "Servers the routing table has marked dead.")
+        dead.add_metric([], float(len((snap.get("routing") or {}).get("dead") or [])))
+        yield dead
         gen = (snap.get("routing") or {}).get("generation")
         if isinstance(gen, int):
             yield GaugeMetricFamily("eaas_routing_generation",

@@ -31,11 +31,12 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    engine = request.app[STATE].engine
-    created = int(request.app[STATE].started_at)
+    state = request.app[STATE]
+    name = state.model_name
     return web.json_response({"object": "list", "data": [{
-        "id": engine.model_name, "object": "model", "created": created, "owned_by": "eaas",
-        "root": engine.model_name, "parent": None, "max_model_len": engine.max_model_len,
+        "id": name, "object": "model", "created": int(state.started_at), "owned_by": "eaas",
+        "root": name, "parent": None,
+        "max_model_len": getattr(state.engine, "max_model_len", None),
     }]})
 
 
@@ -45,7 +46,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = parse_json_body(await request.read())
     state.check_accepting()
     engine = state.engine
-    plan = parse_completion(body, model_name=engine.model_name, tokenizer=engine.tokenizer,
+    plan = parse_completion(body, model_name=state.model_name, tokenizer=engine.tokenizer,
                             max_model_len=engine.max_model_len)
     return await _serve(request, state, plan, _request_id(request, "cmpl"))
 
@@ -56,7 +57,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_json_body(await request.read())
     state.check_accepting()
     engine = state.engine
-    plan = parse_chat(body, model_name=engine.model_name, tokenizer=engine.tokenizer,
+    plan = parse_chat(body, model_name=state.model_name, tokenizer=engine.tokenizer,
                       max_model_len=engine.max_model_len)
     return await _serve(request, state, plan, _request_id(request, "chatcmpl"))
 

@@ -40,7 +40,7 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
     if not state.engine.is_ready:
         return web.json_response({"ready": False, "reason": "engine starting"}, status=503)
-    return web.json_response({"ready": True, "model": state.engine.model_name})
+    return web.json_response({"ready": True, "model": state.model_name})
 
 
 @routes.get("/metrics")

@@ -52,7 +52,8 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     engine = AsyncEngine(config)
-    app = create_app(engine, admin_token=token, drain_grace_s=drain_grace_s)
+    app = create_app(engine, admin_token=token, model_name=config.model_name,
+                     drain_grace_s=drain_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=drain_grace_s + 10.0)
     engine_started = False

@@ -12,6 +12,7 @@ from eaas.serving.api_errors import RETRY_AFTER_S, ApiError
 from eaas.serving.events import EventHub
 from eaas.serving.generation import InflightRequests
 from eaas.serving.metrics import ServingMetrics
+from eaas.serving.snapshot import normalize
 
 if TYPE_CHECKING:
     from eaas.engine.engine import AsyncEngine
@@ -24,6 +25,7 @@ class ServingState:
     """Everything the handlers share. Runtime state, not config: it changes while serving."""
 
     engine: Any  # eaas.AsyncEngine (typed loosely so that importing this stays torch-free)
+    model_name: str
     admin_token: str
     metrics: ServingMetrics
     drain_grace_s: float
@@ -39,6 +41,14 @@ class ServingState:
             raise ApiError(503, "the server is shutting down", headers=retry)
         if not self.engine.is_ready:
             raise ApiError(503, "the engine is not ready yet", headers=retry)
+
+    def snapshot(self) -> dict:
+        """engine.snapshot(), normalized (snapshot.normalize); {} while the engine cannot give
+        one (starting, stopped)."""
+        try:
+            return normalize(self.engine.snapshot())
+        except Exception:
+            return {}
 
 
 ENGINE: web.AppKey[AsyncEngine] = web.AppKey("eaas_engine")
