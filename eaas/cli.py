@@ -1,0 +1,143 @@
+"""The `eaas` command: serve, generate, make-tiny, config.
+
+Flags override the YAML file given by --config, which overrides the defaults; names follow
+vLLM/SGLang where the concept matches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any, Sequence
+
+# flag -> dotted EngineConfig field
+_FLAGS: dict[str, tuple[str, type | None, str]] = {
+    "--dtype": ("dtype", str, "float32 | bfloat16 | float16"),
+    "--device": ("device", str, "cpu or cuda[:N]"),
+    "--seed": ("seed", int, "engine seed (sampling without a per-request seed)"),
+    "--served-model-name": ("served_model_name", str, "model name in the API (default: dir name)"),
+    "--graph": ("graph", str, "dataflow graph YAML (default: the architecture's graph)"),
+    "--num-attention-shards": ("placement.num_attention_shards", int, "attention shards"),
+    "--num-expert-servers": ("placement.num_expert_servers", int, "expert servers"),
+    "--expert-replicas": ("placement.expert_replicas", int, "copies of every expert"),
+    "--placement": ("placement.strategy", str, "round_robin | contiguous | explicit"),
+    "--server-mode": ("placement.server_mode", str, "inproc | process"),
+    "--transport": ("placement.transport", str, "tcp | shm (engine <-> server processes)"),
+    "--max-num-seqs": ("scheduler.max_num_seqs", int, "running requests per shard"),
+    "--max-waiting": ("scheduler.max_waiting", int, "queued requests before 503"),
+    "--max-model-len": ("scheduler.max_model_len", int, "prompt + output token limit"),
+    "--micro-batches": ("scheduler.micro_batches", int, "ping-pong lanes per shard"),
+    "--max-batch-tokens": ("batching.max_batch_tokens", int, "expert batch flush size (rows)"),
+    "--max-wait-us": ("batching.max_wait_us", int, "expert batch flush timer"),
+    "--no-replica-policy": ("fault.no_replica_policy", str, "fail | wait | degrade"),
+    "--unit-timeout-s": ("fault.unit_timeout_s", float, "resend a work unit after this long"),
+    "--max-restarts": ("fault.max_restarts", int, "restarts within --restart-window-s"),
+    "--restart-window-s": ("fault.within_s", float, "restart intensity window"),
+}
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="Hugging Face checkpoint directory")
+    p.add_argument("--config", help="eaas.yaml with an EngineConfig tree")
+    for flag, (_, typ, help_) in _FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
+                   help="row results independent of batching (default on)")
+
+
+def engine_config(args: argparse.Namespace) -> Any:
+    from eaas.config import EngineConfig
+
+    overrides = {dotted: getattr(args, flag[2:].replace("-", "_"))
+                 for flag, (dotted, _, _) in _FLAGS.items()}
+    overrides["batch_invariant"] = args.batch_invariant
+    overrides["model"] = args.model
+    if args.config:
+        return EngineConfig.from_yaml_file(args.config, **overrides)
+    return EngineConfig.from_dict({k: v for k, v in _nest(overrides).items()})
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    from eaas.config import merge_overrides
+
+    return merge_overrides({}, flat)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="eaas", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="serve a checkpoint over OpenAI-compatible HTTP + /admin")
+    _add_engine_flags(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--admin-token", default=None, help="bearer token for mutating admin routes "
+                   "(default: $EAAS_ADMIN_TOKEN, else generated and printed)")
+    p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    _add_engine_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--sample-seed", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print the output as JSON")
+
+    p = sub.add_parser("make-tiny", help="write a tiny random-weight HF checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--arch", default="qwen3_moe",
+                   help="qwen3_moe | qwen2_moe | mixtral | deepseek_v3")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("config", help="print the resolved EngineConfig as YAML")
+    _add_engine_flags(p)
+
+    args = parser.parse_args(argv)
+    from eaas.errors import EaasError
+
+    try:
+        return _run(args)
+    except EaasError as e:
+        print(f"eaas {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "make-tiny":
+        from eaas.model import make_tiny
+
+        path = make_tiny(args.out_dir, args.arch, seed=args.seed)
+        print(f"wrote a tiny {args.arch} checkpoint to {path or args.out_dir}")
+        return 0
+    cfg = engine_config(args)
+    if args.cmd == "config":
+        print(cfg.to_yaml(), end="")
+        return 0
+    if args.cmd == "serve":
+        from eaas.serving.server import serve
+
+        asyncio.run(serve(cfg, host=args.host, port=args.port, admin_token=args.admin_token,
+                          ready_file=args.ready_file))
+        return 0
+    if args.cmd == "generate":
+        from eaas import Engine, SamplingParams
+
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
+        with Engine(cfg) as engine:
+            out = engine.generate(args.prompt, params)[0]
+        if args.json:
+            print(json.dumps({"text": out.outputs[0].text, "token_ids": out.outputs[0].token_ids,
+                              "finish_reason": out.finish_reason}))
+        else:
+            print(out.outputs[0].text)
+        return 0
+    raise AssertionError(args.cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

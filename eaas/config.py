@@ -1,0 +1,266 @@
+"""The engine's configuration: one typed tree of frozen dataclasses.
+
+Round-trips through plain dicts, YAML (`EngineConfig.from_yaml` / `to_yaml`) and CLI flags
+(`eaas.cli`). Every field is validated in `__post_init__`; an error names the field (dotted
+path), the value and what is allowed. Runtime state never lives here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from eaas.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+PLACEMENTS = ("round_robin", "contiguous", "explicit")
+NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
+SERVER_MODES = ("inproc", "process")
+TRANSPORTS = ("tcp", "shm")
+
+
+def _check(cond: bool, name: str, value: object, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+    ok = ok and (hi is None or value <= hi)  # type: ignore[operator]
+    _check(ok, name, value, f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
+
+
+def _num(name: str, value: object, lo: float, *, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > lo if strict else value >= lo)  # type: ignore[operator]
+    _check(ok, name, value, f"a number {'>' if strict else '>='} {lo}")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementConfig:
+    """Where things run: shards, expert servers, and which experts each server hosts.
+
+    strategy: `round_robin` (expert e's first copy on server e % N), `contiguous` (experts
+    split in N contiguous blocks), or `explicit` (`explicit_map`: server index -> expert ids,
+    the same for every MoE layer). Each copy after the first goes to the next server.
+    """
+
+    num_attention_shards: int = 1
+    num_expert_servers: int = 3
+    expert_replicas: int = 2
+    strategy: Literal["round_robin", "contiguous", "explicit"] = "round_robin"
+    explicit_map: Mapping[int, tuple[int, ...]] | None = None
+    server_mode: Literal["inproc", "process"] = "inproc"
+    transport: Literal["tcp", "shm"] = "tcp"  # engine <-> server process (server_mode process)
+
+    def __post_init__(self) -> None:
+        p = "placement."
+        _check(self.transport in TRANSPORTS, p + "transport", self.transport,
+               f"one of {TRANSPORTS}")
+        _int(p + "num_attention_shards", self.num_attention_shards, 1, 64)
+        _int(p + "num_expert_servers", self.num_expert_servers, 1, 1024)
+        _int(p + "expert_replicas", self.expert_replicas, 1)
+        _check(self.expert_replicas <= self.num_expert_servers, p + "expert_replicas",
+               self.expert_replicas, f"at most num_expert_servers ({self.num_expert_servers})")
+        _check(self.strategy in PLACEMENTS, p + "strategy", self.strategy, f"one of {PLACEMENTS}")
+        _check(self.server_mode in SERVER_MODES, p + "server_mode", self.server_mode,
+               f"one of {SERVER_MODES}")
+        if self.strategy == "explicit":
+            _check(bool(self.explicit_map), p + "explicit_map", self.explicit_map,
+                   "a non-empty map {server index: [expert ids]} when strategy is 'explicit'")
+        if self.explicit_map is not None:
+            fixed: dict[int, tuple[int, ...]] = {}
+            for k, v in dict(self.explicit_map).items():
+                _int(f"{p}explicit_map key", int(k) if str(k).isdigit() else k, 0,
+                     self.num_expert_servers - 1)
+                ids = tuple(v)
+                for e in ids:
+                    _int(f"{p}explicit_map[{k}] expert id", e, 0)
+                fixed[int(k)] = ids
+            object.__setattr__(self, "explicit_map", fixed)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingConfig:
+    """Expert-side batching: flush at max_batch_tokens rows or after max_wait_us."""
+
+    max_batch_tokens: int = 512
+    max_wait_us: int = 200
+
+    def __post_init__(self) -> None:
+        _int("batching.max_batch_tokens", self.max_batch_tokens, 1)
+        _int("batching.max_wait_us", self.max_wait_us, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Per-shard continuous batching."""
+
+    max_num_seqs: int = 64  # running requests per shard
+    max_waiting: int = 1024  # queued requests (all shards) before EngineOverloadedError
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    micro_batches: int = 2  # ping-pong lanes per shard
+
+    def __post_init__(self) -> None:
+        _int("scheduler.max_num_seqs", self.max_num_seqs, 1)
+        _int("scheduler.max_waiting", self.max_waiting, 1)
+        if self.max_model_len is not None:
+            _int("scheduler.max_model_len", self.max_model_len, 2)
+        _int("scheduler.micro_batches", self.micro_batches, 1, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Supervision and failover."""
+
+    max_restarts: int = 5
+    within_s: float = 30.0
+    backoff_s: float = 0.05
+    unit_timeout_s: float = 2.0  # a work unit not answered by then is resent elsewhere
+    heartbeat_interval_s: float = 0.5
+    no_replica_policy: Literal["fail", "wait", "degrade"] = "fail"
+    wait_timeout_s: float = 30.0  # policy `wait`: give up after this long
+
+    def __post_init__(self) -> None:
+        _int("fault.max_restarts", self.max_restarts, 0)
+        _num("fault.within_s", self.within_s, 0, strict=True)
+        _num("fault.backoff_s", self.backoff_s, 0)
+        _num("fault.unit_timeout_s", self.unit_timeout_s, 0, strict=True)
+        _num("fault.heartbeat_interval_s", self.heartbeat_interval_s, 0, strict=True)
+        _check(self.no_replica_policy in NO_REPLICA_POLICIES, "fault.no_replica_policy",
+               self.no_replica_policy, f"one of {NO_REPLICA_POLICIES}")
+        _num("fault.wait_timeout_s", self.wait_timeout_s, 0, strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything the engine needs. `model` is a Hugging Face checkpoint directory."""
+
+    model: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    batch_invariant: bool = True  # row results independent of batching (exact failover/equality)
+    served_model_name: str | None = None
+    graph: str | None = None  # YAML file of the dataflow graph; None: the architecture's default
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.model, (str, Path)) and str(self.model) != "", "model", self.model,
+               "a checkpoint directory path")
+        object.__setattr__(self, "model", str(self.model))
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {DTYPES}")
+        _check(isinstance(self.device, str) and (self.device == "cpu" or
+               self.device.startswith("cuda")), "device", self.device, "'cpu' or 'cuda[:N]'")
+        _int("seed", self.seed, 0)
+        _check(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant,
+               "true or false")
+        for name, cls in (("placement", PlacementConfig), ("batching", BatchingConfig),
+                          ("scheduler", SchedulerConfig), ("fault", FaultConfig)):
+            _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
+                   f"a {cls.__name__}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    # ---- dict / YAML round trip ----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def conv(v: Any) -> Any:
+            if dataclasses.is_dataclass(v):
+                return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            if isinstance(v, Mapping):
+                return {k: conv(x) for k, x in v.items()}
+            if isinstance(v, tuple):
+                return [conv(x) for x in v]
+            return v
+
+        return conv(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EngineConfig:
+        return _build(cls, data, "")
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str = "<string>", **overrides: Any) -> EngineConfig:
+        """Parse YAML text; `overrides` (top-level or dotted `a.b` keys, None = unset) win."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {source} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config {source} must be a mapping, got {type(data).__name__}")
+        return cls.from_dict(merge_overrides(data, overrides))
+
+    @classmethod
+    def from_yaml_file(cls, path: str | Path, **overrides: Any) -> EngineConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        return cls.from_yaml(p.read_text(), source=str(p), **overrides)
+
+    def replace(self, **overrides: Any) -> EngineConfig:
+        """A copy with overrides (dotted keys reach nested sections: `placement.num_expert_servers`)."""
+        return EngineConfig.from_dict(merge_overrides(self.to_dict(), overrides))
+
+
+def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *head, last = key.split(".")
+        node = out
+        for part in head:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return out
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config field {prefix}{unknown[0]!r}; allowed: {sorted(names)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        hint = hints[key]
+        sub = _dataclass_in(hint)
+        if sub is not None and isinstance(value, Mapping):
+            value = _build(sub, value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint  # type: ignore[return-value]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        for arg in typing.get_args(hint):
+            if dataclasses.is_dataclass(arg):
+                return arg  # type: ignore[return-value]
+    return None

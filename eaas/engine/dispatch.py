@@ -1,0 +1,300 @@
+"""Dispatch and combine for one attention shard: the work-unit ledger that loses nothing.
+
+For one layer of one micro-batch step, the (token, k) pairs are grouped by the server chosen for
+each expert (a live replica with the fewest rows this shard has in flight), sent as work units,
+and kept in a ledger until their rows come back. A unit whose server fails (death notice from the
+batcher, the routing table marking the server dead, or no answer by `unit_timeout_s`) is resent
+to another live replica — or the restarted server — as a new attempt. Results of an old attempt
+or of a unit already combined are dropped and counted, so each unit is combined exactly once.
+Expert compute is a pure function of the rows, so resending is safe.
+
+With no live replica of an expert, `fault.no_replica_policy` decides: `fail` (the tokens'
+requests error), `wait` (until a routing change brings a server back, up to wait_timeout_s), or
+`degrade` (skip the expert, renormalise that token's weights, flag the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import OrderedDict, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from eaas.config import FaultConfig
+from eaas.engine.messages import UnitFailed, UnitResult, WorkUnit
+from eaas.engine.placement import RoutingSnapshot
+
+_FINISHED_MEMORY = 65536  # how many finished unit ids are remembered to classify late results
+
+
+class ServerFailed(Exception):
+    """A unit's server failed it (death notice, refused call, or deadline)."""
+
+
+@dataclass(slots=True)
+class _Unit:
+    unit_id: int
+    layer: int
+    pair_idx: torch.Tensor  # [N] int64: positions in the flat [T*K] pair array
+    expert_ids: torch.Tensor  # [N] int64
+    server: str
+    attempt: int
+    generation: int
+    sent_at: float
+    future: asyncio.Future
+    tried: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class ExpertsOutput:
+    y: torch.Tensor  # [T, K, H] per-pair expert outputs (zeros where an expert was skipped/failed)
+    weights: torch.Tensor  # [T, K] float32 weights to combine with (renormalised under degrade)
+    failed_tokens: set[int]  # tokens whose request must error (policy `fail`)
+    degraded_tokens: set[int]  # tokens that skipped an expert (policy `degrade`)
+
+
+class Dispatcher:
+    """Per-shard ledger of work units in flight."""
+
+    def __init__(self, shard_ref: Any, batcher_for: Callable[[str], Any], fault: FaultConfig,
+                 counters: dict[str, int], routing: RoutingSnapshot) -> None:
+        self.shard_ref = shard_ref
+        self.batcher_for = batcher_for
+        self.fault = fault
+        self.counters = counters
+        self.routing = routing
+        self.units: dict[int, _Unit] = {}
+        self.outstanding: dict[str, int] = defaultdict(int)  # rows in flight per server
+        self._finished: OrderedDict[int, str] = OrderedDict()  # unit id -> "done" | "retired"
+        self._ids = itertools.count(1)
+        self._routing_changed = asyncio.Event()
+        for key in ("units_dispatched", "units_combined", "units_retired", "resent_units",
+                    "reroutes", "unit_timeouts", "dropped_duplicates", "stale_results",
+                    "failed_pairs", "degraded_pairs"):
+            counters.setdefault(key, 0)
+
+    # ---- messages from the shard's mailbox --------------------------------------------------
+    def on_routing(self, snap: RoutingSnapshot) -> None:
+        if snap.generation <= self.routing.generation:
+            return
+        self.routing = snap
+        self._routing_changed.set()
+        for u in list(self.units.values()):
+            if u.server in snap.dead and not u.future.done():
+                u.future.set_exception(ServerFailed(f"{u.server} marked dead"))
+
+    def on_result(self, msg: UnitResult) -> None:
+        u = self.units.get(msg.unit_id)
+        if u is None:
+            state = self._finished.get(msg.unit_id)
+            self.counters["stale_results" if state == "retired" else "dropped_duplicates"] += 1
+            return
+        if msg.attempt != u.attempt or msg.server != u.server or u.future.done():
+            self.counters["stale_results" if msg.attempt != u.attempt else "dropped_duplicates"] += 1
+            return
+        u.future.set_result(msg.y)
+
+    def on_failed(self, msg: UnitFailed) -> None:
+        u = self.units.get(msg.unit_id)
+        if u is not None and msg.attempt == u.attempt and not u.future.done():
+            u.future.set_exception(ServerFailed(f"{msg.server}: {msg.reason}"))
+
+    # ---- the layer call (split phase: start() sends, ExpertCall.wait() combines) -----------
+    def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+              topk_weights: torch.Tensor) -> ExpertCall:
+        """Send x [T, H]'s rows to the experts topk_ids [T, K] names; returns a call to await.
+
+        The sends happen now, so the caller can compute its shared expert while they are out.
+        `call.cancel()` (every request of the step aborted) retires its units at once.
+        """
+        call = ExpertCall(self, layer, x, topk_ids, topk_weights)
+        call.send(torch.arange(call.T * call.K), set(), 0)
+        return call
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _assign(self, layer: int, flat_ids: torch.Tensor, pair_idx: torch.Tensor,
+                tried: set[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Choose a server per expert among live replicas, least loaded first.
+
+        Returns ({server: pair indices}, orphan pair indices with no live replica).
+        """
+        experts = flat_ids[pair_idx]  # [N]
+        uniq, inverse, counts = torch.unique(experts, return_inverse=True, return_counts=True)
+        table, dead = self.routing.table[layer], self.routing.dead
+        planned: dict[str, int] = defaultdict(int)
+        choice: list[str | None] = []
+        for e, n in zip(uniq.tolist(), counts.tolist()):
+            alive = [s for s in table.get(e, ()) if s not in dead]
+            fresh = [s for s in alive if s not in tried] or alive  # all tried: retry the live ones
+            if not fresh:
+                choice.append(None)
+                continue
+            best = min(fresh, key=lambda s: (self.outstanding[s] + planned[s], s in tried))
+            planned[best] += n
+            choice.append(best)
+        groups: dict[str, list[int]] = defaultdict(list)
+        orphans: list[int] = []
+        for pos, slot in zip(pair_idx.tolist(), inverse.tolist()):
+            server = choice[slot]
+            (orphans if server is None else groups[server]).append(pos)
+        return ({s: torch.tensor(p, dtype=torch.long) for s, p in groups.items()},
+                torch.tensor(orphans, dtype=torch.long))
+
+    def _send(self, layer: int, rows: torch.Tensor, flat_ids: torch.Tensor, idx: torch.Tensor,
+              server: str, attempt: int, tried: set[str]) -> _Unit:
+        uid = next(self._ids)
+        fut = asyncio.get_running_loop().create_future()
+        u = _Unit(uid, layer, idx, flat_ids[idx], server, attempt, self.routing.generation,
+                  time.monotonic(), fut, set(tried))
+        self.units[uid] = u
+        self.outstanding[server] += int(idx.numel())
+        self.counters["units_dispatched"] += 1
+        if attempt:
+            self.counters["reroutes"] += 1
+        batcher = self.batcher_for(server)
+        msg = WorkUnit(uid, attempt, u.generation, layer, rows[idx], u.expert_ids, self.shard_ref)
+        try:
+            if batcher is None:
+                raise ServerFailed(f"no batcher for {server}")
+            batcher.tell_nowait(msg)
+        except Exception as e:  # full or dead mailbox: fail fast, the loop resends
+            fut.set_exception(ServerFailed(f"{server}: {type(e).__name__}: {e}"))
+        return u
+
+    def _close(self, u: _Unit) -> None:
+        self.units.pop(u.unit_id, None)
+        self.outstanding[u.server] -= int(u.pair_idx.numel())
+        if not u.future.done():
+            u.future.cancel()
+        elif not u.future.cancelled():
+            u.future.exception()  # mark retrieved: no "exception never retrieved" noise
+
+    def _retire(self, u: _Unit) -> None:
+        self._finished[u.unit_id] = "retired"
+        self.counters["units_retired"] += 1
+
+    def inflight(self) -> int:
+        return len(self.units)
+
+
+class StepCancelled(Exception):
+    """Every request of the step was aborted; its work units were retired."""
+
+
+class ExpertCall:
+    """One layer's dispatch for one micro-batch step, from send to combine."""
+
+    def __init__(self, d: Dispatcher, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> None:
+        self.d, self.layer = d, layer
+        self.cancelled = False
+        self.T, self.K = topk_ids.shape
+        self.topk_weights = topk_weights
+        self.flat_ids = topk_ids.reshape(-1)  # [T*K]
+        self.rows = x.repeat_interleave(self.K, dim=0)  # [T*K, H]: pair p = (t, k) reads x[t]
+        self.out = torch.zeros_like(self.rows)  # [T*K, H]
+        self.skipped = torch.zeros(self.T * self.K, dtype=torch.bool)  # pairs not contributing
+        self.failed_tokens: set[int] = set()
+        self.degraded_tokens: set[int] = set()
+        self.live: dict[asyncio.Future, _Unit] = {}
+        self.parked: list[torch.Tensor] = []
+        self.wait_started: float | None = None
+
+    def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
+        d = self.d
+        groups, orphans = d._assign(self.layer, self.flat_ids, pair_idx, tried)
+        for server, idx in groups.items():
+            u = d._send(self.layer, self.rows, self.flat_ids, idx, server, attempt, tried)
+            self.live[u.future] = u
+        if orphans.numel() == 0:
+            return
+        policy = d.fault.no_replica_policy
+        if policy == "wait":
+            self.wait_started = self.wait_started or time.monotonic()
+            if time.monotonic() - self.wait_started < d.fault.wait_timeout_s:
+                self.parked.append(orphans)
+                return
+            policy = "fail"
+        self.skipped[orphans] = True
+        tokens = {int(p) // self.K for p in orphans}
+        if policy == "degrade":
+            d.counters["degraded_pairs"] += int(orphans.numel())
+            self.degraded_tokens.update(tokens)
+        else:
+            d.counters["failed_pairs"] += int(orphans.numel())
+            self.failed_tokens.update(tokens)
+
+    def cancel(self) -> None:
+        """Retire every unit in flight now (late results are dropped); wait() raises."""
+        self.cancelled = True
+        self.parked.clear()
+        for u in self.live.values():
+            self.d._close(u)
+            self.d._retire(u)
+        self.live.clear()
+
+    async def wait(self) -> ExpertsOutput:
+        d, timeout = self.d, self.d.fault.unit_timeout_s
+        try:
+            while self.live or self.parked:
+                if self.parked and not self.live:
+                    d._routing_changed.clear()
+                    try:
+                        await asyncio.wait_for(d._routing_changed.wait(), min(timeout, 0.5))
+                    except TimeoutError:
+                        pass
+                    todo, self.parked = self.parked, []
+                    for idx in todo:
+                        self.send(idx, set(), 0)
+                    continue
+                now = time.monotonic()
+                deadline = min(u.sent_at for u in self.live.values()) + timeout
+                done, _ = await asyncio.wait(list(self.live), timeout=max(0.0, deadline - now),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if self.cancelled:
+                    break
+                now = time.monotonic()
+                for fut in list(self.live):
+                    u = self.live[fut]
+                    if fut in done:
+                        del self.live[fut]
+                        d._close(u)
+                        if fut.exception() is None:
+                            self.out[u.pair_idx] = fut.result().to(self.out.dtype)
+                            d.counters["units_combined"] += 1
+                            d._finished[u.unit_id] = "done"
+                            continue
+                        d._retire(u)
+                        d.counters["resent_units"] += 1
+                        self.send(u.pair_idx, u.tried | {u.server}, u.attempt + 1)
+                    elif now - u.sent_at >= timeout:
+                        del self.live[fut]
+                        d._close(u)
+                        d._retire(u)
+                        d.counters["unit_timeouts"] += 1
+                        d.counters["resent_units"] += 1
+                        self.send(u.pair_idx, u.tried | {u.server}, u.attempt + 1)
+                while len(d._finished) > _FINISHED_MEMORY:
+                    d._finished.popitem(last=False)
+        finally:  # task cancelled or a bug: nothing stays in the ledger
+            if self.live or self.parked:
+                self.cancel()
+        if self.cancelled:
+            raise StepCancelled()
+        return self._result()
+
+    def _result(self) -> ExpertsOutput:
+        T, K = self.T, self.K
+        weights = self.topk_weights.float().clone()  # [T, K]
+        if self.skipped.any():
+            mask = ~self.skipped.view(T, K)
+            kept = weights * mask
+            total, kept_total = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+            weights = torch.where(kept_total > 0, kept * (total / kept_total.clamp_min(1e-30)),
+                                  torch.zeros_like(kept))
+        return ExpertsOutput(self.out.view(T, K, -1), weights, self.failed_tokens,
+                             self.degraded_tokens)

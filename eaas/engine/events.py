@@ -1,0 +1,38 @@
+"""EventBus: the engine's event log — a bounded history plus live subscribers (admin SSE)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import AsyncIterator
+
+
+class EventBus:
+    def __init__(self, history: int = 1000, queue_size: int = 1000) -> None:
+        self.recent: deque[dict] = deque(maxlen=history)
+        self._subscribers: set[asyncio.Queue] = set()
+        self._queue_size = queue_size
+        self.dropped = 0  # events a slow subscriber missed
+
+    def emit(self, event: dict) -> None:
+        event = dict(event)
+        event.setdefault("time", time.time())
+        self.recent.append(event)
+        for q in self._subscribers:
+            try:
+                q.put_nowait(event)
+            except asyncio.QueueFull:
+                self.dropped += 1
+
+    async def subscribe(self, *, replay: bool = True) -> AsyncIterator[dict]:
+        q: asyncio.Queue = asyncio.Queue(self._queue_size)
+        backlog = list(self.recent) if replay else []
+        self._subscribers.add(q)
+        try:
+            for e in backlog:
+                yield e
+            while True:
+                yield await q.get()
+        finally:
+            self._subscribers.discard(q)

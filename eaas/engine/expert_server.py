@@ -1,0 +1,94 @@
+"""Expert servers: stateless hosts of a subset of each layer's routed experts.
+
+`ExpertHost` is the plain compute core (it loads only its experts' tensors and runs rows through
+them); `ExpertServer` is the actor that wraps it in-process. A server process (server_mode
+"process") wraps the same `ExpertHost` behind a transport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from eaas.actors import Actor
+from eaas.engine.messages import ComputeBatch, Crash, Ping, Stats
+from eaas.errors import EaasError
+
+
+class ExpertHost:
+    """The experts of one server: layer -> ExpertBank. Compute is a pure function of the rows."""
+
+    def __init__(self, model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str,
+                 device: str = "cpu", batch_invariant: bool = True) -> None:
+        from eaas.model import Checkpoint, ExpertBank
+
+        self.assignment = {int(layer): sorted(ids) for layer, ids in assignment.items()}
+        ckpt = Checkpoint.open(model_dir)
+        torch_dtype = getattr(torch, dtype)
+        self.banks = {
+            layer: ExpertBank.load(ckpt, layer, ids, torch_dtype, device=device,
+                                   batch_invariant=batch_invariant)
+            for layer, ids in self.assignment.items()
+        }
+        self.load_stats = dict(ckpt.stats)
+        self.calls = 0
+        self.rows = 0
+
+    def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [N, H], expert_ids [N] int64 -> y [N, H]: row n through expert expert_ids[n]."""
+        bank = self.banks.get(layer)
+        if bank is None:
+            raise EaasError(f"this server hosts no experts of layer {layer} "
+                            f"(it hosts layers {sorted(self.banks)})")
+        self.calls += 1
+        self.rows += int(x.shape[0])
+        with torch.no_grad():
+            return bank.forward(x, expert_ids)
+
+
+class ExpertServer(Actor):
+    """In-process expert server actor. Restarting it re-loads only its own experts."""
+
+    def __init__(self, name: str, model_dir: str, assignment: Mapping[int, list[int]], *,
+                 dtype: str, device: str, batch_invariant: bool,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.name = name
+        self._on_ready = on_ready
+        self._args = (model_dir, dict(assignment))
+        self._kw = dict(dtype=dtype, device=device, batch_invariant=batch_invariant)
+        self.host: ExpertHost | None = None
+        self.delay_s = 0.0  # fault injection: extra latency per batch
+
+    async def on_start(self) -> None:
+        # Loading is blocking file I/O; keep the event loop responsive.
+        self.host = await asyncio.to_thread(ExpertHost, *self._args, **self._kw)
+        if self._on_ready is not None:
+            self._on_ready()
+
+    async def on_receive(self, msg):
+        if isinstance(msg, ComputeBatch):
+            assert self.host is not None
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s)
+            return self.host.compute(msg.layer, msg.x, msg.expert_ids)
+        if isinstance(msg, Ping):
+            return "pong"
+        if isinstance(msg, Stats):
+            h = self.host
+            return {"calls": h.calls if h else 0, "rows": h.rows if h else 0,
+                    "experts": h.assignment if h else {}, "load_stats": h.load_stats if h else {}}
+        if isinstance(msg, Crash):
+            raise EaasError(f"{self.name}: {msg.reason}")
+        if isinstance(msg, dict) and msg.get("op") == "hang":
+            # fault injection: stop answering for `seconds` (like SIGSTOP on a process)
+            t_end = time.monotonic() + float(msg["seconds"])
+            while time.monotonic() < t_end:
+                await asyncio.sleep(0.01)
+            return "resumed"
+        if isinstance(msg, dict) and msg.get("op") == "delay":
+            self.delay_s = float(msg["seconds"])
+            return "ok"
+        raise TypeError(f"ExpertServer {self.name} cannot handle {type(msg).__name__}")

@@ -1,0 +1,111 @@
+"""Messages between the engine's actors.
+
+Plain frozen dataclasses of ints, strings and tensors, so a transport can carry them between
+processes (tensors as raw buffers). `reply_to` fields hold ActorRefs, which a remote transport
+sends by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Health probe: every engine actor answers "pong" through its mailbox."""
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeBatch:
+    """Run rows through experts of one layer: y[n] = expert[expert_ids[n]](x[n])."""
+
+    layer: int
+    x: torch.Tensor  # [N, H]
+    expert_ids: torch.Tensor  # [N] int64, global expert ids
+
+
+@dataclass(frozen=True, slots=True)
+class WorkUnit:
+    """Rows one shard sends one server for one layer of one step. Kept by the shard until combined."""
+
+    unit_id: int
+    attempt: int
+    generation: int  # routing generation it was dispatched under
+    layer: int
+    x: torch.Tensor  # [N, H]
+    expert_ids: torch.Tensor  # [N] int64
+    reply_to: Any  # ActorRef of the dispatching shard
+
+
+@dataclass(frozen=True, slots=True)
+class UnitResult:
+    unit_id: int
+    attempt: int
+    server: str
+    y: torch.Tensor  # [N, H]
+
+
+@dataclass(frozen=True, slots=True)
+class UnitFailed:
+    unit_id: int
+    attempt: int
+    server: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    request: Any  # eaas.engine.request.Request (in-process: shards live in the engine process)
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+    reason: str = "aborted by caller"
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingUpdate:
+    snapshot: Any  # RoutingSnapshot
+
+
+@dataclass(frozen=True, slots=True)
+class GetRouting:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class SetServerState:
+    """Routing-table command: server `name` is alive (True) or dead (False)."""
+
+    name: str
+    alive: bool
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SetTable:
+    """Routing-table command: install a new table (elastic scaling, replication)."""
+
+    table: Any  # Mapping[int, Mapping[int, tuple[str, ...]]]
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    ref: Any  # ActorRef that receives RoutingUpdate on every change
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    """Fault injection: the receiving actor raises and crashes (its supervisor restarts it)."""
+
+    reason: str = "injected crash"
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Ask an actor for its counters (a plain dict)."""

@@ -1,0 +1,263 @@
+"""AttentionShard: owns its requests, their KV caches, a continuous-batching scheduler, and the
+dispatch/combine of its micro-batches.
+
+Each shard runs `scheduler.micro_batches` lanes (ping-pong): a lane runs one decode step of its
+requests layer by layer, following the layer's dataflow graph; while one lane waits for its
+expert rows, the other computes attention. Shards never wait for each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from eaas.actors import Actor
+from eaas.config import EngineConfig
+from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
+from eaas.engine.messages import (AbortRequest, AddRequest, Crash, GetRouting, Ping, RoutingUpdate,
+                                  Stats, Subscribe, UnitFailed, UnitResult)
+from eaas.engine.request import Request
+from eaas.engine.sampling import sample
+from eaas.errors import EaasError
+
+
+@dataclass(frozen=True, slots=True)
+class ShardDeps:
+    """What a shard needs from the engine (in-process)."""
+
+    config: EngineConfig
+    graph: Any  # eaas.dataflow.ModelGraph
+    routing: Any  # ActorRef of the RoutingTable
+    batcher_for: Callable[[str], Any]  # server name -> Batcher ActorRef | None
+    load_model: Callable[[], Any]  # -> (ReferenceModel without routed experts, Tokenizer)
+    counters: dict[str, int]  # engine-wide counters (shared by all shards; one event loop)
+    emit: Callable[[dict], None]
+
+
+class AttentionShard(Actor):
+    def __init__(self, name: str, deps: ShardDeps) -> None:
+        self.name = name
+        self.deps = deps
+        cfg = deps.config.scheduler
+        self.max_num_seqs = cfg.max_num_seqs
+        self.lanes: list[list[Request]] = [[] for _ in range(cfg.micro_batches)]
+        self.waiting: deque[Request] = deque()
+        self.by_id: dict[str, Request] = {}
+        self._wake = [asyncio.Event() for _ in self.lanes]
+        self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
+        self.steps = 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def on_start(self) -> None:
+        self.model, self.tokenizer = await asyncio.to_thread(self.deps.load_model)
+        snap = await self.deps.routing.ask(Subscribe(self.context.self_ref), timeout=10.0)
+        self.dispatcher = Dispatcher(self.context.self_ref, self.deps.batcher_for,
+                                     self.deps.config.fault, self.deps.counters, snap)
+        for i in range(len(self.lanes)):
+            self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
+
+    async def on_stop(self) -> None:
+        for r in list(self.by_id.values()):
+            self._finish(r, "abort", error="engine shutting down")
+
+    async def on_receive(self, msg: Any) -> Any:
+        if isinstance(msg, UnitResult):
+            self.dispatcher.on_result(msg)
+        elif isinstance(msg, UnitFailed):
+            self.dispatcher.on_failed(msg)
+        elif isinstance(msg, RoutingUpdate):
+            self.dispatcher.on_routing(msg.snapshot)
+        elif isinstance(msg, AddRequest):
+            r: Request = msg.request
+            self.by_id[r.request_id] = r
+            self.waiting.append(r)
+            self._admit()
+        elif isinstance(msg, AbortRequest):
+            self._abort(msg.request_id, msg.reason)
+        elif isinstance(msg, Ping):
+            return "pong"
+        elif isinstance(msg, Stats):
+            return self.stats()
+        elif isinstance(msg, GetRouting):
+            return self.dispatcher.routing
+        elif isinstance(msg, Crash):
+            raise EaasError(f"{self.name}: {msg.reason}")
+        else:
+            raise TypeError(f"AttentionShard cannot handle {type(msg).__name__}")
+        return None
+
+    def stats(self) -> dict:
+        running = [r for lane in self.lanes for r in lane]
+        return {"running": len(running), "waiting": len(self.waiting), "steps": self.steps,
+                "kv_tokens": sum(r.cache.seq_len for r in running if r.cache is not None),
+                "kv_caches": sum(1 for r in running if r.cache is not None),
+                "inflight_units": self.dispatcher.inflight() if hasattr(self, "dispatcher") else 0,
+                "lanes": [len(lane) for lane in self.lanes]}
+
+    # ---- scheduling -------------------------------------------------------------------------
+    def _admit(self) -> None:
+        while self.waiting and sum(len(l) for l in self.lanes) < self.max_num_seqs:
+            r = self.waiting.popleft()
+            if r.finished:
+                continue
+            i = min(range(len(self.lanes)), key=lambda j: len(self.lanes[j]))
+            r.cache = self.model.new_cache()
+            r.metrics.first_scheduled_time = time.time()
+            self.lanes[i].append(r)
+            self._wake[i].set()
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        r = self.by_id.get(request_id)
+        if r is None or r.finished:
+            return
+        self._finish(r, "abort", error=reason)
+        for i, lane in enumerate(self.lanes):
+            call = self._calls[i]
+            if call is not None and lane and all(x.finished for x in lane):
+                call.cancel()  # nothing left to compute: retire the step's work units now
+
+    async def _lane(self, i: int) -> None:
+        while True:
+            lane = self.lanes[i]
+            lane[:] = [r for r in lane if not r.finished]
+            self._admit()
+            if not lane:
+                self._wake[i].clear()
+                await self._wake[i].wait()
+                continue
+            reqs = list(lane)
+            try:
+                await self._step(reqs, i)
+            except StepCancelled:
+                pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug or a model error: fail these requests, keep serving
+                for r in reqs:
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+                self.deps.emit({"type": "step_failed", "shard": self.name, "error": repr(e),
+                                "time": time.time()})
+            finally:
+                self._calls[i] = None
+
+    # ---- one step of one micro-batch ----------------------------------------------------------
+    async def _step(self, reqs: list[Request], lane: int) -> None:
+        model = self.model
+        inputs = [r.next_input() for r in reqs]
+        spans, start = [], 0
+        for ids in inputs:
+            spans.append((start, start + len(ids)))
+            start += len(ids)
+        with torch.no_grad():
+            h = model.embed(torch.tensor([t for ids in inputs for t in ids], dtype=torch.long))
+        bad_tokens: set[int] = set()
+        degraded_tokens: set[int] = set()
+        for layer in model.layers:
+            if all(r.finished for r in reqs):
+                raise StepCancelled()
+            h = await self._layer(layer, h, reqs, spans, lane, bad_tokens, degraded_tokens)
+        with torch.no_grad():
+            last = h[torch.tensor([e - 1 for _, e in spans])]  # [B, H]
+            logits = model.lm_head(model.final_norm(last))  # [B, V] float32
+        self.steps += 1
+        for b, r in enumerate(reqs):
+            if r.finished:
+                continue
+            s, e = spans[b]
+            if any(s <= t < e for t in bad_tokens):
+                self._finish(r, "error", error="no live server hosts an expert this request "
+                             "needs (no_replica_policy=fail)")
+                continue
+            if any(s <= t < e for t in degraded_tokens):
+                if not r.degraded:
+                    self.deps.counters["degraded_requests"] = \
+                        self.deps.counters.get("degraded_requests", 0) + 1
+                r.degraded = True
+            self._append(r, sample(logits[b], r.params, r.generator))
+
+    async def _layer(self, layer: Any, h: torch.Tensor, reqs: list[Request], spans: list,
+                     lane: int, bad: set[int], degraded: set[int]) -> torch.Tensor:
+        """Run one layer's dataflow graph over h [T, H] (the micro-batch's tokens)."""
+        from eaas.model import combine_experts
+
+        g = self.deps.graph.layer(layer.layer_idx)
+        vals: dict[tuple[str, str], Any] = {}
+
+        def arg(node: str, port: str) -> Any:
+            src, sport = g.inputs(node)[port][0]
+            return vals[(src, sport)]
+
+        with torch.no_grad():
+            for node in g.order:
+                n, kind = node.name, str(getattr(node.kind, "value", node.kind))
+                if kind == "attention":
+                    # an aborted request's cache is gone: its rows pass through untouched
+                    vals[(n, "hidden")] = torch.cat([
+                        layer.attention_block(h[s:e], r.cache) if r.cache is not None else h[s:e]
+                        for r, (s, e) in zip(reqs, spans)])
+                elif kind == "ffn_norm":
+                    vals[(n, "x")] = layer.ffn_input(arg(n, "hidden"))
+                elif kind == "router":
+                    vals[(n, "routing")] = layer.router(arg(n, "x"))
+                elif kind == "experts":
+                    topk_ids, topk_weights = arg(n, "routing")
+                    call = self.dispatcher.start(layer.layer_idx, arg(n, "x"), topk_ids,
+                                                 topk_weights)
+                    vals[(n, "y")] = self._calls[lane] = call
+                elif kind == "shared_expert":
+                    vals[(n, "y")] = layer.shared_expert(arg(n, "x"))
+                elif kind == "dense_mlp":
+                    vals[(n, "y")] = layer.dense_mlp(arg(n, "x"))
+                elif kind == "combine":
+                    parts = []
+                    for src, sport in g.inputs(n)["parts"]:
+                        v = vals[(src, sport)]
+                        if isinstance(v, ExpertCall):
+                            eo = await v.wait()
+                            bad |= eo.failed_tokens
+                            degraded |= eo.degraded_tokens
+                            v = combine_experts(eo.y, eo.weights)
+                        parts.append(v)
+                    out = parts[0]
+                    for p in parts[1:]:
+                        out = out + p
+                    return arg(n, "residual") + out
+                else:
+                    raise EaasError(f"layer {layer.layer_idx}: node {n!r} has kind {kind!r}, "
+                                    "which the attention shard cannot execute")
+        raise EaasError(f"layer {layer.layer_idx}: graph has no combine node")
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def _append(self, r: Request, token: int) -> None:
+        now = time.time()
+        r.output_ids.append(token)
+        if r.metrics.first_token_time is None:
+            r.metrics.first_token_time = now
+        r.metrics.last_token_time = now
+        self.deps.counters["tokens_generated"] = self.deps.counters.get("tokens_generated", 0) + 1
+        if token in r.stop_ids:
+            r.stop_reason = token
+            self._finish(r, "stop")
+        elif len(r.output_ids) >= r.params.max_tokens or \
+                len(r.prompt_ids) + len(r.output_ids) >= r.max_len:
+            self._finish(r, "length")
+        else:
+            r.queue.put_nowait(r.snapshot(self.tokenizer.decode(r.output_ids)))
+
+    def _finish(self, r: Request, reason: str, *, error: str | None = None) -> None:
+        if r.finished:
+            return
+        r.finished, r.finish_reason, r.error = True, reason, error
+        r.metrics.finished_time = time.time()
+        r.cache = None  # free the KV cache now
+        self.by_id.pop(r.request_id, None)
+        key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
+        self.deps.counters[key] = self.deps.counters.get(key, 0) + 1
+        text = self.tokenizer.decode(r.output_ids) if hasattr(self, "tokenizer") else ""
+        r.queue.put_nowait(r.snapshot(text))
+        self._admit()

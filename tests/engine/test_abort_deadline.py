@@ -1,0 +1,77 @@
+"""Abort and deadline free the request's KV cache and its in-flight work units."""
+
+from __future__ import annotations
+
+import asyncio
+
+from eaas import AsyncEngine, EngineConfig, SamplingParams
+
+
+def _cfg(model_dir: str) -> EngineConfig:
+    return EngineConfig.from_dict({"model": model_dir, "placement": {
+        "num_attention_shards": 1, "num_expert_servers": 2, "expert_replicas": 1},
+        "fault": {"unit_timeout_s": 30.0}})
+
+
+async def _slow_servers(engine: AsyncEngine, seconds: float) -> None:
+    for name in engine.server_names():
+        await engine.inject_fault(name, "delay", seconds=seconds)
+
+
+async def _shard_stats(engine: AsyncEngine) -> dict:
+    return (await engine.stats())["shard-0"]
+
+
+async def test_abort_frees_kv_cache_and_inflight_units(tiny_dirs):
+    async with AsyncEngine(_cfg(tiny_dirs["qwen3_moe"])) as engine:
+        await _slow_servers(engine, 0.3)
+        params = SamplingParams(max_tokens=50, temperature=0, ignore_eos=True)
+        outs = []
+
+        async def consume():
+            async for out in engine.generate([5, 6, 7, 8], params, request_id="victim"):
+                outs.append(out)
+
+        task = asyncio.create_task(consume())
+        while (await _shard_stats(engine))["inflight_units"] == 0:
+            await asyncio.sleep(0.01)
+        busy = await _shard_stats(engine)
+        assert busy["kv_caches"] == 1
+        await engine.abort("victim")
+        await asyncio.wait_for(task, 5)
+        idle = await _shard_stats(engine)
+        counters = dict(engine.counters)
+    assert outs[-1].finished and outs[-1].finish_reason == "abort"
+    assert idle["kv_caches"] == 0 and idle["kv_tokens"] == 0 and idle["inflight_units"] == 0
+    assert idle["running"] == 0 and counters["units_retired"] >= 1
+
+
+async def test_deadline_aborts_and_frees(tiny_dirs):
+    async with AsyncEngine(_cfg(tiny_dirs["qwen3_moe"])) as engine:
+        await _slow_servers(engine, 0.2)
+        params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+        last = None
+        async for last in engine.generate([1, 2, 3], params, deadline_s=0.5):
+            pass
+        await asyncio.sleep(0)  # let the shard process the abort's cleanup
+        idle = await _shard_stats(engine)
+    assert last.finished and last.finish_reason == "abort" and "deadline" in last.error
+    assert len(last.outputs[0].token_ids) < 500
+    assert idle["kv_caches"] == 0 and idle["inflight_units"] == 0 and idle["running"] == 0
+
+
+async def test_other_requests_unaffected_by_an_abort(tiny_dirs, reference_greedy):
+    d = tiny_dirs["qwen3_moe"]
+    async with AsyncEngine(_cfg(d)) as engine:
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+        async def run(p, rid):
+            last = None
+            async for last in engine.generate(p, params, request_id=rid):
+                if rid == "a" and len(last.outputs[0].token_ids) == 2:
+                    await engine.abort("a")
+            return last
+
+        a, b = await asyncio.gather(run([3, 4, 5], "a"), run([9, 10], "b"))
+    assert a.finish_reason == "abort"
+    assert b.finish_reason == "length" and b.outputs[0].token_ids == reference_greedy(d, [9, 10], 8)
