@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 import torch
 
 from eaas.errors import CheckpointError
@@ -81,7 +82,7 @@ class Checkpoint:
     def _check(self, name: str, shape: tuple[int, ...]) -> None:
         got = self._shapes.get(name)
         if got is None:
-            raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+            self._missing(name)
         if tuple(got) != tuple(shape):
             raise CheckpointError(
                 f"{self.path / self._weight_map[name]}: tensor {name!r} has shape {list(got)}, "
@@ -107,14 +108,14 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._shapes:
-            raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+            self._missing(name)
         return self._shapes[name]
 
     def read(self, name: str, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> torch.Tensor:
         """Read one tensor (only it) and cast to `dtype` (None keeps the stored dtype)."""
         if name not in self._weight_map:
-            raise CheckpointError(f"{self.path}: missing tensor {name!r}")
+            self._missing(name)
         tensor = self._load(name, None)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
@@ -139,6 +140,10 @@ class Checkpoint:
         return {k: v.to(device=device, dtype=dtype or v.dtype) for k, v in out.items()}
 
     # --- internals -----------------------------------------------------------------------
+    def _missing(self, name: str) -> NoReturn:
+        files = ", ".join(sorted(set(self._weight_map.values()))) or "no weight files"
+        raise CheckpointError(f"{self.path}: missing tensor {name!r} (not in {files})")
+
     def _expert_source(self, layer: int, expert: int) -> dict[str, str] | tuple[str, str]:
         cfg = self.config
         h, f = cfg.hidden_size, cfg.moe_intermediate_size
