@@ -84,6 +84,24 @@ class EncodedMessage:
         return parts
 
 
+def copy_bytes(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[:] = src for same-size 1-D uint8 CPU tensors, as one plain memcpy.
+
+    Not `dst.copy_(src)`: torch splits big copies across its intra-op thread pool, whose
+    spinning workers fight the event loop (and the peer process) for cores; measured at
+    ~15 ms for 256 KiB on a 2-core box instead of ~3 us.
+    """
+    if src.numel():
+        dst.numpy()[:] = src.numpy()
+
+
+def clone_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A fresh contiguous copy of a contiguous CPU tensor, made with copy_bytes."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    copy_bytes(out.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8))
+    return out
+
+
 def check_frame_size(header_len: int, body_len: int, limits: TransportLimits) -> None:
     """Raise ValueError if a frame we are about to send breaks the limits (the peer would drop it)."""
     if header_len > limits.max_header_bytes:
@@ -175,7 +193,7 @@ def build_tensors(descs: list[Any], body: Any, limits: TransportLimits,
             continue
         assert flat is not None
         t = flat[offset:offset + nbytes].view(dtype).view(shape)
-        tensors.append(t.clone() if copy else t)
+        tensors.append(clone_tensor(t) if copy else t)
     return tensors
 
 

@@ -42,7 +42,8 @@ import torch
 from eaas.errors import FrameError, TransportError
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
-                                  build_tensors, check_frame_size, flatten, unflatten)
+                                  build_tensors, check_frame_size, clone_tensor, copy_bytes,
+                                  flatten, unflatten)
 from eaas.transport.limits import TransportLimits
 from eaas.transport.stream import _NOTHING, StreamConnection, StreamListener
 
@@ -119,7 +120,7 @@ class ShmConnection(StreamConnection):
         assert slot.flat is not None
         for flat, (_, _, offset) in zip(enc.tensors, enc.descs):
             if flat.numel():
-                slot.flat[offset:offset + flat.numel()].copy_(flat)
+                copy_bytes(slot.flat[offset:offset + flat.numel()], flat)
         header = enc.header(KIND_MESSAGE, s=[slot.slot_id, slot.name, slot.size])
         return self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
 
@@ -179,7 +180,7 @@ class ShmConnection(StreamConnection):
                     self._drain_waiters.append(future)
 
     # ---- receiving --------------------------------------------------------------------
-    def _on_frame(self, head: dict[str, Any], body: bytearray) -> Any:
+    def _on_frame(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
         kind = head["k"]
         if kind == KIND_RELEASE:
             slot_id = head.get("r")
@@ -244,7 +245,7 @@ class ShmConnection(StreamConnection):
         if not isinstance(item, _ShmItem):
             return item
         try:
-            return unflatten(item.head["m"], [v.clone() for v in item.views], self.limits)
+            return unflatten(item.head["m"], [clone_tensor(v) for v in item.views], self.limits)
         finally:
             item.views = []
             self._send_control(KIND_RELEASE, r=item.slot_id)

@@ -1,8 +1,8 @@
 """Framed connections over asyncio byte streams (tcp:// and shm://'s control socket).
 
 Receiving is an asyncio.BufferedProtocol: small frames are parsed out of a staging buffer;
-a frame whose body is over BIG_BODY bytes gets its own bytearray that the socket reads
-straight into (no intermediate copies), and that bytearray becomes the received tensors'
+a frame whose body is over BIG_BODY bytes gets its own (uninitialised) uint8 tensor that the
+socket reads straight into (no intermediate copies), and that tensor becomes the received tensors'
 memory. Every length is checked against TransportLimits before anything is allocated.
 
 Sending writes prefix+header and each tensor's bytes straight from the tensor's memory
@@ -17,6 +17,8 @@ import asyncio
 import logging
 import socket
 from typing import Any
+
+import torch
 
 from eaas.errors import FrameError, TransportError
 from eaas.transport.base import Connection, Handler, Inbox, Listener, SendHandle
@@ -52,7 +54,8 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         self._start = 0
         self._end = 0
         self._need: tuple[int, int] | None = None
-        self._big: bytearray | None = None
+        self._big: torch.Tensor | None = None  # [body_len] uint8: the body being received
+        self._big_view: memoryview | None = None
         self._big_head: dict[str, Any] | None = None
         self._big_filled = 0
 
@@ -160,7 +163,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
     # ---- protocol: receiving ----------------------------------------------------------
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._big is not None:
-            return memoryview(self._big)[self._big_filled:]
+            return self._big_view[self._big_filled:]
         if len(self._stage) - self._end < 4096:
             self._reserve(self._end - self._start + 4096)
         return memoryview(self._stage)[self._end:]
@@ -171,9 +174,9 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         try:
             if self._big is not None:
                 self._big_filled += nbytes
-                if self._big_filled == len(self._big):
+                if self._big_filled == self._big.numel():
                     head, body = self._big_head, self._big
-                    self._big, self._big_head = None, None
+                    self._big, self._big_head, self._big_view = None, None, None
                     assert head is not None
                     self._deliver(head, body)
                 return
@@ -207,8 +210,9 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             if body_len > BIG_BODY:
                 head = parse_header(bytes(self._stage[start + PREFIX_BYTES:body_at]), self.limits)
                 got = self._end - body_at
-                big = bytearray(body_len)
-                big[:got] = memoryview(self._stage)[body_at:self._end]
+                big = torch.empty(body_len, dtype=torch.uint8)  # [body_len], not zero-filled
+                self._big_view = memoryview(big.numpy())
+                self._big_view[:got] = memoryview(self._stage)[body_at:self._end]
                 self._big, self._big_head, self._big_filled = big, head, got
                 self._start = self._end = 0
                 self._need = None
@@ -235,7 +239,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             self._stage[:pending] = self._stage[self._start:self._end]
         self._start, self._end = 0, pending
 
-    def _deliver(self, head: dict[str, Any], body: bytearray) -> None:
+    def _deliver(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> None:
         msg = self._on_frame(head, body)
         if msg is _NOTHING:
             return
@@ -245,7 +249,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             self._reading_paused = True
             self._transport.pause_reading()
 
-    def _on_frame(self, head: dict[str, Any], body: bytearray) -> Any:
+    def _on_frame(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
         """Turn one checked frame into a message (or _NOTHING for control frames)."""
         if head["k"] != KIND_MESSAGE:
             raise FrameError(f"unexpected frame kind {head['k']!r}")
