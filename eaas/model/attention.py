@@ -58,15 +58,20 @@ class KVCache:
                 self._k[i], self._v[i] = k[:seq_len], v[:seq_len]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
-    """Eager causal attention. q: [n, T, d]; k: [n, S, d]; v: [n, S, dv]; query i sits at start+i.
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
+          window: int | None = None) -> torch.Tensor:
+    """Eager causal attention. q: [n, T, d]; k: [n, S, d]; v: [n, S, dv]; query i sits at start+i
+    and sees keys at positions <= start+i (and > start+i-window with a sliding window).
 
     Returns [T, n * dv]."""
     t, s = q.shape[1], k.shape[1]
     scores = torch.matmul(q, k.transpose(1, 2)) * scale  # [n, T, S]
     q_pos = torch.arange(start, start + t, device=q.device)[:, None]
     k_pos = torch.arange(s, device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, torch.finfo(scores.dtype).min)
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden = hidden | (k_pos <= q_pos - window)
+    scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs, v)  # [n, T, dv]
     return out.transpose(0, 1).reshape(t, -1)
@@ -109,7 +114,8 @@ class GQAAttention(_Base):
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
         k_all = k_all.transpose(0, 1).repeat_interleave(rep, dim=0)  # [nh, S, d]
         v_all = v_all.transpose(0, 1).repeat_interleave(rep, dim=0)
-        out = _sdpa(q.transpose(0, 1), k_all, v_all, d ** -0.5, start)  # [T, nh*d]
+        out = _sdpa(q.transpose(0, 1), k_all, v_all, d ** -0.5, start,
+                    cfg.sliding_window(self.layer_idx))  # [T, nh*d]
         return self._lin(out, "o_proj")
 
 

@@ -67,6 +67,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    layer_windows: tuple[int, ...] = ()  # per layer: sliding-window length, 0 = full attention
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -94,6 +95,11 @@ class ModelConfig:
             raise CheckpointError(
                 f"config.json: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
                 f"supported (allowed: {_ROPE_TYPES})")
+
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """Attention window of layer `layer_idx` (a query sees its last `window` positions), or None."""
+        window = self.layer_windows[layer_idx] if self.layer_windows else 0
+        return window or None
 
     @property
     def is_mla(self) -> bool:
@@ -173,6 +179,7 @@ class ModelConfig:
             rms_norm_eps=float(opt("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
             tie_word_embeddings=bool(opt("tie_word_embeddings", False)),
             bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, raw=dict(raw))
+        common["layer_windows"] = _layer_windows(raw, model_type, common["num_hidden_layers"])
         if model_type in ("qwen3_moe", "qwen2_moe"):
             qwen3 = model_type == "qwen3_moe"
             shared = int(opt("shared_expert_intermediate_size", 0)) if not qwen3 else 0
@@ -217,3 +224,20 @@ class ModelConfig:
             q_lora_rank=None if q_lora is None else int(q_lora), kv_lora_rank=int(req("kv_lora_rank")),
             qk_nope_head_dim=nope, qk_rope_head_dim=rope,
             v_head_dim=int(opt("v_head_dim", 128)), rope_interleave=bool(opt("rope_interleave", True)))
+
+
+def _layer_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
+    """Per-layer sliding windows as transformers derives them (0 = full attention)."""
+    window = int(raw.get("sliding_window") or 0)
+    if model_type == "mixtral":
+        return (window,) * num_layers
+    if model_type == "deepseek_v3" or not raw.get("use_sliding_window", False):
+        return (0,) * num_layers
+    if model_type == "qwen3_moe":
+        return (window,) * num_layers
+    types = raw.get("layer_types")
+    if not isinstance(types, list) or len(types) != num_layers:
+        max_window = int(raw.get("max_window_layers", 28))
+        types = ["sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention"
+                 for i in range(num_layers)]
+    return tuple(window if t == "sliding_attention" else 0 for t in types)

@@ -33,10 +33,11 @@ HF_CONFIGS: dict[str, dict] = {
 }
 
 
-def save_hf_tiny(out: Path, arch: str, seed: int, vocab_size: int) -> Path:
+def save_hf_tiny(out: Path, arch: str, seed: int, vocab_size: int, **overrides) -> Path:
+    """`XForCausalLM(config).save_pretrained(out)` with HF_CONFIGS[arch] (+ overrides)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model(arch, vocab_size=vocab_size, **HF_CONFIGS[arch])
+    cfg = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**HF_CONFIGS[arch], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # give routers / biases / norms non-trivial values (HF inits them to 0 / 1)

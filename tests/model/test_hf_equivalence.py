@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from eaas.model import ARCHS, Checkpoint, ReferenceModel
+from tests.model.conftest import save_hf_tiny
 
 REL_TOL = 1e-4
 CASES = [(0, 1), (1, 7), (2, 23)]  # (seed, prompt length)
@@ -68,3 +69,23 @@ def test_make_tiny_greedy_has_margins_and_does_not_collapse(tiny_dir, arch):
     assert margin > 1e-5, f"top-2 logit margin {margin:.2e} is too small for exact greedy comparison"
     longest_run = max(sum(1 for _ in g) for _, g in itertools.groupby(tokens))
     assert longest_run <= 2 and len(set(tokens)) >= 4, f"greedy decoding collapsed: {tokens}"
+
+
+@pytest.mark.parametrize(("arch", "extra"), [
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
+    ("mixtral", {"sliding_window": 5}),
+])
+def test_sliding_window_matches_transformers(tmp_path, arch, extra):
+    path = save_hf_tiny(tmp_path / arch, arch, seed=3, vocab_size=320, **extra)
+    model = ReferenceModel.load(Checkpoint.open(path))
+    assert any(model.config.sliding_window(i) for i in range(model.config.num_hidden_layers))
+    ids = torch.randint(0, 320, (13,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = _hf(path)(ids[None]).logits[0]
+    cache = model.new_cache()
+    got = torch.cat([model.forward(ids[:6], cache)] + [model.forward(ids[i:i + 1], cache)
+                                                       for i in range(6, 13)])
+    assert _rel(got, ref) < REL_TOL
+    full = model.forward(ids, model.new_cache())
+    assert _rel(full, ref) < REL_TOL
