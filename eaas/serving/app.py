@@ -27,13 +27,14 @@ DEFAULT_CLIENT_MAX_SIZE = 1 << 20  # bytes of request body; more is a 413
 
 def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
                client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
-               drain_grace_s: float = 10.0) -> web.Application:
+               drain_grace_s: float = 10.0, health_timeout_s: float = 2.0) -> web.Application:
     """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller before or after).
 
     admin_token: the bearer token mutating admin routes require (at least 8 characters).
     model_name: the served model name; None reads `engine.model_name` (needs a started engine).
     client_max_size: largest accepted request body in bytes (larger: 413).
     drain_grace_s: on shutdown, how long in-flight requests may run before they are aborted.
+    health_timeout_s: `/health` fails (503) if an actor does not answer its ping by then.
     """
     if not isinstance(admin_token, str) or len(admin_token) < 8:
         raise ValueError("admin_token must be a string of at least 8 characters")
@@ -41,12 +42,15 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
         raise ValueError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
     if not drain_grace_s >= 0:
         raise ValueError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
+    if not health_timeout_s > 0:
+        raise ValueError(f"health_timeout_s={health_timeout_s!r} is not allowed: a number > 0")
     model_name = model_name or engine.model_name
     # the snapshot collector goes through state.snapshot(): {} while the engine is not started
     metrics = ServingMetrics(model_name, snapshot=lambda: state.snapshot())
     state = ServingState(engine=engine, model_name=model_name, admin_token=admin_token,
                          metrics=metrics,
-                         drain_grace_s=float(drain_grace_s))
+                         drain_grace_s=float(drain_grace_s),
+                         health_timeout_s=float(health_timeout_s))
 
     def on_response(request: web.Request, status: int) -> None:
         resource = request.match_info.route.resource

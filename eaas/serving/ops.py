@@ -13,20 +13,18 @@ from eaas.serving.state import STATE
 routes = web.RouteTableDef()
 log = logging.getLogger("eaas.serving")
 
-HEALTH_TIMEOUT_S = 2.0
-
-
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
     """200 when every actor answered a ping through its mailbox in time; 503 otherwise."""
-    engine = request.app[STATE].engine
+    state = request.app[STATE]
+    timeout = state.health_timeout_s
     try:
-        async with asyncio.timeout(HEALTH_TIMEOUT_S + 1.0):  # a hung engine must not hang us
-            report = await engine.check_health(timeout=HEALTH_TIMEOUT_S)
+        async with asyncio.timeout(timeout + 1.0):  # a hung engine must not hang /health
+            report = await state.engine.check_health(timeout=timeout)
     except asyncio.CancelledError:
         raise
     except TimeoutError:
-        report = {"healthy": False, "error": f"health check took over {HEALTH_TIMEOUT_S + 1.0}s"}
+        report = {"healthy": False, "error": f"health check took over {timeout + 1.0}s"}
     except Exception as e:
         report = {"healthy": False, "error": f"health check failed: {type(e).__name__}: {e}"}
     healthy = report.get("healthy") is True

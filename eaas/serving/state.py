@@ -29,6 +29,7 @@ class ServingState:
     admin_token: str
     metrics: ServingMetrics
     drain_grace_s: float
+    health_timeout_s: float
     inflight: InflightRequests = field(default_factory=InflightRequests)
     events: EventHub = field(default_factory=EventHub)
     started_at: float = field(default_factory=time.time)
