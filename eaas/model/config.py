@@ -147,6 +147,10 @@ class ModelConfig:
         if model_type not in ARCHS:
             raise CheckpointError(
                 f"{source}: unknown model_type {model_type!r} (supported: {', '.join(ARCHS)})")
+        if raw.get("quantization_config"):
+            method = raw["quantization_config"].get("quant_method", "?")
+            raise CheckpointError(f"{source}: field 'quantization_config' ({method}): quantized "
+                                  "checkpoints are not supported; use a bf16/fp16/fp32 checkpoint")
         try:
             return cls._build(raw, model_type, req, opt)
         except (TypeError, ValueError, KeyError) as exc:

@@ -50,10 +50,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no special tokens added; a BOS is prepended when the model has one)."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_token_id] + ids) if self.bos_token_id is not None else ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. add_special_tokens=True applies tokenizer.json's own post-processor
+        (e.g. Mixtral's BOS; Qwen adds none), as transformers' fast tokenizers do; pass False for
+        text that already holds its special tokens (a rendered chat template)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

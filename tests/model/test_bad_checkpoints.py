@@ -136,3 +136,9 @@ def test_unsupported_rope_scaling(ckpt_dir):
 def test_read_unknown_tensor(ckpt_dir):
     with pytest.raises(CheckpointError, match="missing tensor 'model.nothing'"):
         Checkpoint.open(ckpt_dir).read("model.nothing")
+
+
+def test_quantized_checkpoint_is_refused(ckpt_dir):
+    _edit_config(ckpt_dir, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
+    with pytest.raises(CheckpointError, match="config.json.*quantization_config.*fp8"):
+        Checkpoint.open(ckpt_dir)

@@ -107,3 +107,19 @@ def test_config_field_names_of_each_hub_layout():
     with pytest.raises(CheckpointError, match="'n_routed_experts'"):
         ModelConfig.from_dict({**base, "model_type": "deepseek_v3", "kv_lora_rank": 16,
                                "intermediate_size": 64})
+
+
+def test_encode_applies_the_tokenizers_own_post_processor(tiny_dir, tmp_path):
+    """A tokenizer.json whose post-processor adds BOS (as Mixtral's does) gets it on encode."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    raw = HFTokenizer.from_file(str(tiny_dir("mixtral") / "tokenizer.json"))
+    bos = raw.token_to_id("<|endoftext|>")
+    raw.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                            special_tokens=[("<|endoftext|>", bos)])
+    raw.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer(tmp_path / "tokenizer.json")
+    plain = Checkpoint.open(tiny_dir("mixtral")).tokenizer.encode("Hello")
+    assert tok.encode("Hello") == [bos] + plain
+    assert tok.encode("Hello", add_special_tokens=False) == plain
