@@ -13,9 +13,11 @@ from eaas.transport.base import Connection, Lease, Listener, SendHandle
 from eaas.transport.codec import DTYPES, decode_message, encode_message
 from eaas.transport.limits import TransportLimits
 from eaas.transport.registry import SCHEMES, connect, listen
+from eaas.transport.remote import RemoteActorRef, remote_ref, serve_actors
 from eaas.transport.rpc import RpcClient, serve_rpc
 
 __all__ = [
     "Connection", "Listener", "SendHandle", "Lease", "TransportLimits", "connect", "listen",
     "SCHEMES", "DTYPES", "encode_message", "decode_message", "RpcClient", "serve_rpc",
+    "serve_actors", "remote_ref", "RemoteActorRef",
 ]

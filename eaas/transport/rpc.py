@@ -2,6 +2,7 @@
 
 Wire format (plain messages, so it runs over every scheme):
     request  {"rpc": "req", "id": int, "body": msg}
+    one-way  {"rpc": "note", "id": 0, "body": msg}     (handler runs; its result is dropped)
     reply    {"rpc": "rep", "id": int, "ok": True, "body": reply}
              {"rpc": "rep", "id": int, "ok": False, "body": [exception type name, message]}
 
@@ -18,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from eaas.errors import AskTimeoutError, RemoteError, TransportError
-from eaas.transport.base import Connection
+from eaas.transport.base import Connection, SendHandle
 
 __all__ = ["RpcClient", "serve_rpc", "RpcHandler"]
 
@@ -75,6 +76,15 @@ class RpcClient:
         finally:
             self._pending.pop(call_id, None)
 
+    def notify_start(self, msg: Any) -> SendHandle:
+        """Send `msg` one-way (no reply, no correlation); the peer's handler still runs on it.
+
+        Returns the send handle (await it for backpressure). TransportError if closed.
+        """
+        if self._error is not None:
+            raise TransportError(f"rpc connection is down: {self._error}")
+        return self.conn.send_start({"rpc": "note", "id": 0, "body": msg})
+
     async def run(self) -> None:
         """Read and dispatch in the calling task until the connection closes."""
         if self._running:
@@ -125,15 +135,19 @@ class RpcClient:
                 future.set_exception(RemoteError(body[0], body[1]))
             else:
                 future.set_exception(RemoteError("ProtocolError", f"malformed error reply {body!r}"))
-        elif kind == "req":
-            task = asyncio.get_running_loop().create_task(self._serve(msg["id"], msg.get("body")))
+        elif kind in ("req", "note"):
+            task = asyncio.get_running_loop().create_task(
+                self._serve(msg["id"], msg.get("body"), reply=kind == "req"))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         else:
             log.warning("rpc on %s: dropping a message of unknown kind %r", self.conn.url, kind)
 
-    async def _serve(self, call_id: int, body: Any) -> None:
+    async def _serve(self, call_id: int, body: Any, reply: bool = True) -> None:
         async with self._slots:
+            if not reply:
+                await self._serve_note(body)
+                return
             if self._handler is None:
                 reply = {"rpc": "rep", "id": call_id, "ok": False,
                          "body": ["RuntimeError", "this end serves no requests"]}
@@ -154,6 +168,17 @@ class RpcClient:
                                           "body": [type(exc).__name__, str(exc)]})
             except TransportError:
                 pass  # the caller is gone; it has already failed its call
+
+    async def _serve_note(self, body: Any) -> None:
+        if self._handler is None:
+            log.warning("rpc on %s: dropping a one-way message (no handler)", self.conn.url)
+            return
+        try:
+            await self._handler(body)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("rpc on %s: handler raised on a one-way message", self.conn.url)
 
     async def aclose(self) -> None:
         """Stop reading, cancel running handlers, close the connection (idempotent)."""
