@@ -1,0 +1,85 @@
+"""/metrics parses as Prometheus text, follows the naming conventions, counts what happened,
+and each app has its own registry."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from eaas.serving import ENGINE, STATE, create_app
+from tests.serving.conftest import ADMIN_TOKEN, engine_config, serving_client
+
+REQUIRED = {
+    "eaas_time_to_first_token_seconds": "histogram",
+    "eaas_inter_token_latency_seconds": "histogram",
+    "eaas_e2e_request_latency_seconds": "histogram",
+    "eaas_prompt_tokens": "counter",
+    "eaas_generation_tokens": "counter",
+    "eaas_request_success": "counter",
+    "eaas_http_requests": "counter",
+    "eaas_actor_restarts": "counter",
+    "eaas_actor_mailbox_depth": "gauge",
+    "eaas_reroutes": "counter",
+    "eaas_dead_letters": "counter",
+    "eaas_num_requests_running": "gauge",
+    "eaas_num_requests_waiting": "gauge",
+    "eaas_server_up": "gauge",
+}
+
+
+def families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def value(fams: dict, family: str, sample: str, **labels: str) -> float:
+    return sum(s.value for s in fams[family].samples
+               if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+async def test_metrics_parse_follow_conventions_and_count_requests(tiny_dir):
+    async with serving_client(engine_config(tiny_dir)) as client:
+        prompt = [11, 12, 13, 14, 15]
+        for stream in (False, True):
+            resp = await client.post("/v1/completions", json={
+                "prompt": prompt, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+                "stream": stream})
+            await resp.read()
+            assert resp.status == 200
+        resp = await client.get("/metrics")
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        fams = families(await resp.text())
+    for name, kind in REQUIRED.items():
+        assert name in fams and fams[name].type == kind, name
+    for fam in fams.values():
+        assert fam.name.startswith("eaas_"), fam.name
+        if fam.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in fam.samples), fam.name
+        if fam.type == "histogram":
+            assert fam.name.endswith("_seconds"), fam.name  # base unit
+        assert not fam.name.endswith(("_ms", "_milliseconds", "_minutes")), fam.name
+    m = {"model_name": "tiny"}
+    assert value(fams, "eaas_generation_tokens", "eaas_generation_tokens_total", **m) == 10
+    assert value(fams, "eaas_prompt_tokens", "eaas_prompt_tokens_total", **m) == 10
+    assert value(fams, "eaas_request_success", "eaas_request_success_total",
+                 finished_reason="length", **m) == 2
+    assert value(fams, "eaas_time_to_first_token_seconds",
+                 "eaas_time_to_first_token_seconds_count", **m) == 2
+    assert value(fams, "eaas_inter_token_latency_seconds",
+                 "eaas_inter_token_latency_seconds_count", **m) == 8
+    assert value(fams, "eaas_e2e_request_latency_seconds",
+                 "eaas_e2e_request_latency_seconds_count", **m) == 2
+    assert value(fams, "eaas_http_requests", "eaas_http_requests_total",
+                 route="/v1/completions", status="200") == 2
+    actors = {s.labels["actor"] for s in fams["eaas_actor_mailbox_depth"].samples}
+    assert {"engine", "expert-0", "expert-1", "shard-0"} <= actors  # the whole tree, flattened
+    assert value(fams, "eaas_server_up", "eaas_server_up", server="expert-0") == 1
+
+
+async def test_each_app_has_its_own_registry(tiny_dir):
+    async with serving_client(engine_config(tiny_dir)) as client:
+        other = create_app(client.server.app[ENGINE], admin_token=ADMIN_TOKEN)  # same engine
+        resp = await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
+        assert resp.status == 200
+        mine = families((await (await client.get("/metrics")).text()))
+        theirs = families(other[STATE].metrics.render().decode())
+    assert value(mine, "eaas_generation_tokens", "eaas_generation_tokens_total") == 2
+    assert value(theirs, "eaas_generation_tokens", "eaas_generation_tokens_total") == 0
