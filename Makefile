@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/eaas run-default --model $(MODEL) --port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest -q -x --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"

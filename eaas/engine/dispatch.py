@@ -74,7 +74,7 @@ class Dispatcher:
         self._routing_changed = asyncio.Event()
         for key in ("units_dispatched", "units_combined", "units_retired", "resent_units",
                     "reroutes", "unit_timeouts", "dropped_duplicates", "stale_results",
-                    "failed_pairs", "degraded_pairs"):
+                    "failed_pairs", "degraded_pairs", "combine_violations"):
             counters.setdefault(key, 0)
 
     # ---- messages from the shard's mailbox --------------------------------------------------
@@ -198,6 +198,7 @@ class ExpertCall:
         self.rows = x.repeat_interleave(self.K, dim=0)  # [T*K, H]: pair p = (t, k) reads x[t]
         self.out = torch.zeros_like(self.rows)  # [T*K, H]
         self.skipped = torch.zeros(self.T * self.K, dtype=torch.bool)  # pairs not contributing
+        self.filled = torch.zeros(self.T * self.K, dtype=torch.int32)  # times each pair was combined
         self.failed_tokens: set[int] = set()
         self.degraded_tokens: set[int] = set()
         self.live: dict[asyncio.Future, _Unit] = {}
@@ -265,6 +266,7 @@ class ExpertCall:
                         d._close(u)
                         if fut.exception() is None:
                             self.out[u.pair_idx] = fut.result().to(self.out.dtype)
+                            self.filled[u.pair_idx] += 1
                             d.counters["units_combined"] += 1
                             d._finished[u.unit_id] = "done"
                             continue
@@ -289,6 +291,12 @@ class ExpertCall:
 
     def _result(self) -> ExpertsOutput:
         T, K = self.T, self.K
+        # exactly-once: every pair combined once, or skipped under the no-replica policy
+        exact = ((self.filled == 1) & ~self.skipped) | ((self.filled == 0) & self.skipped)
+        if not bool(exact.all()):
+            self.d.counters["combine_violations"] += 1
+            raise AssertionError(f"layer {self.layer}: pairs combined other than exactly once: "
+                                 f"{self.filled.tolist()}")
         weights = self.topk_weights.float().clone()  # [T, K]
         if self.skipped.any():
             mask = ~self.skipped.view(T, K)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import threading
 from typing import Any, AsyncIterator, Sequence
 
@@ -55,6 +56,8 @@ class AsyncEngine:
         self._shards: list[Any] = []
         self._servers: dict[str, dict] = {}  # name -> {"ref", "batcher", "sup", "assignment", ...}
         self._routing: Any = None
+        self._server_change = asyncio.Event()
+        self._timers: list[asyncio.TimerHandle] = []
         self._ready = False
         self._closed = False
 
@@ -145,6 +148,10 @@ class AsyncEngine:
         if entry is None:
             return
         entry["state"] = "alive"
+        entry["incarnation"] = entry.get("incarnation", 0) + 1
+        if entry["incarnation"] > 1:
+            self.counters["restarts"] = self.counters.get("restarts", 0) + 1
+        self._server_change.set()
         if self._routing is not None and name in self.routing.dead:
             self._routing.tell_nowait(SetServerState(name, True, "restarted and ready"))
 
@@ -166,15 +173,15 @@ class AsyncEngine:
         server whose supervisor gave up is out for good."""
         self.events_bus.emit(event)
         kind, name = event.get("type"), str(event.get("name", ""))
-        if kind == "actor_restarted" and name in self._servers:
-            self.counters["restarts"] = self.counters.get("restarts", 0) + 1
-        elif kind == "actor_crashed" and name in self._servers:
+        if kind == "actor_crashed" and name in self._servers:
             self._servers[name]["state"] = "restarting"
+            self._server_change.set()
             self._mark_dead(name, f"crashed: {event.get('reason')}")
         elif kind == "escalated" and name.startswith("server-sup-"):
             server = name[len("server-sup-"):]
             if server in self._servers:
                 self._servers[server]["state"] = "dead"
+                self._server_change.set()
                 self._mark_dead(server, "restart intensity exceeded")
 
     def _mark_dead(self, server: str, reason: str) -> None:
@@ -189,6 +196,8 @@ class AsyncEngine:
         if self._closed:
             return
         self._closed, self._ready = True, False
+        for t in self._timers:
+            t.cancel()
         if self._system is not None:
             await self._system.stop()
 
@@ -348,12 +357,54 @@ class AsyncEngine:
             raise ValueError(f"fault kind {kind!r} is not one of kill, hang, delay")
         self.events_bus.emit({"type": "fault_injected", "action": kind, "server": server,
                               "seconds": seconds})
+        slot = s.get("slot")
         if kind == "kill":
+            s["state"] = "restarting"  # known at once; the crash notice follows
+            self._mark_dead(server, "killed by fault injection")
+        if slot is not None and kind in ("kill", "hang"):  # a real OS process: real signals
+            if kind == "kill":
+                slot.signal(signal.SIGKILL)
+            else:
+                pid = slot.pid
+                slot.signal(signal.SIGSTOP)
+                # SIGCONT later unless the heartbeat has replaced the process by then
+                self._timers.append(asyncio.get_running_loop().call_later(
+                    seconds, lambda: slot.pid == pid and slot.signal(signal.SIGCONT)))
+        elif kind == "kill":
             await s["ref"].tell(Crash("killed by fault injection"))
         elif kind == "hang":
             await s["ref"].tell({"op": "hang", "seconds": seconds})
         else:
             await s["ref"].ask({"op": "delay", "seconds": seconds}, timeout=5.0)
+
+    def incarnation(self, server: str) -> int:
+        """How many times `server` has become ready (1 = never restarted)."""
+        return int(self._servers[server].get("incarnation", 0))
+
+    async def wait_servers_ready(self, timeout: float = 60.0,
+                                 newer_than: dict[str, int] | None = None) -> None:
+        """Wait until every server not dead for good is serving (after restarts); with
+        `newer_than` {server: incarnation}, also until those servers have restarted."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        newer_than = newer_than or {}
+
+        def pending() -> bool:
+            return any(s["state"] not in ("alive", "dead") or
+                       (n in newer_than and s["state"] != "dead" and
+                        s.get("incarnation", 0) <= newer_than[n])
+                       for n, s in self._servers.items())
+
+        while pending():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                states = {n: s["state"] for n, s in self._servers.items()}
+                raise TimeoutError(f"expert servers not ready after {timeout}s: {states}")
+            self._server_change.clear()
+            try:
+                await asyncio.wait_for(self._server_change.wait(), remaining)
+            except TimeoutError:
+                pass
 
     async def add_server(self) -> str:
         raise NotImplementedError("adding expert servers at runtime is not implemented yet")

@@ -61,6 +61,7 @@ class ServerProcess(Actor):
         self.heartbeat_misses = heartbeat_misses
         self.start_timeout_s = start_timeout_s
         self.rpc: Any = None
+        self._stopping = False
 
     async def on_start(self) -> None:
         from eaas.transport import RpcClient, connect
@@ -108,6 +109,8 @@ class ServerProcess(Actor):
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
         rc = await proc.wait()
+        if self._stopping:
+            return
         raise EaasError(f"expert server {self.slot.name} (pid {proc.pid}) exited with code {rc}")
 
     async def _heartbeat(self) -> None:
@@ -127,6 +130,7 @@ class ServerProcess(Actor):
                                     f"{misses} heartbeats") from None
 
     async def on_stop(self) -> None:
+        self._stopping = True
         if self.rpc is not None:
             try:
                 await self.rpc.aclose()
