@@ -26,7 +26,13 @@ from .configs import GemmConfig, MoEConfig, lookup_config
 from .moe_align import moe_align_block_size_triton, moe_combine_triton
 from .reference import Alignment, check_moe_weights
 
-__all__ = ["fused_moe_triton", "expert_rows_triton", "moe_config_for"]
+__all__ = [
+    "fused_moe_triton",
+    "expert_rows_triton",
+    "moe_config_for",
+    "launch_gate_up",
+    "launch_down",
+]
 
 
 @triton.jit
@@ -42,7 +48,7 @@ def _tile_ids(NUM_BLOCKS_M, N_COLS, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr
     return pid_m, pid_n
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_PAIRS", "NUM_BLOCKS_M"])
 def _gate_up_kernel(
     x_ptr, w_ptr, act_ptr,  # x [T, H]; w_gate_up [E, 2F, H]; act [P, F]
     sorted_ptr, expert_ids_ptr, num_post_ptr,  # Alignment
@@ -89,7 +95,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NUM_PAIRS", "NUM_BLOCKS_M"])
 def _down_kernel(
     act_ptr, w_ptr, y_ptr,  # act [P, F]; w_down [E, H, F]; y [N, H]
     sorted_ptr, expert_ids_ptr, num_post_ptr,
@@ -136,12 +142,58 @@ def moe_config_for(x: torch.Tensor, w_gate_up: torch.Tensor, num_tokens: int, to
     return lookup_config(card, num_experts, hidden, two_f // 2, dtype_name, num_tokens, top_k)
 
 
-def _launch_args(cfg: GemmConfig, reduce_dim: int, x: torch.Tensor) -> dict:
+def _fit_stages(cfg: GemmConfig, block_m: int, num_b: int, t: torch.Tensor) -> int:
+    """Fewer pipeline stages when a tile's buffers would overflow the SM's shared memory (a
+    tuned or default config meant for bf16 can be too large for float32)."""
+    if not t.is_cuda:
+        return cfg.num_stages
+    limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
+    per_stage = (block_m + num_b * cfg.block_n) * cfg.block_k * t.element_size()
+    stages = cfg.num_stages
+    while stages > 1 and (stages - 0.5) * per_stage > limit:  # measured: ~(stages - 1.5) buffers
+        stages -= 1
+    return stages
+
+
+def _launch_args(cfg: GemmConfig, reduce_dim: int, x: torch.Tensor, block_m: int, num_b: int) -> dict:
     return dict(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=reduce_dim % cfg.block_k == 0, UPCAST=x.device.type == "cpu",
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=_fit_stages(cfg, block_m, num_b, x),
+    )
+
+
+def launch_gate_up(
+    x: torch.Tensor, w_gate_up: torch.Tensor, align: Alignment, top_k: int, block_m: int,
+    cfg: GemmConfig, act: torch.Tensor,
+) -> None:
+    """act [P, F] (sorted rows) = silu(x[tok] @ Wg[e].T) * (x[tok] @ Wu[e].T), per block."""
+    num_pairs = x.shape[0] * top_k
+    hidden, ffn = x.shape[1], w_gate_up.shape[1] // 2
+    num_blocks_m = align.sorted_ids.numel() // block_m
+    grid = (num_blocks_m * triton.cdiv(ffn, cfg.block_n),)
+    _gate_up_kernel[grid](
+        x, w_gate_up, act, align.sorted_ids, align.expert_ids, align.num_post_padded,
+        num_pairs, num_blocks_m, hidden, ffn,
+        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
+        TOP_K=top_k, BLOCK_M=block_m, **_launch_args(cfg, hidden, x, block_m, 2),
+    )
+
+
+def launch_down(
+    act: torch.Tensor, w_down: torch.Tensor, align: Alignment, block_m: int, cfg: GemmConfig,
+    y: torch.Tensor,
+) -> None:
+    """y [N, H] (pair order) = act[r] @ w_down[e].T for every real sorted row r."""
+    num_experts, hidden, ffn = w_down.shape
+    num_blocks_m = align.sorted_ids.numel() // block_m
+    grid = (num_blocks_m * triton.cdiv(hidden, cfg.block_n),)
+    _down_kernel[grid](
+        act, w_down, y, align.sorted_ids, align.expert_ids, align.num_post_padded,
+        y.shape[0], num_blocks_m, hidden, ffn,
+        act.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
+        BLOCK_M=block_m, **_launch_args(cfg, ffn, act, block_m, 1),
     )
 
 
@@ -150,26 +202,10 @@ def _expert_mlp(
     top_k: int, cfg: MoEConfig, y: torch.Tensor,
 ) -> torch.Tensor:
     """Both grouped GEMMs over aligned pairs; writes y [N, H] in pair order and returns it."""
-    num_experts, two_f, hidden = w_gate_up.shape
-    ffn = two_f // 2
-    num_pairs = y.shape[0]
     total = align.sorted_ids.numel()
-    num_blocks_m = total // cfg.block_m
-    act = torch.empty(total, ffn, dtype=x.dtype, device=x.device)  # [P, F], sorted rows
-    grid = (num_blocks_m * triton.cdiv(ffn, cfg.gate_up.block_n),)
-    _gate_up_kernel[grid](
-        x, w_gate_up, act, align.sorted_ids, align.expert_ids, align.num_post_padded,
-        num_pairs, num_blocks_m, hidden, ffn,
-        x.stride(0), w_gate_up.stride(0), w_gate_up.stride(1), act.stride(0),
-        TOP_K=top_k, BLOCK_M=cfg.block_m, **_launch_args(cfg.gate_up, hidden, x),
-    )
-    grid = (num_blocks_m * triton.cdiv(hidden, cfg.down.block_n),)
-    _down_kernel[grid](
-        act, w_down, y, align.sorted_ids, align.expert_ids, align.num_post_padded,
-        num_pairs, num_blocks_m, hidden, ffn,
-        act.stride(0), w_down.stride(0), w_down.stride(1), y.stride(0),
-        BLOCK_M=cfg.block_m, **_launch_args(cfg.down, ffn, x),
-    )
+    act = torch.empty(total, w_down.shape[2], dtype=x.dtype, device=x.device)  # [P, F]
+    launch_gate_up(x, w_gate_up, align, top_k, cfg.block_m, cfg.gate_up, act)
+    launch_down(act, w_down, align, cfg.block_m, cfg.down, y)
     return y
 
 

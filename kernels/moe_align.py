@@ -27,7 +27,7 @@ from .reference import Alignment, max_padded_rows
 __all__ = ["moe_align_block_size_triton", "moe_combine_triton"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "TOTAL", "NUM_BLOCKS"])
 def _align_kernel(
     ids_ptr, sorted_ptr, expert_ids_ptr, num_post_ptr,  # ids [N] int; outputs as in Alignment
     N, E, TOTAL, NUM_BLOCKS,
