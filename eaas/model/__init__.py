@@ -14,11 +14,11 @@ from eaas.model.tokenizer import Tokenizer
 
 __all__ = [
     "ARCHS",
+    "MLP",
     "Checkpoint",
     "DecoderLayer",
     "ExpertBank",
     "KVCache",
-    "MLP",
     "ModelConfig",
     "ReferenceModel",
     "Router",

@@ -41,8 +41,9 @@ class KVCache:
     def seq_len(self) -> int:
         return min(self.layer_len(i) for i in range(self.num_layers))
 
-    def append(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def append(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k/v ([T, ...]) to layer `layer_idx`; returns the whole layer's (K, V)."""
         old_k, old_v = self._k[layer_idx], self._v[layer_idx]
         if old_k is not None and old_v is not None:
@@ -58,8 +59,14 @@ class KVCache:
                 self._k[i], self._v[i] = k[:seq_len], v[:seq_len]
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
-          window: int | None = None) -> torch.Tensor:
+def _sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    start: int,
+    window: int | None = None,
+) -> torch.Tensor:
     """Eager causal attention. q: [n, T, d]; k: [n, S, d]; v: [n, S, dv]; query i sits at start+i
     and sees keys at positions <= start+i (and > start+i-window with a sliding window).
 
@@ -78,16 +85,26 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start
 
 
 class _Base:
-    def __init__(self, cfg: ModelConfig, layer_idx: int, w: dict[str, torch.Tensor | None],
-                 batch_invariant: bool) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        w: dict[str, torch.Tensor | None],
+        batch_invariant: bool,
+    ) -> None:
         self.cfg, self.layer_idx, self.w, self.batch_invariant = cfg, layer_idx, w, batch_invariant
         rope_dim = cfg.qk_rope_head_dim if cfg.is_mla else cfg.head_dim
         self.inv_freq, self.rope_factor = ops.rope_inv_freq(
-            rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+            rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
+        )
 
     def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return ops.linear(x, self.w[f"{name}.weight"], self.w.get(f"{name}.bias"),  # type: ignore[arg-type]
-                          self.batch_invariant)
+        return ops.linear(
+            x,
+            self.w[f"{name}.weight"],
+            self.w.get(f"{name}.bias"),  # type: ignore[arg-type]
+            self.batch_invariant,
+        )
 
     def _cos_sin(self, start: int, t: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pos = torch.arange(start, start + t, device=x.device)
@@ -114,18 +131,24 @@ class GQAAttention(_Base):
         rep = cfg.num_attention_heads // cfg.num_key_value_heads
         k_all = k_all.transpose(0, 1).repeat_interleave(rep, dim=0)  # [nh, S, d]
         v_all = v_all.transpose(0, 1).repeat_interleave(rep, dim=0)
-        out = _sdpa(q.transpose(0, 1), k_all, v_all, d ** -0.5, start,
-                    cfg.sliding_window(self.layer_idx))  # [T, nh*d]
+        out = _sdpa(
+            q.transpose(0, 1), k_all, v_all, d**-0.5, start, cfg.sliding_window(self.layer_idx)
+        )  # [T, nh*d]
         return self._lin(out, "o_proj")
 
 
 class MLAAttention(_Base):
     """DeepSeek multi-head latent attention; the cache holds the compressed latent and rotated k_rope."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, w: dict[str, torch.Tensor | None],
-                 batch_invariant: bool) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        w: dict[str, torch.Tensor | None],
+        batch_invariant: bool,
+    ) -> None:
         super().__init__(cfg, layer_idx, w, batch_invariant)
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
         sc = cfg.rope_scaling
         if sc is not None and sc.get("mscale_all_dim"):
             factor = float(sc["factor"])
@@ -141,15 +164,21 @@ class MLAAttention(_Base):
         if cfg.q_lora_rank is None:
             q = self._lin(x, "q_proj")
         else:
-            qa = ops.rms_norm(self._lin(x, "q_a_proj"), self.w["q_a_layernorm.weight"],  # type: ignore[arg-type]
-                              cfg.rms_norm_eps)
+            qa = ops.rms_norm(
+                self._lin(x, "q_a_proj"),
+                self.w["q_a_layernorm.weight"],  # type: ignore[arg-type]
+                cfg.rms_norm_eps,
+            )
             q = self._lin(qa, "q_b_proj")
         q = q.view(t, nh, nope + rope)  # [T, nh, nope+rope]
         q_pass, q_rot = q[..., :nope], q[..., nope:]
         ckv = self._lin(x, "kv_a_proj_with_mqa")  # [T, kv_lora + rope]
-        kv = ops.rms_norm(ckv[:, :cfg.kv_lora_rank], self.w["kv_a_layernorm.weight"],  # type: ignore[arg-type]
-                          cfg.rms_norm_eps)  # [T, kv_lora]
-        k_rot = ckv[:, cfg.kv_lora_rank:].reshape(t, 1, rope)  # [T, 1, rope]
+        kv = ops.rms_norm(
+            ckv[:, : cfg.kv_lora_rank],
+            self.w["kv_a_layernorm.weight"],  # type: ignore[arg-type]
+            cfg.rms_norm_eps,
+        )  # [T, kv_lora]
+        k_rot = ckv[:, cfg.kv_lora_rank :].reshape(t, 1, rope)  # [T, 1, rope]
         cos, sin = self._cos_sin(start, t, x)
         q_rot = ops.apply_rope(q_rot, cos, sin, cfg.rope_interleave)
         k_rot = ops.apply_rope(k_rot, cos, sin, cfg.rope_interleave)
@@ -163,14 +192,21 @@ class MLAAttention(_Base):
         return self._lin(out, "o_proj")
 
 
-def load_attention(ckpt: Checkpoint, layer_idx: int, dtype: torch.dtype, device: str | torch.device,
-                   batch_invariant: bool = False) -> GQAAttention | MLAAttention:
+def load_attention(
+    ckpt: Checkpoint,
+    layer_idx: int,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    batch_invariant: bool = False,
+) -> GQAAttention | MLAAttention:
     """Read one layer's attention weights (names relative to `self_attn.`)."""
     from eaas.model.layout import attention_shapes
 
     cfg = ckpt.config
     prefix = f"model.layers.{layer_idx}.self_attn."
     w: dict[str, torch.Tensor | None] = {
-        name[len(prefix):]: ckpt.read(name, dtype, device) for name in attention_shapes(cfg, layer_idx)}
+        name[len(prefix) :]: ckpt.read(name, dtype, device)
+        for name in attention_shapes(cfg, layer_idx)
+    }
     cls = MLAAttention if cfg.is_mla else GQAAttention
     return cls(cfg, layer_idx, w, batch_invariant)

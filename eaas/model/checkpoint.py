@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import NoReturn
+
 import torch
 
 from eaas.errors import CheckpointError
@@ -27,9 +28,15 @@ _SINGLE = "model.safetensors"
 class Checkpoint:
     """An opened checkpoint directory. Use `Checkpoint.open(path)`."""
 
-    def __init__(self, path: Path, config: ModelConfig, weight_map: dict[str, str],
-                 shapes: dict[str, tuple[int, ...]], eos_token_ids: tuple[int, ...],
-                 bos_token_id: int | None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        config: ModelConfig,
+        weight_map: dict[str, str],
+        shapes: dict[str, tuple[int, ...]],
+        eos_token_ids: tuple[int, ...],
+        bos_token_id: int | None,
+    ) -> None:
         self.path = path
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -54,7 +61,9 @@ class Checkpoint:
                 shapes[name] = shape
         for name, fname in weight_map.items():
             if name not in shapes:
-                raise CheckpointError(f"{path / fname}: tensor {name!r} listed in {_INDEX} is missing")
+                raise CheckpointError(
+                    f"{path / fname}: tensor {name!r} listed in {_INDEX} is missing"
+                )
         eos, bos = config.eos_token_ids, config.bos_token_id
         gen_path = path / "generation_config.json"
         if gen_path.exists():
@@ -86,7 +95,8 @@ class Checkpoint:
         if tuple(got) != tuple(shape):
             raise CheckpointError(
                 f"{self.path / self._weight_map[name]}: tensor {name!r} has shape {list(got)}, "
-                f"expected {list(shape)}")
+                f"expected {list(shape)}"
+            )
 
     # --- public API ----------------------------------------------------------------------
     @property
@@ -111,16 +121,22 @@ class Checkpoint:
             self._missing(name)
         return self._shapes[name]
 
-    def read(self, name: str, dtype: torch.dtype | None = None,
-             device: str | torch.device = "cpu") -> torch.Tensor:
+    def read(
+        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> torch.Tensor:
         """Read one tensor (only it) and cast to `dtype` (None keeps the stored dtype)."""
         if name not in self._weight_map:
             self._missing(name)
         tensor = self._load(name, None)
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
-    def read_expert(self, layer: int, expert: int, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read_expert(
+        self,
+        layer: int,
+        expert: int,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, torch.Tensor]:
         """Routed expert `expert` of `layer`: {"gate": [F, H], "up": [F, H], "down": [H, F]}.
 
         Reads the three per-expert tensors, or the expert's slices of fused 3-D tensors.
@@ -167,13 +183,13 @@ class Checkpoint:
 
     def _load(self, name: str, index: int | None) -> torch.Tensor:
         """Read tensor `name` (or its `index`-th slice along dim 0) from its file."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         fpath = self.path / self._weight_map[name]
         try:
             with safe_open(str(fpath), framework="pt") as fh:
                 tensor = fh.get_tensor(name) if index is None else fh.get_slice(name)[index]
-        except Exception as exc:  # safetensors raises SafetensorError / OSError
+        except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"{fpath}: cannot read tensor {name!r} ({exc})") from None
         self._stats["tensors_read"] += 1
         self._stats["bytes_read"] += tensor.numel() * tensor.element_size()
@@ -202,11 +218,10 @@ def _read_weight_map(path: Path) -> dict[str, str]:
 
 def _read_header(fpath: Path) -> dict[str, tuple[int, ...]]:
     """name -> shape from a safetensors header (reads no tensor data)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(fpath), framework="pt") as fh:
-            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    except Exception as exc:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{fpath}: unreadable safetensors file ({exc})") from None
-

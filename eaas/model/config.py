@@ -74,27 +74,43 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHS:
-            raise CheckpointError(f"config.json: model_type {self.model_type!r} is not one of {ARCHS}")
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok"):
+            raise CheckpointError(
+                f"config.json: model_type {self.model_type!r} is not one of {ARCHS}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_experts",
+            "num_experts_per_tok",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise CheckpointError(f"config.json: field {name!r} must be a positive int, got {value!r}")
+                raise CheckpointError(
+                    f"config.json: field {name!r} must be a positive int, got {value!r}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}")
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
         if self.num_experts_per_tok > self.num_experts:
             raise CheckpointError(
-                f"config.json: num_experts_per_tok {self.num_experts_per_tok} > experts {self.num_experts}")
+                f"config.json: num_experts_per_tok {self.num_experts_per_tok} > experts {self.num_experts}"
+            )
         if self.num_experts % self.n_group or (self.topk_group > self.n_group):
             raise CheckpointError(
                 f"config.json: n_group {self.n_group} / topk_group {self.topk_group} do not fit "
-                f"{self.num_experts} experts")
+                f"{self.num_experts} experts"
+            )
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in _ROPE_TYPES:
             raise CheckpointError(
                 f"config.json: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
-                f"supported (allowed: {_ROPE_TYPES})")
+                f"supported (allowed: {_ROPE_TYPES})"
+            )
 
     def sliding_window(self, layer_idx: int) -> int | None:
         """Attention window of layer `layer_idx` (a query sees its last `window` positions), or None."""
@@ -112,8 +128,10 @@ class ModelConfig:
         if self.model_type == "deepseek_v3":
             return layer_idx >= self.first_k_dense_replace
         if self.model_type in ("qwen2_moe", "qwen3_moe"):
-            return (layer_idx not in self.mlp_only_layers
-                    and (layer_idx + 1) % self.decoder_sparse_step == 0)
+            return (
+                layer_idx not in self.mlp_only_layers
+                and (layer_idx + 1) % self.decoder_sparse_step == 0
+            )
         return True
 
     @classmethod
@@ -146,23 +164,30 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type not in ARCHS:
             raise CheckpointError(
-                f"{source}: unknown model_type {model_type!r} (supported: {', '.join(ARCHS)})")
+                f"{source}: unknown model_type {model_type!r} (supported: {', '.join(ARCHS)})"
+            )
         if raw.get("quantization_config"):
             method = raw["quantization_config"].get("quant_method", "?")
-            raise CheckpointError(f"{source}: field 'quantization_config' ({method}): quantized "
-                                  "checkpoints are not supported; use a bf16/fp16/fp32 checkpoint")
+            raise CheckpointError(
+                f"{source}: field 'quantization_config' ({method}): quantized "
+                "checkpoints are not supported; use a bf16/fp16/fp32 checkpoint"
+            )
         try:
             return cls._build(raw, model_type, req, opt)
         except (TypeError, ValueError, KeyError) as exc:
             if isinstance(exc, CheckpointError):
-                raise CheckpointError(f"{source}: {exc}" if source not in str(exc) else str(exc)) from None
+                raise CheckpointError(
+                    f"{source}: {exc}" if source not in str(exc) else str(exc)
+                ) from None
             raise CheckpointError(f"{source}: invalid config field ({exc})") from None
 
     @classmethod
     def _build(cls, raw: dict[str, Any], model_type: str, req: Any, opt: Any) -> ModelConfig:
         hidden = int(req("hidden_size"))
         heads = int(req("num_attention_heads"))
-        rope_params = raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+        rope_params = (
+            raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
+        )
         default_theta = 1e6 if model_type == "mixtral" else 10000.0
         rope_theta = float(opt("rope_theta", rope_params.get("rope_theta", default_theta)))
         scaling = raw.get("rope_scaling") or rope_params or None
@@ -174,15 +199,25 @@ class ModelConfig:
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         if opt("hidden_act", "silu") != "silu":
-            raise CheckpointError(f"field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported")
-        common: dict[str, Any] = dict(
-            model_type=model_type, vocab_size=int(req("vocab_size")), hidden_size=hidden,
-            num_hidden_layers=int(req("num_hidden_layers")), num_attention_heads=heads,
-            num_experts_per_tok=int(req("num_experts_per_tok")),
-            max_position_embeddings=int(opt("max_position_embeddings", 4096)),
-            rms_norm_eps=float(opt("rms_norm_eps", 1e-6)), rope_theta=rope_theta, rope_scaling=scaling,
-            tie_word_embeddings=bool(opt("tie_word_embeddings", False)),
-            bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids, raw=dict(raw))
+            raise CheckpointError(
+                f"field 'hidden_act' is {raw['hidden_act']!r}; only 'silu' is supported"
+            )
+        common: dict[str, Any] = {
+            "model_type": model_type,
+            "vocab_size": int(req("vocab_size")),
+            "hidden_size": hidden,
+            "num_hidden_layers": int(req("num_hidden_layers")),
+            "num_attention_heads": heads,
+            "num_experts_per_tok": int(req("num_experts_per_tok")),
+            "max_position_embeddings": int(opt("max_position_embeddings", 4096)),
+            "rms_norm_eps": float(opt("rms_norm_eps", 1e-6)),
+            "rope_theta": rope_theta,
+            "rope_scaling": scaling,
+            "tie_word_embeddings": bool(opt("tie_word_embeddings", False)),
+            "bos_token_id": raw.get("bos_token_id"),
+            "eos_token_ids": eos_ids,
+            "raw": dict(raw),
+        }
         common["layer_windows"] = _layer_windows(raw, model_type, common["num_hidden_layers"])
         if model_type in ("qwen3_moe", "qwen2_moe"):
             qwen3 = model_type == "qwen3_moe"
@@ -191,24 +226,41 @@ class ModelConfig:
                 shared = int(req("shared_expert_intermediate_size"))
             bias = bool(opt("attention_bias", False)) if qwen3 else bool(opt("qkv_bias", True))
             return cls(
-                **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
+                **common,
+                num_key_value_heads=int(opt("num_key_value_heads", heads)),
                 head_dim=int(opt("head_dim", hidden // heads)) if qwen3 else hidden // heads,
                 num_experts=int(req("num_experts", "num_local_experts")),
                 moe_intermediate_size=int(req("moe_intermediate_size")),
                 intermediate_size=int(opt("intermediate_size", 0)),
-                has_shared_expert=shared > 0, shared_expert_intermediate_size=shared,
-                shared_expert_gate=shared > 0, norm_topk_prob=bool(opt("norm_topk_prob", False)),
-                scoring="softmax", qkv_bias=bias, o_bias=bias and qwen3, qk_norm=qwen3,
+                has_shared_expert=shared > 0,
+                shared_expert_intermediate_size=shared,
+                shared_expert_gate=shared > 0,
+                norm_topk_prob=bool(opt("norm_topk_prob", False)),
+                scoring="softmax",
+                qkv_bias=bias,
+                o_bias=bias and qwen3,
+                qk_norm=qwen3,
                 mlp_only_layers=tuple(int(i) for i in opt("mlp_only_layers", [])),
-                decoder_sparse_step=int(opt("decoder_sparse_step", 1)))
+                decoder_sparse_step=int(opt("decoder_sparse_step", 1)),
+            )
         if model_type == "mixtral":
             head_dim = raw.get("head_dim") or hidden // heads
             return cls(
-                **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
-                head_dim=int(head_dim), num_experts=int(req("num_local_experts")),
-                moe_intermediate_size=int(req("intermediate_size")), intermediate_size=0,
-                has_shared_expert=False, shared_expert_intermediate_size=0, shared_expert_gate=False,
-                norm_topk_prob=True, scoring="softmax", qkv_bias=False, o_bias=False, qk_norm=False)
+                **common,
+                num_key_value_heads=int(opt("num_key_value_heads", heads)),
+                head_dim=int(head_dim),
+                num_experts=int(req("num_local_experts")),
+                moe_intermediate_size=int(req("intermediate_size")),
+                intermediate_size=0,
+                has_shared_expert=False,
+                shared_expert_intermediate_size=0,
+                shared_expert_gate=False,
+                norm_topk_prob=True,
+                scoring="softmax",
+                qkv_bias=False,
+                o_bias=False,
+                qk_norm=False,
+            )
         # deepseek_v3 (MLA + sigmoid grouped router)
         moe_f = int(req("moe_intermediate_size"))
         n_shared = int(opt("n_shared_experts", 0))
@@ -216,18 +268,31 @@ class ModelConfig:
         q_lora = raw.get("q_lora_rank")
         bias = bool(opt("attention_bias", False))
         return cls(
-            **common, num_key_value_heads=int(opt("num_key_value_heads", heads)),
-            head_dim=nope + rope, num_experts=int(req("n_routed_experts")),
-            moe_intermediate_size=moe_f, intermediate_size=int(req("intermediate_size")),
-            has_shared_expert=n_shared > 0, shared_expert_intermediate_size=moe_f * n_shared,
-            shared_expert_gate=False, norm_topk_prob=bool(opt("norm_topk_prob", True)),
-            scoring="sigmoid", qkv_bias=bias, o_bias=bias, qk_norm=False,
+            **common,
+            num_key_value_heads=int(opt("num_key_value_heads", heads)),
+            head_dim=nope + rope,
+            num_experts=int(req("n_routed_experts")),
+            moe_intermediate_size=moe_f,
+            intermediate_size=int(req("intermediate_size")),
+            has_shared_expert=n_shared > 0,
+            shared_expert_intermediate_size=moe_f * n_shared,
+            shared_expert_gate=False,
+            norm_topk_prob=bool(opt("norm_topk_prob", True)),
+            scoring="sigmoid",
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm=False,
             first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
-            n_group=int(opt("n_group", 1)), topk_group=int(opt("topk_group", 1)),
+            n_group=int(opt("n_group", 1)),
+            topk_group=int(opt("topk_group", 1)),
             routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
-            q_lora_rank=None if q_lora is None else int(q_lora), kv_lora_rank=int(req("kv_lora_rank")),
-            qk_nope_head_dim=nope, qk_rope_head_dim=rope,
-            v_head_dim=int(opt("v_head_dim", 128)), rope_interleave=bool(opt("rope_interleave", True)))
+            q_lora_rank=None if q_lora is None else int(q_lora),
+            kv_lora_rank=int(req("kv_lora_rank")),
+            qk_nope_head_dim=nope,
+            qk_rope_head_dim=rope,
+            v_head_dim=int(opt("v_head_dim", 128)),
+            rope_interleave=bool(opt("rope_interleave", True)),
+        )
 
 
 def _layer_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tuple[int, ...]:
@@ -242,6 +307,8 @@ def _layer_windows(raw: dict[str, Any], model_type: str, num_layers: int) -> tup
     types = raw.get("layer_types")
     if not isinstance(types, list) or len(types) != num_layers:
         max_window = int(raw.get("max_window_layers", 28))
-        types = ["sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention"
-                 for i in range(num_layers)]
+        types = [
+            "sliding_attention" if (i + 1) % 2 and i < max_window else "full_attention"
+            for i in range(num_layers)
+        ]
     return tuple(window if t == "sliding_attention" else 0 for t in types)

@@ -24,8 +24,11 @@ def expert_names(cfg: ModelConfig, layer_idx: int, expert: int) -> dict[str, str
     p = f"{moe_prefix(cfg, layer_idx)}.experts.{expert}"
     if cfg.model_type == "mixtral":
         return {"gate": f"{p}.w1.weight", "up": f"{p}.w3.weight", "down": f"{p}.w2.weight"}
-    return {"gate": f"{p}.gate_proj.weight", "up": f"{p}.up_proj.weight",
-            "down": f"{p}.down_proj.weight"}
+    return {
+        "gate": f"{p}.gate_proj.weight",
+        "up": f"{p}.up_proj.weight",
+        "down": f"{p}.down_proj.weight",
+    }
 
 
 def fused_expert_names(cfg: ModelConfig, layer_idx: int) -> tuple[list[str], list[str]]:
@@ -36,8 +39,11 @@ def fused_expert_names(cfg: ModelConfig, layer_idx: int) -> tuple[list[str], lis
 
 
 def _mlp(prefix: str, hidden: int, inter: int) -> Shapes:
-    return {f"{prefix}.gate_proj.weight": (inter, hidden), f"{prefix}.up_proj.weight": (inter, hidden),
-            f"{prefix}.down_proj.weight": (hidden, inter)}
+    return {
+        f"{prefix}.gate_proj.weight": (inter, hidden),
+        f"{prefix}.up_proj.weight": (inter, hidden),
+        f"{prefix}.down_proj.weight": (hidden, inter),
+    }
 
 
 def attention_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
@@ -53,7 +59,10 @@ def attention_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
             s[f"{p}.q_b_proj.weight"] = (nh * d, cfg.q_lora_rank)
         s[f"{p}.kv_a_proj_with_mqa.weight"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim, h)
         s[f"{p}.kv_a_layernorm.weight"] = (cfg.kv_lora_rank,)
-        s[f"{p}.kv_b_proj.weight"] = (nh * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank)
+        s[f"{p}.kv_b_proj.weight"] = (
+            nh * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+            cfg.kv_lora_rank,
+        )
         s[f"{p}.o_proj.weight"] = (h, nh * cfg.v_head_dim)
         if cfg.qkv_bias:
             if cfg.q_lora_rank is not None:
@@ -61,11 +70,20 @@ def attention_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
             s[f"{p}.kv_a_proj_with_mqa.bias"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim,)
             s[f"{p}.o_proj.bias"] = (h,)
         return s
-    s = {f"{p}.q_proj.weight": (nh * d, h), f"{p}.k_proj.weight": (nkv * d, h),
-         f"{p}.v_proj.weight": (nkv * d, h), f"{p}.o_proj.weight": (h, nh * d)}
+    s = {
+        f"{p}.q_proj.weight": (nh * d, h),
+        f"{p}.k_proj.weight": (nkv * d, h),
+        f"{p}.v_proj.weight": (nkv * d, h),
+        f"{p}.o_proj.weight": (h, nh * d),
+    }
     if cfg.qkv_bias:
-        s.update({f"{p}.q_proj.bias": (nh * d,), f"{p}.k_proj.bias": (nkv * d,),
-                  f"{p}.v_proj.bias": (nkv * d,)})
+        s.update(
+            {
+                f"{p}.q_proj.bias": (nh * d,),
+                f"{p}.k_proj.bias": (nkv * d,),
+                f"{p}.v_proj.bias": (nkv * d,),
+            }
+        )
     if cfg.o_bias:
         s[f"{p}.o_proj.bias"] = (h,)
     if cfg.qk_norm:
@@ -77,7 +95,10 @@ def layer_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
     """Every tensor of one decoder layer except the routed experts."""
     h = cfg.hidden_size
     base = f"model.layers.{layer_idx}"
-    s: Shapes = {f"{base}.input_layernorm.weight": (h,), f"{base}.post_attention_layernorm.weight": (h,)}
+    s: Shapes = {
+        f"{base}.input_layernorm.weight": (h,),
+        f"{base}.post_attention_layernorm.weight": (h,),
+    }
     s.update(attention_shapes(cfg, layer_idx))
     if not cfg.is_moe_layer(layer_idx):
         s.update(_mlp(f"{base}.mlp", h, cfg.intermediate_size))
@@ -96,8 +117,10 @@ def layer_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
 
 def non_expert_shapes(cfg: ModelConfig) -> Shapes:
     """Every tensor of the model except routed experts, name -> shape."""
-    s: Shapes = {"model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
-                 "model.norm.weight": (cfg.hidden_size,)}
+    s: Shapes = {
+        "model.embed_tokens.weight": (cfg.vocab_size, cfg.hidden_size),
+        "model.norm.weight": (cfg.hidden_size,),
+    }
     if not cfg.tie_word_embeddings:
         s["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
     for layer in range(cfg.num_hidden_layers):

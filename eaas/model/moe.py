@@ -26,12 +26,14 @@ def combine_experts(expert_out: torch.Tensor, topk_weights: torch.Tensor) -> tor
     fixed order k = 0..K-1, so the result depends only on (expert_out, topk_weights).
     """
     if expert_out.dim() != 3 or topk_weights.shape != expert_out.shape[:2]:
-        raise ValueError(f"combine_experts: expert_out {tuple(expert_out.shape)} and topk_weights "
-                         f"{tuple(topk_weights.shape)} must be [T, K, H] and [T, K]")
+        raise ValueError(
+            f"combine_experts: expert_out {tuple(expert_out.shape)} and topk_weights "
+            f"{tuple(topk_weights.shape)} must be [T, K, H] and [T, K]"
+        )
     w = topk_weights.to(torch.float32)
     acc = expert_out[:, 0].to(torch.float32) * w[:, :1]  # [T, H]
     for k in range(1, expert_out.shape[1]):
-        acc = acc + expert_out[:, k].to(torch.float32) * w[:, k:k + 1]
+        acc = acc + expert_out[:, k].to(torch.float32) * w[:, k : k + 1]
     return acc.to(expert_out.dtype)
 
 
@@ -45,8 +47,13 @@ class Router:
     routed_scaling_factor.
     """
 
-    def __init__(self, cfg: ModelConfig, weight: torch.Tensor, bias: torch.Tensor | None,
-                 batch_invariant: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        batch_invariant: bool = False,
+    ) -> None:
         self.cfg, self.weight, self.bias, self.batch_invariant = cfg, weight, bias, batch_invariant
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +71,9 @@ class Router:
             if cfg.norm_topk_prob:
                 topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
             return topk_ids, topk_weights
-        logits = ops.linear(x.to(torch.float32), self.weight.to(torch.float32), None,
-                            self.batch_invariant)  # [T, E]
+        logits = ops.linear(
+            x.to(torch.float32), self.weight.to(torch.float32), None, self.batch_invariant
+        )  # [T, E]
         scores = logits.sigmoid()
         choice = scores + self.bias.to(torch.float32) if self.bias is not None else scores
         t, e, g = x.shape[0], cfg.num_experts, cfg.n_group
@@ -84,18 +92,35 @@ class Router:
 class MLP:
     """SwiGLU MLP (dense layers, shared experts). `gate_weight` [1, H]: qwen2_moe's sigmoid gate."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
-                 gate_weight: torch.Tensor | None = None, batch_invariant: bool = False) -> None:
+    def __init__(
+        self,
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        gate_weight: torch.Tensor | None = None,
+        batch_invariant: bool = False,
+    ) -> None:
         self.gate, self.up, self.down, self.gate_weight = gate, up, down, gate_weight
         self.batch_invariant = batch_invariant
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, prefix: str, dtype: torch.dtype, device: str | torch.device,
-             gate_name: str | None = None, batch_invariant: bool = False) -> MLP:
-        r = lambda n: ckpt.read(n, dtype, device)  # noqa: E731
-        return cls(r(f"{prefix}.gate_proj.weight"), r(f"{prefix}.up_proj.weight"),
-                   r(f"{prefix}.down_proj.weight"), r(gate_name) if gate_name else None,
-                   batch_invariant)
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        prefix: str,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        gate_name: str | None = None,
+        batch_invariant: bool = False,
+    ) -> MLP:
+        r = lambda n: ckpt.read(n, dtype, device)
+        return cls(
+            r(f"{prefix}.gate_proj.weight"),
+            r(f"{prefix}.up_proj.weight"),
+            r(f"{prefix}.down_proj.weight"),
+            r(gate_name) if gate_name else None,
+            batch_invariant,
+        )
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, H] -> [T, H]."""
@@ -113,23 +138,41 @@ class MLP:
 class ExpertBank:
     """The routed experts of ONE layer that one server hosts (a subset of the layer's experts)."""
 
-    def __init__(self, layer_idx: int, expert_ids: tuple[int, ...], gate: torch.Tensor,
-                 up: torch.Tensor, down: torch.Tensor, batch_invariant: bool = False) -> None:
+    def __init__(
+        self,
+        layer_idx: int,
+        expert_ids: tuple[int, ...],
+        gate: torch.Tensor,
+        up: torch.Tensor,
+        down: torch.Tensor,
+        batch_invariant: bool = False,
+    ) -> None:
         self.layer_idx = layer_idx
         self.expert_ids = expert_ids
-        self.gate, self.up, self.down = gate, up, down  # [E_local, F, H], [E_local, F, H], [E_local, H, F]
+        self.gate, self.up, self.down = (
+            gate,
+            up,
+            down,
+        )  # [E_local, F, H], [E_local, F, H], [E_local, H, F]
         self.batch_invariant = batch_invariant
         self._local = {e: i for i, e in enumerate(expert_ids)}
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, layer_idx: int, expert_ids: Iterable[int], dtype: torch.dtype,
-             device: str | torch.device = "cpu", batch_invariant: bool = False) -> ExpertBank:
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        layer_idx: int,
+        expert_ids: Iterable[int],
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        batch_invariant: bool = False,
+    ) -> ExpertBank:
         """Read only experts `expert_ids` of layer `layer_idx` from `ckpt`."""
         ids = tuple(sorted({int(e) for e in expert_ids}))
         if not ids:
             raise ValueError("ExpertBank.load: expert_ids is empty")
         parts = [ckpt.read_expert(layer_idx, e, dtype, device) for e in ids]
-        stack = lambda k: torch.stack([p[k] for p in parts])  # noqa: E731
+        stack = lambda k: torch.stack([p[k] for p in parts])
         return cls(layer_idx, ids, stack("gate"), stack("up"), stack("down"), batch_invariant)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
@@ -144,15 +187,19 @@ class ExpertBank:
         present = torch.unique(expert_ids).tolist()
         missing = [e for e in present if e not in self._local]
         if missing:
-            raise ValueError(f"layer {self.layer_idx}: experts {missing} are not hosted here "
-                             f"(hosted: {list(self.expert_ids)})")
+            raise ValueError(
+                f"layer {self.layer_idx}: experts {missing} are not hosted here "
+                f"(hosted: {list(self.expert_ids)})"
+            )
         for e in present:
             rows = (expert_ids == e).nonzero(as_tuple=True)[0]  # [n_e]
             i = self._local[e]
 
             def mlp(xe: torch.Tensor, i: int = i) -> torch.Tensor:  # [n, H] -> [n, H]
-                h = ops.silu_mul(torch.nn.functional.linear(xe, self.gate[i]),
-                                 torch.nn.functional.linear(xe, self.up[i]))  # [n, F]
+                h = ops.silu_mul(
+                    torch.nn.functional.linear(xe, self.gate[i]),
+                    torch.nn.functional.linear(xe, self.up[i]),
+                )  # [n, F]
                 return torch.nn.functional.linear(h, self.down[i])
 
             out[rows] = ops.rowwise(mlp, x[rows]) if self.batch_invariant else mlp(x[rows])

@@ -9,12 +9,22 @@ from typing import Any
 import torch
 
 __all__ = [
-    "apply_rope", "linear", "rms_norm", "rope_cos_sin", "rope_inv_freq", "rowwise", "silu_mul",
+    "apply_rope",
+    "linear",
+    "rms_norm",
+    "rope_cos_sin",
+    "rope_inv_freq",
+    "rowwise",
+    "silu_mul",
 ]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
-           batch_invariant: bool = False) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    batch_invariant: bool = False,
+) -> torch.Tensor:
     """y = x @ w.T (+ bias).
 
     x: [N, I] rows; w: [O, I]; bias: [O] or None. Returns [N, O] in x's dtype.
@@ -32,7 +42,7 @@ def rowwise(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> Any:
     element-wise). Every call has the same shape, so each row's bits are independent of the batch:
     even element-wise kernels (silu, sigmoid, exp) take vector or scalar paths by position in the
     flattened tensor, so batching can change a row's last bits unless it is computed alone."""
-    outs = [fn(x[i:i + 1]) for i in range(x.shape[0])]
+    outs = [fn(x[i : i + 1]) for i in range(x.shape[0])]
     if not outs:
         return fn(x)
     if isinstance(outs[0], tuple):
@@ -55,8 +65,9 @@ def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None,
-                  max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(
+    dim: int, theta: float, scaling: dict[str, Any] | None, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
     """Inverse frequencies [dim // 2] (float32) and the cos/sin attention factor.
 
     scaling: None (plain RoPE), {"rope_type": "linear", "factor"} or the YaRN dict
@@ -99,16 +110,20 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict[str, Any] | None,
     return inv_freq, float(attention_factor)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin: [T, dim] (the halves repeated, `cat(freqs, freqs)`), computed in float32."""
-    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]  # [T, dim/2]
+    freqs = (
+        positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    )  # [T, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               interleave: bool = False) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False
+) -> torch.Tensor:
     """Rotate x: [T, n, dim] by cos/sin: [T, dim].
 
     interleave=False: halves layout (rotate_half). interleave=True: DeepSeek's pairs (x0, x1), ...

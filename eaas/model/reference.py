@@ -27,20 +27,35 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 class DecoderLayer:
     """One decoder layer: attention block, then a dense MLP or router + routed experts (+ shared)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, input_norm: torch.Tensor,
-                 post_norm: torch.Tensor, attention: GQAAttention | MLAAttention,
-                 router: Router | None, experts: ExpertBank | None, shared: MLP | None,
-                 dense: MLP | None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_idx: int,
+        input_norm: torch.Tensor,
+        post_norm: torch.Tensor,
+        attention: GQAAttention | MLAAttention,
+        router: Router | None,
+        experts: ExpertBank | None,
+        shared: MLP | None,
+        dense: MLP | None,
+    ) -> None:
         self.cfg, self.layer_idx, self.is_moe = cfg, layer_idx, router is not None
         self.input_norm, self.post_norm = input_norm, post_norm
         self.attention, self._router, self.experts = attention, router, experts
         self._shared, self._dense = shared, dense
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, layer_idx: int, dtype: torch.dtype, device: str | torch.device,
-             load_experts: bool = True, batch_invariant: bool = False) -> DecoderLayer:
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        layer_idx: int,
+        dtype: torch.dtype,
+        device: str | torch.device,
+        load_experts: bool = True,
+        batch_invariant: bool = False,
+    ) -> DecoderLayer:
         cfg, base = ckpt.config, f"model.layers.{layer_idx}"
-        rd = lambda n: ckpt.read(n, dtype, device)  # noqa: E731
+        rd = lambda n: ckpt.read(n, dtype, device)
         attn = load_attention(ckpt, layer_idx, dtype, device, batch_invariant)
         router = experts = shared = dense = None
         if cfg.is_moe_layer(layer_idx):
@@ -57,16 +72,28 @@ class DecoderLayer:
                 gname = f"{p}.shared_expert_gate.weight" if cfg.shared_expert_gate else None
                 shared = MLP.load(ckpt, f"{p}.{name}", dtype, device, gname, batch_invariant)
             if load_experts:
-                experts = ExpertBank.load(ckpt, layer_idx, range(cfg.num_experts), dtype, device,
-                                          batch_invariant)
+                experts = ExpertBank.load(
+                    ckpt, layer_idx, range(cfg.num_experts), dtype, device, batch_invariant
+                )
         else:
             dense = MLP.load(ckpt, f"{base}.mlp", dtype, device, None, batch_invariant)
-        return cls(cfg, layer_idx, rd(f"{base}.input_layernorm.weight"),
-                   rd(f"{base}.post_attention_layernorm.weight"), attn, router, experts, shared, dense)
+        return cls(
+            cfg,
+            layer_idx,
+            rd(f"{base}.input_layernorm.weight"),
+            rd(f"{base}.post_attention_layernorm.weight"),
+            attn,
+            router,
+            experts,
+            shared,
+            dense,
+        )
 
     def attention_block(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """h: [T, H] of one sequence -> h + attention(norm(h)); appends this layer's K/V to cache."""
-        return h + self.attention.forward(ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps), cache)
+        return h + self.attention.forward(
+            ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps), cache
+        )
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         """Post-attention RMSNorm. h: [T, H] -> x: [T, H]."""
@@ -93,8 +120,9 @@ class DecoderLayer:
         if not self.is_moe:
             return self.dense_mlp(x)
         if self.experts is None:
-            raise ValueError(f"layer {self.layer_idx}: routed experts were not loaded "
-                             "(load_experts=False)")
+            raise ValueError(
+                f"layer {self.layer_idx}: routed experts were not loaded (load_experts=False)"
+            )
         topk_ids, topk_weights = self.router(x)  # [T, K]
         t, k = topk_ids.shape
         rows = x.repeat_interleave(k, dim=0)  # [T*K, H]: row t*K + j is token t for slot j
@@ -112,35 +140,56 @@ class DecoderLayer:
 class ReferenceModel:
     """The whole model in plain torch, one sequence at a time. Use `ReferenceModel.load(ckpt)`."""
 
-    def __init__(self, cfg: ModelConfig, embed: torch.Tensor, layers: list[DecoderLayer],
-                 norm: torch.Tensor, lm_head_weight: torch.Tensor, batch_invariant: bool) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        embed: torch.Tensor,
+        layers: list[DecoderLayer],
+        norm: torch.Tensor,
+        lm_head_weight: torch.Tensor,
+        batch_invariant: bool,
+    ) -> None:
         self.config, self.layers = cfg, layers
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head_weight
         self.batch_invariant = batch_invariant
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32,
-             device: str | torch.device = "cpu", load_experts: bool = True,
-             batch_invariant: bool = False) -> ReferenceModel:
+    def load(
+        cls,
+        ckpt: Checkpoint,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        load_experts: bool = True,
+        batch_invariant: bool = False,
+    ) -> ReferenceModel:
         """Read the model from `ckpt`. load_experts=False skips routed experts (an attention shard)."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         cfg = ckpt.config
         embed = ckpt.read("model.embed_tokens.weight", dtype, device)
-        layers = [DecoderLayer.load(ckpt, i, dtype, device, load_experts, batch_invariant)
-                  for i in tqdm(range(cfg.num_hidden_layers), desc=f"loading {ckpt.path.name}",
-                                unit="layer", delay=2.0, leave=False)]
+        layers = [
+            DecoderLayer.load(ckpt, i, dtype, device, load_experts, batch_invariant)
+            for i in tqdm(
+                range(cfg.num_hidden_layers),
+                desc=f"loading {ckpt.path.name}",
+                unit="layer",
+                delay=2.0,
+                leave=False,
+            )
+        ]
         head = embed if cfg.tie_word_embeddings else ckpt.read("lm_head.weight", dtype, device)
-        return cls(cfg, embed, layers, ckpt.read("model.norm.weight", dtype, device), head,
-                   batch_invariant)
+        return cls(
+            cfg, embed, layers, ckpt.read("model.norm.weight", dtype, device), head, batch_invariant
+        )
 
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids: int64 [T] -> [T, H]."""
-        if input_ids.numel() and (int(input_ids.min()) < 0
-                                  or int(input_ids.max()) >= self.config.vocab_size):
+        if input_ids.numel() and (
+            int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size
+        ):
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         return self.embed_weight[input_ids.to(self.embed_weight.device)]
 
@@ -159,14 +208,17 @@ class ReferenceModel:
             h = layer.forward(h, cache)
         return self.lm_head(self.final_norm(h))
 
-    def generate_greedy(self, prompt_ids: Sequence[int], max_new_tokens: int,
-                        stop_token_ids: Sequence[int] = ()) -> list[int]:
+    def generate_greedy(
+        self, prompt_ids: Sequence[int], max_new_tokens: int, stop_token_ids: Sequence[int] = ()
+    ) -> list[int]:
         """Prefill `prompt_ids`, then decode token by token; returns the new tokens only."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
         cache = self.new_cache()
         device = self.embed_weight.device
-        logits = self.forward(torch.tensor(list(prompt_ids), dtype=torch.long, device=device), cache)
+        logits = self.forward(
+            torch.tensor(list(prompt_ids), dtype=torch.long, device=device), cache
+        )
         out: list[int] = []
         while len(out) < max_new_tokens:
             tok = int(logits[-1].argmax())

@@ -20,14 +20,15 @@ class Tokenizer:
     simple default `"<|role|>\\ncontent\\n"` per message followed by `"<|assistant|>\\n"`.
     """
 
-    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = (),
-                 bos_token_id: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, eos_token_ids: Sequence[int] = (), bos_token_id: int | None = None
+    ) -> None:
         from tokenizers import Tokenizer as _HFTokenizer
 
         self.path = Path(path)
         try:
             self._tok = _HFTokenizer.from_file(str(self.path))
-        except Exception as exc:  # the Rust side raises plain Exception subclasses
+        except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception
             raise CheckpointError(f"{self.path}: cannot read tokenizer.json ({exc})") from None
         self.eos_token_ids: tuple[int, ...] = tuple(int(i) for i in eos_token_ids)
         self.bos_token_id = bos_token_id
@@ -59,8 +60,9 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """Render chat `messages` ([{"role": ..., "content": ...}]) into one prompt string."""
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -70,7 +72,9 @@ class Tokenizer:
 
             env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
             return env.from_string(self._chat_template).render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt,
-                **{k: (v if isinstance(v, str) else "") for k, v in self._special.items()})
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                **{k: (v if isinstance(v, str) else "") for k, v in self._special.items()},
+            )
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return text + ("<|assistant|>\n" if add_generation_prompt else "")

@@ -13,23 +13,65 @@ from eaas.model import ARCHS, make_tiny
 # transformers configs for `XForCausalLM(config).save_pretrained()`; they vary the fields make_tiny
 # fixes (tied embeddings, q_lora_rank None, rope layout, sparse step, norm_topk_prob).
 HF_CONFIGS: dict[str, dict] = {
-    "qwen3_moe": dict(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-                      head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                      intermediate_size=48, decoder_sparse_step=2, norm_topk_prob=False,
-                      tie_word_embeddings=True, rms_norm_eps=1e-5),
-    "qwen2_moe": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
-                      shared_expert_intermediate_size=48, intermediate_size=64, norm_topk_prob=True,
-                      mlp_only_layers=[0]),
-    "mixtral": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                    num_local_experts=8, num_experts_per_tok=2, intermediate_size=40,
-                    rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}),
-    "deepseek_v3": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                        n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=2,
-                        moe_intermediate_size=32, intermediate_size=64, n_group=2, topk_group=1,
-                        first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8,
-                        qk_nope_head_dim=16, v_head_dim=16, rope_interleave=False,
-                        routed_scaling_factor=1.5),
+    "qwen3_moe": {
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "intermediate_size": 48,
+        "decoder_sparse_step": 2,
+        "norm_topk_prob": False,
+        "tie_word_embeddings": True,
+        "rms_norm_eps": 1e-5,
+    },
+    "qwen2_moe": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+        "intermediate_size": 64,
+        "norm_topk_prob": True,
+        "mlp_only_layers": [0],
+    },
+    "mixtral": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 40,
+        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+    },
+    "deepseek_v3": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "n_routed_experts": 8,
+        "n_shared_experts": 2,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "intermediate_size": 64,
+        "n_group": 2,
+        "topk_group": 1,
+        "first_k_dense_replace": 1,
+        "kv_lora_rank": 32,
+        "q_lora_rank": None,
+        "qk_rope_head_dim": 8,
+        "qk_nope_head_dim": 16,
+        "v_head_dim": 16,
+        "rope_interleave": False,
+        "routed_scaling_factor": 1.5,
+    },
 }
 
 
@@ -40,7 +82,9 @@ def save_hf_tiny(out: Path, arch: str, seed: int, vocab_size: int, **overrides) 
     cfg = AutoConfig.for_model(arch, vocab_size=vocab_size, **{**HF_CONFIGS[arch], **overrides})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    with torch.no_grad():  # give routers / biases / norms non-trivial values (HF inits them to 0 / 1)
+    with (
+        torch.no_grad()
+    ):  # give routers / biases / norms non-trivial values (HF inits them to 0 / 1)
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p) * 0.1)

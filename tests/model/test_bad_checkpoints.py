@@ -74,7 +74,10 @@ def test_bad_config_value(ckpt_dir):
 
 def test_missing_tensor(ckpt_dir):
     _edit_tensors(ckpt_dir, lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
-    with pytest.raises(CheckpointError, match=r"missing tensor 'model.layers.0.self_attn.k_proj.weight'.*model.safetensors"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing tensor 'model.layers.0.self_attn.k_proj.weight'.*model.safetensors",
+    ):
         Checkpoint.open(ckpt_dir)
 
 
@@ -89,7 +92,9 @@ def test_wrong_shape(ckpt_dir):
         t["model.norm.weight"] = torch.ones(65)
 
     _edit_tensors(ckpt_dir, edit)
-    with pytest.raises(CheckpointError, match=r"model.safetensors.*'model.norm.weight'.*\[65\].*\[64\]"):
+    with pytest.raises(
+        CheckpointError, match=r"model.safetensors.*'model.norm.weight'.*\[65\].*\[64\]"
+    ):
         Checkpoint.open(ckpt_dir)
 
 
@@ -124,7 +129,7 @@ def test_missing_tokenizer(ckpt_dir):
     (ckpt_dir / "tokenizer.json").unlink()
     ckpt = Checkpoint.open(ckpt_dir)  # weights alone are usable
     with pytest.raises(CheckpointError, match="tokenizer.json"):
-        ckpt.tokenizer
+        _ = ckpt.tokenizer
 
 
 def test_unsupported_rope_scaling(ckpt_dir):

@@ -88,7 +88,9 @@ def _shard(src: Path, dst: Path, num_shards: int = 3) -> Path:
         part = {n: tensors[n] for n in names[i::num_shards]}
         save_file(part, dst / fname)
         weight_map.update({n: fname for n in part})
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     for f in ("config.json", "tokenizer.json", "generation_config.json"):
         (dst / f).write_bytes((src / f).read_bytes())
     return dst
@@ -110,9 +112,14 @@ def test_fused_experts_are_read_by_slice(tiny_dir, tmp_path, read_spy):
     fused = Checkpoint.open(_fuse_experts(tiny_dir("deepseek_v3"), tmp_path / "fused"))
     read_spy.clear()
     w = fused.read_expert(2, 5, torch.float32)
-    assert read_spy == ["model.layers.2.mlp.experts.gate_up_proj[5]", "model.layers.2.mlp.experts.down_proj[5]"]
+    assert read_spy == [
+        "model.layers.2.mlp.experts.gate_up_proj[5]",
+        "model.layers.2.mlp.experts.down_proj[5]",
+    ]
     f, h = fused.config.moe_intermediate_size, fused.config.hidden_size
-    assert fused.stats["bytes_read"] == 3 * f * h * 4  # one expert's slices, not the [E, ...] tensors
+    assert (
+        fused.stats["bytes_read"] == 3 * f * h * 4
+    )  # one expert's slices, not the [E, ...] tensors
     plain = Checkpoint.open(tiny_dir("deepseek_v3")).read_expert(2, 5, torch.float32)
     for key in ("gate", "up", "down"):
         assert torch.equal(w[key], plain[key]), key
@@ -121,8 +128,9 @@ def test_fused_experts_are_read_by_slice(tiny_dir, tmp_path, read_spy):
 def test_fused_and_sharded_checkpoints_give_identical_logits(tiny_dir, tmp_path):
     src = tiny_dir("qwen2_moe")
     ids = torch.arange(3, 15)
-    want = ReferenceModel.load(Checkpoint.open(src)).forward(ids, ReferenceModel.load(
-        Checkpoint.open(src)).new_cache())
+    want = ReferenceModel.load(Checkpoint.open(src)).forward(
+        ids, ReferenceModel.load(Checkpoint.open(src)).new_cache()
+    )
     for variant in (_fuse_experts(src, tmp_path / "fused"), _shard(src, tmp_path / "sharded")):
         model = ReferenceModel.load(Checkpoint.open(variant))
         assert torch.equal(model.forward(ids, model.new_cache()), want), variant.name

@@ -7,8 +7,10 @@ import torch
 
 from eaas.model import ARCHS, Checkpoint, ExpertBank, ReferenceModel
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -33,14 +35,15 @@ def test_cuda_batch_invariant_rows(tiny_dir, arch, dtype):
     cfg = ckpt.config
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     bank = ExpertBank.load(ckpt, layer, range(cfg.num_experts), dtype, "cuda", batch_invariant=True)
-    model = ReferenceModel.load(ckpt, dtype=dtype, device="cuda", load_experts=False,
-                                batch_invariant=True)
+    model = ReferenceModel.load(
+        ckpt, dtype=dtype, device="cuda", load_experts=False, batch_invariant=True
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(33, cfg.hidden_size, generator=gen).to("cuda", dtype)
     ids = torch.randint(0, cfg.num_experts, (33,), generator=gen).cuda()
     out = bank.forward(x, ids)
     topk_ids, topk_w = model.layers[layer].router(x)
     for n in range(33):
-        assert torch.equal(bank.forward(x[n:n + 1], ids[n:n + 1])[0], out[n]), f"expert row {n}"
-        i1, w1 = model.layers[layer].router(x[n:n + 1])
+        assert torch.equal(bank.forward(x[n : n + 1], ids[n : n + 1])[0], out[n]), f"expert row {n}"
+        i1, w1 = model.layers[layer].router(x[n : n + 1])
         assert torch.equal(i1[0], topk_ids[n]) and torch.equal(w1[0], topk_w[n]), f"router row {n}"

@@ -26,8 +26,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _hf(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                attn_implementation="eager").eval()
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
 
 
 @pytest.mark.parametrize("source", ["eaas", "hf"])
@@ -46,14 +47,16 @@ def test_logits_and_greedy_match_transformers(tiny_dir, arch, source, seed, prom
     with torch.no_grad():
         ref = hf(full[None]).logits[0]  # [L, V]
     # HF's greedy choice at every step, teacher-forced on the same sequence, must be eaas's token
-    assert ref[prompt_len - 1:-1].argmax(-1).tolist() == tokens, "greedy tokens differ from transformers"
+    assert ref[prompt_len - 1 : -1].argmax(-1).tolist() == tokens, (
+        "greedy tokens differ from transformers"
+    )
 
     no_cache = model.forward(full, model.new_cache())  # one pass over the whole sequence
     assert _rel(no_cache, ref) < REL_TOL
 
     cache = model.new_cache()  # KV-cache path: prefill the prompt, then one token at a time
     steps = [model.forward(full[:prompt_len], cache)]
-    steps += [model.forward(full[i:i + 1], cache) for i in range(prompt_len, full.numel())]
+    steps += [model.forward(full[i : i + 1], cache) for i in range(prompt_len, full.numel())]
     assert cache.seq_len == full.numel()
     assert _rel(torch.cat(steps), ref) < REL_TOL
 
@@ -63,19 +66,24 @@ def test_make_tiny_greedy_has_margins_and_does_not_collapse(tiny_dir, arch):
     model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch, 0)))
     prompt = list(range(10, 22))
     tokens = model.generate_greedy(prompt, 32)
-    logits = model.forward(torch.tensor(prompt + tokens), model.new_cache())[len(prompt) - 1:-1]
+    logits = model.forward(torch.tensor(prompt + tokens), model.new_cache())[len(prompt) - 1 : -1]
     top2 = logits.topk(2, dim=-1).values  # [32, 2]
     margin = float((top2[:, 0] - top2[:, 1]).min() / logits.abs().max())
-    assert margin > 1e-5, f"top-2 logit margin {margin:.2e} is too small for exact greedy comparison"
+    assert margin > 1e-5, (
+        f"top-2 logit margin {margin:.2e} is too small for exact greedy comparison"
+    )
     longest_run = max(sum(1 for _ in g) for _, g in itertools.groupby(tokens))
     assert longest_run <= 2 and len(set(tokens)) >= 4, f"greedy decoding collapsed: {tokens}"
 
 
-@pytest.mark.parametrize(("arch", "extra"), [
-    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
-    ("mixtral", {"sliding_window": 5}),
-])
+@pytest.mark.parametrize(
+    ("arch", "extra"),
+    [
+        ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}),
+        ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 2}),
+        ("mixtral", {"sliding_window": 5}),
+    ],
+)
 def test_sliding_window_matches_transformers(tmp_path, arch, extra):
     path = save_hf_tiny(tmp_path / arch, arch, seed=3, vocab_size=320, **extra)
     model = ReferenceModel.load(Checkpoint.open(path))
@@ -84,8 +92,10 @@ def test_sliding_window_matches_transformers(tmp_path, arch, extra):
     with torch.no_grad():
         ref = _hf(path)(ids[None]).logits[0]
     cache = model.new_cache()
-    got = torch.cat([model.forward(ids[:6], cache)] + [model.forward(ids[i:i + 1], cache)
-                                                       for i in range(6, 13)])
+    got = torch.cat(
+        [model.forward(ids[:6], cache)]
+        + [model.forward(ids[i : i + 1], cache) for i in range(6, 13)]
+    )
     assert _rel(got, ref) < REL_TOL
     full = model.forward(ids, model.new_cache())
     assert _rel(full, ref) < REL_TOL

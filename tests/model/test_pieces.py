@@ -24,7 +24,7 @@ def test_expert_bank_rows_are_batch_invariant(tiny_dir, arch, dtype):
     ids = torch.randint(0, cfg.num_experts, (33,), generator=gen)
     batched = bank.forward(x, ids)  # [33, H]
     for n in range(33):
-        alone = bank.forward(x[n:n + 1], ids[n:n + 1])
+        alone = bank.forward(x[n : n + 1], ids[n : n + 1])
         assert torch.equal(alone[0], batched[n]), f"row {n} differs alone vs in a batch of 33"
     # the same rows split over two servers-worth of calls give the same bits
     split = torch.cat([bank.forward(x[:11], ids[:11]), bank.forward(x[11:], ids[11:])])
@@ -39,7 +39,7 @@ def test_router_rows_are_batch_invariant(tiny_dir, arch):
     ids, weights = layer.router(x)
     assert ids.shape == (33, model.config.num_experts_per_tok) and weights.dtype == torch.float32
     for n in range(33):
-        ids1, w1 = layer.router(x[n:n + 1])
+        ids1, w1 = layer.router(x[n : n + 1])
         assert torch.equal(ids1[0], ids[n]) and torch.equal(w1[0], weights[n]), f"row {n}"
 
 
@@ -50,13 +50,17 @@ def test_shared_expert_and_lm_head_rows_are_batch_invariant(tiny_dir, arch):
     x = torch.randn(33, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     shared, logits = layer.shared_expert(x), model.lm_head(x)
     for n in range(33):
-        assert torch.equal(layer.shared_expert(x[n:n + 1])[0], shared[n]), f"shared row {n}"
-        assert torch.equal(model.lm_head(x[n:n + 1])[0], logits[n]), f"lm_head row {n}"
+        assert torch.equal(layer.shared_expert(x[n : n + 1])[0], shared[n]), f"shared row {n}"
+        assert torch.equal(model.lm_head(x[n : n + 1])[0], logits[n]), f"lm_head row {n}"
 
 
 def test_linear_batch_invariant_matches_plain_linear():
     gen = torch.Generator().manual_seed(2)
-    x, w, b = torch.randn(33, 40, generator=gen), torch.randn(24, 40, generator=gen), torch.randn(24)
+    x, w, b = (
+        torch.randn(33, 40, generator=gen),
+        torch.randn(24, 40, generator=gen),
+        torch.randn(24),
+    )
     got = linear(x, w, b, batch_invariant=True)
     torch.testing.assert_close(got, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert torch.equal(linear(x[7:8], w, b, batch_invariant=True)[0], got[7])

@@ -23,7 +23,12 @@ def test_make_tiny_is_deterministic_per_seed(tmp_path):
 def test_make_tiny_sizes(tiny_dir, arch):
     ckpt = Checkpoint.open(tiny_dir(arch))
     cfg = ckpt.config
-    assert (cfg.model_type, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok) == (arch, 64, 8, 2)
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok) == (
+        arch,
+        64,
+        8,
+        2,
+    )
     assert 2 <= cfg.num_hidden_layers <= 4 and cfg.num_attention_heads == 4
     assert 32 <= cfg.moe_intermediate_size <= 64
     assert 300 <= cfg.vocab_size <= 512 and cfg.vocab_size == ckpt.tokenizer.vocab_size
@@ -44,25 +49,33 @@ def test_model_package_needs_no_transformers(tmp_path):
 import sys
 sys.modules["transformers"] = None  # any import of it now fails
 from eaas.model import Checkpoint, ReferenceModel, make_tiny
-ckpt = Checkpoint.open(make_tiny({str(tmp_path / 't')!r}, "qwen2_moe", 0))
+ckpt = Checkpoint.open(make_tiny({str(tmp_path / "t")!r}, "qwen2_moe", 0))
 model = ReferenceModel.load(ckpt)
 print(len(model.generate_greedy(ckpt.tokenizer.encode("Hello"), 4)))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "4"
 
 
 def test_tokenizer_round_trip_and_specials(tiny_dir):
     tok = Checkpoint.open(tiny_dir("mixtral")).tokenizer
-    for text in ("Hello, world!", "The quick brown fox jumps over the lazy dog.", "héllo ✓ 😀 \n\t 42"):
+    for text in (
+        "Hello, world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "héllo ✓ 😀 \n\t 42",
+    ):
         ids = tok.encode(text)
         assert all(0 <= i < tok.vocab_size for i in ids)
         assert tok.decode(ids) == text
     eos = tok.eos_token_ids[0]
     assert tok.decode(tok.encode("hi") + [eos]) == "hi"
     assert tok.decode([eos], skip_special_tokens=False) == "<|endoftext|>"
-    assert len(tok.encode("the quick brown fox")) < len("the quick brown fox")  # merges were learned
+    assert len(tok.encode("the quick brown fox")) < len(
+        "the quick brown fox"
+    )  # merges were learned
 
 
 def test_default_chat_template(tiny_dir):
@@ -77,36 +90,64 @@ def test_default_chat_template(tiny_dir):
 def test_jinja_chat_template_from_tokenizer_config(tiny_dir, tmp_path):
     src = tiny_dir("qwen3_moe")
     (tmp_path / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
-    template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}" \
-               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
     (tmp_path / "tokenizer_config.json").write_text(
-        json.dumps({"chat_template": template, "eos_token": "<|endoftext|>"}))
+        json.dumps({"chat_template": template, "eos_token": "<|endoftext|>"})
+    )
     tok = Tokenizer(tmp_path / "tokenizer.json")
     got = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert got == "[user]Hi<|endoftext|>[assistant]"
 
 
 def test_config_field_names_of_each_hub_layout():
-    base = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, vocab_size=300,
-                num_experts_per_tok=2, moe_intermediate_size=32)
-    q3 = ModelConfig.from_dict({**base, "model_type": "qwen3_moe", "num_experts": 8,
-                                "decoder_sparse_step": 2, "mlp_only_layers": [3],
-                                "rope_parameters": {"rope_type": "default", "rope_theta": 5.0}})
+    base = {
+        "hidden_size": 64,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "vocab_size": 300,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+    }
+    q3 = ModelConfig.from_dict(
+        {
+            **base,
+            "model_type": "qwen3_moe",
+            "num_experts": 8,
+            "decoder_sparse_step": 2,
+            "mlp_only_layers": [3],
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5.0},
+        }
+    )
     assert [q3.is_moe_layer(i) for i in range(4)] == [False, True, False, False]
     assert q3.rope_theta == 5.0 and q3.rope_scaling is None and q3.num_key_value_heads == 4
-    q2 = ModelConfig.from_dict({**base, "model_type": "qwen2_moe", "num_experts": 8,
-                                "shared_expert_intermediate_size": 16})
+    q2 = ModelConfig.from_dict(
+        {**base, "model_type": "qwen2_moe", "num_experts": 8, "shared_expert_intermediate_size": 16}
+    )
     assert q2.has_shared_expert and q2.shared_expert_gate and q2.qkv_bias
-    ds = ModelConfig.from_dict({**base, "model_type": "deepseek_v3", "n_routed_experts": 8,
-                                "n_shared_experts": 2, "intermediate_size": 64, "kv_lora_rank": 16,
-                                "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "first_k_dense_replace": 2,
-                                "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    ds = ModelConfig.from_dict(
+        {
+            **base,
+            "model_type": "deepseek_v3",
+            "n_routed_experts": 8,
+            "n_shared_experts": 2,
+            "intermediate_size": 64,
+            "kv_lora_rank": 16,
+            "qk_nope_head_dim": 8,
+            "qk_rope_head_dim": 4,
+            "first_k_dense_replace": 2,
+            "rope_scaling": {"type": "yarn", "factor": 4.0},
+        }
+    )
     assert ds.shared_expert_intermediate_size == 64 and ds.head_dim == 12
     assert ds.rope_scaling["rope_type"] == "yarn"
     assert [ds.is_moe_layer(i) for i in range(4)] == [False, False, True, True]
     with pytest.raises(CheckpointError, match="'n_routed_experts'"):
-        ModelConfig.from_dict({**base, "model_type": "deepseek_v3", "kv_lora_rank": 16,
-                               "intermediate_size": 64})
+        ModelConfig.from_dict(
+            {**base, "model_type": "deepseek_v3", "kv_lora_rank": 16, "intermediate_size": 64}
+        )
 
 
 def test_encode_applies_the_tokenizers_own_post_processor(tiny_dir, tmp_path):
@@ -116,8 +157,9 @@ def test_encode_applies_the_tokenizers_own_post_processor(tiny_dir, tmp_path):
 
     raw = HFTokenizer.from_file(str(tiny_dir("mixtral") / "tokenizer.json"))
     bos = raw.token_to_id("<|endoftext|>")
-    raw.post_processor = TemplateProcessing(single="<|endoftext|> $A",
-                                            special_tokens=[("<|endoftext|>", bos)])
+    raw.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
     raw.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer(tmp_path / "tokenizer.json")
     plain = Checkpoint.open(tiny_dir("mixtral")).tokenizer.encode("Hello")
