@@ -87,6 +87,8 @@ class ActorContext:
     def watch(self, ref: ActorRef) -> None:
         """Receive `Terminated(name, reason)` when `ref` stops or dies for good.
 
+        A supervised restart is not a death (the ref stays valid), so it sends no notice.
+
         Watching an actor that is already dead delivers `Terminated` at once.
         """
         self._cell.watch(ref)

@@ -225,7 +225,10 @@ class ActorCell:
                         await instance.on_stop()
                 except Exception as exc:
                     log.warning("on_stop of crashed actor %r failed: %r", self.name, exc)
-        self.mailbox.remove_if(lambda m: type(m) in (Stop, Ping), system=True)
+        for stale in self.mailbox.remove_if(lambda m: type(m) in (Stop, Ping), system=True):
+            if type(stale) is Ping and not stale.reply.done():
+                stale.reply.set_exception(ActorDeadError(
+                    f"actor {self.name!r} ended its incarnation before answering the ping"))
         if final:
             await self.finalize(S.CRASHED if crashed else S.STOPPED,
                                 self.last_reason if crashed else "stopped")

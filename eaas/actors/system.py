@@ -22,7 +22,7 @@ from eaas.actors.clock import Clock, RealClock
 from eaas.actors.messages import DeadLetter
 from eaas.actors.ref import ActorRef, SupervisorRef
 from eaas.actors.supervisor import ChildSpec, RestartPolicy, Supervisor
-from eaas.errors import ActorStateError, EscalationError
+from eaas.errors import ActorDeadError, ActorStateError, EscalationError
 
 __all__ = ["ActorSystem", "DeadLetters"]
 
@@ -103,6 +103,10 @@ class ActorSystem:
         if self._stopping is not None:
             await asyncio.shield(self._stopping)
             return
+        me = asyncio.current_task()
+        if any(c._task is me for c in self._cells.values()):
+            raise ActorStateError(f"actor system {self.name!r}: stop() must be called from "
+                                  "outside the actor tree (an actor cannot await its own end)")
         self._stopping = asyncio.get_running_loop().create_future()
         self.state = "stopping"
         try:
@@ -136,6 +140,9 @@ class ActorSystem:
         if isinstance(parent, SupervisorRef):
             spec = ChildSpec(name, factory, mailbox_size=mailbox_size)
             return await parent.start_child(spec, timeout=self.hook_timeout)
+        if parent is not None and not parent.is_alive:
+            raise ActorDeadError(f"cannot spawn {name!r} under {parent.name!r}: it is "
+                                 f"{parent.state.value}")
         cell = self._new_cell(name, factory, mailbox_size=mailbox_size,
                               parent=None if parent is None else parent._cell, spec=None)
         return await self._start_unsupervised(cell)

@@ -11,7 +11,7 @@ import pytest
 
 from eaas.actors import (Actor, ActorState, ActorSystem, ChildSpec, FakeClock, RestartPolicy,
                          Supervisor)
-from eaas.errors import ActorStateError
+from eaas.errors import ActorDeadError, ActorStateError
 
 
 class Noted(Actor):
@@ -125,3 +125,17 @@ async def test_lookup_and_unsupervised_child_stops_with_its_parent() -> None:
         await parent.stop()
         assert order == ["child", "parent"]
         assert child.state is ActorState.STOPPED and system.lookup("parent") is None
+
+
+async def test_misuse_stop_from_inside_and_spawn_under_dead_parent() -> None:
+    class Stopper(Actor):
+        async def on_receive(self, msg: Any) -> Any:
+            await self.context.system.stop()
+
+    async with ActorSystem() as system:
+        ref = await system.spawn(Stopper, "s")
+        with pytest.raises(ActorStateError, match="outside the actor tree"):
+            await ref.ask("stop everything", timeout=1.0)
+        await ref.stop()
+        with pytest.raises(ActorDeadError, match="under 's'"):
+            await system.spawn(lambda: Noted([]), "orphan", parent=ref)
