@@ -38,6 +38,8 @@ class SendHandle:
 
     def __init__(self, future: asyncio.Future[None] | None = None) -> None:
         self._future = future  # None: already complete
+        if future is not None:  # a handle nobody awaits must not log "never retrieved"
+            future.add_done_callback(_retrieve)
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -45,6 +47,11 @@ class SendHandle:
     def __await__(self) -> Generator[Any, None, None]:
         if self._future is not None:
             yield from asyncio.shield(self._future).__await__()
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class Lease:
@@ -157,9 +164,12 @@ class Inbox:
         self._items.append(item)
         self._wake()
 
-    def fail(self, error: BaseException) -> None:
+    def fail(self, error: BaseException, *, discard: bool = False) -> None:
+        """End the inbox: `get` raises `error` once the items are taken (at once if `discard`)."""
         if self._error is None:
             self._error = error
+        if discard:
+            self._items.clear()
         self._wake()
 
     def _wake(self) -> None:

@@ -98,7 +98,7 @@ class InprocConnection(Connection):
         if self._closed:
             return
         self._closed = True
-        self._inbox.fail(TransportError(f"connection to {self.url} is closed"))
+        self._inbox.fail(TransportError(f"connection to {self.url} is closed"), discard=True)
         self._fail_waiters(self)
         peer = self._peer
         if peer is not None and not peer._closed:

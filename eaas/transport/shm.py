@@ -317,8 +317,11 @@ async def shm_listen(url: str, handler: Handler, limits: TransportLimits) -> Shm
         tempfile.gettempdir(), f"eaas-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
     listener = ShmListener(handler, limits, conn_class=ShmConnection)
     listener.url = f"shm://{path}"
-    listener._server = await asyncio.get_running_loop().create_unix_server(
-        lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
+    try:
+        listener._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {url}: {exc}") from exc
     return listener
 
 

@@ -31,6 +31,7 @@ __all__ = ["StreamConnection", "StreamListener"]
 log = logging.getLogger("eaas.transport")
 STAGE_BYTES = 256 << 10
 BIG_BODY = 64 << 10
+SMALL_FRAME = 64 << 10  # frames up to this size are joined and written in one call
 
 
 class StreamConnection(Connection, asyncio.BufferedProtocol):
@@ -75,7 +76,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         if not self._closed:
             self._closed = True
             self._local_close = True
-            self._inbox.fail(TransportError(f"connection to {self.url} is closed"))
+            self._inbox.fail(TransportError(f"connection to {self.url} is closed"), discard=True)
             if self._transport is not None:
                 self._transport.close()
         if self._transport is not None:
@@ -92,6 +93,8 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 
     def _write_parts(self, parts: list[Any]) -> SendHandle:
         assert self._transport is not None
+        if len(parts) > 1 and sum(len(p) for p in parts) <= SMALL_FRAME:
+            parts = [b"".join(parts)]  # one syscall instead of several: small frames are latency
         write = self._transport.write
         for part in parts:
             write(part)

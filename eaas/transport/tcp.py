@@ -28,8 +28,11 @@ async def tcp_listen(url: str, handler: Handler, limits: TransportLimits) -> Str
     host, port = _host_port(url)
     listener = StreamListener(handler, limits)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: listener.protocol_factory(f"{listener.url} (accepted)"), host, port)
+    try:
+        server = await loop.create_server(
+            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), host, port)
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {url}: {exc}") from exc
     listener._server = server
     bound = server.sockets[0].getsockname()
     listener.url = _format(host, bound[1])
