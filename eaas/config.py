@@ -20,7 +20,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("round_robin", "contiguous", "explicit")
 NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
-TRANSPORTS = ("tcp", "shm")
+TRANSPORTS = ("tcp", "shm", "cudaipc")
 
 
 def _check(cond: bool, name: str, value: object, allowed: str) -> None:
@@ -55,7 +55,9 @@ class PlacementConfig:
     strategy: Literal["round_robin", "contiguous", "explicit"] = "round_robin"
     explicit_map: Mapping[int, tuple[int, ...]] | None = None
     server_mode: Literal["inproc", "process"] = "inproc"
-    transport: Literal["tcp", "shm"] = "tcp"  # engine <-> server process (server_mode process)
+    transport: str = "tcp"  # engine <-> server process (server_mode process): tcp | shm | cudaipc
+    server_devices: tuple[str, ...] | None = None  # device of server i = server_devices[i % len];
+                                                   # None: the engine's device
 
     def __post_init__(self) -> None:
         p = "placement."
@@ -69,6 +71,12 @@ class PlacementConfig:
         _check(self.strategy in PLACEMENTS, p + "strategy", self.strategy, f"one of {PLACEMENTS}")
         _check(self.server_mode in SERVER_MODES, p + "server_mode", self.server_mode,
                f"one of {SERVER_MODES}")
+        if self.server_devices is not None:
+            devs = tuple(self.server_devices)
+            _check(bool(devs) and all(isinstance(d, str) and (d == "cpu" or d.startswith("cuda"))
+                                      for d in devs), p + "server_devices", self.server_devices,
+                   "a non-empty list of 'cpu' / 'cuda:N'")
+            object.__setattr__(self, "server_devices", devs)
         if self.strategy == "explicit":
             _check(bool(self.explicit_map), p + "explicit_map", self.explicit_map,
                    "a non-empty map {server index: [expert ids]} when strategy is 'explicit'")

@@ -194,7 +194,7 @@ class ExpertCall:
         self.cancelled = False
         self.T, self.K = topk_ids.shape
         self.topk_weights = topk_weights
-        self.flat_ids = topk_ids.reshape(-1)  # [T*K]
+        self.flat_ids = topk_ids.reshape(-1).cpu()  # [T*K]: routing bookkeeping lives on the host
         self.rows = x.repeat_interleave(self.K, dim=0)  # [T*K, H]: pair p = (t, k) reads x[t]
         self.out = torch.zeros_like(self.rows)  # [T*K, H]
         self.skipped = torch.zeros(self.T * self.K, dtype=torch.bool)  # pairs not contributing
@@ -265,7 +265,7 @@ class ExpertCall:
                         del self.live[fut]
                         d._close(u)
                         if fut.exception() is None:
-                            self.out[u.pair_idx] = fut.result().to(self.out.dtype)
+                            self.out[u.pair_idx] = fut.result().to(self.out.device, self.out.dtype)
                             self.filled[u.pair_idx] += 1
                             d.counters["units_combined"] += 1
                             d._finished[u.unit_id] = "done"
@@ -299,7 +299,7 @@ class ExpertCall:
                                  f"{self.filled.tolist()}")
         weights = self.topk_weights.float().clone()  # [T, K]
         if self.skipped.any():
-            mask = ~self.skipped.view(T, K)
+            mask = ~self.skipped.view(T, K).to(weights.device)
             kept = weights * mask
             total, kept_total = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
             weights = torch.where(kept_total > 0, kept * (total / kept_total.clamp_min(1e-30)),

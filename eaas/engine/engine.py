@@ -125,18 +125,21 @@ class AsyncEngine:
                  "slot": None}
         self._servers[name] = entry
         on_ready = lambda: self._server_ready(name)  # noqa: E731
+        devices = cfg.placement.server_devices or (cfg.device,)
+        device = devices[int(name.rsplit("-", 1)[1]) % len(devices)]
+        entry["device"] = device
         if cfg.placement.server_mode == "process":
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 
             slot = entry["slot"] = ProcessSlot(name)
             factory = lambda: ServerProcess(  # noqa: E731
-                slot, cfg.model, assignment, dtype=cfg.dtype, device=cfg.device,
+                slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
                 call_timeout_s=fault.unit_timeout_s,
                 heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
-                name, cfg.model, assignment, dtype=cfg.dtype, device=cfg.device,
+                name, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, on_ready=on_ready)
         ref = entry["ref"] = await sup.start_child(ChildSpec(name, factory), timeout=180.0)
         entry["batcher"] = await sup.start_child(ChildSpec(
@@ -324,6 +327,7 @@ class AsyncEngine:
             servers.append({"name": name, "pid": slot.pid if slot else None,
                             "transport": (slot.url or "") if slot else "inproc://",
                             "state": s["state"], "actor_state": ref.state.value,
+                            "device": s.get("device"),
                             "restarts": slot.starts - 1 if slot else None,
                             "experts": {str(l): ids for l, ids in s["assignment"].items()}})
         c = dict(self.counters)

@@ -26,6 +26,7 @@ class ExpertHost:
         from eaas.model import Checkpoint, ExpertBank
 
         self.assignment = {int(layer): sorted(ids) for layer, ids in assignment.items()}
+        self.device = torch.device(device)
         ckpt = Checkpoint.open(model_dir)
         torch_dtype = getattr(torch, dtype)
         self.banks = {
@@ -45,8 +46,8 @@ class ExpertHost:
                             f"(it hosts layers {sorted(self.banks)})")
         self.calls += 1
         self.rows += int(x.shape[0])
-        with torch.no_grad():
-            return bank.forward(x, expert_ids)
+        with torch.no_grad():  # rows may arrive from another device (a shard on another GPU)
+            return bank.forward(x.to(self.device), expert_ids.to(self.device))
 
 
 class ExpertServer(Actor):

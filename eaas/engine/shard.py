@@ -154,7 +154,8 @@ class AttentionShard(Actor):
             spans.append((start, start + len(ids)))
             start += len(ids)
         with torch.no_grad():
-            h = model.embed(torch.tensor([t for ids in inputs for t in ids], dtype=torch.long))
+            h = model.embed(torch.tensor([t for ids in inputs for t in ids], dtype=torch.long,
+                                         device=self.deps.config.device))
         bad_tokens: set[int] = set()
         degraded_tokens: set[int] = set()
         for layer in model.layers:
