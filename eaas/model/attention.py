@@ -89,7 +89,7 @@ class _Base:
         self,
         cfg: ModelConfig,
         layer_idx: int,
-        w: dict[str, torch.Tensor | None],
+        w: dict[str, torch.Tensor],
         batch_invariant: bool,
     ) -> None:
         self.cfg, self.layer_idx, self.w, self.batch_invariant = cfg, layer_idx, w, batch_invariant
@@ -102,7 +102,7 @@ class _Base:
         return ops.linear(
             x,
             self.w[f"{name}.weight"],
-            self.w.get(f"{name}.bias"),  # type: ignore[arg-type]
+            self.w.get(f"{name}.bias"),
             self.batch_invariant,
         )
 
@@ -123,8 +123,8 @@ class GQAAttention(_Base):
         k = self._lin(x, "k_proj").view(t, cfg.num_key_value_heads, d)  # [T, nkv, d]
         v = self._lin(x, "v_proj").view(t, cfg.num_key_value_heads, d)
         if cfg.qk_norm:
-            q = ops.rms_norm(q, self.w["q_norm.weight"], cfg.rms_norm_eps)  # type: ignore[arg-type]
-            k = ops.rms_norm(k, self.w["k_norm.weight"], cfg.rms_norm_eps)  # type: ignore[arg-type]
+            q = ops.rms_norm(q, self.w["q_norm.weight"], cfg.rms_norm_eps)
+            k = ops.rms_norm(k, self.w["k_norm.weight"], cfg.rms_norm_eps)
         cos, sin = self._cos_sin(start, t, x)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         k_all, v_all = cache.append(self.layer_idx, k, v)  # [S, nkv, d]
@@ -144,7 +144,7 @@ class MLAAttention(_Base):
         self,
         cfg: ModelConfig,
         layer_idx: int,
-        w: dict[str, torch.Tensor | None],
+        w: dict[str, torch.Tensor],
         batch_invariant: bool,
     ) -> None:
         super().__init__(cfg, layer_idx, w, batch_invariant)
@@ -166,7 +166,7 @@ class MLAAttention(_Base):
         else:
             qa = ops.rms_norm(
                 self._lin(x, "q_a_proj"),
-                self.w["q_a_layernorm.weight"],  # type: ignore[arg-type]
+                self.w["q_a_layernorm.weight"],
                 cfg.rms_norm_eps,
             )
             q = self._lin(qa, "q_b_proj")
@@ -175,7 +175,7 @@ class MLAAttention(_Base):
         ckv = self._lin(x, "kv_a_proj_with_mqa")  # [T, kv_lora + rope]
         kv = ops.rms_norm(
             ckv[:, : cfg.kv_lora_rank],
-            self.w["kv_a_layernorm.weight"],  # type: ignore[arg-type]
+            self.w["kv_a_layernorm.weight"],
             cfg.rms_norm_eps,
         )  # [T, kv_lora]
         k_rot = ckv[:, cfg.kv_lora_rank :].reshape(t, 1, rope)  # [T, 1, rope]
@@ -204,7 +204,7 @@ def load_attention(
 
     cfg = ckpt.config
     prefix = f"model.layers.{layer_idx}.self_attn."
-    w: dict[str, torch.Tensor | None] = {
+    w: dict[str, torch.Tensor] = {
         name[len(prefix) :]: ckpt.read(name, dtype, device)
         for name in attention_shapes(cfg, layer_idx)
     }

@@ -164,12 +164,13 @@ class Checkpoint:
         cfg = self.config
         h, f = cfg.hidden_size, cfg.moe_intermediate_size
         names = layout.expert_names(cfg, layer, expert)
-        if names["gate"] in self._shapes or not self._fused(layer):
+        fused = None if names["gate"] in self._shapes else self._fused(layer)
+        if fused is None:
             expect = {"gate": (f, h), "up": (f, h), "down": (h, f)}
             for key, name in names.items():
                 self._check(name, expect[key])
             return names
-        gate_up, down = self._fused(layer)  # type: ignore[misc]
+        gate_up, down = fused
         self._check(gate_up, (cfg.num_experts, 2 * f, h))
         self._check(down, (cfg.num_experts, h, f))
         return gate_up, down

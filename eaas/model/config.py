@@ -185,9 +185,9 @@ class ModelConfig:
     def _build(cls, raw: dict[str, Any], model_type: str, req: Any, opt: Any) -> ModelConfig:
         hidden = int(req("hidden_size"))
         heads = int(req("num_attention_heads"))
-        rope_params = (
-            raw.get("rope_parameters") if isinstance(raw.get("rope_parameters"), dict) else {}
-        )
+        rope_params: dict[str, Any] = raw.get("rope_parameters") or {}
+        if not isinstance(rope_params, dict):
+            raise CheckpointError("field 'rope_parameters' must be an object")
         default_theta = 1e6 if model_type == "mixtral" else 10000.0
         rope_theta = float(opt("rope_theta", rope_params.get("rope_theta", default_theta)))
         scaling = raw.get("rope_scaling") or rope_params or None
