@@ -219,3 +219,12 @@ def test_envelope_and_notices_are_msgpack_friendly() -> None:
     assert Envelope.from_wire(wire) == ("expert-0", {"rows": [1, 2], "layer": 3}, 7)
     note = Terminated("expert-0", "stopped").to_wire()
     assert msgpack.unpackb(msgpack.packb(note)) == note
+
+
+async def test_stop_is_idempotent_and_concurrent_stops_agree() -> None:
+    log: list[Any] = []
+    async with ActorSystem() as system:
+        ref = await system.spawn(lambda: Recorder(log), "r")
+        await asyncio.gather(ref.stop(), ref.stop())
+        await ref.stop()
+        assert log == ["start", "stop"] and ref.state is ActorState.STOPPED

@@ -165,7 +165,8 @@ async def _check_against_model(root: Node, picks: list[int]) -> None:
             assert really_alive == alive, f"after crash of {victim.name}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(root=trees(), picks=st.lists(st.integers(0, 100), min_size=1, max_size=8))
 def test_strategies_restart_exactly_what_the_model_predicts(root: Node, picks: list[int]) -> None:
     asyncio.run(_check_against_model(root, picks))
