@@ -276,7 +276,8 @@ class ActorCell:
         for item in self.mailbox.close():
             if type(item) is Envelope:
                 if item.reply is not None and not item.reply.done():
-                    item.reply.set_exception(ActorDeadError(f"actor {self.name!r} is {state.value}"))
+                    item.reply.set_exception(
+                        ActorDeadError(f"actor {self.name!r} is {state.value}"))
                 system.dead_letters.add(self.name, item.msg, state.value)
             elif type(item) is Terminated:
                 system.dead_letters.add(self.name, item, state.value)

@@ -144,7 +144,8 @@ class ActorRef:
         cell = self._cell
         parent = cell.parent
         if cell.supervised and parent is not None and parent.state.is_alive:
-            await parent.ref.terminate_child(self.name, timeout=timeout)  # type: ignore[attr-defined]
+            sup_ref: SupervisorRef = parent.ref  # type: ignore[assignment]
+            await sup_ref.terminate_child(self.name, timeout=timeout)
             return
         await cell.stop(timeout=timeout)
         cell.system._forget(cell)
