@@ -311,8 +311,8 @@ class ActorCell:
             return
         task = self._task
         assert task is not None
-        if self._stop_mode in (None, "self", "restart"):
-            self._stop_mode = mode if self._stop_mode != "restart" or mode == "final" else "restart"
+        if mode == "final" or self._stop_mode in (None, "self"):
+            self._stop_mode = mode             # "final" wins over "restart" and "self"
         try:
             self.mailbox.put_system(STOP)
         except MailboxClosedError:
