@@ -48,7 +48,7 @@ class ModelConfig:
     max_position_embeddings: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict[str, Any] | None
+    rope_scaling: dict[str, Any] | None = field(hash=False)
     tie_word_embeddings: bool
     norm_topk_prob: bool
     scoring: str
@@ -74,9 +74,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in ARCHS:
-            raise CheckpointError(
-                f"config.json: model_type {self.model_type!r} is not one of {ARCHS}"
-            )
+            raise CheckpointError(f"model_type {self.model_type!r} is not one of {ARCHS}")
         for name in (
             "vocab_size",
             "hidden_size",
@@ -89,26 +87,24 @@ class ModelConfig:
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise CheckpointError(
-                    f"config.json: field {name!r} must be a positive int, got {value!r}"
-                )
+                raise CheckpointError(f"field {name!r} must be a positive int, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
-                f"config.json: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
         if self.num_experts_per_tok > self.num_experts:
             raise CheckpointError(
-                f"config.json: num_experts_per_tok {self.num_experts_per_tok} > experts {self.num_experts}"
+                f"num_experts_per_tok {self.num_experts_per_tok} > experts {self.num_experts}"
             )
         if self.num_experts % self.n_group or (self.topk_group > self.n_group):
             raise CheckpointError(
-                f"config.json: n_group {self.n_group} / topk_group {self.topk_group} do not fit "
+                f"n_group {self.n_group} / topk_group {self.topk_group} do not fit "
                 f"{self.num_experts} experts"
             )
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in _ROPE_TYPES:
             raise CheckpointError(
-                f"config.json: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
+                f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
                 f"supported (allowed: {_ROPE_TYPES})"
             )
 
@@ -151,15 +147,27 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
         """Build from a config.json dict; CheckpointError names `source` and the field."""
 
-        def req(name: str, *alts: str) -> Any:
+        def convert(name: str, value: Any, kind: Any) -> Any:
+            if kind is None or value is None:
+                return value
+            if kind is bool and not isinstance(value, bool):
+                raise CheckpointError(f"{source}: field {name!r} must be true/false, got {value!r}")
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise CheckpointError(
+                    f"{source}: field {name!r} must be {kind.__name__}, got {value!r}"
+                ) from None
+
+        def req(name: str, *alts: str, kind: Any = None) -> Any:
             for key in (name, *alts):
                 if raw.get(key) is not None:
-                    return raw[key]
+                    return convert(key, raw[key], kind)
             raise CheckpointError(f"{source}: missing config field {name!r}")
 
-        def opt(name: str, default: Any) -> Any:
+        def opt(name: str, default: Any, kind: Any = None) -> Any:
             value = raw.get(name)
-            return default if value is None else value
+            return default if value is None else convert(name, value, kind)
 
         model_type = raw.get("model_type")
         if model_type not in ARCHS:
@@ -167,24 +175,24 @@ class ModelConfig:
                 f"{source}: unknown model_type {model_type!r} (supported: {', '.join(ARCHS)})"
             )
         if raw.get("quantization_config"):
-            method = raw["quantization_config"].get("quant_method", "?")
+            quant = raw["quantization_config"]
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise CheckpointError(
                 f"{source}: field 'quantization_config' ({method}): quantized "
                 "checkpoints are not supported; use a bf16/fp16/fp32 checkpoint"
             )
         try:
             return cls._build(raw, model_type, req, opt)
+        except CheckpointError as exc:
+            msg = str(exc)
+            raise CheckpointError(msg if msg.startswith(source) else f"{source}: {msg}") from None
         except (TypeError, ValueError, KeyError) as exc:
-            if isinstance(exc, CheckpointError):
-                raise CheckpointError(
-                    f"{source}: {exc}" if source not in str(exc) else str(exc)
-                ) from None
-            raise CheckpointError(f"{source}: invalid config field ({exc})") from None
+            raise CheckpointError(f"{source}: invalid config field ({exc!r})") from None
 
     @classmethod
     def _build(cls, raw: dict[str, Any], model_type: str, req: Any, opt: Any) -> ModelConfig:
-        hidden = int(req("hidden_size"))
-        heads = int(req("num_attention_heads"))
+        hidden = req("hidden_size", kind=int)
+        heads = req("num_attention_heads", kind=int)
         rope_params: dict[str, Any] = raw.get("rope_parameters") or {}
         if not isinstance(rope_params, dict):
             raise CheckpointError("field 'rope_parameters' must be an object")
@@ -204,16 +212,16 @@ class ModelConfig:
             )
         common: dict[str, Any] = {
             "model_type": model_type,
-            "vocab_size": int(req("vocab_size")),
+            "vocab_size": req("vocab_size", kind=int),
             "hidden_size": hidden,
-            "num_hidden_layers": int(req("num_hidden_layers")),
+            "num_hidden_layers": req("num_hidden_layers", kind=int),
             "num_attention_heads": heads,
-            "num_experts_per_tok": int(req("num_experts_per_tok")),
-            "max_position_embeddings": int(opt("max_position_embeddings", 4096)),
-            "rms_norm_eps": float(opt("rms_norm_eps", 1e-6)),
+            "num_experts_per_tok": req("num_experts_per_tok", kind=int),
+            "max_position_embeddings": opt("max_position_embeddings", 4096, kind=int),
+            "rms_norm_eps": opt("rms_norm_eps", 1e-6, kind=float),
             "rope_theta": rope_theta,
             "rope_scaling": scaling,
-            "tie_word_embeddings": bool(opt("tie_word_embeddings", False)),
+            "tie_word_embeddings": opt("tie_word_embeddings", False, kind=bool),
             "bos_token_id": raw.get("bos_token_id"),
             "eos_token_ids": eos_ids,
             "raw": dict(raw),
@@ -221,36 +229,40 @@ class ModelConfig:
         common["layer_windows"] = _layer_windows(raw, model_type, common["num_hidden_layers"])
         if model_type in ("qwen3_moe", "qwen2_moe"):
             qwen3 = model_type == "qwen3_moe"
-            shared = int(opt("shared_expert_intermediate_size", 0)) if not qwen3 else 0
+            shared = opt("shared_expert_intermediate_size", 0, kind=int) if not qwen3 else 0
             if not qwen3:
-                shared = int(req("shared_expert_intermediate_size"))
-            bias = bool(opt("attention_bias", False)) if qwen3 else bool(opt("qkv_bias", True))
+                shared = req("shared_expert_intermediate_size", kind=int)
+            bias = (
+                opt("attention_bias", False, kind=bool)
+                if qwen3
+                else opt("qkv_bias", True, kind=bool)
+            )
             return cls(
                 **common,
-                num_key_value_heads=int(opt("num_key_value_heads", heads)),
-                head_dim=int(opt("head_dim", hidden // heads)) if qwen3 else hidden // heads,
-                num_experts=int(req("num_experts", "num_local_experts")),
-                moe_intermediate_size=int(req("moe_intermediate_size")),
-                intermediate_size=int(opt("intermediate_size", 0)),
+                num_key_value_heads=opt("num_key_value_heads", heads, kind=int),
+                head_dim=opt("head_dim", hidden // heads, kind=int) if qwen3 else hidden // heads,
+                num_experts=req("num_experts", "num_local_experts", kind=int),
+                moe_intermediate_size=req("moe_intermediate_size", kind=int),
+                intermediate_size=opt("intermediate_size", 0, kind=int),
                 has_shared_expert=shared > 0,
                 shared_expert_intermediate_size=shared,
                 shared_expert_gate=shared > 0,
-                norm_topk_prob=bool(opt("norm_topk_prob", False)),
+                norm_topk_prob=opt("norm_topk_prob", False, kind=bool),
                 scoring="softmax",
                 qkv_bias=bias,
                 o_bias=bias and qwen3,
                 qk_norm=qwen3,
                 mlp_only_layers=tuple(int(i) for i in opt("mlp_only_layers", [])),
-                decoder_sparse_step=int(opt("decoder_sparse_step", 1)),
+                decoder_sparse_step=opt("decoder_sparse_step", 1, kind=int),
             )
         if model_type == "mixtral":
             head_dim = raw.get("head_dim") or hidden // heads
             return cls(
                 **common,
-                num_key_value_heads=int(opt("num_key_value_heads", heads)),
+                num_key_value_heads=opt("num_key_value_heads", heads, kind=int),
                 head_dim=int(head_dim),
-                num_experts=int(req("num_local_experts")),
-                moe_intermediate_size=int(req("intermediate_size")),
+                num_experts=req("num_local_experts", kind=int),
+                moe_intermediate_size=req("intermediate_size", kind=int),
                 intermediate_size=0,
                 has_shared_expert=False,
                 shared_expert_intermediate_size=0,
@@ -262,36 +274,36 @@ class ModelConfig:
                 qk_norm=False,
             )
         # deepseek_v3 (MLA + sigmoid grouped router)
-        moe_f = int(req("moe_intermediate_size"))
-        n_shared = int(opt("n_shared_experts", 0))
-        nope, rope = int(opt("qk_nope_head_dim", 128)), int(opt("qk_rope_head_dim", 64))
+        moe_f = req("moe_intermediate_size", kind=int)
+        n_shared = opt("n_shared_experts", 0, kind=int)
+        nope, rope = opt("qk_nope_head_dim", 128, kind=int), opt("qk_rope_head_dim", 64, kind=int)
         q_lora = raw.get("q_lora_rank")
-        bias = bool(opt("attention_bias", False))
+        bias = opt("attention_bias", False, kind=bool)
         return cls(
             **common,
-            num_key_value_heads=int(opt("num_key_value_heads", heads)),
+            num_key_value_heads=opt("num_key_value_heads", heads, kind=int),
             head_dim=nope + rope,
-            num_experts=int(req("n_routed_experts")),
+            num_experts=req("n_routed_experts", kind=int),
             moe_intermediate_size=moe_f,
-            intermediate_size=int(req("intermediate_size")),
+            intermediate_size=req("intermediate_size", kind=int),
             has_shared_expert=n_shared > 0,
             shared_expert_intermediate_size=moe_f * n_shared,
             shared_expert_gate=False,
-            norm_topk_prob=bool(opt("norm_topk_prob", True)),
+            norm_topk_prob=opt("norm_topk_prob", True, kind=bool),
             scoring="sigmoid",
             qkv_bias=bias,
             o_bias=bias,
             qk_norm=False,
-            first_k_dense_replace=int(opt("first_k_dense_replace", 0)),
-            n_group=int(opt("n_group", 1)),
-            topk_group=int(opt("topk_group", 1)),
-            routed_scaling_factor=float(opt("routed_scaling_factor", 1.0)),
+            first_k_dense_replace=opt("first_k_dense_replace", 0, kind=int),
+            n_group=opt("n_group", 1, kind=int),
+            topk_group=opt("topk_group", 1, kind=int),
+            routed_scaling_factor=opt("routed_scaling_factor", 1.0, kind=float),
             q_lora_rank=None if q_lora is None else int(q_lora),
-            kv_lora_rank=int(req("kv_lora_rank")),
+            kv_lora_rank=req("kv_lora_rank", kind=int),
             qk_nope_head_dim=nope,
             qk_rope_head_dim=rope,
-            v_head_dim=int(opt("v_head_dim", 128)),
-            rope_interleave=bool(opt("rope_interleave", True)),
+            v_head_dim=opt("v_head_dim", 128, kind=int),
+            rope_interleave=opt("rope_interleave", True, kind=bool),
         )
 
 

@@ -147,3 +147,9 @@ def test_quantized_checkpoint_is_refused(ckpt_dir):
     _edit_config(ckpt_dir, quantization_config={"quant_method": "fp8", "fmt": "e4m3"})
     with pytest.raises(CheckpointError, match="config.json.*quantization_config.*fp8"):
         Checkpoint.open(ckpt_dir)
+
+
+def test_config_field_of_wrong_type(ckpt_dir):
+    _edit_config(ckpt_dir, hidden_size="big")
+    with pytest.raises(CheckpointError, match="config.json: field 'hidden_size' must be int"):
+        Checkpoint.open(ckpt_dir)

@@ -165,3 +165,11 @@ def test_encode_applies_the_tokenizers_own_post_processor(tiny_dir, tmp_path):
     plain = Checkpoint.open(tiny_dir("mixtral")).tokenizer.encode("Hello")
     assert tok.encode("Hello") == [bos] + plain
     assert tok.encode("Hello", add_special_tokens=False) == plain
+
+
+def test_config_is_frozen_and_hashable(tiny_dir):
+    cfg = Checkpoint.open(tiny_dir("deepseek_v3")).config
+    assert cfg.rope_scaling is not None
+    assert hash(cfg) == hash(Checkpoint.open(tiny_dir("deepseek_v3")).config)
+    with pytest.raises(AttributeError):
+        cfg.hidden_size = 1  # type: ignore[misc]
