@@ -57,7 +57,7 @@ async def raw_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
             writer.write(LEN.pack(n))
             writer.write(data)
             await writer.drain()
-    except asyncio.IncompleteReadError:
+    except (asyncio.IncompleteReadError, ConnectionError):
         writer.close()
 
 
@@ -116,6 +116,8 @@ async def bench_raw(url: str, size: int, iters: int) -> dict[str, float]:
         if i >= 2:
             times.append(time.perf_counter() - t0)
     writer.close()
+    await writer.wait_closed()
+    await asyncio.sleep(0.05)  # let the peer see EOF and end its handler before it is stopped
     return summary(times, size)
 
 
@@ -163,10 +165,7 @@ async def run(sizes: list[int], quick: bool) -> list[tuple[str, int, dict[str, f
         try:
             conn = await connect(peer.url)
             for size in sizes:
-                recv_lease = mode == "lease"
-                stats = await bench_conn(conn, size, iters_for(size, quick))
-                rows.append((name, size, stats))
-                del recv_lease
+                rows.append((name, size, await bench_conn(conn, size, iters_for(size, quick))))
             await conn.aclose()
         finally:
             peer.close()
