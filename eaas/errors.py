@@ -81,3 +81,7 @@ class RemoteError(EaasError):
 
 class EngineOverloadedError(EaasError):
     """The engine's waiting queue is full; retry later (HTTP 503 with a Retry-After header)."""
+
+
+class StartTimeoutError(ActorError, TimeoutError):
+    """An actor's `on_start` did not finish before the system's start timeout."""

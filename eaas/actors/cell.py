@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from eaas.actors.actor import Actor, ActorContext, ActorState
 from eaas.actors.mailbox import Mailbox
 from eaas.actors.messages import STOP, ChildExited, Envelope, Ping, Stop, Terminated
-from eaas.errors import ActorDeadError, ActorStateError, EscalationError, MailboxClosedError
+from eaas.errors import (ActorDeadError, ActorStateError, EscalationError, MailboxClosedError,
+                         StartTimeoutError)
 
 if TYPE_CHECKING:
     from eaas.actors.ref import ActorRef
@@ -122,7 +123,19 @@ class ActorCell:
         self._task = system._tg.create_task(
             self._run(instance, started, notify_start_failure), name=f"actor:{self.name}")
         system._emit("actor_started" if first else "actor_restarted", self.name)
-        await started
+        task = self._task
+        try:
+            async with asyncio.timeout(system.start_timeout):
+                await asyncio.shield(started)
+        except TimeoutError:
+            if started.done() and started.exception() is None:
+                return
+            task.cancel()                       # counts as a crash while starting
+            await asyncio.wait({task})
+            if started.done():
+                started.exception()
+            raise StartTimeoutError(f"on_start of actor {self.name!r} did not finish within "
+                                    f"{system.start_timeout}s") from None
 
     async def _run(self, instance: Actor, started: asyncio.Future[None],
                    notify_start_failure: bool) -> None:

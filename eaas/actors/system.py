@@ -51,17 +51,21 @@ class ActorSystem:
     on_escalation: called with the "escalated" event when a top-level supervisor gives up.
     hook_timeout: seconds allowed to each child stop during restarts and to `on_stop` of a
         crashed instance.
+    start_timeout: seconds allowed to each `on_start`; past it the start counts as a crash
+        and `spawn`/`start_child` raise `StartTimeoutError`.
     seed: seeds the jitter of restart backoff.
     """
 
     def __init__(self, clock: Clock | None = None, name: str = "eaas", *,
                  on_escalation: Callable[[Event], None] | None = None,
-                 hook_timeout: float = 5.0, seed: int | None = None,
+                 hook_timeout: float = 5.0, start_timeout: float = 30.0,
+                 seed: int | None = None,
                  keep_events: int = 1000) -> None:
         self.clock: Clock = clock if clock is not None else RealClock()
         self.name = name
         self.on_escalation = on_escalation
         self.hook_timeout = hook_timeout
+        self.start_timeout = start_timeout
         self.rng = random.Random(seed)
         self.dead_letters = DeadLetters()
         self.events: deque[Event] = deque(maxlen=keep_events)
@@ -176,7 +180,7 @@ class ActorSystem:
         try:
             await cell.start(notify_start_failure=False)
         except BaseException:
-            if cell.state is not ActorState.NEW:
+            if cell.state.is_alive:
                 await cell.finalize(ActorState.CRASHED, cell.last_reason or "start failed")
             self._forget(cell)
             raise

@@ -9,7 +9,8 @@ import msgpack
 import pytest
 
 from eaas.actors import Actor, ActorState, ActorSystem, DeadLetter, Envelope, Terminated
-from eaas.errors import (ActorDeadError, ActorStateError, AskTimeoutError, MailboxFullError)
+from eaas.errors import (ActorDeadError, ActorStateError, AskTimeoutError, MailboxFullError,
+                         StartTimeoutError)
 
 
 class Recorder(Actor):
@@ -228,3 +229,14 @@ async def test_stop_is_idempotent_and_concurrent_stops_agree() -> None:
         await asyncio.gather(ref.stop(), ref.stop())
         await ref.stop()
         assert log == ["start", "stop"] and ref.state is ActorState.STOPPED
+
+
+async def test_hanging_on_start_times_out_and_frees_the_name() -> None:
+    class Hangs(Actor):
+        async def on_start(self) -> None:
+            await asyncio.Event().wait()
+
+    async with ActorSystem(start_timeout=0.02) as system:
+        with pytest.raises(StartTimeoutError, match="'h'"):
+            await system.spawn(Hangs, "h")
+        assert system.lookup("h") is None
