@@ -82,7 +82,7 @@ def make_error_middleware(on_response: OnResponse | None = None) -> Callable:
             raise
         except ApiError as e:
             response = error_response(e.status, e.message, param=e.param, headers=e.headers)
-        except web.HTTPException as e:  # unknown route (404), wrong method (405), body too big (413)
+        except web.HTTPException as e:  # unknown route (404), wrong method (405), too big (413)
             if e.status < 400:
                 raise
             headers = {k: v for k, v in e.headers.items() if k in ("Allow", "Retry-After")}
@@ -107,7 +107,8 @@ def _http_message(request: web.Request, e: web.HTTPException) -> str:
     if e.status == 404:
         return f"no route {request.method} {request.path}"
     if e.status == 405:
-        return f"method {request.method} is not allowed on {request.path}; allowed: {e.headers.get('Allow', '')}"
+        allowed = e.headers.get("Allow", "")
+        return f"method {request.method} is not allowed on {request.path}; allowed: {allowed}"
     if e.status == 413:
         return f"request body too large: {e.text}"
     return e.text or e.reason

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from eaas.serving import admin_api, ops, openai_api
+from eaas.serving import admin_api, openai_api, ops
 from eaas.serving.api_errors import make_error_middleware
 from eaas.serving.metrics import ServingMetrics
 from eaas.serving.state import ENGINE, STATE, ServingState

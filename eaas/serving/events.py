@@ -135,7 +135,7 @@ class EventHub:
             except asyncio.CancelledError:
                 raise
             except NotImplementedError:
-                log.info("engine.events() is not implemented; the event log shows admin actions only")
+                log.info("engine.events() is not implemented; only admin actions are logged")
                 await self._closed.wait()
                 return
             except Exception:

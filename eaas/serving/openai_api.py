@@ -11,6 +11,7 @@ Errors before the first streamed byte are JSON with their status; errors after i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 import uuid
@@ -75,8 +76,9 @@ async def _run_all(state: ServingState, plan: GenerationPlan, request_id: str,
 
     def run(i: int) -> Any:
         return run_choice(state.engine, plan.prompts[i], index=i,
-                          request_id=f"{request_id}-{unique}-{i}", stop=plan.stop, metrics=state.metrics, inflight=state.inflight,
-                          on_step=on_step, arrival=arrival)
+                          request_id=f"{request_id}-{unique}-{i}", stop=plan.stop,
+                          metrics=state.metrics, inflight=state.inflight, on_step=on_step,
+                          arrival=arrival)
 
     if len(plan.prompts) == 1:
         return [await run(0)]
@@ -117,8 +119,7 @@ async def _serve(request: web.Request, state: ServingState, plan: GenerationPlan
         choices = []
         for r in results:
             prompt = plan.prompts[r.index].prompt
-            text = ((prompt if isinstance(prompt, str) else tok.decode(prompt)) + r.text
-                    if plan.echo else r.text)
+            text = _prompt_text(prompt, tok) + r.text if plan.echo else r.text
             choice: dict[str, Any] = {"index": r.index, "text": text, "logprobs": None,
                                       "finish_reason": r.finish_reason,
                                       "stop_reason": r.stop_reason}
@@ -194,7 +195,7 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
             else:
                 text = step.text
                 if first and plan.echo:
-                    text = (pp.prompt if isinstance(pp.prompt, str) else tok.decode(pp.prompt)) + text
+                    text = _prompt_text(pp.prompt, tok) + text
                 choice = {"index": step.index, "text": text, "logprobs": None,
                           "finish_reason": step.finish_reason}
                 if first and plan.return_token_ids:
@@ -228,7 +229,9 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
 
 
 async def _send_quietly(resp: web.StreamResponse, data: bytes) -> None:
-    try:
+    with contextlib.suppress(ConnectionError):
         await resp.write(data)
-    except ConnectionError:
-        pass
+
+
+def _prompt_text(prompt: str | list[int], tokenizer: Any) -> str:
+    return prompt if isinstance(prompt, str) else tokenizer.decode(prompt)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from aiohttp import web
 
@@ -11,7 +10,6 @@ from eaas.serving.metrics import CONTENT_TYPE_LATEST
 from eaas.serving.state import STATE
 
 routes = web.RouteTableDef()
-log = logging.getLogger("eaas.serving")
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
@@ -25,7 +23,7 @@ async def health(request: web.Request) -> web.Response:
         raise
     except TimeoutError:
         report = {"healthy": False, "error": f"health check took over {timeout + 1.0}s"}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the probe is an unhealthy engine
         report = {"healthy": False, "error": f"health check failed: {type(e).__name__}: {e}"}
     healthy = report.get("healthy") is True
     return web.json_response(report, status=200 if healthy else 503, dumps=_dumps)

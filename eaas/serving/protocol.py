@@ -138,7 +138,7 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     stop_ids = f.get("stop_token_ids")
     if stop_ids is None:
         stop_ids = []
-    if not isinstance(stop_ids, list) or not all(_is_int(t) and 0 <= t for t in stop_ids):
+    if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
         raise ApiError(400, "stop_token_ids must be a list of token ids (integers >= 0)",
                        param="stop_token_ids")
     ignore_eos = f.bool_("ignore_eos", False)

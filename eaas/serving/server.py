@@ -34,7 +34,7 @@ ADMIN_TOKEN_ENV = "EAAS_ADMIN_TOKEN"
 async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000,
                 admin_token: str | None = None, ready_file: str | None = None,
                 drain_grace_s: float = 10.0) -> None:
-    """Serve `config`'s model on http://host:port until SIGINT or SIGTERM; returns after a clean stop.
+    """Serve `config`'s model on http://host:port until SIGINT/SIGTERM; return after a clean stop.
 
     admin_token: bearer token of the mutating admin routes; None reads EAAS_ADMIN_TOKEN, and
       if that is unset too a random token is generated and printed.

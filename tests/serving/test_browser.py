@@ -27,7 +27,8 @@ pytestmark = [
 async def test_dashboard_kill_a_server_and_watch_it_restart(tiny_dir):
     from playwright.async_api import async_playwright
 
-    async with serving_client(engine_config(tiny_dir, placement={"num_expert_servers": 3})) as client:
+    cfg = engine_config(tiny_dir, placement={"num_expert_servers": 3})
+    async with serving_client(cfg) as client:
         topo = await (await client.get("/admin/api/topology")).json()
         names = [s["name"] for s in topo["servers"]]
         assert len(names) == 3
@@ -63,16 +64,17 @@ async def test_dashboard_kill_a_server_and_watch_it_restart(tiny_dir):
             await page.wait_for_function(
                 """(name) => {
                     const row = document.querySelector(`#servers tr[data-server="${name}"]`);
-                    return row && Number(row.querySelector('[data-field=restarts]').textContent) >= 1
+                    if (!row) return false;
+                    const restarts = Number(row.querySelector('[data-field=restarts]').textContent);
+                    return restarts >= 1
                         && row.querySelector('[data-field=state]').dataset.up === '1';
                 }""", arg=victim, timeout=15_000)
             await page.wait_for_selector('#log .ev[data-event="admin.kill_server"]')
             await page.wait_for_selector('#log .ev[data-event="actor_restarted"]')
             served_during = len(statuses)
-            await page.wait_for_function(f"() => true")  # one more render cycle
             stop.set()
             await load
-            await asyncio.sleep(1.2)  # let the 1 s charts pick up the last bucket for the screenshot
+            await asyncio.sleep(1.2)  # the 1 s charts show the last bucket in the screenshot
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "admin-dashboard.png"), full_page=True)
             await browser.close()

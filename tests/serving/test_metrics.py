@@ -79,7 +79,7 @@ async def test_each_app_has_its_own_registry(tiny_dir):
         other = create_app(client.server.app[ENGINE], admin_token=ADMIN_TOKEN)  # same engine
         resp = await client.post("/v1/completions", json={"prompt": [1, 2], "max_tokens": 2})
         assert resp.status == 200
-        mine = families((await (await client.get("/metrics")).text()))
+        mine = families(await (await client.get("/metrics")).text())
         theirs = families(other[STATE].metrics.render().decode())
     assert value(mine, "eaas_generation_tokens", "eaas_generation_tokens_total") == 2
     assert value(theirs, "eaas_generation_tokens", "eaas_generation_tokens_total") == 0

@@ -14,11 +14,9 @@ GREEDY = {"temperature": 0, "ignore_eos": True}
 
 
 async def engine_tokens(engine, prompt, n: int) -> list[int]:
-    last = None
-    async for last in engine.generate(prompt, SamplingParams(max_tokens=n, temperature=0,
-                                                             ignore_eos=True)):
-        pass
-    return last.outputs[0].token_ids
+    params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    outs = [out async for out in engine.generate(prompt, params)]
+    return outs[-1].outputs[0].token_ids
 
 
 async def wait_until(cond, timeout: float = 10.0) -> None:
@@ -55,7 +53,7 @@ async def test_token_id_prompts_batch_into_choices(tiny_dir):
         body = await resp.json()
         assert resp.status == 200, body
         assert [c["index"] for c in body["choices"]] == [0, 1]
-        for p, c in zip(prompts, body["choices"]):
+        for p, c in zip(prompts, body["choices"], strict=True):
             assert c["prompt_token_ids"] == p
             assert c["token_ids"] == await engine_tokens(engine, p, 4)
 
@@ -156,7 +154,8 @@ async def test_client_disconnect_aborts_the_engine_request(tiny_dir):
         resp.close()  # the client goes away
         await wait_until(lambda: len(state.inflight) == 0 and engine.snapshot()["num_running"] == 0)
         metrics = await (await client.get("/metrics")).text()
-        assert 'eaas_request_success_total{finished_reason="abort",model_name="tiny"} 1.0' in metrics
+        aborted = 'eaas_request_success_total{finished_reason="abort",model_name="tiny"} 1.0'
+        assert aborted in metrics
 
 
 async def test_shutdown_aborts_in_flight_requests_with_a_reason(tiny_dir):
