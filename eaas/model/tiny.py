@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from eaas.errors import ConfigError
 from eaas.model import layout
 from eaas.model.config import ARCHS, ModelConfig
 
@@ -198,7 +199,7 @@ def make_tiny(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
     from safetensors.torch import save_file
 
     if arch not in ARCHS:
-        raise ValueError(f"arch {arch!r} is not one of {', '.join(ARCHS)}")
+        raise ConfigError(f"make_tiny: arch {arch!r} is not one of {', '.join(ARCHS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()

@@ -130,3 +130,35 @@ def test_dense_and_moe_layers_follow_config(tiny_dir):
         assert [i for i, layer in enumerate(model.layers) if not layer.is_moe] == dense, arch
         with pytest.raises(ValueError):
             model.layers[-1].dense_mlp(torch.zeros(1, 64))
+
+
+def test_expert_bank_empty_batch_and_length_mismatch(tiny_dir):
+    ckpt = Checkpoint.open(tiny_dir("qwen3_moe"))
+    bank = ExpertBank.load(ckpt, 0, [1], torch.float32, batch_invariant=True)
+    assert bank.forward(torch.zeros(0, 64), torch.zeros(0, dtype=torch.long)).shape == (0, 64)
+    with pytest.raises(ValueError, match="rows"):
+        bank.forward(torch.zeros(2, 64), torch.tensor([1]))
+
+
+def test_cache_truncate_replays_identically(tiny_dir):
+    model = ReferenceModel.load(Checkpoint.open(tiny_dir("deepseek_v3")))
+    ids = torch.arange(30, 40)
+    cache = model.new_cache()
+    model.forward(ids, cache)
+    cache.truncate(6)  # drop the last 4 positions, then recompute them
+    assert cache.seq_len == 6
+    again = model.forward(ids[6:], cache)
+    fresh = model.forward(ids, model.new_cache())[6:]
+    torch.testing.assert_close(again, fresh, rtol=1e-5, atol=1e-5)
+
+
+def test_generate_greedy_stops_at_stop_token(tiny_dir):
+    model = ReferenceModel.load(Checkpoint.open(tiny_dir("mixtral")))
+    tokens = model.generate_greedy([5, 6, 7], 12)
+    stop = tokens[3]
+    assert (
+        model.generate_greedy([5, 6, 7], 12, stop_token_ids=[stop])
+        == tokens[: tokens.index(stop) + 1]
+    )
+    with pytest.raises(ValueError, match="empty"):
+        model.generate_greedy([], 3)

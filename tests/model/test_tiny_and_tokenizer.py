@@ -173,3 +173,127 @@ def test_config_is_frozen_and_hashable(tiny_dir):
     assert hash(cfg) == hash(Checkpoint.open(tiny_dir("deepseek_v3")).config)
     with pytest.raises(AttributeError):
         cfg.hidden_size = 1  # type: ignore[misc]
+
+
+# Field sets as the Hub's config.json files spell them (trimmed to what the model reads).
+HUB_CONFIGS = {
+    "Qwen/Qwen3-30B-A3B": {
+        "model_type": "qwen3_moe",
+        "hidden_size": 2048,
+        "num_hidden_layers": 48,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "head_dim": 128,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+        "intermediate_size": 6144,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "max_window_layers": 48,
+        "tie_word_embeddings": False,
+        "vocab_size": 151936,
+        "eos_token_id": 151645,
+        "bos_token_id": 151643,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "max_position_embeddings": 40960,
+    },
+    "Qwen/Qwen1.5-MoE-A2.7B": {
+        "model_type": "qwen2_moe",
+        "hidden_size": 2048,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "intermediate_size": 5632,
+        "shared_expert_intermediate_size": 5632,
+        "norm_topk_prob": False,
+        "decoder_sparse_step": 1,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "max_window_layers": 21,
+        "vocab_size": 151936,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": False,
+    },
+    "mistralai/Mixtral-8x7B-v0.1": {
+        "model_type": "mixtral",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "intermediate_size": 14336,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "rms_norm_eps": 1e-05,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "deepseek-ai/DeepSeek-V3 (bf16)": {
+        "model_type": "deepseek_v3",
+        "hidden_size": 7168,
+        "num_hidden_layers": 61,
+        "num_attention_heads": 128,
+        "num_key_value_heads": 128,
+        "n_routed_experts": 256,
+        "n_shared_experts": 1,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 2048,
+        "intermediate_size": 18432,
+        "n_group": 8,
+        "topk_group": 4,
+        "first_k_dense_replace": 3,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+        "kv_lora_rank": 512,
+        "q_lora_rank": 1536,
+        "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64,
+        "v_head_dim": 128,
+        "rope_theta": 10000,
+        "vocab_size": 129280,
+        "max_position_embeddings": 163840,
+        "rope_scaling": {
+            "beta_fast": 32,
+            "beta_slow": 1,
+            "factor": 40,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 4096,
+            "type": "yarn",
+        },
+        "scoring_func": "sigmoid",
+        "topk_method": "noaux_tc",
+        "num_nextn_predict_layers": 1,
+    },
+}
+
+
+@pytest.mark.parametrize("name", HUB_CONFIGS)
+def test_hub_configs_parse(name):
+    cfg = ModelConfig.from_dict(HUB_CONFIGS[name])
+    moe = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+    expect = {
+        "Qwen/Qwen3-30B-A3B": (128, 8, 128, 48, False),
+        "Qwen/Qwen1.5-MoE-A2.7B": (60, 4, 128, 24, True),
+        "mistralai/Mixtral-8x7B-v0.1": (8, 2, 128, 32, False),
+        "deepseek-ai/DeepSeek-V3 (bf16)": (256, 8, 192, 58, True),
+    }[name]
+    got = (cfg.num_experts, cfg.num_experts_per_tok, cfg.head_dim, sum(moe), cfg.has_shared_expert)
+    assert got == expect
+    assert all(cfg.sliding_window(i) is None for i in range(cfg.num_hidden_layers))
