@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eaas.errors import AskTimeoutError, RemoteError, TransportError
-from eaas.transport import DTYPES, Listener, RpcClient, connect, listen, serve_rpc
+from eaas.transport import DTYPES, Listener, RpcClient, TransportLimits, connect, listen, serve_rpc
 
 from .conftest import LISTEN_URLS, Outcomes
 from .test_codec import sample
@@ -205,3 +205,83 @@ async def test_outcomes_fixture_sees_clean_close(echo_listener: Listener, outcom
         await conn.recv(timeout=5)
     count, error = await outcomes.next()
     assert count == 1 and type(error) is TransportError
+
+
+# ---- flow control, split phase, handler failures -----------------------------------------
+@pytest.mark.parametrize("scheme", ["inproc", "tcp"])  # shm:// stalls on slot credits (test_shm)
+async def test_send_handle_completes_only_when_the_peer_takes_the_bytes(scheme: str) -> None:
+    go = asyncio.Event()
+    got: asyncio.Queue[object] = asyncio.Queue()
+
+    async def slow_reader(conn):
+        await go.wait()
+        while True:
+            got.put_nowait(await conn.recv(timeout=30))
+
+    # the peer's inbox holds one message; reading from the socket pauses while it is full
+    limits = TransportLimits(max_queued_messages=1)
+    listener = await listen(LISTEN_URLS[scheme], slow_reader, limits=limits)
+    try:
+        async with await connect(listener.url, limits=limits) as conn:
+            msgs = [torch.zeros(16 << 20, dtype=torch.uint8)] * 3 if scheme == "tcp" else [1, 2, 3]
+            handles = [conn.send_start(m) for m in msgs]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*handles), 0.1)
+            assert not handles[-1].done()
+            go.set()
+            await asyncio.wait_for(asyncio.gather(*handles), 30)
+            for _ in msgs:
+                await got.get()
+    finally:
+        await listener.aclose()
+
+
+async def test_receiver_that_falls_behind_pauses_the_sender_and_loses_nothing(scheme: str):
+    limits = TransportLimits(max_queued_messages=4, shm_min_bytes=1024)
+    received: asyncio.Queue[object] = asyncio.Queue()
+    go = asyncio.Event()
+
+    async def late_reader(conn):
+        await go.wait()
+        while True:
+            received.put_nowait(await conn.recv(timeout=30))
+
+    listener = await listen(LISTEN_URLS[scheme], late_reader, limits=limits)
+    try:
+        async with await connect(listener.url, limits=limits) as conn:
+            handles = [conn.send_start({"i": i, "x": torch.full((500,), i)}) for i in range(60)]
+            go.set()
+            await asyncio.wait_for(asyncio.gather(*handles), 30)
+            for i in range(60):
+                msg = await asyncio.wait_for(received.get(), 10)
+                assert msg["i"] == i and bool((msg["x"] == i).all())
+    finally:
+        await listener.aclose()
+
+
+async def test_local_close_discards_unread_messages(echo_listener: Listener) -> None:
+    conn = await connect(echo_listener.url)
+    await conn.send("echoed back")
+    await conn.aclose()
+    with pytest.raises(TransportError):
+        await conn.recv(timeout=5)
+
+
+async def test_a_handler_that_raises_does_not_stop_the_listener(scheme: str) -> None:
+    async def picky(conn):
+        msg = await conn.recv(timeout=5)
+        if msg == "bad":
+            raise RuntimeError("handler bug")
+        await conn.send(msg)
+
+    listener = await listen(LISTEN_URLS[scheme], picky)
+    try:
+        async with await connect(listener.url) as bad:
+            await bad.send("bad")
+            with pytest.raises(TransportError):
+                await bad.recv(timeout=5)  # its connection was closed
+        async with await connect(listener.url) as good:
+            await good.send("good")
+            assert await good.recv(timeout=5) == "good"
+    finally:
+        await listener.aclose()
