@@ -27,11 +27,14 @@ pytestmark = [
 async def test_dashboard_kill_a_server_and_watch_it_restart(tiny_dir):
     from playwright.async_api import async_playwright
 
-    cfg = engine_config(tiny_dir, placement={"num_expert_servers": 3})
+    # expert servers in their own OS processes: a kill really kills a process (new pid)
+    cfg = engine_config(tiny_dir, placement={"num_expert_servers": 3, "server_mode": "process"})
     async with serving_client(cfg) as client:
         topo = await (await client.get("/admin/api/topology")).json()
         names = [s["name"] for s in topo["servers"]]
         assert len(names) == 3
+        old_pid = topo["servers"][0]["pid"]
+        assert isinstance(old_pid, int)
         stop = asyncio.Event()
         statuses: list[int] = []
 
@@ -62,13 +65,13 @@ async def test_dashboard_kill_a_server_and_watch_it_restart(tiny_dir):
             await page.wait_for_selector(f"#toasts .toast:has-text('kill {victim}: ok')")
             # the row shows the restart, and the server is up again
             await page.wait_for_function(
-                """(name) => {
+                """([name, old]) => {
                     const row = document.querySelector(`#servers tr[data-server="${name}"]`);
                     if (!row) return false;
                     const restarts = Number(row.querySelector('[data-field=restarts]').textContent);
-                    return restarts >= 1
+                    return restarts >= 1 && row.querySelector('[data-field=pid]').textContent !== old
                         && row.querySelector('[data-field=state]').dataset.up === '1';
-                }""", arg=victim, timeout=15_000)
+                }""", arg=[victim, str(old_pid)], timeout=30_000)
             await page.wait_for_selector('#log .ev[data-event="admin.kill_server"]')
             await page.wait_for_selector('#log .ev[data-event="actor_restarted"]')
             served_during = len(statuses)
