@@ -69,7 +69,8 @@ async def test_dashboard_kill_a_server_and_watch_it_restart(tiny_dir):
                     const row = document.querySelector(`#servers tr[data-server="${name}"]`);
                     if (!row) return false;
                     const restarts = Number(row.querySelector('[data-field=restarts]').textContent);
-                    return restarts >= 1 && row.querySelector('[data-field=pid]').textContent !== old
+                    const pid = row.querySelector('[data-field=pid]').textContent;
+                    return restarts >= 1 && pid !== old
                         && row.querySelector('[data-field=state]').dataset.up === '1';
                 }""", arg=[victim, str(old_pid)], timeout=30_000)
             await page.wait_for_selector('#log .ev[data-event="admin.kill_server"]')

@@ -4,6 +4,7 @@ overload, readiness, client disconnects and shutdown drains."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from eaas import SamplingParams
@@ -156,6 +157,14 @@ async def test_client_disconnect_aborts_the_engine_request(tiny_dir):
         metrics = await (await client.get("/metrics")).text()
         aborted = 'eaas_request_success_total{finished_reason="abort",model_name="tiny"} 1.0'
         assert aborted in metrics
+        # a non-streaming client that gives up: the handler is cancelled, the request aborted
+        post = asyncio.ensure_future(client.post("/v1/completions", json={
+            "prompt": [1, 2, 3], "max_tokens": 200, **GREEDY}))
+        await wait_until(lambda: len(state.inflight) == 1)
+        post.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+        await wait_until(lambda: len(state.inflight) == 0 and engine.snapshot()["num_running"] == 0)
 
 
 async def test_shutdown_aborts_in_flight_requests_with_a_reason(tiny_dir):
