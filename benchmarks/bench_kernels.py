@@ -136,14 +136,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def candidates(rows_per_expert: float) -> list[tuple[int, list[GemmConfig]]]:
     """(block_m, GEMM tiles) to sweep; tiles are (block_n, block_k, group_m, warps, stages)."""
     small = [GemmConfig(*c) for c in [(32, 128, 1, 4, 4), (64, 128, 1, 4, 4), (64, 64, 1, 4, 5),
-                                       (16, 256, 1, 4, 4), (16, 128, 1, 2, 6), (128, 128, 1, 4, 3)]]
+                                       (128, 128, 1, 4, 3), (32, 64, 1, 4, 6), (64, 64, 1, 2, 6),
+                                       (32, 128, 1, 2, 4), (128, 64, 1, 4, 4)]]
     big = [GemmConfig(*c) for c in [(64, 64, 8, 4, 4), (128, 64, 8, 4, 4), (128, 64, 8, 8, 4),
-                                     (128, 128, 8, 8, 3), (256, 64, 8, 8, 3), (64, 128, 8, 4, 4)]]
+                                     (128, 64, 8, 8, 3), (128, 64, 8, 8, 5), (256, 64, 8, 8, 3),
+                                     (64, 64, 8, 4, 5), (64, 128, 8, 4, 3), (256, 64, 8, 8, 4)]]
+    huge = [GemmConfig(*c) for c in [(64, 64, 8, 8, 3), (128, 64, 8, 8, 3), (64, 64, 8, 8, 4)]]
     if rows_per_expert <= 8:
         return [(16, small)]
     if rows_per_expert <= 48:
         return [(16, small), (32, small), (64, big)]
-    return [(64, big), (128, big)]
+    return [(64, big), (128, big), (256, huge)]
 
 
 def tune(layer: Layer, top_k: int, deadline: float) -> tuple[MoEConfig, dict]:

@@ -150,7 +150,7 @@ def _fit_stages(cfg: GemmConfig, block_m: int, num_b: int, t: torch.Tensor) -> i
     limit = torch.cuda.get_device_properties(t.device).shared_memory_per_block_optin
     per_stage = (block_m + num_b * cfg.block_n) * cfg.block_k * t.element_size()
     stages = cfg.num_stages
-    while stages > 1 and (stages - 0.5) * per_stage > limit:  # measured: ~(stages - 1.5) buffers
+    while stages > 1 and stages * per_stage > limit:
         stages -= 1
     return stages
 

@@ -58,3 +58,15 @@ def test_combine_triton_matches_reference(num_tokens, k, dtype):
     want = ref.moe_combine_ref(expert_out, weights)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(got, want, **tol)
+
+
+@interpreter_only
+@pytest.mark.parametrize(("num_tokens", "k", "max_programs"), [(33, 8, 3), (130, 8, 128), (40, 2, 1)])
+def test_align_multi_program_path_matches_reference(num_tokens, k, max_programs):
+    """More pairs than one program's BLOCK_N: the count + scatter kernels over several chunks."""
+    gen = torch.Generator().manual_seed(num_tokens * k)
+    topk_ids = torch.randint(0, 200, (num_tokens, k), generator=gen) // 2 * 2  # odd ids empty
+    got = moe_align_block_size_triton(topk_ids, 200, 16, max_programs=max_programs)
+    want = ref.moe_align_block_size_ref(topk_ids, 200, 16)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
