@@ -34,7 +34,7 @@ from triton.testing import do_bench
 from eaas_kernels import reference as ref
 from eaas_kernels import topk_softmax
 from eaas_kernels.configs import GemmConfig, MoEConfig, default_config, shape_key
-from eaas_kernels.grouped_gemm import fused_moe_triton, launch_down, launch_gate_up
+from eaas_kernels.grouped_gemm import fused_moe_triton, launch_down, launch_gate_up, moe_config_for
 from eaas_kernels.moe_align import moe_align_block_size_triton
 
 SHAPES = {"qwen3-30b-a3b": (128, 8, 2048, 768), "deepseek-v3": (256, 8, 7168, 2048)}
@@ -216,7 +216,7 @@ def main() -> None:
         key = shape_key(num_experts, hidden, ffn, "bfloat16")
         for num_tokens in tokens:
             layer = make_layer(num_experts, top_k, hidden, ffn, num_tokens, (w_gate_up, w_down))
-            cfg = default_config(num_tokens * top_k, num_experts)
+            cfg = moe_config_for(layer.x, w_gate_up, num_tokens, top_k)  # kernels/configs or heuristic
             if args.tune and time.time() - start < args.budget_s:
                 print(f"tuning {name} T={num_tokens}", flush=True)
                 cfg, log = tune(layer, top_k, start + args.budget_s)
