@@ -97,3 +97,18 @@ def test_fuzzed_frames_raise_only_frame_error(junk: bytes, header_len: int, body
             decode_message(frame)
         except FrameError:
             pass
+
+
+@pytest.mark.parametrize("field,value", [("max_frame_bytes", 0), ("max_tensors", -1),
+                                         ("shm_min_bytes", 1.5), ("max_queued_messages", True)])
+def test_limits_reject_bad_values_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        TransportLimits(**{field: value})
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:5000", "udp://x:1", "tcp://nohostport", "shm://host/x"])
+async def test_bad_urls_raise_value_error_listing_what_is_allowed(url: str) -> None:
+    from eaas.transport import connect
+
+    with pytest.raises(ValueError, match="tcp://|shm:///"):
+        await connect(url)
