@@ -24,6 +24,14 @@ __all__ = ["DecoderLayer", "ReferenceModel"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool) -> torch.Tensor:
+    """RMSNorm of h: [T, H]; computed row by row when batch_invariant (a GPU reduction may pick
+    its strategy by the number of rows)."""
+    if batch_invariant:
+        return ops.rowwise(lambda row: ops.rms_norm(row, weight, eps), h)
+    return ops.rms_norm(h, weight, eps)
+
+
 class DecoderLayer:
     """One decoder layer: attention block, then a dense MLP or router + routed experts (+ shared)."""
 
@@ -38,8 +46,10 @@ class DecoderLayer:
         experts: ExpertBank | None,
         shared: MLP | None,
         dense: MLP | None,
+        batch_invariant: bool = False,
     ) -> None:
         self.cfg, self.layer_idx, self.is_moe = cfg, layer_idx, router is not None
+        self.batch_invariant = batch_invariant
         self.input_norm, self.post_norm = input_norm, post_norm
         self.attention, self._router, self.experts = attention, router, experts
         self._shared, self._dense = shared, dense
@@ -87,6 +97,7 @@ class DecoderLayer:
             experts,
             shared,
             dense,
+            batch_invariant,
         )
 
     def attention_block(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -96,8 +107,8 @@ class DecoderLayer:
         )
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
-        """Post-attention RMSNorm. h: [T, H] -> x: [T, H]."""
-        return ops.rms_norm(h, self.post_norm, self.cfg.rms_norm_eps)
+        """Post-attention RMSNorm. h: [T, H] -> x: [T, H] (row by row when batch_invariant)."""
+        return _norm(h, self.post_norm, self.cfg.rms_norm_eps, self.batch_invariant)
 
     def router(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K]); final weights."""
@@ -194,7 +205,8 @@ class ReferenceModel:
         return self.embed_weight[input_ids.to(self.embed_weight.device)]
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(h, self.norm_weight, self.config.rms_norm_eps)
+        """Final RMSNorm. h: [T, H] -> [T, H] (row by row when batch_invariant)."""
+        return _norm(h, self.norm_weight, self.config.rms_norm_eps, self.batch_invariant)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h: [T, H] (final-normed) -> logits float32 [T, V]."""

@@ -43,7 +43,11 @@ def test_cuda_batch_invariant_rows(tiny_dir, arch, dtype):
     ids = torch.randint(0, cfg.num_experts, (33,), generator=gen).cuda()
     out = bank.forward(x, ids)
     topk_ids, topk_w = model.layers[layer].router(x)
+    normed, logits = model.layers[layer].ffn_input(x), model.lm_head(model.final_norm(x))
     for n in range(33):
+        row = x[n : n + 1]
+        assert torch.equal(model.layers[layer].ffn_input(row)[0], normed[n]), f"norm row {n}"
+        assert torch.equal(model.lm_head(model.final_norm(row))[0], logits[n]), f"head row {n}"
         assert torch.equal(bank.forward(x[n : n + 1], ids[n : n + 1])[0], out[n]), f"expert row {n}"
         i1, w1 = model.layers[layer].router(x[n : n + 1])
         assert torch.equal(i1[0], topk_ids[n]) and torch.equal(w1[0], topk_w[n]), f"router row {n}"

@@ -44,12 +44,15 @@ def test_router_rows_are_batch_invariant(tiny_dir, arch):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
-def test_shared_expert_and_lm_head_rows_are_batch_invariant(tiny_dir, arch):
+def test_norms_shared_expert_and_lm_head_rows_are_batch_invariant(tiny_dir, arch):
     model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
     layer = _moe_layer(model)
     x = torch.randn(33, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     shared, logits = layer.shared_expert(x), model.lm_head(x)
+    normed, final = layer.ffn_input(x), model.final_norm(x)
     for n in range(33):
+        assert torch.equal(layer.ffn_input(x[n : n + 1])[0], normed[n]), f"ffn_input row {n}"
+        assert torch.equal(model.final_norm(x[n : n + 1])[0], final[n]), f"final_norm row {n}"
         assert torch.equal(layer.shared_expert(x[n : n + 1])[0], shared[n]), f"shared row {n}"
         assert torch.equal(model.lm_head(x[n : n + 1])[0], logits[n]), f"lm_head row {n}"
 
