@@ -161,9 +161,10 @@ async def replicate_expert(request: web.Request) -> web.Response:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ApiError(400, f"{key} must be an integer >= 0, got {v!r}", param=key)
         ids[key] = v
+    layer, expert = ids["layer"], ids["expert"]
     result = await _act(request, "replicate_expert",
-                        request.app[STATE].engine.replicate_expert(ids["layer"], ids["expert"]),
-                        **ids)
+                        request.app[STATE].engine.replicate_expert(layer, expert),
+                        layer=layer, expert=expert)
     return web.json_response({"replicated": ids, "server": result}, dumps=_dumps)
 
 

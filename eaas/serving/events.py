@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from aiohttp import web
@@ -100,7 +100,7 @@ class EventHub:
             sub.wake.set()
 
     async def subscribe(self, after_id: int | None = None,
-                        heartbeat_s: float = 15.0) -> AsyncIterator[tuple[int, dict] | None]:
+                        heartbeat_s: float = 15.0) -> AsyncGenerator[tuple[int, dict] | None, None]:
         """History after `after_id` (all if None), then live events; None = heartbeat due."""
         sub = _Subscriber(self._queue_size)
         for item in self._history:

@@ -111,7 +111,7 @@ def parse_chat(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
     except (ValueError, TypeError, KeyError) as e:
         raise ApiError(400, f"messages cannot be rendered by the chat template: {e}",
                        param="messages") from None
-    prompts = [(text, tokenizer.encode(text))]
+    prompts: list[tuple[str | list[int], list[int]]] = [(text, tokenizer.encode(text))]
     return _plan("chat", f, model, prompts, max_tokens, tokenizer, max_model_len, False)
 
 
@@ -122,7 +122,8 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     f.int_("n", 1, 1, 1, allowed="1 (eaas returns one sequence per prompt)")
     temperature = f.num("temperature", 1.0, lo=0.0)
     top_p = f.num("top_p", 1.0, lo=0.0, lo_open=True, hi=1.0)
-    top_k = f.int_("top_k", -1, -1, None, allowed="-1 or 0 (off) or an integer >= 1")
+    top_k_given = f.int_("top_k", None, -1, None, allowed="-1 or 0 (off) or an integer >= 1")
+    top_k = -1 if top_k_given is None else top_k_given
     seed = f.int_("seed", None, -_INT64, _INT64 - 1)
     for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0),
                           ("repetition_penalty", 1), ("min_p", 0), ("min_tokens", 0)):
