@@ -21,6 +21,11 @@ Receiving:
   keep before releasing; hold leases briefly, since a held slot stalls the sender once its
   pool is used up. Releasing is idempotent; a lease never released pins its slot until the
   connection closes.
+
+Credits are returned by the receiver's `recv`/`release`, not by its socket reader: two peers
+that each await a send while neither receives can stall once both pools are full (tcp:// has
+the same hazard once socket buffers and inboxes fill). RpcClient/serve_rpc always keep
+reading, so RPC traffic never stalls this way.
 """
 
 from __future__ import annotations
