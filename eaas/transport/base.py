@@ -22,7 +22,6 @@ import collections
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
-from eaas.errors import TransportError
 from eaas.transport.limits import TransportLimits
 
 __all__ = ["Connection", "Listener", "SendHandle", "Lease", "Handler"]
@@ -193,6 +192,3 @@ class Inbox:
             self._on_low()
         return item
 
-
-def closed_error(what: str = "connection is closed") -> TransportError:
-    return TransportError(what)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from eaas.transport.base import Connection, Handler, Listener
+from eaas.transport.cudaipc import cudaipc_connect, cudaipc_listen
 from eaas.transport.inproc import inproc_connect, inproc_listen
 from eaas.transport.limits import TransportLimits
 from eaas.transport.shm import shm_connect, shm_listen
@@ -12,6 +13,7 @@ __all__ = ["connect", "listen", "SCHEMES"]
 
 _LISTEN = {"inproc": inproc_listen, "tcp": tcp_listen, "shm": shm_listen}
 _CONNECT = {"inproc": inproc_connect, "tcp": tcp_connect, "shm": shm_connect}
+_LISTEN["cudaipc"], _CONNECT["cudaipc"] = cudaipc_listen, cudaipc_connect
 SCHEMES = tuple(_LISTEN)
 
 

@@ -1,0 +1,473 @@
+"""cudaipc:///path/to.sock — same-host GPU transport: CUDA tensors travel as CUDA IPC handles.
+
+Control bytes (msgpack headers, CPU tensors inline exactly as on tcp://) go over a unix socket.
+CUDA tensors never touch the socket and are never pickled: each connection end owns a pool of
+device *slots* (one `torch.empty(uint8)` per slot, exported once with torch's CUDA IPC
+`_share_cuda_`, opened once by the receiver with `_new_shared_cuda`) plus one inter-process
+CUDA event per slot. Sending a message copies its CUDA tensors (grouped per device) into a free
+slot on that device on the sender's current stream and records the slot's event; the header
+names the slot, dtype/shape/offset of each tensor. A process started later (a restarted or
+newly added expert server) just connects: nothing is fixed at start-up, unlike NVSHMEM.
+
+Credits: a slot is busy from the send until the receiver's RELEASE frame for it; the sender
+never writes into a busy slot. With no free slot and the per-device pool
+(`limits.shm_pool_bytes`) used up, sends queue in order until a release arrives.
+
+Receiving (never blocks the event loop; no `torch.cuda.synchronize()`):
+- the receiver's current stream on the slot's device waits on the slot's IPC event;
+- `recv()` copies each CUDA tensor out of the slot into a fresh tensor on the SAME device index
+  it was sent from (stream-ordered, so the caller may use it at once on that stream), records
+  an event and releases the slot when a poll sees that event complete;
+- `recv_lease()` is zero-copy: the tensors ALIAS the slot until `lease.release()` (same hazard
+  as shm://: values change after release once the sender reuses the slot).
+
+Both processes must see the same devices (same CUDA_VISIBLE_DEVICES) and share a host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import msgpack
+import torch
+
+from eaas.errors import FrameError, TransportError
+from eaas.transport.base import Handler, Lease, SendHandle
+from eaas.transport.codec import (DTYPES, EXT_TENSOR, EXT_TUPLE, KIND_MESSAGE, MAGIC, PREFIX,
+                                  EncodedMessage, build_tensors, check_frame_size, flatten)
+from eaas.transport.limits import TransportLimits
+from eaas.transport.stream import _NOTHING, StreamConnection, StreamListener
+
+__all__ = ["CudaIpcConnection", "cudaipc_connect", "cudaipc_listen"]
+
+EXT_CUDA = 3
+KIND_RELEASE = 1  # receiver -> sender: "r": [slot ids] free again
+KIND_DROP = 2  # sender -> receiver: "d": slot id evicted, forget it
+ALIGN = 256
+_MIN_SLOT = 1 << 20
+_POLL_S = 2e-4
+_COUNTER = itertools.count()
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One exported device buffer (sender side) or its opened mapping (receiver side)."""
+
+    slot_id: int
+    device: int
+    size: int
+    flat: torch.Tensor | None  # [size] uint8 on cuda:device
+    event: Any  # torch.cuda.Event(interprocess=True)
+    spec: list[Any] = field(default_factory=list)  # what the receiver needs to open it
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    tree: bytes
+    cpu: EncodedMessage  # CPU tensors (inline body)
+    entries: list[tuple[torch.Tensor, int, list[Any]]]  # in message order: (tensor, device, desc)
+    sizes: dict[int, int]  # device -> bytes needed in its slot
+
+
+def _flatten(msg: Any, limits: TransportLimits) -> _Outgoing:
+    """Pack `msg`: CPU tensors as codec does, CUDA tensors as EXT_CUDA references."""
+    cpu_tensors: list[torch.Tensor] = []
+    cuda: list[torch.Tensor] = []
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if obj.dtype not in _DTYPE_NAMES:
+                raise TypeError(f"tensor dtype {obj.dtype} cannot be sent; allowed: {list(DTYPES)}")
+            if obj.dim() > limits.max_ndim:
+                raise ValueError(f"tensor has {obj.dim()} dims > max_ndim={limits.max_ndim}")
+            if len(cpu_tensors) + len(cuda) >= limits.max_tensors:
+                raise ValueError(f"message has more than max_tensors={limits.max_tensors} tensors")
+            if obj.is_cuda:
+                cuda.append(obj.detach())
+                return msgpack.ExtType(EXT_CUDA, msgpack.packb(len(cuda) - 1))
+            cpu_tensors.append(obj)
+            return msgpack.ExtType(EXT_TENSOR, msgpack.packb(len(cpu_tensors) - 1))
+        if isinstance(obj, tuple):
+            return msgpack.ExtType(EXT_TUPLE, pack(list(obj)))
+        if isinstance(obj, (bytearray, memoryview)):
+            return bytes(obj)
+        raise TypeError(f"cannot send object of type {type(obj).__name__}; allowed leaves: str, "
+                        "int, float, bool, None, bytes, torch.Tensor in dict/list/tuple")
+
+    def pack(obj: Any) -> bytes:
+        return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
+
+    tree = pack(msg)
+    cpu = flatten(cpu_tensors, limits)  # reuses codec's layout for the inline body
+    cpu.tree = tree
+    entries: list[tuple[torch.Tensor, int, list[Any]]] = []
+    sizes: dict[int, int] = {}
+    for t in cuda:
+        dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
+        offset = sizes.get(dev, 0)
+        entries.append((t, dev, [_DTYPE_NAMES[t.dtype], list(t.shape), offset]))
+        sizes[dev] = _align(offset + t.numel() * t.element_size())
+    return _Outgoing(tree, cpu, entries, sizes)
+
+
+class CudaIpcConnection(StreamConnection):
+    """A StreamConnection on a unix socket whose CUDA tensors go through exported device slots."""
+
+    def __init__(self, url: str, limits: TransportLimits, on_made: Any = None) -> None:
+        super().__init__(url, limits, on_made)
+        self._slot_ids = itertools.count()
+        self._slots: dict[int, _Slot] = {}  # mine (sending side)
+        self._free: list[int] = []
+        self._pool_bytes: dict[int, int] = {}  # device -> bytes of my slots on it
+        self._pending: collections.deque[tuple[_Outgoing, asyncio.Future[None]]] = (
+            collections.deque())
+        self._attached: dict[int, _Slot] = {}  # the peer's (receiving side)
+        self._releasing: list[tuple[Any, list[int]]] = []  # (event, slot ids) awaiting the GPU
+        self._poll: asyncio.TimerHandle | None = None
+
+    # ---- sending ----------------------------------------------------------------------
+    def send_start(self, msg: Any) -> SendHandle:
+        self._check_open()
+        out = _flatten(msg, self.limits)
+        for dev, size in out.sizes.items():
+            if size > self.limits.shm_pool_bytes:
+                raise ValueError(f"message's CUDA tensors on cuda:{dev} total {size} bytes > "
+                                 f"shm_pool_bytes={self.limits.shm_pool_bytes}")
+        check_frame_size(len(out.cpu.header()) + 256 * len(out.sizes), out.cpu.body_bytes,
+                         self.limits)
+        if not self._pending:
+            handle = self._try_send(out)
+            if handle is not None:
+                return handle
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((out, future))
+        return SendHandle(future)
+
+    def _try_send(self, out: _Outgoing) -> SendHandle | None:
+        taken: list[_Slot] = []
+        for dev, size in out.sizes.items():
+            slot = self._acquire(dev, size)
+            if slot is None:
+                self._free.extend(s.slot_id for s in taken)
+                return None
+            taken.append(slot)
+        index = {slot.device: slot for slot in taken}
+        for t, dev, (_, _, offset) in out.entries:
+            nbytes = t.numel() * t.element_size()
+            flat = index[dev].flat
+            assert flat is not None
+            if nbytes:
+                with torch.cuda.device(dev):
+                    flat[offset:offset + nbytes].view(t.dtype).view(t.shape).copy_(t)
+        for slot in taken:  # the receiver's stream waits on this before reading
+            slot.event.record(torch.cuda.current_stream(slot.device))
+        cuda_descs = [[*desc, index[dev].slot_id] for _, dev, desc in out.entries]
+        slot_specs = [slot.spec for slot in taken]
+        header = out.cpu.header(KIND_MESSAGE, c=cuda_descs, s=slot_specs)
+        parts = [PREFIX.pack(MAGIC, len(header), out.cpu.body_bytes) + header]
+        parts += out.cpu.frame_parts(self.limits)[1:]
+        return self._write_parts(parts)
+
+    def _acquire(self, device: int, nbytes: int) -> _Slot | None:
+        fits = [i for i in self._free
+                if self._slots[i].device == device and self._slots[i].size >= nbytes]
+        if fits:
+            best = min(fits, key=lambda i: self._slots[i].size)
+            self._free.remove(best)
+            return self._slots[best]
+        used = self._pool_bytes.get(device, 0)
+        size = max(_MIN_SLOT, 1 << (max(nbytes, 1) - 1).bit_length())
+        size = min(size, max(nbytes, self.limits.shm_pool_bytes - used))
+        while used + size > self.limits.shm_pool_bytes:
+            mine = [i for i in self._free if self._slots[i].device == device]
+            if not mine:
+                return None
+            self._evict(max(mine, key=lambda i: self._slots[i].size))
+            used = self._pool_bytes.get(device, 0)
+        return self._create(device, size)
+
+    def _create(self, device: int, size: int) -> _Slot:
+        flat = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device}")  # [size]
+        event = torch.cuda.Event(interprocess=True, disable_timing=True)
+        with torch.cuda.device(device):
+            event.record(torch.cuda.current_stream(device))  # an IPC handle needs a record
+            share = flat.untyped_storage()._share_cuda_()
+            event_handle = bytes(event.ipc_handle())
+        slot_id = next(self._slot_ids)
+        # share: (device, handle, size, offset, ref_handle, ref_offset, event_handle, sync)
+        spec = [slot_id, int(share[0]), bytes(share[1]), int(share[2]), int(share[3]),
+                bytes(share[4]), int(share[5]), bytes(share[6] or b""), bool(share[7]),
+                event_handle, size]
+        slot = _Slot(slot_id, device, size, flat, event, spec)
+        self._slots[slot_id] = slot
+        self._pool_bytes[device] = self._pool_bytes.get(device, 0) + size
+        return slot
+
+    def _evict(self, slot_id: int) -> None:
+        self._free.remove(slot_id)
+        slot = self._slots.pop(slot_id)
+        self._pool_bytes[slot.device] -= slot.size
+        slot.flat = None
+        self._send_control(KIND_DROP, d=slot_id)
+
+    def _send_control(self, kind: int, **extra: Any) -> None:
+        if self._closed or self._transport is None or self._transport.is_closing():
+            return
+        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
+        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
+
+    def _flush_pending(self) -> None:
+        while self._pending and not self._closed:
+            out, future = self._pending[0]
+            handle = self._try_send(out)
+            if handle is None:
+                return
+            self._pending.popleft()
+            if not future.done():
+                if handle.done():
+                    future.set_result(None)
+                else:
+                    self._drain_waiters.append(future)
+
+    # ---- receiving --------------------------------------------------------------------
+    def _on_frame(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
+        kind = head["k"]
+        if kind == KIND_RELEASE:
+            ids = head.get("r")
+            if not isinstance(ids, list):
+                raise FrameError(f"malformed release {ids!r}")
+            for slot_id in ids:
+                if slot_id not in self._slots or slot_id in self._free:
+                    raise FrameError(f"release of slot {slot_id!r} that is not in use")
+                self._free.append(slot_id)
+            self._flush_pending()
+            return _NOTHING
+        if kind == KIND_DROP:
+            slot = self._attached.pop(head.get("d"), None)  # type: ignore[arg-type]
+            if slot is not None:
+                slot.flat = None
+            return _NOTHING
+        if kind != KIND_MESSAGE:
+            raise FrameError(f"unexpected frame kind {kind!r}")
+        cpu = build_tensors(head["t"], body, self.limits)
+        descs, specs = head.get("c", []), head.get("s", [])
+        if not isinstance(descs, list) or not isinstance(specs, list):
+            raise FrameError("malformed cudaipc header: 'c' and 's' must be arrays")
+        slots = {}
+        for spec in specs:
+            slot = self._attach(spec)
+            slots[slot.slot_id] = slot
+        views = [self._view(desc, slots) for desc in descs]
+        _unflatten(head["m"], cpu, views)  # validate now; rebuilt at recv
+        return _IpcItem(head["m"], cpu, views, list(slots.values()))
+
+    def _attach(self, spec: Any) -> _Slot:
+        try:
+            (slot_id, device, handle, size, offset, ref_handle, ref_offset, share_event,
+             share_sync, event_handle, slot_size) = spec
+            if not (isinstance(slot_id, int) and isinstance(device, int) and 0 <= device
+                    and isinstance(handle, bytes) and isinstance(ref_handle, bytes)
+                    and isinstance(event_handle, bytes) and isinstance(share_event, bytes)
+                    and isinstance(share_sync, bool) and isinstance(size, int)
+                    and isinstance(offset, int) and isinstance(ref_offset, int)
+                    and isinstance(slot_size, int)
+                    and 0 < slot_size <= min(size, self.limits.shm_pool_bytes)):
+                raise ValueError
+        except (ValueError, TypeError):
+            raise FrameError(f"malformed cudaipc slot reference {spec!r}"[:200]) from None
+        slot = self._attached.get(slot_id)
+        if slot is not None:
+            if slot.spec != spec:
+                raise FrameError(f"slot {slot_id} reused with a new handle without a DROP")
+            return slot
+        if not torch.cuda.is_available() or device >= torch.cuda.device_count():
+            raise FrameError(f"peer sent a CUDA tensor on cuda:{device}, which this process "
+                             "cannot see (same host and CUDA_VISIBLE_DEVICES needed)")
+        torch.cuda._lazy_init()
+        storage = torch.UntypedStorage._new_shared_cuda(
+            device, handle, size, offset, ref_handle, ref_offset, share_event or None, share_sync)
+        flat = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}").set_(
+            storage, 0, (slot_size,), (1,))  # [slot_size]
+        event = torch.cuda.Event.from_ipc_handle(device, event_handle)
+        slot = _Slot(slot_id, device, slot_size, flat, event, list(spec))
+        self._attached[slot_id] = slot
+        return slot
+
+    def _view(self, desc: Any, slots: dict[int, _Slot]) -> torch.Tensor:
+        try:
+            name, shape, offset, slot_id = desc
+            dtype = DTYPES[name]
+            slot = slots[slot_id]
+            if (not isinstance(shape, list) or len(shape) > self.limits.max_ndim
+                    or not all(isinstance(d, int) and d >= 0 for d in shape)
+                    or not isinstance(offset, int) or offset < 0 or offset % dtype.itemsize):
+                raise ValueError
+        except (ValueError, TypeError, KeyError):
+            raise FrameError(f"malformed CUDA tensor descriptor {desc!r}") from None
+        nbytes = dtype.itemsize
+        for d in shape:
+            nbytes *= d
+        if offset + nbytes > slot.size:
+            raise FrameError(f"CUDA tensor {desc!r} does not fit slot {slot_id} of {slot.size} B")
+        assert slot.flat is not None
+        return slot.flat[offset:offset + nbytes].view(dtype).view(shape)
+
+    def _wait_slots(self, item: _IpcItem) -> None:
+        for slot in item.slots:  # the sender's copies into the slot come first
+            torch.cuda.current_stream(slot.device).wait_event(slot.event)
+
+    def _release_later(self, item: _IpcItem) -> None:
+        """Send RELEASE for the item's slots once this process's reads of them are done."""
+        events = []
+        for slot in item.slots:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(slot.device))
+            events.append(event)
+        self._releasing.append((events, [s.slot_id for s in item.slots]))
+        self._schedule_poll()
+
+    def _schedule_poll(self) -> None:
+        if self._poll is None and self._releasing and not self._closed:
+            self._poll = asyncio.get_running_loop().call_later(_POLL_S, self._poll_releases)
+
+    def _poll_releases(self) -> None:
+        self._poll = None
+        still = []
+        done: list[int] = []
+        for events, ids in self._releasing:
+            if all(e.query() for e in events):
+                done.extend(ids)
+            else:
+                still.append((events, ids))
+        self._releasing = still
+        if done:
+            self._send_control(KIND_RELEASE, r=done)
+        self._schedule_poll()
+
+    async def recv(self, timeout: float | None = None) -> Any:
+        item = await self._inbox.get(timeout)
+        if not isinstance(item, _IpcItem):
+            return item
+        self._wait_slots(item)
+        owned = [v.clone() for v in item.views]  # stream-ordered copies out of the slots
+        msg = _unflatten(item.tree, item.cpu, owned)
+        self._release_later(item)
+        return msg
+
+    async def recv_lease(self, timeout: float | None = None) -> Lease:
+        item = await self._inbox.get(timeout)
+        if not isinstance(item, _IpcItem):
+            return Lease(item)
+        self._wait_slots(item)
+        msg = _unflatten(item.tree, item.cpu, item.views)
+        return Lease(msg, lambda: self._release_later(item))
+
+    # ---- teardown ---------------------------------------------------------------------
+    def _on_closed(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        pending, self._pending = self._pending, collections.deque()
+        for _, future in pending:
+            if not future.done():
+                future.set_exception(TransportError(f"connection to {self.url} closed before "
+                                                    "a device slot was free"))
+        for slot in self._attached.values():
+            slot.flat = None
+        self._attached.clear()
+        self._releasing.clear()
+        # Our own slots: torch's IPC ref counting keeps their memory out of reuse until the
+        # peer has dropped its mapping, so plain dropping is safe here.
+        self._slots.clear()
+        self._free.clear()
+        self._pool_bytes.clear()
+
+
+@dataclass(slots=True)
+class _IpcItem:
+    tree: bytes
+    cpu: list[torch.Tensor]
+    views: list[torch.Tensor]
+    slots: list[_Slot]
+
+
+def _unflatten(tree: bytes, cpu: list[torch.Tensor], cuda: list[torch.Tensor]) -> Any:
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code in (EXT_TENSOR, EXT_CUDA):
+            table = cpu if code == EXT_TENSOR else cuda
+            index = msgpack.unpackb(data)
+            if not isinstance(index, int) or not 0 <= index < len(table):
+                raise FrameError(f"tensor reference {index!r} out of range")
+            return table[index]
+        if code == EXT_TUPLE:
+            return tuple(unpack(data))
+        raise FrameError(f"unknown msgpack extension type {code}")
+
+    def unpack(data: bytes) -> Any:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook)
+
+    try:
+        return unpack(tree)
+    except FrameError:
+        raise
+    except Exception as exc:
+        raise FrameError(f"malformed message tree: {exc!r}") from None
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "cudaipc" or parts.netloc:
+        raise ValueError(f"bad cudaipc URL {url!r}: expected cudaipc:///absolute/socket/path "
+                         "(or cudaipc:// to listen on a fresh path)")
+    return parts.path
+
+
+class CudaIpcListener(StreamListener):
+    """StreamListener on a unix socket; removes the socket file on close."""
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        try:
+            os.unlink(_path(self.url))
+        except FileNotFoundError:
+            pass
+
+
+async def cudaipc_listen(url: str, handler: Handler, limits: TransportLimits) -> CudaIpcListener:
+    path = _path(url) or os.path.join(
+        tempfile.gettempdir(),
+        f"eaas-ipc-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
+    listener = CudaIpcListener(handler, limits, conn_class=CudaIpcConnection)
+    listener.url = f"cudaipc://{path}"
+    try:
+        listener._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {url}: {exc}") from exc
+    return listener
+
+
+async def cudaipc_connect(url: str, timeout: float, limits: TransportLimits) -> CudaIpcConnection:
+    path = _path(url)
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await asyncio.get_running_loop().create_unix_connection(
+                lambda: CudaIpcConnection(url, limits), path)
+    except TimeoutError:
+        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {url}: {exc}") from exc
+    return conn
