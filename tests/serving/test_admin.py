@@ -82,19 +82,49 @@ async def test_event_stream_resumes_after_last_event_id(tiny_dir):
         assert resumed[0]["_id"] == evs[2]["_id"]
 
 
-async def test_admin_actions_need_the_token_and_map_engine_errors(tiny_dir):
+async def test_admin_actions_need_the_token(tiny_dir):
     async with serving_client(engine_config(tiny_dir)) as client:
         actions = [("POST", "/admin/api/servers", None),
                    ("DELETE", "/admin/api/servers/expert-1", None),
+                   ("POST", "/admin/api/servers/expert-1/kill", None),
                    ("POST", "/admin/api/experts/replicate", {"layer": 0, "expert": 1}),
                    ("POST", "/admin/api/rebalance", None)]
         for method, path, body in actions:
-            assert (await client.request(method, path, json=body)).status == 401
-        for method, path, body in actions:
-            resp = await client.request(method, path, json=body, headers=admin_headers())
-            payload = await resp.json()
-            # an engine action that is not implemented yet is a 501 with an OpenAI error body
-            assert resp.status in (200, 201, 501), payload
-            if resp.status == 501:
-                assert payload["error"]["type"] == "NotImplementedError"
-                assert payload["error"]["code"] == 501 and payload["error"]["message"]
+            resp = await client.request(method, path, json=body)
+            assert resp.status == 401, (path, await resp.text())
+        topo = await (await client.get("/admin/api/topology")).json()
+        assert [s["name"] for s in topo["servers"]] == ["expert-0", "expert-1"]  # untouched
+
+
+async def test_add_replicate_rebalance_remove(tiny_dir):
+    cfg = engine_config(tiny_dir, placement={"expert_replicas": 1})
+    async with serving_client(cfg) as client:
+        h = admin_headers()
+
+        async def topology() -> dict:
+            return await (await client.get("/admin/api/topology")).json()
+
+        table = (await topology())["routing"]["table"]
+        layer = sorted(table, key=int)[0]
+        expert = next(e for e, hosts in table[layer].items() if len(hosts) == 1)
+        resp = await client.post("/admin/api/experts/replicate", headers=h,
+                                 json={"layer": int(layer), "expert": int(expert)})
+        assert resp.status == 200, await resp.text()
+        assert len((await topology())["routing"]["table"][layer][expert]) == 2
+
+        resp = await client.post("/admin/api/servers", headers=h)
+        assert resp.status == 201, await resp.text()
+        added = (await resp.json())["name"]
+        assert added in [s["name"] for s in (await topology())["servers"]]
+
+        resp = await client.post("/admin/api/rebalance", headers=h)
+        assert resp.status == 200, await resp.text()
+
+        resp = await client.delete(f"/admin/api/servers/{added}", headers=h)
+        assert resp.status == 200, await resp.text()
+        assert added not in [s["name"] for s in (await topology())["servers"]]
+        req = {"prompt": [7, 8, 9], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        assert (await client.post("/v1/completions", json=req)).status == 200
+
+        resp = await client.delete("/admin/api/servers/no-such-server", headers=h)
+        assert resp.status == 404 and (await resp.json())["error"]["param"] == "name"
