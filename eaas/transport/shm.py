@@ -52,7 +52,7 @@ from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
 from eaas.transport.limits import TransportLimits
 from eaas.transport.stream import _NOTHING, StreamConnection, StreamListener
 
-__all__ = ["ShmConnection", "shm_connect", "shm_listen"]
+__all__ = ["ShmConnection", "shm_connect", "shm_listen", "remove_stale_segments"]
 
 KIND_RELEASE = 1  # receiver -> sender: "r": slot id is free again
 KIND_DROP = 2  # sender -> receiver: "d": slot id is evicted, unmap it
@@ -289,6 +289,29 @@ class _ShmItem:
     head: dict[str, Any]
     slot_id: int
     views: list[torch.Tensor]
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink shared-memory slot names left by eaas processes that no longer exist.
+
+    A name is normally unlinked as soon as the receiver maps it, so only a sender killed with a
+    message still in flight leaves one behind. Names carry the creator's pid; this removes the
+    names whose pid is not a live process *in this pid namespace* (do not run it where another
+    container shares /dev/shm). Returns the names removed. Never called implicitly.
+    """
+    removed = []
+    for name in os.listdir(SHM_DIR):
+        if not _NAME_RE.match(name):
+            continue
+        pid = int(name.split("-")[1], 16)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            _unlink(name)
+            removed.append(name)
+        except PermissionError:
+            pass  # alive, owned by someone else
+    return removed
 
 
 def _unlink(name: str) -> None:

@@ -117,3 +117,19 @@ async def test_hostile_slot_reference_is_a_frame_error(slot: object) -> None:
         writer.close()
     finally:
         await listener.aclose()
+
+
+def test_remove_stale_segments_only_removes_names_of_dead_pids() -> None:
+    from eaas.transport.shm import remove_stale_segments
+
+    dead = os.path.join(SHM_DIR, "eaas-7ffffffe-00-0")  # above pid_max: never a live process
+    alive = os.path.join(SHM_DIR, f"eaas-{os.getpid():x}-00-0")
+    for path in (dead, alive):
+        open(path, "wb").close()
+    try:
+        assert "eaas-7ffffffe-00-0" in remove_stale_segments()
+        assert os.path.exists(alive) and not os.path.exists(dead)
+    finally:
+        for path in (dead, alive):
+            if os.path.exists(path):
+                os.unlink(path)
