@@ -145,6 +145,27 @@ class FaultConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BalanceConfig:
+    """Load window, and the EPLB-style placement planner (replicates hot experts online)."""
+
+    window_s: float = 30.0  # sliding window of routed-token counts
+    auto: bool = False  # run the planner every interval_s while serving
+    interval_s: float = 10.0
+    max_experts_per_server: int | None = None  # per layer; None: no memory limit
+    max_new_replicas: int = 8  # per layer per planning round
+    stall_timeout_s: float = 60.0  # planner progress watchdog
+
+    def __post_init__(self) -> None:
+        _num("balance.window_s", self.window_s, 0, strict=True)
+        _check(isinstance(self.auto, bool), "balance.auto", self.auto, "true or false")
+        _num("balance.interval_s", self.interval_s, 0, strict=True)
+        if self.max_experts_per_server is not None:
+            _int("balance.max_experts_per_server", self.max_experts_per_server, 1)
+        _int("balance.max_new_replicas", self.max_new_replicas, 0)
+        _num("balance.stall_timeout_s", self.stall_timeout_s, 0, strict=True)
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything the engine needs. `model` is a Hugging Face checkpoint directory."""
 
@@ -159,6 +180,7 @@ class EngineConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, (str, Path)) and str(self.model) != "", "model", self.model,
@@ -171,7 +193,8 @@ class EngineConfig:
         _check(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant,
                "true or false")
         for name, cls in (("placement", PlacementConfig), ("batching", BatchingConfig),
-                          ("scheduler", SchedulerConfig), ("fault", FaultConfig)):
+                          ("scheduler", SchedulerConfig), ("fault", FaultConfig),
+                          ("balance", BalanceConfig)):
             _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                    f"a {cls.__name__}")
 

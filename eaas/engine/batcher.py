@@ -30,6 +30,7 @@ class Batcher(Actor):
         # layer -> [(monotonic arrival time, unit)] in arrival order (unit ids are per shard)
         self._pending: dict[int, list[tuple[float, WorkUnit]]] = defaultdict(list)
         self._wake = asyncio.Event()
+        self._busy = False  # a call to the server is out
         self.stats = {"flushes": 0, "rows": 0, "units": 0, "full_flushes": 0, "timer_flushes": 0,
                       "multi_shard_flushes": 0, "failed_calls": 0}
 
@@ -44,7 +45,7 @@ class Batcher(Actor):
         if isinstance(msg, Ping):
             return "pong"
         if isinstance(msg, Stats):
-            return dict(self.stats, pending_rows=self.pending_rows())
+            return dict(self.stats, pending_rows=self.pending_rows(), busy=int(self._busy))
         raise TypeError(f"Batcher {self.server} cannot handle {type(msg).__name__}")
 
     def pending_rows(self) -> int:
@@ -101,6 +102,7 @@ class Batcher(Actor):
         x = torch.cat([u.x for u in units]) if len(units) > 1 else units[0].x  # [N, H]
         ids = torch.cat([u.expert_ids for u in units]) if len(units) > 1 else units[0].expert_ids
         s["rows"] += int(x.shape[0])
+        self._busy = True
         try:
             y = await self._get_server().ask(ComputeBatch(layer, x, ids), timeout=self.call_timeout_s)
         except asyncio.CancelledError:
@@ -111,6 +113,8 @@ class Batcher(Actor):
             for u in units:
                 u.reply_to.tell_nowait(UnitFailed(u.unit_id, u.attempt, self.server, reason))
             return
+        finally:
+            self._busy = False
         start = 0
         for u in units:
             n = int(u.x.shape[0])

@@ -61,7 +61,8 @@ class Dispatcher:
     """Per-shard ledger of work units in flight."""
 
     def __init__(self, shard_ref: Any, batcher_for: Callable[[str], Any], fault: FaultConfig,
-                 counters: dict[str, int], routing: RoutingSnapshot) -> None:
+                 counters: dict[str, int], routing: RoutingSnapshot, load: Any = None) -> None:
+        self.load = load  # LoadTracker or None
         self.shard_ref = shard_ref
         self.batcher_for = batcher_for
         self.fault = fault
@@ -112,6 +113,8 @@ class Dispatcher:
         `call.cancel()` (every request of the step aborted) retires its units at once.
         """
         call = ExpertCall(self, layer, x, topk_ids, topk_weights)
+        if self.load is not None:
+            self.load.record_experts(layer, call.flat_ids)
         call.send(torch.arange(call.T * call.K), set(), 0)
         return call
 
@@ -153,6 +156,8 @@ class Dispatcher:
         self.units[uid] = u
         self.outstanding[server] += int(idx.numel())
         self.counters["units_dispatched"] += 1
+        if self.load is not None:
+            self.load.record_server(layer, server, int(idx.numel()))
         if attempt:
             self.counters["reroutes"] += 1
         batcher = self.batcher_for(server)

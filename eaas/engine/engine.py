@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 import threading
 from typing import Any, AsyncIterator, Sequence
 
 import torch
 
-from eaas.actors import ActorSystem, ChildSpec, RestartPolicy, Supervisor
+from eaas.actors import ActorSystem, ChildSpec, RestartPolicy
 from eaas.config import EngineConfig
-from eaas.engine.batcher import Batcher
 from eaas.engine.events import EventBus
-from eaas.engine.expert_server import ExpertServer
-from eaas.engine.messages import AbortRequest, AddRequest, Crash, SetServerState, Stats
+from eaas.engine.load import LoadTracker
+from eaas.engine.messages import AbortRequest, AddRequest, Stats
+from eaas.engine.monitor import HealthMonitor
+from eaas.engine.pool import ExpertPool
 from eaas.engine.outputs import RequestOutput
 from eaas.engine.placement import initial_routing, server_name
 from eaas.engine.request import Request
@@ -54,10 +54,8 @@ class AsyncEngine:
         self._ids = itertools.count(1)
         self._requests: dict[str, tuple[Request, Any]] = {}  # id -> (request, shard ref)
         self._shards: list[Any] = []
-        self._servers: dict[str, dict] = {}  # name -> {"ref", "batcher", "sup", "assignment", ...}
+        self.pool: ExpertPool | None = None
         self._routing: Any = None
-        self._server_change = asyncio.Event()
-        self._timers: list[asyncio.TimerHandle] = []
         self._ready = False
         self._closed = False
 
@@ -95,68 +93,36 @@ class AsyncEngine:
         self._routing = await root.start_child(
             ChildSpec("routing", lambda: RoutingTable(self.routing, self.events_bus.emit,
                                                       self._set_routing)))
-        self._pool = await system.spawn_supervisor("experts", RestartPolicy("one_for_one"),
-                                                   parent=root)
+        pool_sup = await system.spawn_supervisor("experts", RestartPolicy("one_for_one"),
+                                                 parent=root)
+        self.pool = ExpertPool(cfg, pool_sup, self._routing, lambda: self.routing,
+                               self.events_bus.emit, self.counters)
         for i in range(cfg.placement.num_expert_servers):
             name = server_name(i)
-            await self._start_server(name, routing0.hosted_by(name))
-        deps = ShardDeps(cfg, self.graph, self._routing, self._batcher_for, self._load_shard_model,
-                         self.counters, self.events_bus.emit)
+            await self.pool.start_server(name, routing0.hosted_by(name))
+        self.load = LoadTracker(mc.num_hidden_layers, mc.num_experts,
+                                window_s=cfg.balance.window_s)
+        deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
+                         self._load_shard_model, self.counters, self.events_bus.emit, self.load)
         attn = await system.spawn_supervisor("attention", RestartPolicy("one_for_one"), parent=root)
         for j in range(cfg.placement.num_attention_shards):
             name = f"shard-{j}"
             ref = await attn.start_child(
                 ChildSpec(name, lambda n=name: AttentionShard(n, deps), mailbox_size=1 << 16))
             self._shards.append(ref)
+        self.planner_progress: dict = {}
+        bal = cfg.balance
+        if bal.auto:
+            from eaas.engine.planner import Planner
+
+            await root.start_child(ChildSpec("planner", lambda: Planner(
+                self.rebalance, bal.interval_s, self.planner_progress)))
+        self._monitor = await root.start_child(ChildSpec("health", lambda: HealthMonitor(
+            self.events_bus.emit, self.counters, planner_progress=self.planner_progress,
+            stall_timeout_s=bal.stall_timeout_s)))
         self._ready = True
-        self.events_bus.emit({"type": "engine_ready", "servers": sorted(self._servers),
+        self.events_bus.emit({"type": "engine_ready", "servers": sorted(self.pool.servers),
                               "shards": [s.name for s in self._shards]})
-
-    async def _start_server(self, name: str, assignment: dict[int, list[int]]) -> None:
-        """One server = its own supervisor (one_for_all, own restart intensity) over the server
-        actor and its batcher. It is a temporary child of the pool: when its intensity is
-        exceeded it escalates and stays down; routing goes around it."""
-        cfg, fault = self.config, self.config.fault
-        policy = RestartPolicy("one_for_all", max_restarts=fault.max_restarts,
-                               within_s=fault.within_s, backoff_s=fault.backoff_s)
-        sup = await self._pool.start_child(ChildSpec(
-            f"server-sup-{name}", lambda: Supervisor(policy, ()), restart="temporary"))
-        entry = {"name": name, "sup": sup, "assignment": assignment, "state": "starting",
-                 "slot": None}
-        self._servers[name] = entry
-        on_ready = lambda: self._server_ready(name)  # noqa: E731
-        devices = cfg.placement.server_devices or (cfg.device,)
-        device = devices[int(name.rsplit("-", 1)[1]) % len(devices)]
-        entry["device"] = device
-        if cfg.placement.server_mode == "process":
-            from eaas.engine.server_proxy import ProcessSlot, ServerProcess
-
-            slot = entry["slot"] = ProcessSlot(name)
-            factory = lambda: ServerProcess(  # noqa: E731
-                slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
-                batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
-                call_timeout_s=fault.unit_timeout_s,
-                heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready)
-        else:
-            factory = lambda: ExpertServer(  # noqa: E731
-                name, cfg.model, assignment, dtype=cfg.dtype, device=device,
-                batch_invariant=cfg.batch_invariant, on_ready=on_ready)
-        ref = entry["ref"] = await sup.start_child(ChildSpec(name, factory), timeout=180.0)
-        entry["batcher"] = await sup.start_child(ChildSpec(
-            f"batcher-{name}", lambda: Batcher(name, lambda: ref, cfg.batching,
-                                               fault.unit_timeout_s), mailbox_size=1 << 16))
-
-    def _server_ready(self, name: str) -> None:
-        entry = self._servers.get(name)
-        if entry is None:
-            return
-        entry["state"] = "alive"
-        entry["incarnation"] = entry.get("incarnation", 0) + 1
-        if entry["incarnation"] > 1:
-            self.counters["restarts"] = self.counters.get("restarts", 0) + 1
-        self._server_change.set()
-        if self._routing is not None and name in self.routing.dead:
-            self._routing.tell_nowait(SetServerState(name, True, "restarted and ready"))
 
     def _load_shard_model(self) -> tuple[Any, Any]:
         from eaas.model import Checkpoint, ReferenceModel
@@ -167,29 +133,10 @@ class AsyncEngine:
                                     load_experts=False, batch_invariant=cfg.batch_invariant)
         return model, ckpt.tokenizer
 
-    def _batcher_for(self, server: str) -> Any:
-        s = self._servers.get(server)
-        return s["batcher"] if s else None
-
     def _on_system_event(self, event: dict) -> None:
-        """Actor lifecycle -> routing: a crashed server is out until it is ready again; a
-        server whose supervisor gave up is out for good."""
         self.events_bus.emit(event)
-        kind, name = event.get("type"), str(event.get("name", ""))
-        if kind == "actor_crashed" and name in self._servers:
-            self._servers[name]["state"] = "restarting"
-            self._server_change.set()
-            self._mark_dead(name, f"crashed: {event.get('reason')}")
-        elif kind == "escalated" and name.startswith("server-sup-"):
-            server = name[len("server-sup-"):]
-            if server in self._servers:
-                self._servers[server]["state"] = "dead"
-                self._server_change.set()
-                self._mark_dead(server, "restart intensity exceeded")
-
-    def _mark_dead(self, server: str, reason: str) -> None:
-        if self._routing is not None and server not in self.routing.dead:
-            self._routing.tell_nowait(SetServerState(server, False, reason))
+        if self.pool is not None:
+            self.pool.on_system_event(event)
 
     def _on_escalation(self, event: dict) -> None:
         self.events_bus.emit(event)  # the whole engine tree gave up: not ready any more
@@ -199,8 +146,8 @@ class AsyncEngine:
         if self._closed:
             return
         self._closed, self._ready = True, False
-        for t in self._timers:
-            t.cancel()
+        if self.pool is not None:
+            self.pool.close()
         if self._system is not None:
             await self._system.stop()
 
@@ -288,10 +235,7 @@ class AsyncEngine:
     # ---- observability ---------------------------------------------------------------------
     async def check_health(self, timeout: float = 2.0) -> dict:
         """Ping every engine actor through its mailbox; healthy only if all answer in time."""
-        refs = [self._routing, *self._shards]
-        for s in self._servers.values():
-            if s["state"] != "dead":
-                refs += [s["ref"], s["batcher"]]
+        refs = [self._routing, *self._shards, *self.pool.live_refs()]
 
         async def probe(ref: Any) -> tuple[str, dict]:
             loop = asyncio.get_running_loop()
@@ -309,8 +253,7 @@ class AsyncEngine:
     async def stats(self) -> dict:
         """Per-actor counters (shards, servers, batchers), gathered through their mailboxes."""
         out: dict[str, Any] = {}
-        for ref in [*self._shards] + [s[k] for s in self._servers.values() if s["state"] != "dead"
-                                      for k in ("ref", "batcher")]:
+        for ref in [*self._shards, *self.pool.live_refs()]:
             try:
                 out[ref.name] = await ref.ask(Stats(), timeout=2.0)
             except Exception as e:
@@ -320,22 +263,22 @@ class AsyncEngine:
     def snapshot(self) -> dict:
         system = self._system.snapshot() if self._system else {"actors": []}
         routing = self.routing.to_dict() if hasattr(self, "routing") else {}
-        servers = []
-        for name, s in sorted(self._servers.items()):
-            ref = s["ref"]
-            slot = s.get("slot")
-            servers.append({"name": name, "pid": slot.pid if slot else None,
-                            "transport": (slot.url or "") if slot else "inproc://",
-                            "state": s["state"], "actor_state": ref.state.value,
-                            "device": s.get("device"),
-                            "restarts": slot.starts - 1 if slot else None,
-                            "experts": {str(l): ids for l, ids in s["assignment"].items()}})
+        servers = self.pool.snapshot() if self.pool else []
         c = dict(self.counters)
         c["dead_letters"] = system.get("dead_letters", 0)
         waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
         return {"model": self.model_name, "actors": system.get("actors", []), "servers": servers,
                 "routing": routing, "counters": c, "num_running": len(self._requests) - waiting,
-                "num_waiting": waiting}
+                "num_waiting": waiting, "load": self.load_snapshot()}
+
+    def load_snapshot(self) -> dict:
+        """Routed tokens per (layer, expert) and per server over the window, and imbalance."""
+        if not hasattr(self, "load"):
+            return {"tokens": [], "window_s": 0.0, "imbalance": {}, "server_tokens": {}}
+        live = [n for n, s in self.pool.servers.items() if s["state"] != "dead"]
+        return {"tokens": self.load.expert_tokens().tolist(), "window_s": self.load.window_s,
+                "imbalance": {str(l): v for l, v in self.load.imbalance(live).items()},
+                "server_tokens": {str(l): v for l, v in self.load.server_tokens().items()}}
 
     def _set_routing(self, snap: Any) -> None:
         self.routing = snap
@@ -349,78 +292,50 @@ class AsyncEngine:
         await self.inject_fault(name, "kill")
 
     def server_names(self) -> list[str]:
-        return sorted(self._servers)
+        return sorted(self.pool.servers)
 
     async def inject_fault(self, server: str, kind: str, *, seconds: float = 0.0) -> None:
-        """Fault injection on one server: `kill` (crash it), `hang` (stop answering for
-        `seconds`), `delay` (add `seconds` to every batch from now on; 0 clears it)."""
-        s = self._servers.get(server)
-        if s is None:
-            raise ValueError(f"no expert server named {server!r}; servers: {sorted(self._servers)}")
-        if kind not in ("kill", "hang", "delay"):
-            raise ValueError(f"fault kind {kind!r} is not one of kill, hang, delay")
-        self.events_bus.emit({"type": "fault_injected", "action": kind, "server": server,
-                              "seconds": seconds})
-        slot = s.get("slot")
-        if kind == "kill":
-            s["state"] = "restarting"  # known at once; the crash notice follows
-            self._mark_dead(server, "killed by fault injection")
-        if slot is not None and kind in ("kill", "hang"):  # a real OS process: real signals
-            if kind == "kill":
-                slot.signal(signal.SIGKILL)
-            else:
-                pid = slot.pid
-                slot.signal(signal.SIGSTOP)
-                # SIGCONT later unless the heartbeat has replaced the process by then
-                self._timers.append(asyncio.get_running_loop().call_later(
-                    seconds, lambda: slot.pid == pid and slot.signal(signal.SIGCONT)))
-        elif kind == "kill":
-            await s["ref"].tell(Crash("killed by fault injection"))
-        elif kind == "hang":
-            await s["ref"].tell({"op": "hang", "seconds": seconds})
-        else:
-            await s["ref"].ask({"op": "delay", "seconds": seconds}, timeout=5.0)
+        """Fault injection on one server: `kill` (crash it; a process gets SIGKILL), `hang`
+        (stop answering for `seconds`; SIGSTOP), `delay` (add `seconds` to every batch)."""
+        await self.pool.inject_fault(server, kind, seconds=seconds)
 
     def incarnation(self, server: str) -> int:
-        """How many times `server` has become ready (1 = never restarted)."""
-        return int(self._servers[server].get("incarnation", 0))
+        return self.pool.incarnation(server)
 
     async def wait_servers_ready(self, timeout: float = 60.0,
                                  newer_than: dict[str, int] | None = None) -> None:
-        """Wait until every server not dead for good is serving (after restarts); with
-        `newer_than` {server: incarnation}, also until those servers have restarted."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        newer_than = newer_than or {}
+        await self.pool.wait_ready(timeout, newer_than)
 
-        def pending() -> bool:
-            return any(s["state"] not in ("alive", "dead") or
-                       (n in newer_than and s["state"] != "dead" and
-                        s.get("incarnation", 0) <= newer_than[n])
-                       for n, s in self._servers.items())
+    async def kill_server(self, name: str) -> None:
+        """Fault injection: crash server `name` (its supervisor restarts it)."""
+        await self.pool.inject_fault(name, "kill")
 
-        while pending():
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                states = {n: s["state"] for n, s in self._servers.items()}
-                raise TimeoutError(f"expert servers not ready after {timeout}s: {states}")
-            self._server_change.clear()
-            try:
-                await asyncio.wait_for(self._server_change.wait(), remaining)
-            except TimeoutError:
-                pass
-
-    async def add_server(self) -> str:
-        raise NotImplementedError("adding expert servers at runtime is not implemented yet")
+    async def add_server(self, experts: dict[int, list[int]] | None = None, *,
+                         start_timeout_s: float = 120.0) -> str:
+        """Add an expert server (default: hosting every expert); returns its name."""
+        return await self.pool.add_server(experts, start_timeout_s=start_timeout_s)
 
     async def remove_server(self, name: str) -> None:
-        raise NotImplementedError("removing expert servers at runtime is not implemented yet")
+        """Drain and remove an expert server; experts only it hosted move elsewhere first."""
+        await self.pool.remove_server(name)
 
-    async def replicate_expert(self, layer: int, expert: int) -> None:
-        raise NotImplementedError("replicating an expert at runtime is not implemented yet")
+    async def replicate_expert(self, layer: int, expert: int, server: str | None = None) -> str:
+        """Add a replica of (layer, expert); returns the server that now hosts it."""
+        return await self.pool.replicate_expert(layer, expert, server)
 
-    async def rebalance(self) -> None:
-        raise NotImplementedError("online rebalancing is not implemented yet")
+    async def rebalance(self) -> dict:
+        """Run the placement planner once on the current load window and apply its plan."""
+        from eaas.engine.planner import plan_table
+
+        cfg = self.config.balance
+        live = [n for n, s in self.pool.servers.items() if s["state"] == "alive"]
+        table, moves = plan_table(self.load.expert_tokens(), self.routing.table, live,
+                                  cfg.max_experts_per_server, cfg.max_new_replicas)
+        if moves:
+            await self.pool.apply_table(table, f"rebalance: {len(moves)} new replicas")
+            self.counters["rebalances"] = self.counters.get("rebalances", 0) + 1
+        self.events_bus.emit({"type": "rebalance", "moves": moves})
+        return {"moves": moves, "generation": self.routing.generation}
 
 
 class Engine:

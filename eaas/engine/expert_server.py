@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, Ping, Stats
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats
 from eaas.errors import EaasError
 
 
@@ -23,20 +23,33 @@ class ExpertHost:
 
     def __init__(self, model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str,
                  device: str = "cpu", batch_invariant: bool = True) -> None:
-        from eaas.model import Checkpoint, ExpertBank
+        from eaas.model import Checkpoint
 
         self.assignment = {int(layer): sorted(ids) for layer, ids in assignment.items()}
         self.device = torch.device(device)
-        ckpt = Checkpoint.open(model_dir)
-        torch_dtype = getattr(torch, dtype)
-        self.banks = {
-            layer: ExpertBank.load(ckpt, layer, ids, torch_dtype, device=device,
-                                   batch_invariant=batch_invariant)
-            for layer, ids in self.assignment.items()
-        }
-        self.load_stats = dict(ckpt.stats)
+        self._ckpt = Checkpoint.open(model_dir)
+        self._load_args = dict(dtype=getattr(torch, dtype), device=device,
+                               batch_invariant=batch_invariant)
+        self.banks = {layer: self._bank(layer, ids) for layer, ids in self.assignment.items()}
+        self.load_stats = dict(self._ckpt.stats)
         self.calls = 0
         self.rows = 0
+
+    def _bank(self, layer: int, ids: list[int]) -> Any:
+        from eaas.model import ExpertBank
+
+        a = self._load_args
+        return ExpertBank.load(self._ckpt, layer, ids, a["dtype"], device=a["device"],
+                               batch_invariant=a["batch_invariant"])
+
+    def add(self, experts: Mapping[int, Any]) -> None:
+        """Also host these experts ({layer: ids}); reads only their tensors."""
+        for layer, ids in experts.items():
+            layer = int(layer)
+            union = sorted(set(self.assignment.get(layer, [])) | {int(e) for e in ids})
+            self.banks[layer] = self._bank(layer, union)
+            self.assignment[layer] = union
+        self.load_stats = dict(self._ckpt.stats)
 
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], expert_ids [N] int64 -> y [N, H]: row n through expert expert_ids[n]."""
@@ -75,6 +88,10 @@ class ExpertServer(Actor):
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             return self.host.compute(msg.layer, msg.x, msg.expert_ids)
+        if isinstance(msg, LoadExperts):
+            assert self.host is not None
+            await asyncio.to_thread(self.host.add, msg.experts)
+            return self.host.assignment
         if isinstance(msg, Ping):
             return "pong"
         if isinstance(msg, Stats):

@@ -109,3 +109,10 @@ class Crash:
 @dataclass(frozen=True, slots=True)
 class Stats:
     """Ask an actor for its counters (a plain dict)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadExperts:
+    """Expert-server command: also host these experts ({layer: ids}); replies when loaded."""
+
+    experts: Any  # Mapping[int, Sequence[int]]

@@ -42,10 +42,13 @@ async def _serve(args: argparse.Namespace) -> None:
             return {"calls": host.calls, "rows": host.rows, "pid": os.getpid(),
                     "experts": {str(k): v for k, v in host.assignment.items()},
                     "load_stats": host.load_stats}
+        if op == "load":
+            host.add({int(k): v for k, v in msg["experts"].items()})
+            return {str(k): v for k, v in host.assignment.items()}
         if op == "delay":
             delay = float(msg["seconds"])
             return "ok"
-        raise ValueError(f"unknown request op {op!r}; allowed: compute, ping, stats, delay")
+        raise ValueError(f"unknown request op {op!r}; allowed: compute, ping, stats, load, delay")
 
     async def on_connection(conn: Any) -> None:
         await serve_rpc(conn, handle)

@@ -37,6 +37,7 @@ class ShardDeps:
     load_model: Callable[[], Any]  # -> (ReferenceModel without routed experts, Tokenizer)
     counters: dict[str, int]  # engine-wide counters (shared by all shards; one event loop)
     emit: Callable[[dict], None]
+    load: Any  # LoadTracker (routed tokens per expert / server)
 
 
 class AttentionShard(Actor):
@@ -57,7 +58,8 @@ class AttentionShard(Actor):
         self.model, self.tokenizer = await asyncio.to_thread(self.deps.load_model)
         snap = await self.deps.routing.ask(Subscribe(self.context.self_ref), timeout=10.0)
         self.dispatcher = Dispatcher(self.context.self_ref, self.deps.batcher_for,
-                                     self.deps.config.fault, self.deps.counters, snap)
+                                     self.deps.config.fault, self.deps.counters, snap,
+                                     self.deps.load)
         for i in range(len(self.lanes)):
             self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
 

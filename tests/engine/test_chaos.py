@@ -28,17 +28,25 @@ def _cfg(model_dir: str, mode: str) -> EngineConfig:
     })
 
 
-async def _run_all(engine: AsyncEngine, prompts, stretch: asyncio.Event | None = None):
+async def _run_all(engine: AsyncEngine, prompts):
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
 
     async def one(p):
         last = None
         async for last in engine.generate(p, params):
-            if stretch is not None and not stretch.is_set():
-                await asyncio.sleep(0.05)  # keep requests running until the faults are done
+            pass
         return last
 
     return await asyncio.gather(*(one(p) for p in prompts))
+
+
+async def run_waves(engine: AsyncEngine, prompts, until: asyncio.Event) -> list[list]:
+    """Run all prompts concurrently, again and again, until `until` is set: the faults always
+    land on requests in flight."""
+    waves = []
+    while not until.is_set() or not waves:
+        waves.append(await _run_all(engine, prompts))
+    return waves
 
 
 @pytest.mark.slow
@@ -60,15 +68,16 @@ async def test_kill_and_hang_servers_under_load_loses_nothing(tiny_dirs):
             finally:
                 faults_done.set()
 
-        outs, injected = await asyncio.gather(_run_all(engine, prompts, faults_done), inject())
+        waves, injected = await asyncio.gather(run_waves(engine, prompts, faults_done), inject())
         counters = dict(engine.counters)
         health = await engine.check_health()
         servers = engine.snapshot()["servers"]
 
     assert [i["kind"] for i in injected] == ["kill"] * 5 + ["hang"]
-    assert all(o.finished and o.finish_reason == "length" for o in outs), \
-        [(o.finish_reason, o.error) for o in outs if o.finish_reason != "length"]
-    assert [o.outputs[0].token_ids for o in outs] == expected
+    for outs in waves:
+        assert all(o.finished and o.finish_reason == "length" for o in outs), \
+            [(o.finish_reason, o.error) for o in outs if o.finish_reason != "length"]
+        assert [o.outputs[0].token_ids for o in outs] == expected
     # exactly once: every unit sent was either combined or retired (and resent); no pair twice
     assert counters["combine_violations"] == 0
     assert counters["units_dispatched"] == counters["units_combined"] + counters["units_retired"]
