@@ -102,6 +102,11 @@ class ModelConfig:
                 f"n_group {self.n_group} / topk_group {self.topk_group} do not fit "
                 f"{self.num_experts} experts"
             )
+        dense = [i for i in range(self.num_hidden_layers) if not self.is_moe_layer(i)]
+        if dense and self.intermediate_size <= 0:
+            raise CheckpointError(
+                f"field 'intermediate_size' must be > 0: layers {dense} have a dense MLP"
+            )
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in _ROPE_TYPES:
             raise CheckpointError(
                 f"rope_scaling type {self.rope_scaling.get('rope_type')!r} is not "
@@ -229,9 +234,7 @@ class ModelConfig:
         common["layer_windows"] = _layer_windows(raw, model_type, common["num_hidden_layers"])
         if model_type in ("qwen3_moe", "qwen2_moe"):
             qwen3 = model_type == "qwen3_moe"
-            shared = opt("shared_expert_intermediate_size", 0, kind=int) if not qwen3 else 0
-            if not qwen3:
-                shared = req("shared_expert_intermediate_size", kind=int)
+            shared = 0 if qwen3 else req("shared_expert_intermediate_size", kind=int)
             bias = (
                 opt("attention_bias", False, kind=bool)
                 if qwen3

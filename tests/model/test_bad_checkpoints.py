@@ -153,3 +153,9 @@ def test_config_field_of_wrong_type(ckpt_dir):
     _edit_config(ckpt_dir, hidden_size="big")
     with pytest.raises(CheckpointError, match="config.json: field 'hidden_size' must be int"):
         Checkpoint.open(ckpt_dir)
+
+
+def test_dense_layers_need_intermediate_size(ckpt_dir):
+    _edit_config(ckpt_dir, intermediate_size=None)  # the tiny qwen3_moe has mlp_only_layers=[1]
+    with pytest.raises(CheckpointError, match=r"'intermediate_size'.*\[1\]"):
+        Checkpoint.open(ckpt_dir)

@@ -110,6 +110,7 @@ def test_config_field_names_of_each_hub_layout():
         "vocab_size": 300,
         "num_experts_per_tok": 2,
         "moe_intermediate_size": 32,
+        "intermediate_size": 64,
     }
     q3 = ModelConfig.from_dict(
         {
