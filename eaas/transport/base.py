@@ -142,11 +142,15 @@ class Listener(abc.ABC):
 class Inbox:
     """Received items in order, then a terminal error; waiters wake on either.
 
-    `on_low` is called when a consumer takes an item and at most `low` remain (resume reading).
+    Each item carries a byte size (its tensor body; 0 when not counted). `on_low` is called when
+    a consumer takes an item and at most `low` items and `low_bytes` bytes remain (resume reading).
     """
 
-    def __init__(self, low: int = 0, on_low: Callable[[], None] | None = None) -> None:
-        self._items: collections.deque[Any] = collections.deque()
+    def __init__(self, low: int = 0, on_low: Callable[[], None] | None = None,
+                 low_bytes: int = 0) -> None:
+        self._items: collections.deque[tuple[Any, int]] = collections.deque()
+        self.nbytes = 0
+        self._low_bytes = low_bytes
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._low = low
@@ -159,8 +163,9 @@ class Inbox:
     def error(self) -> BaseException | None:
         return self._error
 
-    def put(self, item: Any) -> None:
-        self._items.append(item)
+    def put(self, item: Any, nbytes: int = 0) -> None:
+        self._items.append((item, nbytes))
+        self.nbytes += nbytes
         self._wake()
 
     def fail(self, error: BaseException, *, discard: bool = False) -> None:
@@ -169,6 +174,7 @@ class Inbox:
             self._error = error
         if discard:
             self._items.clear()
+            self.nbytes = 0
         self._wake()
 
     def _wake(self) -> None:
@@ -187,8 +193,10 @@ class Inbox:
                     await self._waiter
                 finally:
                     self._waiter = None
-        item = self._items.popleft()
-        if self._on_low is not None and len(self._items) <= self._low:
+        item, nbytes = self._items.popleft()
+        self.nbytes -= nbytes
+        if (self._on_low is not None and len(self._items) <= self._low
+                and self.nbytes <= self._low_bytes):
             self._on_low()
         return item
 

@@ -17,6 +17,8 @@ class TransportLimits:
     max_ndim:            most dimensions of one tensor.
     max_queued_messages: received messages buffered before reading from the peer pauses
                          (inproc: sent messages buffered before `send` waits).
+    max_queued_bytes:    received tensor bytes buffered before reading from the peer pauses
+                         (tcp://, shm:// inline bodies; a single larger frame is still read).
     write_buffer_bytes:  bytes queued in the OS-facing write buffer before `await send` waits.
     shm_min_bytes:       shm:// only; messages whose tensors total fewer bytes travel inline
                          over the socket (a copy there is cheaper than a slot round trip).
@@ -29,13 +31,14 @@ class TransportLimits:
     max_tensors: int = 4096
     max_ndim: int = 16
     max_queued_messages: int = 1024
+    max_queued_bytes: int = 256 << 20
     write_buffer_bytes: int = 4 << 20
     shm_min_bytes: int = 64 << 10
     shm_pool_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
         for name in ("max_frame_bytes", "max_header_bytes", "max_tensors", "max_ndim",
-                     "max_queued_messages", "shm_pool_bytes"):
+                     "max_queued_messages", "max_queued_bytes", "shm_pool_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 1")

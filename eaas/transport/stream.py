@@ -45,7 +45,8 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         self._transport: asyncio.Transport | None = None
         self._closed = False
         self._local_close = False  # we called aclose() while the peer was (as far as we know) up
-        self._inbox = Inbox(low=limits.max_queued_messages // 2, on_low=self._maybe_resume)
+        self._inbox = Inbox(low=limits.max_queued_messages // 2, on_low=self._maybe_resume,
+                            low_bytes=limits.max_queued_bytes // 2)
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
@@ -246,8 +247,9 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         msg = self._on_frame(head, body)
         if msg is _NOTHING:
             return
-        self._inbox.put(msg)
-        if len(self._inbox) >= self.limits.max_queued_messages and not self._reading_paused:
+        self._inbox.put(msg, body.numel() if isinstance(body, torch.Tensor) else len(body))
+        if not self._reading_paused and (len(self._inbox) >= self.limits.max_queued_messages
+                                         or self._inbox.nbytes >= self.limits.max_queued_bytes):
             assert self._transport is not None
             self._reading_paused = True
             self._transport.pause_reading()

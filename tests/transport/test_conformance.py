@@ -285,3 +285,27 @@ async def test_a_handler_that_raises_does_not_stop_the_listener(scheme: str) -> 
             assert await good.recv(timeout=5) == "good"
     finally:
         await listener.aclose()
+
+
+async def test_reading_pauses_on_queued_bytes_not_only_message_count() -> None:
+    go = asyncio.Event()
+    got: asyncio.Queue[object] = asyncio.Queue()
+
+    async def slow_reader(conn):
+        await go.wait()
+        while True:
+            got.put_nowait(await conn.recv(timeout=30))
+
+    limits = TransportLimits(max_queued_bytes=1 << 20)  # 1024 messages, but only 1 MiB
+    listener = await listen("tcp://127.0.0.1:0", slow_reader, limits=limits)
+    try:
+        async with await connect(listener.url) as conn:
+            handles = [conn.send_start(torch.zeros(8 << 20, dtype=torch.uint8)) for _ in range(4)]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*handles), 0.1)
+            go.set()
+            await asyncio.wait_for(asyncio.gather(*handles), 30)
+            for _ in handles:
+                assert (await asyncio.wait_for(got.get(), 10)).shape == (8 << 20,)
+    finally:
+        await listener.aclose()
