@@ -54,7 +54,7 @@ class PlacementConfig:
     expert_replicas: int = 2
     strategy: Literal["round_robin", "contiguous", "explicit"] = "round_robin"
     explicit_map: Mapping[int, tuple[int, ...]] | None = None
-    server_mode: Literal["inproc", "process"] = "inproc"
+    server_mode: Literal["inproc", "process"] = "process"  # expert servers as OS processes
     transport: str = "tcp"  # engine <-> server process (server_mode process): tcp | shm | cudaipc
     server_devices: tuple[str, ...] | None = None  # device of server i = server_devices[i % len];
                                                    # None: the engine's device

@@ -9,7 +9,8 @@ from eaas import AsyncEngine, EngineConfig, SamplingParams
 
 def _cfg(model_dir: str) -> EngineConfig:
     return EngineConfig.from_dict({"model": model_dir, "placement": {
-        "num_attention_shards": 1, "num_expert_servers": 2, "expert_replicas": 1},
+        "num_attention_shards": 1, "num_expert_servers": 2, "expert_replicas": 1,
+        "server_mode": "inproc"},
         "fault": {"unit_timeout_s": 30.0}})
 
 

@@ -18,19 +18,21 @@ from tests.engine.conftest import prompts_of
 from tests.engine.test_chaos import _run_all, run_waves
 
 
-def _cfg(d: str, servers: int, replicas: int, **extra) -> EngineConfig:
+def _cfg(d: str, servers: int, replicas: int, mode: str = "inproc", **extra) -> EngineConfig:
     return EngineConfig.from_dict({"model": d, "placement": {
-        "num_attention_shards": 2, "num_expert_servers": servers, "expert_replicas": replicas},
+        "num_attention_shards": 2, "num_expert_servers": servers, "expert_replicas": replicas,
+        "server_mode": mode},
         **extra})
 
 
-async def test_scale_2_to_4_to_1_while_serving(tiny_dirs):
+@pytest.mark.parametrize("mode", ["inproc", "process"])
+async def test_scale_2_to_4_to_1_while_serving(tiny_dirs, mode):
     d = tiny_dirs["qwen3_moe"]
     async with AsyncEngine(_cfg(d, 1, 1)) as engine:
         prompts = prompts_of(engine.tokenizer, 32, seed=21)
         expected = [o.outputs[0].token_ids for o in await _run_all(engine, prompts)]
 
-    async with AsyncEngine(_cfg(d, 2, 2)) as engine:
+    async with AsyncEngine(_cfg(d, 2, 2, mode)) as engine:
         done = asyncio.Event()
         sizes = []
 

@@ -12,14 +12,17 @@ from tests.engine.conftest import prompts_of
 # (arch, placement, batching): several shards x several servers, uneven splits, replicas,
 # tiny and large batching windows.
 LAYOUTS = [
-    ("qwen3_moe", dict(num_attention_shards=2, num_expert_servers=3, expert_replicas=2),
+    ("qwen3_moe", dict(num_attention_shards=2, num_expert_servers=3, expert_replicas=2,
+                       server_mode="inproc"),
      dict(max_batch_tokens=1, max_wait_us=0)),
     ("qwen2_moe", dict(num_attention_shards=1, num_expert_servers=4, expert_replicas=1,
-                       strategy="contiguous"), dict(max_batch_tokens=4096, max_wait_us=5000)),
+                       strategy="contiguous", server_mode="inproc"), dict(max_batch_tokens=4096, max_wait_us=5000)),
     ("mixtral", dict(num_attention_shards=2, num_expert_servers=2, expert_replicas=1,
-                     strategy="explicit", explicit_map={0: [0, 1, 2, 3, 4, 5], 1: [5, 6, 7]}),
+                     strategy="explicit", explicit_map={0: [0, 1, 2, 3, 4, 5], 1: [5, 6, 7]},
+                     server_mode="inproc"),
      dict(max_batch_tokens=7, max_wait_us=100)),
-    ("deepseek_v3", dict(num_attention_shards=3, num_expert_servers=3, expert_replicas=3),
+    ("deepseek_v3", dict(num_attention_shards=3, num_expert_servers=3, expert_replicas=3,
+                         server_mode="process", transport="shm"),
      dict(max_batch_tokens=64, max_wait_us=300)),
 ]
 

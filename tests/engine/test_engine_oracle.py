@@ -29,7 +29,8 @@ def test_engine_matches_transformers(arch, tiny_dirs):
     hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32,
                                               attn_implementation="eager").eval()
     cfg = EngineConfig.from_dict({"model": tiny_dirs[arch], "placement": {
-        "num_attention_shards": 2, "num_expert_servers": 3, "expert_replicas": 2}})
+        "num_attention_shards": 2, "num_expert_servers": 3, "expert_replicas": 2,
+        "server_mode": "inproc"}})
     n = 10
     with Engine(cfg) as engine:
         prompts = prompts_of(engine.tokenizer, 6, seed=3)

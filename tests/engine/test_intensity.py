@@ -30,7 +30,8 @@ async def _crash_until_dead(engine: AsyncEngine, server: str) -> None:
 def _cfg(d: str, explicit: dict, replicas_policy: str = "fail") -> EngineConfig:
     return EngineConfig.from_dict({
         "model": d,
-        "placement": {"num_expert_servers": 3, "strategy": "explicit", "explicit_map": explicit},
+        "placement": {"num_expert_servers": 3, "strategy": "explicit", "explicit_map": explicit,
+                      "server_mode": "inproc"},
         "fault": {"max_restarts": 1, "within_s": 60.0, "backoff_s": 0.01,
                   "no_replica_policy": replicas_policy, "unit_timeout_s": 2.0}})
 
