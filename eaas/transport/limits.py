@@ -19,7 +19,6 @@ class TransportLimits:
                          (inproc: sent messages buffered before `send` waits).
     max_queued_bytes:    received tensor bytes buffered before reading from the peer pauses
                          (tcp://, shm:// inline bodies; a single larger frame is still read).
-    write_buffer_bytes:  bytes queued in the OS-facing write buffer before `await send` waits.
     shm_min_bytes:       shm:// only; messages whose tensors total fewer bytes travel inline
                          over the socket (a copy there is cheaper than a slot round trip).
     shm_pool_bytes:      shm:// only; most shared memory one sender keeps mapped per connection;
@@ -32,7 +31,6 @@ class TransportLimits:
     max_ndim: int = 16
     max_queued_messages: int = 1024
     max_queued_bytes: int = 256 << 20
-    write_buffer_bytes: int = 4 << 20
     shm_min_bytes: int = 64 << 10
     shm_pool_bytes: int = 2 << 30
 
@@ -42,7 +40,7 @@ class TransportLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 1")
-        for name in ("write_buffer_bytes", "shm_min_bytes"):
+        for name in ("shm_min_bytes",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 0")
