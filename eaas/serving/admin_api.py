@@ -64,6 +64,8 @@ async def load(request: web.Request) -> web.Response:
     return web.json_response({
         "tokens": tokens,  # [layer][expert] token counts over the window
         "window_s": load_.get("window_s"),
+        "imbalance": load_.get("imbalance"),  # per MoE layer, as the engine defines it
+        "server_tokens": load_.get("server_tokens"),  # per layer: {server: tokens}
         "num_layers": len(tokens),
         "num_experts": max((len(row) for row in tokens), default=0),
         "num_running": snap.get("num_running", 0),

@@ -28,8 +28,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 def engine_config(model_dir: str, **sections: Any) -> EngineConfig:
     """2 in-process expert servers, every expert on both (a killed one leaves a replica)."""
-    data: dict[str, Any] = {"model": model_dir,
-                            "placement": {"num_expert_servers": 2, "expert_replicas": 2}}
+    data: dict[str, Any] = {"model": model_dir, "placement": {
+        "num_expert_servers": 2, "expert_replicas": 2, "server_mode": "inproc"}}
     for key, value in sections.items():
         data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
     return EngineConfig.from_dict(data)
