@@ -4,31 +4,47 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # A CPU build of torch; the engine needs no GPU. Override for a CUDA machine.
 TORCH_SPEC ?= torch==2.13.0
+HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL ?= .tiny/qwen3_moe
+ARCH ?= qwen3_moe
+MODEL ?= .tiny/$(ARCH)
+# Tiny models run best single-threaded per process (no intra-op thread oversubscription).
+export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench browser clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+$(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
 
-run: setup
-	$(BIN)/eaas run-default --model $(MODEL) --port $(PORT)
+# Debian's Chromium for the dashboard's browser test (Playwright drives it; no browser download).
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "warning: could not install chromium; the browser test will say it is skipped"; }
 
-test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=15
+$(MODEL)/config.json: | setup
+	$(BIN)/eaas make-tiny $(MODEL) --arch $(ARCH)
+
+# The main job: a tiny checkpoint served with its expert servers in separate processes.
+run: setup $(MODEL)/config.json
+	$(BIN)/eaas serve $(MODEL) --host $(HOST) --port $(PORT)
+
+test: setup browser
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: setup
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/bench_actors.py
+	$(BIN)/python benchmarks/bench_transport.py
+	$(BIN)/python benchmarks/bench_engine.py
 
 clean:
-	rm -rf $(VENV) .tiny .pytest_cache
+	rm -rf $(VENV) .tiny .pytest_cache test-artifacts

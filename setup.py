@@ -4,12 +4,12 @@ kernels/ is installed under the import name `eaas_kernels`, so the folder never 
 PyPI package `kernels` that transformers probes for.
 """
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
-    packages=find_packages(include=["eaas", "eaas.*"])
+    packages=find_namespace_packages(include=["eaas", "eaas.*"], exclude=["*.__pycache__"])
     + ["eaas_kernels"]
     + [f"eaas_kernels.{p}" for p in find_packages("kernels")],
     package_dir={"eaas_kernels": "kernels"},
-    package_data={"eaas": ["serving/static/*"], "eaas_kernels": ["configs/*.json"]},
+    package_data={"eaas.serving.static": ["*"], "eaas_kernels": ["configs/*.json"]},
 )
