@@ -1,0 +1,28 @@
+"""GPU test helpers: skip markers, and an environment for child processes (PYTHONPATH, no
+multicast) so spawned servers import this checkout."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+from eaas.gpu import gpu_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+cuda_only = pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")
+two_gpus = pytest.mark.skipif(NUM_GPUS < 2, reason="needs two CUDA GPUs")
+
+
+def child_env() -> dict[str, str]:
+    env = gpu_env(nics=[])
+    paths = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+PYTHON = sys.executable

@@ -1,0 +1,28 @@
+"""nvshmem:// mailboxes on two GPUs: round trips under credit pressure, and a CUDA graph."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from eaas.gpu import nvshmem_available
+
+from .conftest import NUM_GPUS, PYTHON, ROOT, child_env
+
+pytestmark = [pytest.mark.multi_gpu, pytest.mark.nvshmem, pytest.mark.cuda,
+              pytest.mark.skipif(NUM_GPUS < 2 or not nvshmem_available(),
+                                 reason="needs two GPUs and NVSHMEM in torch")]
+
+
+def test_two_rank_round_trip_credits_and_graph_replay() -> None:
+    env = child_env()
+    proc = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         os.path.join(ROOT, "tests", "gpu", "nvshmem_worker.py")],
+        env=env, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for check in ("credits_round_trip_and_self_send", "cuda_graph_replay_20"):
+        assert log.count(f"PASS {check}") == 2, log[-4000:]
