@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from eaas.errors import ConfigError
 from eaas.serving import admin_api, openai_api, ops
 from eaas.serving.api_errors import make_error_middleware
 from eaas.serving.metrics import ServingMetrics
@@ -37,13 +38,14 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
     health_timeout_s: `/health` fails (503) if an actor does not answer its ping by then.
     """
     if not isinstance(admin_token, str) or len(admin_token) < 8:
-        raise ValueError("admin_token must be a string of at least 8 characters")
+        raise ConfigError("admin_token is not allowed: a string of at least 8 characters "
+                          "(--admin-token or EAAS_ADMIN_TOKEN)")
     if not (isinstance(client_max_size, int) and client_max_size >= 1024):
-        raise ValueError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
+        raise ConfigError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
     if not drain_grace_s >= 0:
-        raise ValueError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
+        raise ConfigError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
     if not health_timeout_s > 0:
-        raise ValueError(f"health_timeout_s={health_timeout_s!r} is not allowed: a number > 0")
+        raise ConfigError(f"health_timeout_s={health_timeout_s!r} is not allowed: a number > 0")
     model_name = model_name or engine.model_name
     # the snapshot collector goes through state.snapshot(): {} while the engine is not started
     metrics = ServingMetrics(model_name, snapshot=lambda: state.snapshot())

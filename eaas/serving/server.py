@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from eaas.errors import ConfigError
 from eaas.serving.app import create_app
 
 if TYPE_CHECKING:
@@ -46,23 +47,26 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
     token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     generated = token is None
     token = token or secrets.token_urlsafe(24)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.set)
     engine = AsyncEngine(config)
     app = create_app(engine, admin_token=token, model_name=config.model_name,
                      drain_grace_s=drain_grace_s)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=drain_grace_s + 10.0)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop.set)
     engine_started = False
     runner_open = False
     try:
         await runner.setup()
         runner_open = True
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
         bound = runner.addresses[0][1]
         url = f"http://{_url_host(host)}:{bound}"
         _say(f"eaas: loading {config.model_name!r} ({config.model}); {url}/ready says when ready")
