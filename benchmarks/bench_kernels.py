@@ -189,12 +189,33 @@ def tune(layer: Layer, top_k: int, deadline: float) -> tuple[MoEConfig, dict]:
     return best[1], log
 
 
+def profile(calls: list, label: str) -> None:
+    """Print each kernel's mean CUDA time over the rotated calls (eager, after warm-up)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            for call in calls:
+                call()
+        torch.cuda.synchronize()
+    print(f"profile {label} (per call, us):")
+    reps = 3 * len(calls)
+    for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
+        print(f"  {evt.key[:60]:60s} {evt.device_time_total / reps:9.1f} us  x{evt.count / reps:.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tune", action="store_true")
     parser.add_argument("--quick", action="store_true", help="one shape, T in 1 and 128")
     parser.add_argument("--budget-s", type=float, default=420.0, help="stop tuning after this")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--profile", action="store_true",
+                        help="per-kernel CUDA times (torch.profiler) at T=1 and T=4096")
     args = parser.parse_args()
     start = time.time()
     out_dir = Path(args.out)
@@ -249,6 +270,8 @@ def main() -> None:
                        err=err, gmm_err=gmm_err, experts_hit=hit,
                        tflops=flops / t_ours / 1e9, gbs=wbytes / t_ours / 1e6, cfg=cfg.to_dict())
             rows.append(row)
+            if args.profile and num_tokens in (1, 4096):
+                profile(ours, f"{name} T={num_tokens}")
             (out_dir / "bench_rows.jsonl").open("a").write(json.dumps(row) + "\n")
             print(f"{name} T={num_tokens}: ours {t_ours:.4f} ms ({t_ours_eager:.4f}) grouped_mm {t_gmm:.4f} "
                   f"({t_gmm_eager:.4f}) gemms {t_gemms:.4f} ref {t_ref:.3f} err {err:.1e}/{gmm_err:.1e}", flush=True)

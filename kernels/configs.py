@@ -69,21 +69,22 @@ class MoEConfig:
 
 
 def default_config(num_pairs: int, num_experts: int) -> MoEConfig:
-    """Heuristic by the mean rows per expert: small tiles and many programs in decode (memory
-    bound: the point is to stream each expert's weights once, from many SMs), large tiles once
-    each expert sees enough rows for the matrix units to matter."""
+    """Heuristic by the mean rows per expert, read off the H200 sweeps of 2026-11-28 (see
+    benchmarks/RESULTS.md): in decode the point is to stream each expert's weights once from many
+    SMs (block_m 16, many column blocks); once each expert sees many rows, large tiles feed the
+    matrix units, with block_m near the rows per expert so padding stays small."""
     rows_per_expert = num_pairs / max(1, num_experts)
-    if rows_per_expert <= 4:
-        small = GemmConfig(block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
-        return MoEConfig(block_m=16, gate_up=small, down=small)
-    if rows_per_expert <= 32:
-        mid = GemmConfig(block_n=64, block_k=128, group_m=4, num_warps=4, num_stages=4)
-        return MoEConfig(block_m=32, gate_up=mid, down=mid)
+    if rows_per_expert <= 8:
+        return MoEConfig(block_m=16, gate_up=GemmConfig(64, 128, 1, 4, 4),
+                         down=GemmConfig(128, 128, 1, 4, 3))
+    if rows_per_expert <= 48:
+        return MoEConfig(block_m=32, gate_up=GemmConfig(128, 128, 1, 4, 3),
+                         down=GemmConfig(128, 128, 1, 4, 3))
     if rows_per_expert <= 96:
-        big = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=4)
-        return MoEConfig(block_m=64, gate_up=big, down=big)
-    big = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=4)
-    return MoEConfig(block_m=128, gate_up=big, down=big)
+        return MoEConfig(block_m=64, gate_up=GemmConfig(64, 64, 8, 4, 4),
+                         down=GemmConfig(128, 64, 8, 8, 4))
+    return MoEConfig(block_m=128, gate_up=GemmConfig(128, 64, 8, 8, 4),
+                     down=GemmConfig(256, 64, 8, 8, 4))
 
 
 def shape_key(num_experts: int, hidden: int, ffn: int, dtype_name: str) -> str:
