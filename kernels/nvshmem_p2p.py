@@ -38,7 +38,7 @@ __all__ = ["send_kernel", "recv_kernel", "ack_kernel", "bump_kernel",
 
 
 @requires_nvshmem
-@triton.jit
+@triton.jit(do_not_specialize=["me", "peer", "S", "R", "H", "row_bytes"])
 def send_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr,  # symmetric
                 sent_ptr, x_ptr, xmeta_ptr,  # local: counters [W], rows [>=n, H], [count, tags]
                 me, peer, S, R, H, row_bytes,  # sizes
@@ -61,14 +61,16 @@ def send_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr,  # symmetric
 
 
 @requires_nvshmem
-@triton.jit
+@triton.jit(do_not_specialize=["src", "S", "R", "H", "C_send"])
 def recv_kernel(recv_ptr, meta_ptr, sig_ptr,  # symmetric
                 recvd_ptr, out_ptr, out_meta_ptr,  # local: [W], [R, H], [R+1]
-                src, S, R, H, C_send, cmp_ge, BLOCK: tl.constexpr):
+                src, S, R, H, C_send, cmp_ge, BLOCK: tl.constexpr, COPY: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     r = tl.load(recvd_ptr + src)
     nvshmem.signal_wait_until(sig_ptr + src, cmp_ge, (r + 1) * C_send)
+    if not COPY:  # zero-copy receive: the caller reads recv[src, r % S] after this kernel
+        return
     box = src * S + r % S
     mbase = meta_ptr + box * (R + 1)
     n = tl.load(mbase, volatile=True).to(tl.int32)  # R * H < 2**31 (checked by the layout)
@@ -87,13 +89,13 @@ def recv_kernel(recv_ptr, meta_ptr, sig_ptr,  # symmetric
 
 
 @requires_nvshmem
-@triton.jit
+@triton.jit(do_not_specialize=["src", "me"])
 def ack_kernel(recvd_ptr, credit_ptr, src, me, sig_set):
     r = tl.load(recvd_ptr + src) + 1
     tl.store(recvd_ptr + src, r)
     nvshmem.signal_op((credit_ptr + me).to(tl.int64), r, sig_set, src)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["index"])
 def bump_kernel(counter_ptr, index):
     tl.store(counter_ptr + index, tl.load(counter_ptr + index) + 1)

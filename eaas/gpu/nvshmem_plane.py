@@ -20,7 +20,7 @@ NVSHMEM cannot admit a process after start-up: a restarted server joins over cud
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -67,6 +67,10 @@ class NvshmemChannel:
     credit: torch.Tensor
     sent: torch.Tensor
     recvd: torch.Tensor
+    _host_recvd: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._host_recvd = [0] * self.layout.world_size
 
     def send(self, peer: int, rows: torch.Tensor, meta: torch.Tensor) -> None:
         """Enqueue a put of meta[0] rows of `rows` into `peer`'s mailbox for this rank.
@@ -99,7 +103,29 @@ class NvshmemChannel:
         k.recv_kernel[(ctas,)](
             self.recv_buf, self.meta, self.sig, self.recvd, out, out_meta,
             src, lay.num_slots, lay.max_rows, lay.hidden, lay.ctas_per_send, k.CMP_GE,
-            BLOCK=1024, num_warps=8)
+            BLOCK=1024, COPY=True, num_warps=8)
+        self.release(src)
+
+    def recv_view(self, src: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Enqueue a wait for the next message from `src`; return views of its slot.
+
+        Returns (rows [R, H], meta [R+1] int64) ALIASING the mailbox: valid for kernels enqueued
+        after this call and until `release(src)`; the sender may overwrite the slot once
+        released. The slot index comes from a host-side mirror of the counter, so unlike
+        `recv` this is not replayable from a CUDA graph (a replay would reuse one slot).
+        """
+        k, lay = _kernels(), self.layout
+        slot = self._host_recvd[src] % lay.num_slots
+        k.recv_kernel[(1,)](
+            self.recv_buf, self.meta, self.sig, self.recvd, self.recv_buf, self.meta,
+            src, lay.num_slots, lay.max_rows, lay.hidden, lay.ctas_per_send, k.CMP_GE,
+            BLOCK=1024, COPY=False, num_warps=1)
+        return self.recv_buf[src, slot], self.meta[src, slot]
+
+    def release(self, src: int) -> None:
+        """Enqueue: the current message from `src` is consumed; give its slot back (credit)."""
+        k = _kernels()
+        self._host_recvd[src] += 1
         k.ack_kernel[(1,)](self.recvd, self.credit, src, self.rank, k.SIGNAL_SET, num_warps=1)
 
 
