@@ -69,23 +69,22 @@ def recv_kernel(recv_ptr, meta_ptr, sig_ptr,  # symmetric
     nprog = tl.num_programs(0)
     r = tl.load(recvd_ptr + src)
     nvshmem.signal_wait_until(sig_ptr + src, cmp_ge, (r + 1) * C_send)
-    if not COPY:  # zero-copy receive: the caller reads recv[src, r % S] after this kernel
-        return
-    box = src * S + r % S
-    mbase = meta_ptr + box * (R + 1)
-    n = tl.load(mbase, volatile=True).to(tl.int32)  # R * H < 2**31 (checked by the layout)
-    offs = tl.arange(0, BLOCK)
-    if pid == 0:
-        for m0 in range(0, n + 1, BLOCK):
-            mm = m0 + offs
-            v = tl.load(mbase + mm, mask=mm < n + 1, volatile=True)
-            tl.store(out_meta_ptr + mm, v, mask=mm < n + 1)
-    rows = recv_ptr + box * R * H
-    for i in range(pid, n, nprog):
-        for h0 in range(0, H, BLOCK):
-            hh = h0 + offs
-            v = tl.load(rows + i * H + hh, mask=hh < H, cache_modifier=".cg")
-            tl.store(out_ptr + i * H + hh, v, mask=hh < H)
+    if COPY:  # else zero-copy receive: the caller reads recv[src, r % S] after this kernel
+        box = src * S + r % S
+        mbase = meta_ptr + box * (R + 1)
+        n = tl.load(mbase, volatile=True).to(tl.int32)  # R * H < 2**31 (checked by the layout)
+        offs = tl.arange(0, BLOCK)
+        if pid == 0:
+            for m0 in range(0, n + 1, BLOCK):
+                mm = m0 + offs
+                v = tl.load(mbase + mm, mask=mm < n + 1, volatile=True)
+                tl.store(out_meta_ptr + mm, v, mask=mm < n + 1)
+        rows = recv_ptr + box * R * H
+        for i in range(pid, n, nprog):
+            for h0 in range(0, H, BLOCK):
+                hh = h0 + offs
+                v = tl.load(rows + i * H + hh, mask=hh < H, cache_modifier=".cg")
+                tl.store(out_ptr + i * H + hh, v, mask=hh < H)
 
 
 @requires_nvshmem
