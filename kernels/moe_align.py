@@ -160,10 +160,12 @@ def moe_align_block_size_triton(
     block_e = triton.next_power_of_2(num_experts)
     block_n = max(16, min(128, 16384 // block_e))
     if num_pairs <= block_n:
+        # decode: a tile just big enough for the pairs (the [128, E] tile took 6 us at N = 8)
+        small_n = max(16, triton.next_power_of_2(num_pairs))
         _align_kernel[(1,)](
             flat, sorted_ids, expert_ids, num_post, num_pairs, num_experts, total, num_blocks,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e),
-            num_warps=8,
+            BLOCK_M=block_m, BLOCK_N=small_n, BLOCK_E=block_e, BLOCK_B=max(16, 4096 // block_e),
+            num_warps=4 if small_n * block_e <= 4096 else 8,
         )
         return Alignment(sorted_ids, expert_ids, num_post)
     chunk = max(block_n, triton.cdiv(num_pairs, max_programs))
