@@ -323,6 +323,10 @@ class AsyncEngine:
         """Add a replica of (layer, expert); returns the server that now hosts it."""
         return await self.pool.replicate_expert(layer, expert, server)
 
+    async def unreplicate_expert(self, layer: int, expert: int, server: str) -> None:
+        """Drop `server`'s replica of (layer, expert) (never the last live copy)."""
+        await self.pool.unreplicate_expert(layer, expert, server)
+
     async def rebalance(self) -> dict:
         """Run the placement planner once on the current load window and apply its plan."""
         from eaas.engine.planner import plan_table

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats, UnloadExperts
 from eaas.errors import EaasError
 
 
@@ -50,6 +50,18 @@ class ExpertHost:
             self.banks[layer] = self._bank(layer, union)
             self.assignment[layer] = union
         self.load_stats = dict(self._ckpt.stats)
+
+    def remove(self, experts: Mapping[int, Any]) -> None:
+        """Stop hosting these experts ({layer: ids}); their weights are freed."""
+        for layer, ids in experts.items():
+            layer = int(layer)
+            keep = sorted(set(self.assignment.get(layer, [])) - {int(e) for e in ids})
+            if keep:
+                self.banks[layer] = self._bank(layer, keep)
+                self.assignment[layer] = keep
+            else:
+                self.banks.pop(layer, None)
+                self.assignment.pop(layer, None)
 
     def compute(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, H], expert_ids [N] int64 -> y [N, H]: row n through expert expert_ids[n]."""
@@ -91,6 +103,10 @@ class ExpertServer(Actor):
         if isinstance(msg, LoadExperts):
             assert self.host is not None
             await asyncio.to_thread(self.host.add, msg.experts)
+            return self.host.assignment
+        if isinstance(msg, UnloadExperts):
+            assert self.host is not None
+            await asyncio.to_thread(self.host.remove, msg.experts)
             return self.host.assignment
         if isinstance(msg, Ping):
             return "pong"

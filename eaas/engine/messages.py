@@ -116,3 +116,10 @@ class LoadExperts:
     """Expert-server command: also host these experts ({layer: ids}); replies when loaded."""
 
     experts: Any  # Mapping[int, Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class UnloadExperts:
+    """Expert-server command: stop hosting these experts ({layer: ids}) and free their weights."""
+
+    experts: Any  # Mapping[int, Sequence[int]]

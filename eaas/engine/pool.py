@@ -21,7 +21,8 @@ from eaas.actors import ChildSpec, RestartPolicy, Supervisor
 from eaas.config import EngineConfig
 from eaas.engine.batcher import Batcher
 from eaas.engine.expert_server import ExpertServer
-from eaas.engine.messages import Crash, LoadExperts, SetServerState, SetTable, Stats
+from eaas.engine.messages import (Crash, LoadExperts, SetServerState, SetTable, Stats,
+                                  UnloadExperts)
 from eaas.engine.placement import RoutingSnapshot, server_name
 
 
@@ -276,6 +277,34 @@ class ExpertPool:
             table[layer][expert] = hosts + (server,)
             await self._set_table(table, f"replicated ({layer}, {expert}) on {server}")
             return server
+
+    async def unreplicate_expert(self, layer: int, expert: int, server: str) -> None:
+        """Drop `server`'s copy of (layer, expert): out of routing first (a new generation),
+        then, once the server's queue is drained, its weights are freed. The last live copy
+        cannot be dropped."""
+        async with self._lock:
+            routing = self._routing()
+            hosts = routing.table.get(layer, {}).get(expert)
+            if hosts is None:
+                raise ValueError(f"no MoE expert ({layer}, {expert})")
+            if server not in hosts:
+                raise ValueError(f"{server} does not host expert ({layer}, {expert}); "
+                                 f"hosts: {list(hosts)}")
+            live = [s for s in hosts if s != server and s not in routing.dead]
+            if not live:
+                raise ValueError(f"{server} holds the last live copy of expert "
+                                 f"({layer}, {expert}); replicate it elsewhere first")
+            table = {l: dict(ex) for l, ex in routing.table.items()}
+            table[layer][expert] = tuple(s for s in hosts if s != server)
+            await self._set_table(table, f"unreplicated ({layer}, {expert}) from {server}")
+            await self._drain(server, 30.0)
+            s = self._get(server)
+            await s["ref"].ask(UnloadExperts({layer: [expert]}), timeout=120.0)
+            left = [e for e in s["assignment"].get(layer, []) if e != expert]
+            if left:
+                s["assignment"][layer] = left
+            else:
+                s["assignment"].pop(layer, None)
 
     async def apply_table(self, table: dict[int, dict[int, tuple[str, ...]]], reason: str) -> None:
         """Install a planned table: load whatever each server newly hosts, then route."""

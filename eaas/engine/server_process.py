@@ -45,10 +45,13 @@ async def _serve(args: argparse.Namespace) -> None:
         if op == "load":
             host.add({int(k): v for k, v in msg["experts"].items()})
             return {str(k): v for k, v in host.assignment.items()}
+        if op == "unload":
+            host.remove({int(k): v for k, v in msg["experts"].items()})
+            return {str(k): v for k, v in host.assignment.items()}
         if op == "delay":
             delay = float(msg["seconds"])
             return "ok"
-        raise ValueError(f"unknown request op {op!r}; allowed: compute, ping, stats, load, delay")
+        raise ValueError(f"unknown request op {op!r}; allowed: compute, ping, stats, load, unload, delay")
 
     async def on_connection(conn: Any) -> None:
         await serve_rpc(conn, handle)

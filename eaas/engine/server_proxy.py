@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats, UnloadExperts
 from eaas.errors import EaasError
 
 
@@ -148,6 +148,9 @@ class ServerProcess(Actor):
             return await self.rpc.call({"op": "stats"}, timeout=self.call_timeout_s)
         if isinstance(msg, LoadExperts):
             return await self.rpc.call({"op": "load", "experts": {
+                str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
+        if isinstance(msg, UnloadExperts):
+            return await self.rpc.call({"op": "unload", "experts": {
                 str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
         if isinstance(msg, Crash):
             self.slot.signal(signal.SIGKILL)

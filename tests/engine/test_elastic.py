@@ -143,3 +143,29 @@ def test_planner_stall_watchdog_reports_once():
     progress["t"] = time.monotonic() - 100.0
     mon.check_planner()
     assert counters["planner_stalls"] == 2
+
+
+@pytest.mark.parametrize("mode", ["inproc", "process"])
+async def test_replicate_unreplicate_and_restart_reloads_only_own_experts(tiny_dirs, mode,
+                                                                          reference_greedy):
+    d = tiny_dirs["qwen3_moe"]
+    async with AsyncEngine(_cfg(d, 3, 1, mode)) as engine:  # one copy per expert
+        layer = sorted(engine.routing.table)[0]
+        hosts0 = engine.routing.table[layer][0]
+        target = await engine.replicate_expert(layer, 0)
+        assert engine.routing.table[layer][0] == hosts0 + (target,)
+        with pytest.raises(ValueError, match="last live copy"):
+            await engine.unreplicate_expert(layer, 1, engine.routing.table[layer][1][0])
+        await engine.unreplicate_expert(layer, 0, hosts0[0])  # the new copy carries expert 0
+        assert engine.routing.table[layer][0] == (target,)
+        hosted = {s["name"]: s["experts"] for s in engine.snapshot()["servers"]}
+        assert 0 in hosted[target][str(layer)] and 0 not in hosted[hosts0[0]].get(str(layer), [])
+        # a restart re-loads exactly what the server hosts now: 3 tensors per expert, no more
+        inc = engine.incarnation(target)
+        await engine.inject_fault(target, "kill")
+        await engine.wait_servers_ready(60.0, {target: inc})
+        stats = (await engine.stats())[target]
+        n_experts = sum(len(v) for v in hosted[target].values())
+        out = await _run_all(engine, [[2, 7, 1, 8]])
+    assert stats["load_stats"]["tensors_read"] == 3 * n_experts
+    assert out[0].outputs[0].token_ids == reference_greedy(d, [2, 7, 1, 8], 24)

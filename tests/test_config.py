@@ -1,0 +1,72 @@
+"""EngineConfig: one typed tree that round-trips through dicts, YAML and CLI flags; bad values
+get one clear error naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from eaas.cli import main
+from eaas.config import EngineConfig
+from eaas.errors import ConfigError
+
+
+def test_yaml_and_dict_round_trip():
+    cfg = EngineConfig.from_dict({
+        "model": "/m", "dtype": "bfloat16", "graph": "g.yaml",
+        "placement": {"num_attention_shards": 2, "num_expert_servers": 4, "expert_replicas": 3,
+                      "strategy": "explicit", "explicit_map": {0: [0, 1], 3: [2]},
+                      "server_devices": ["cuda:1", "cuda:2"]},
+        "batching": {"max_batch_tokens": 7, "max_wait_us": 0},
+        "fault": {"no_replica_policy": "degrade"}, "balance": {"auto": True}})
+    assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert EngineConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.placement.explicit_map == {0: (0, 1), 3: (2,)}
+    assert cfg.replace(**{"placement.num_expert_servers": 5}).placement.num_expert_servers == 5
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"dtype": "float8"}, "dtype"),
+    ({"device": "tpu"}, "device"),
+    ({"placement": {"num_expert_servers": 0}}, "placement.num_expert_servers"),
+    ({"placement": {"expert_replicas": 4}}, "placement.expert_replicas"),
+    ({"placement": {"strategy": "random"}}, "placement.strategy"),
+    ({"placement": {"strategy": "explicit"}}, "placement.explicit_map"),
+    ({"placement": {"server_mode": "thread"}}, "placement.server_mode"),
+    ({"placement": {"transport": "udp"}}, "placement.transport"),
+    ({"placement": {"server_devices": ["gpu0"]}}, "placement.server_devices"),
+    ({"batching": {"max_batch_tokens": 0}}, "batching.max_batch_tokens"),
+    ({"batching": {"max_wait_us": -1}}, "batching.max_wait_us"),
+    ({"scheduler": {"micro_batches": 0}}, "scheduler.micro_batches"),
+    ({"fault": {"unit_timeout_s": 0}}, "fault.unit_timeout_s"),
+    ({"fault": {"no_replica_policy": "retry"}}, "fault.no_replica_policy"),
+    ({"balance": {"max_experts_per_server": 0}}, "balance.max_experts_per_server"),
+    ({"placement": {"bogus": 1}}, "placement.'bogus'"),
+    ({"batching": 5}, "batching"),
+])
+def test_bad_values_name_the_field(data, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.").replace("'", "'")):
+        EngineConfig.from_dict({"model": "/m", **data})
+
+
+def test_yaml_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        EngineConfig.from_yaml("model: [unclosed")
+    with pytest.raises(ConfigError, match="does not exist"):
+        EngineConfig.from_yaml_file(tmp_path / "missing.yaml")
+
+
+def test_cli_flags_override_the_yaml_file(tmp_path, capsys):
+    path = tmp_path / "eaas.yaml"
+    path.write_text(EngineConfig.from_dict({"model": "/ignored", "placement": {
+        "num_expert_servers": 5, "expert_replicas": 1}}).to_yaml())
+    assert main(["config", "/m", "--config", str(path), "--expert-replicas", "2",
+                 "--no-batch-invariant", "--server-mode", "inproc"]) == 0
+    cfg = EngineConfig.from_yaml(capsys.readouterr().out)
+    assert cfg.model == "/m" and cfg.batch_invariant is False
+    assert (cfg.placement.num_expert_servers, cfg.placement.expert_replicas) == (5, 2)
+    assert cfg.placement.server_mode == "inproc"
+
+
+def test_cli_reports_bad_flags_without_a_traceback(capsys):
+    assert main(["config", "/m", "--num-expert-servers", "1"]) == 2  # replicas 2 > 1 server
+    assert "placement.expert_replicas" in capsys.readouterr().err
