@@ -2,7 +2,8 @@
 
 `run_choice` drives `engine.generate` for one prompt and hands each new piece of output to a
 callback as a `Step`. Stop strings are applied here (the engine knows only stop token ids):
-text that might be the start of a stop string is held back until it is known not to be.
+text that might be the start of a stop string is held back until it is known not to be, and
+so is a trailing U+FFFD (an incomplete UTF-8 sequence the next token may complete).
 Whatever ends the call early — a stop string, a client that went away (the handler task is
 cancelled), an exception — the engine request is aborted, so no work outlives its request.
 
@@ -140,7 +141,10 @@ async def run_choice(engine: Any, plan: PromptPlan, *, index: int, request_id: s
                     step.error = (inflight.abort_reason(request_id) or out.error
                                   or f"request finished with {comp.finish_reason}")
             else:
-                step.text = text[sent_chars:max(sent_chars, len(text) - holdback)]
+                end = len(text) - holdback
+                while end > sent_chars and text[end - 1] == "\ufffd":
+                    end -= 1  # an incomplete UTF-8 sequence may still become a character
+                step.text = text[sent_chars:max(sent_chars, end)]
             sent_chars += len(step.text)
             result.text += step.text
             result.token_ids.extend(step.token_ids)
