@@ -122,8 +122,8 @@ async def main() -> None:
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
           f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
     print(f"# {args.requests} concurrent requests x {n} greedy tokens, tiny {args.arch}")
-    print(f"| run | tokens/s | mean expert batch (rows/call) |")
-    print(f"|---|---:|---:|")
+    print("| run | tokens/s | mean expert batch (rows/call) |")
+    print("|---|---:|---:|")
     for name, r in rows:
         mb = f"{r['mean_batch']:.1f}" if "mean_batch" in r else "-"
         print(f"| {name} | {r['tok_s']:.0f} | {mb} |")

@@ -245,7 +245,7 @@ class EngineConfig:
         return cls.from_yaml(p.read_text(), source=str(p), **overrides)
 
     def replace(self, **overrides: Any) -> EngineConfig:
-        """A copy with overrides (dotted keys reach nested sections: `placement.num_expert_servers`)."""
+        """A copy with overrides; dotted keys reach nested sections (`placement.x`)."""
         return EngineConfig.from_dict(merge_overrides(self.to_dict(), overrides))
 
 

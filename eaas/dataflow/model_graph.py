@@ -44,9 +44,12 @@ _Path = tuple[str, ...]
 class ModelConfigLike(Protocol):
     """What :meth:`ModelGraph.validate` needs to know about a checkpoint."""
 
-    model_type: str
-    num_hidden_layers: int
-    has_shared_expert: bool
+    @property
+    def model_type(self) -> str: ...
+    @property
+    def num_hidden_layers(self) -> int: ...
+    @property
+    def has_shared_expert(self) -> bool: ...
 
     def is_moe_layer(self, i: int) -> bool: ...
 

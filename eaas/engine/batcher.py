@@ -82,8 +82,10 @@ class Batcher(Actor):
             await self._flush(layer, full)
 
     def _take(self, layer: int) -> list[WorkUnit]:
-        units, taken, rows = self._pending[layer], [], 0
-        while units and (not taken or rows + int(units[0][1].x.shape[0]) <= self.cfg.max_batch_tokens):
+        units, rows = self._pending[layer], 0
+        taken: list[WorkUnit] = []
+        limit = self.cfg.max_batch_tokens
+        while units and (not taken or rows + int(units[0][1].x.shape[0]) <= limit):
             _, u = units.pop(0)
             taken.append(u)
             rows += int(u.x.shape[0])
@@ -104,10 +106,11 @@ class Batcher(Actor):
         s["rows"] += int(x.shape[0])
         self._busy = True
         try:
-            y = await self._get_server().ask(ComputeBatch(layer, x, ids), timeout=self.call_timeout_s)
+            y = await self._get_server().ask(ComputeBatch(layer, x, ids),
+                                             timeout=self.call_timeout_s)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # the server died, hung or refused: every unit goes back to its shard
+        except Exception as e:  # the server died, hung or refused: each unit goes back to its shard
             s["failed_calls"] += 1
             reason = f"{type(e).__name__}: {e}"
             for u in units:
@@ -118,5 +121,6 @@ class Batcher(Actor):
         start = 0
         for u in units:
             n = int(u.x.shape[0])
-            u.reply_to.tell_nowait(UnitResult(u.unit_id, u.attempt, self.server, y[start:start + n]))
+            y_u = y[start:start + n]
+            u.reply_to.tell_nowait(UnitResult(u.unit_id, u.attempt, self.server, y_u))
             start += n

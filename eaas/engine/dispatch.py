@@ -95,7 +95,8 @@ class Dispatcher:
             self.counters["stale_results" if state == "retired" else "dropped_duplicates"] += 1
             return
         if msg.attempt != u.attempt or msg.server != u.server or u.future.done():
-            self.counters["stale_results" if msg.attempt != u.attempt else "dropped_duplicates"] += 1
+            stale = msg.attempt != u.attempt
+            self.counters["stale_results" if stale else "dropped_duplicates"] += 1
             return
         u.future.set_result(msg.y)
 
@@ -203,7 +204,7 @@ class ExpertCall:
         self.rows = x.repeat_interleave(self.K, dim=0)  # [T*K, H]: pair p = (t, k) reads x[t]
         self.out = torch.zeros_like(self.rows)  # [T*K, H]
         self.skipped = torch.zeros(self.T * self.K, dtype=torch.bool)  # pairs not contributing
-        self.filled = torch.zeros(self.T * self.K, dtype=torch.int32)  # times each pair was combined
+        self.filled = torch.zeros(self.T * self.K, dtype=torch.int32)  # times each pair combined
         self.failed_tokens: set[int] = set()
         self.degraded_tokens: set[int] = set()
         self.live: dict[asyncio.Future, _Unit] = {}

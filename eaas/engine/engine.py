@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import zlib
 from typing import Any, AsyncIterator, Sequence
 
 import torch
@@ -68,7 +69,7 @@ class AsyncEngine:
         await self.aclose()
 
     async def start(self) -> None:
-        from eaas.dataflow import default_model_graph, load_model_graph
+        from eaas.dataflow import default_model_graph, load_model_graph  # noqa: I001
         from eaas.model import Checkpoint
 
         if self._system is not None:
@@ -88,7 +89,6 @@ class AsyncEngine:
         self._system = system = ActorSystem(name="eaas", on_escalation=self._on_escalation)
         await system.__aenter__()
         system.add_listener(self._on_system_event)
-        fault = cfg.fault
         root = await system.spawn_supervisor("engine", RestartPolicy("rest_for_one"))
         self._routing = await root.start_child(
             ChildSpec("routing", lambda: RoutingTable(self.routing, self.events_bus.emit,
@@ -151,6 +151,11 @@ class AsyncEngine:
         if self._system is not None:
             await self._system.stop()
 
+    def _pool(self) -> ExpertPool:
+        if self.pool is None:
+            raise ActorStateError("the engine is not started (use `async with AsyncEngine(...)`)")
+        return self.pool
+
     # ---- requests ------------------------------------------------------------------------
     @property
     def is_ready(self) -> bool:
@@ -198,13 +203,16 @@ class AsyncEngine:
                                         f"{self.config.scheduler.max_waiting}); retry later")
         gen = None
         if not params.greedy:
-            seed = params.seed if params.seed is not None else self.config.seed * 1_000_003 + hash(rid)
+            seed = params.seed
+            if seed is None:  # stable across processes (str hash() is salted per process)
+                seed = self.config.seed * 1_000_003 + zlib.crc32(rid.encode())
             gen = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos
                                              else set(self.checkpoint.eos_token_ids))
         req = Request(rid, text, ids, params, frozenset(stop), self.max_model_len, asyncio.Queue(),
                       gen)
-        shard = min(self._shards, key=lambda s: sum(1 for _, sh in self._requests.values() if sh is s))
+        shard = min(self._shards,
+                    key=lambda s: sum(1 for _, sh in self._requests.values() if sh is s))
         self._requests[rid] = (req, shard)
         loop = asyncio.get_running_loop()
         deadline = None if deadline_s is None else loop.time() + deadline_s
@@ -235,7 +243,7 @@ class AsyncEngine:
     # ---- observability ---------------------------------------------------------------------
     async def check_health(self, timeout: float = 2.0) -> dict:
         """Ping every engine actor through its mailbox; healthy only if all answer in time."""
-        refs = [self._routing, *self._shards, *self.pool.live_refs()]
+        refs = [self._routing, *self._shards, *self._pool().live_refs()]
 
         async def probe(ref: Any) -> tuple[str, dict]:
             loop = asyncio.get_running_loop()
@@ -253,7 +261,7 @@ class AsyncEngine:
     async def stats(self) -> dict:
         """Per-actor counters (shards, servers, batchers), gathered through their mailboxes."""
         out: dict[str, Any] = {}
-        for ref in [*self._shards, *self.pool.live_refs()]:
+        for ref in [*self._shards, *self._pool().live_refs()]:
             try:
                 out[ref.name] = await ref.ask(Stats(), timeout=2.0)
             except Exception as e:
@@ -263,7 +271,7 @@ class AsyncEngine:
     def snapshot(self) -> dict:
         system = self._system.snapshot() if self._system else {"actors": []}
         routing = self.routing.to_dict() if hasattr(self, "routing") else {}
-        servers = self.pool.snapshot() if self.pool else []
+        servers = self._pool().snapshot() if self.pool else []
         c = dict(self.counters)
         c["dead_letters"] = system.get("dead_letters", 0)
         waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
@@ -275,7 +283,7 @@ class AsyncEngine:
         """Routed tokens per (layer, expert) and per server over the window, and imbalance."""
         if not hasattr(self, "load"):
             return {"tokens": [], "window_s": 0.0, "imbalance": {}, "server_tokens": {}}
-        live = [n for n, s in self.pool.servers.items() if s["state"] != "dead"]
+        live = [n for n, s in self._pool().servers.items() if s["state"] != "dead"]
         return {"tokens": self.load.expert_tokens().tolist(), "window_s": self.load.window_s,
                 "imbalance": {str(l): v for l, v in self.load.imbalance(live).items()},
                 "server_tokens": {str(l): v for l, v in self.load.server_tokens().items()}}
@@ -287,56 +295,52 @@ class AsyncEngine:
         return self.events_bus.subscribe()
 
     # ---- admin actions -------------------------------------------------------------------
-    async def kill_server(self, name: str) -> None:
-        """Fault injection: crash server `name` (its supervisor restarts it)."""
-        await self.inject_fault(name, "kill")
-
     def server_names(self) -> list[str]:
-        return sorted(self.pool.servers)
+        return sorted(self._pool().servers)
 
     async def inject_fault(self, server: str, kind: str, *, seconds: float = 0.0) -> None:
         """Fault injection on one server: `kill` (crash it; a process gets SIGKILL), `hang`
         (stop answering for `seconds`; SIGSTOP), `delay` (add `seconds` to every batch)."""
-        await self.pool.inject_fault(server, kind, seconds=seconds)
+        await self._pool().inject_fault(server, kind, seconds=seconds)
 
     def incarnation(self, server: str) -> int:
-        return self.pool.incarnation(server)
+        return self._pool().incarnation(server)
 
     async def wait_servers_ready(self, timeout: float = 60.0,
                                  newer_than: dict[str, int] | None = None) -> None:
-        await self.pool.wait_ready(timeout, newer_than)
+        await self._pool().wait_ready(timeout, newer_than)
 
     async def kill_server(self, name: str) -> None:
         """Fault injection: crash server `name` (its supervisor restarts it)."""
-        await self.pool.inject_fault(name, "kill")
+        await self._pool().inject_fault(name, "kill")
 
     async def add_server(self, experts: dict[int, list[int]] | None = None, *,
                          start_timeout_s: float = 120.0) -> str:
         """Add an expert server (default: hosting every expert); returns its name."""
-        return await self.pool.add_server(experts, start_timeout_s=start_timeout_s)
+        return await self._pool().add_server(experts, start_timeout_s=start_timeout_s)
 
     async def remove_server(self, name: str) -> None:
         """Drain and remove an expert server; experts only it hosted move elsewhere first."""
-        await self.pool.remove_server(name)
+        await self._pool().remove_server(name)
 
     async def replicate_expert(self, layer: int, expert: int, server: str | None = None) -> str:
         """Add a replica of (layer, expert); returns the server that now hosts it."""
-        return await self.pool.replicate_expert(layer, expert, server)
+        return await self._pool().replicate_expert(layer, expert, server)
 
     async def unreplicate_expert(self, layer: int, expert: int, server: str) -> None:
         """Drop `server`'s replica of (layer, expert) (never the last live copy)."""
-        await self.pool.unreplicate_expert(layer, expert, server)
+        await self._pool().unreplicate_expert(layer, expert, server)
 
     async def rebalance(self) -> dict:
         """Run the placement planner once on the current load window and apply its plan."""
         from eaas.engine.planner import plan_table
 
         cfg = self.config.balance
-        live = [n for n, s in self.pool.servers.items() if s["state"] == "alive"]
+        live = [n for n, s in self._pool().servers.items() if s["state"] == "alive"]
         table, moves = plan_table(self.load.expert_tokens(), self.routing.table, live,
                                   cfg.max_experts_per_server, cfg.max_new_replicas)
         if moves:
-            await self.pool.apply_table(table, f"rebalance: {len(moves)} new replicas")
+            await self._pool().apply_table(table, f"rebalance: {len(moves)} new replicas")
             self.counters["rebalances"] = self.counters.get("rebalances", 0) + 1
         self.events_bus.emit({"type": "rebalance", "moves": moves})
         return {"moves": moves, "generation": self.routing.generation}

@@ -8,6 +8,7 @@ them); `ExpertServer` is the actor that wraps it in-process. A server process (s
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any, Callable, Mapping
 
@@ -83,14 +84,14 @@ class ExpertServer(Actor):
                  on_ready: Callable[[], None] | None = None) -> None:
         self.name = name
         self._on_ready = on_ready
-        self._args = (model_dir, dict(assignment))
-        self._kw = dict(dtype=dtype, device=device, batch_invariant=batch_invariant)
+        self._load = functools.partial(ExpertHost, model_dir, dict(assignment), dtype=dtype,
+                                       device=device, batch_invariant=batch_invariant)
         self.host: ExpertHost | None = None
         self.delay_s = 0.0  # fault injection: extra latency per batch
 
     async def on_start(self) -> None:
         # Loading is blocking file I/O; keep the event loop responsive.
-        self.host = await asyncio.to_thread(ExpertHost, *self._args, **self._kw)
+        self.host = await asyncio.to_thread(self._load)
         if self._on_ready is not None:
             self._on_ready()
 

@@ -29,7 +29,7 @@ class ComputeBatch:
 
 @dataclass(frozen=True, slots=True)
 class WorkUnit:
-    """Rows one shard sends one server for one layer of one step. Kept by the shard until combined."""
+    """Rows one shard sends one server for one layer of one step; kept until combined."""
 
     unit_id: int
     attempt: int

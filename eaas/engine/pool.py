@@ -17,7 +17,7 @@ import itertools
 import signal
 from typing import Any, Callable
 
-from eaas.actors import ChildSpec, RestartPolicy, Supervisor
+from eaas.actors import Actor, ChildSpec, RestartPolicy, Supervisor
 from eaas.config import EngineConfig
 from eaas.engine.batcher import Batcher
 from eaas.engine.expert_server import ExpertServer
@@ -58,6 +58,7 @@ class ExpertPool:
                  "slot": None, "device": device, "incarnation": 0}
         self.servers[name] = entry
         on_ready = lambda: self._ready(name)  # noqa: E731
+        factory: Callable[[], Actor]
         if cfg.placement.server_mode == "process":
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 

@@ -11,7 +11,8 @@ import time
 from typing import Any, Callable
 
 from eaas.actors import Actor
-from eaas.engine.messages import GetRouting, Ping, RoutingUpdate, SetServerState, SetTable, Subscribe
+from eaas.engine.messages import (GetRouting, Ping, RoutingUpdate, SetServerState, SetTable,
+                                  Subscribe)
 from eaas.engine.placement import RoutingSnapshot
 
 
@@ -40,7 +41,8 @@ class RoutingTable(Actor):
                           f"{msg.name} {'alive' if msg.alive else 'dead'}: {msg.reason}")
             return self.snapshot
         if isinstance(msg, SetTable):
-            table = {int(l): {int(e): tuple(s) for e, s in ex.items()} for l, ex in msg.table.items()}
+            table = {int(l): {int(e): tuple(s) for e, s in ex.items()}
+                     for l, ex in msg.table.items()}
             self._publish(RoutingSnapshot(self.snapshot.generation + 1, table, self.snapshot.dead),
                           msg.reason or "new table")
             return self.snapshot

@@ -21,7 +21,8 @@ class SamplingParams:
     """How to pick tokens for one request.
 
     max_tokens: new tokens to generate (>= 1). temperature: 0 = greedy. top_p in (0, 1].
-    top_k: -1 or 0 = off, else >= 1. seed: per-request generator seed (None = engine seed + request).
+    top_k: -1 or 0 = off, else >= 1. seed: per-request generator seed (None: derived from
+    the engine seed and the request id).
     stop_token_ids: extra ids that end the request (the model's eos ids always do unless
     ignore_eos). The stop token is included in token_ids, as vLLM does.
     """
@@ -52,7 +53,8 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
             raise bad("top_k", self.top_k, "-1 or 0 (off) or an integer >= 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+        seed = self.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise bad("seed", self.seed, "None or an integer")
         ids = tuple(self.stop_token_ids)
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):

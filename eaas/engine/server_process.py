@@ -51,7 +51,8 @@ async def _serve(args: argparse.Namespace) -> None:
         if op == "delay":
             delay = float(msg["seconds"])
             return "ok"
-        raise ValueError(f"unknown request op {op!r}; allowed: compute, ping, stats, load, unload, delay")
+        raise ValueError(f"unknown request op {op!r}; "
+                         "allowed: compute, ping, stats, load, unload, delay")
 
     async def on_connection(conn: Any) -> None:
         await serve_rpc(conn, handle)

@@ -70,14 +70,15 @@ class ServerProcess(Actor):
         slot = self.slot
         slot.log_path = slot.log_path or os.path.join(tempfile.gettempdir(),
                                                       f"eaas-{os.getpid()}-{slot.name}.log")
-        log = open(slot.log_path, "ab")
+        log = open(slot.log_path, "ab")  # noqa: ASYNC230 (opening a log file does not block)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "eaas.engine.server_process", "--model", self.model_dir,
                 "--assignment", json.dumps({str(k): v for k, v in self.assignment.items()}),
                 "--dtype", self.dtype, "--device", self.device,
                 "--batch-invariant" if self.batch_invariant else "--no-batch-invariant",
-                "--listen", f"{self.transport}://" + ("127.0.0.1:0" if self.transport == "tcp" else ""),
+                "--listen", f"{self.transport}://" + (
+                    "127.0.0.1:0" if self.transport == "tcp" else ""),
                 "--parent-pid", str(os.getpid()),
                 stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL)
         finally:

@@ -6,12 +6,11 @@ import asyncio
 import json
 import shutil
 import time
-from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
 
-from eaas import AsyncEngine, EngineConfig, SamplingParams
+from eaas import AsyncEngine, EngineConfig
 from eaas.engine.monitor import HealthMonitor
 from eaas.engine.planner import plan_table
 from tests.engine.conftest import prompts_of
