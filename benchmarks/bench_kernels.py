@@ -66,7 +66,8 @@ def graph_ms(calls: list, replays_ms: int = 100) -> float:
 
 
 def eager_ms(calls: list, rep_ms: int = 100) -> float:
-    return do_bench(lambda: [c() for c in calls], warmup=10, rep=rep_ms, return_mode="median") / len(calls)
+    ms = do_bench(lambda: [c() for c in calls], warmup=10, rep=rep_ms, return_mode="median")
+    return ms / len(calls)
 
 
 def card_ceilings() -> tuple[float, float]:
@@ -159,7 +160,8 @@ def tune(layer: Layer, top_k: int, deadline: float) -> tuple[MoEConfig, dict]:
     for block_m, tiles in candidates(num_tokens * top_k / num_experts):
         if time.time() > deadline:
             break
-        aligns = [moe_align_block_size_triton(ids, num_experts, block_m) for ids, _ in layer.routings]
+        aligns = [moe_align_block_size_triton(ids, num_experts, block_m)
+                  for ids, _ in layer.routings]
         acts = [torch.empty(a.sorted_ids.numel(), ffn, device="cuda", dtype=DTYPE) for a in aligns]
         y = torch.empty(num_tokens * top_k, hidden, device="cuda", dtype=DTYPE)
         picked = {}
@@ -167,7 +169,8 @@ def tune(layer: Layer, top_k: int, deadline: float) -> tuple[MoEConfig, dict]:
             timed = []
             for tile in tiles:
                 if stage == "gate_up":
-                    calls = [lambda a=a, o=o, t=tile: launch_gate_up(layer.x, layer.w_gate_up, a, top_k, block_m, t, o)
+                    calls = [lambda a=a, o=o, t=tile: launch_gate_up(
+                                 layer.x, layer.w_gate_up, a, top_k, block_m, t, o)
                              for a, o in zip(aligns, acts)]
                 else:
                     calls = [lambda a=a, o=o, t=tile: launch_down(o, layer.w_down, a, block_m, t, y)
@@ -175,13 +178,15 @@ def tune(layer: Layer, top_k: int, deadline: float) -> tuple[MoEConfig, dict]:
                 try:
                     timed.append((graph_ms(calls, 50), tile))
                 except Exception as exc:  # a tile that does not fit (shared memory) is skipped
-                    print(f"  skip BM={block_m} {stage} {tile}: {type(exc).__name__}", file=sys.stderr)
+                    print(f"  skip BM={block_m} {stage} {tile}: {type(exc).__name__}",
+                          file=sys.stderr)
             ms, tile = min(timed, key=lambda p: p[0])
             picked[stage] = (ms, tile)
             log[f"BM={block_m} {stage}"] = [(round(m, 4), astuple(t)) for m, t in timed]
         total = picked["gate_up"][0] + picked["down"][0]
         cfg = MoEConfig(block_m=block_m, gate_up=picked["gate_up"][1], down=picked["down"][1])
-        print(f"  BM={block_m}: gate_up {picked['gate_up'][0]:.4f} ms + down {picked['down'][0]:.4f} ms", flush=True)
+        print(f"  BM={block_m}: gate_up {picked['gate_up'][0]:.4f} ms"
+              f" + down {picked['down'][0]:.4f} ms", flush=True)
         if best is None or total < best[0]:
             best = (total, cfg)
     if best is None:
@@ -205,7 +210,8 @@ def profile(calls: list, label: str) -> None:
     print(f"profile {label} (per call, us):")
     reps = 3 * len(calls)
     for evt in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:8]:
-        print(f"  {evt.key[:60]:60s} {evt.device_time_total / reps:9.1f} us  x{evt.count / reps:.0f}")
+        per_call = evt.device_time_total / reps
+        print(f"  {evt.key[:60]:60s} {per_call:9.1f} us  x{evt.count / reps:.0f}")
 
 
 def main() -> None:
@@ -221,8 +227,10 @@ def main() -> None:
     out_dir = Path(args.out)
     card = torch.cuda.get_device_name()
     copy_gbs, mm_tflops = card_ceilings()
-    print(f"card: {card}; torch {torch.__version__}; date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"measured HBM copy {copy_gbs:.0f} GB/s (2*bytes/t, 1 GiB); bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"card: {card}; torch {torch.__version__}; date {date}")
+    print(f"measured HBM copy {copy_gbs:.0f} GB/s (2*bytes/t, 1 GiB); "
+          f"bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s")
     has_grouped = hasattr(torch, "_grouped_mm")
     shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
     tokens = (1, 128) if args.quick else TOKENS
@@ -230,19 +238,20 @@ def main() -> None:
     rows = []
     for name, (num_experts, top_k, hidden, ffn) in shapes.items():
         gen = torch.Generator(device="cuda").manual_seed(0)
-        w_gate_up = (torch.randn(num_experts, 2 * ffn, hidden, device="cuda", generator=gen, dtype=DTYPE)
-                     / math.sqrt(hidden))
-        w_down = (torch.randn(num_experts, hidden, ffn, device="cuda", generator=gen, dtype=DTYPE)
-                  / math.sqrt(ffn))
+        opts = dict(device="cuda", generator=gen, dtype=DTYPE)
+        w_gate_up = torch.randn(num_experts, 2 * ffn, hidden, **opts) / math.sqrt(hidden)
+        w_down = torch.randn(num_experts, hidden, ffn, **opts) / math.sqrt(ffn)
         key = shape_key(num_experts, hidden, ffn, "bfloat16")
         for num_tokens in tokens:
             layer = make_layer(num_experts, top_k, hidden, ffn, num_tokens, (w_gate_up, w_down))
-            cfg = moe_config_for(layer.x, w_gate_up, num_tokens, top_k)  # kernels/configs or heuristic
+            cfg = moe_config_for(layer.x, w_gate_up, num_tokens, top_k)  # JSON or heuristic
             if args.tune and time.time() - start < args.budget_s:
                 print(f"tuning {name} T={num_tokens}", flush=True)
                 cfg, log = tune(layer, top_k, start + args.budget_s)
                 tuned.setdefault(key, {})[str(num_tokens)] = cfg.to_dict()
-                (out_dir / "tune_log.jsonl").open("a").write(json.dumps({"shape": name, "T": num_tokens, "log": log}) + "\n")
+                entry = {"shape": name, "T": num_tokens, "log": log}
+                with (out_dir / "tune_log.jsonl").open("a") as f:
+                    f.write(json.dumps(entry) + "\n")
             ours = [lambda r=r: fused_moe_triton(layer.x, w_gate_up, w_down, *r, config=cfg)
                     for r in layer.routings]
             ids0, w0 = layer.routings[0]
@@ -259,9 +268,11 @@ def main() -> None:
                 try:
                     t_gmm = graph_ms(peer)
                 except Exception as exc:
-                    print(f"  grouped_mm path not capturable: {type(exc).__name__}: {exc}", file=sys.stderr)
+                    print(f"  grouped_mm path not capturable: {type(exc).__name__}: {exc}",
+                          file=sys.stderr)
                     t_gmm = t_gmm_eager
-                t_gemms = graph_ms([grouped_mm_path(layer, *r, gemms_only=True) for r in layer.routings])
+                t_gemms = graph_ms([grouped_mm_path(layer, *r, gemms_only=True)
+                                    for r in layer.routings])
             hit = sum(int(torch.unique(ids).numel()) for ids, _ in layer.routings) / ROTATIONS
             flops = 2 * num_tokens * top_k * 3 * hidden * ffn
             wbytes = hit * 3 * hidden * ffn * 2
@@ -272,9 +283,11 @@ def main() -> None:
             rows.append(row)
             if args.profile and num_tokens in (1, 4096):
                 profile(ours, f"{name} T={num_tokens}")
-            (out_dir / "bench_rows.jsonl").open("a").write(json.dumps(row) + "\n")
-            print(f"{name} T={num_tokens}: ours {t_ours:.4f} ms ({t_ours_eager:.4f}) grouped_mm {t_gmm:.4f} "
-                  f"({t_gmm_eager:.4f}) gemms {t_gemms:.4f} ref {t_ref:.3f} err {err:.1e}/{gmm_err:.1e}", flush=True)
+            with (out_dir / "bench_rows.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{name} T={num_tokens}: ours {t_ours:.4f} ms ({t_ours_eager:.4f}) "
+                  f"grouped_mm {t_gmm:.4f} ({t_gmm_eager:.4f}) gemms {t_gemms:.4f} "
+                  f"ref {t_ref:.3f} err {err:.1e}/{gmm_err:.1e}", flush=True)
             del layer
         del w_gate_up, w_down
         torch.cuda.empty_cache()
@@ -283,14 +296,16 @@ def main() -> None:
         path.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
         print(f"wrote {path}")
     print(f"\n{card}: HBM copy {copy_gbs:.0f} GB/s, bf16 matmul {mm_tflops:.0f} TFLOP/s; "
-          f"times in ms, CUDA-graph replay (eager); torch._grouped_mm {'present' if has_grouped else 'absent'}")
-    print("| shape | T | ours | grouped_mm path | grouped_mm GEMMs only | torch ref | x vs gmm path "
+          f"times in ms, CUDA-graph replay (eager); "
+          f"torch._grouped_mm {'present' if has_grouped else 'absent'}")
+    print("| shape | T | ours | grouped_mm path | grouped_mm GEMMs only | torch ref | x vs gmm "
           "| TFLOP/s (% mm) | weights GB/s (% copy) | rel err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['shape']} | {r['T']} | {r['ours_ms']:.4f} ({r['ours_eager_ms']:.4f}) | "
-              f"{r['gmm_ms']:.4f} ({r['gmm_eager_ms']:.4f}) | {r['gmm_gemms_ms']:.4f} | {r['ref_ms']:.2f} | "
-              f"{r['gmm_ms'] / r['ours_ms']:.2f} | {r['tflops']:.0f} ({100 * r['tflops'] / mm_tflops:.0f}%) | "
+              f"{r['gmm_ms']:.4f} ({r['gmm_eager_ms']:.4f}) | {r['gmm_gemms_ms']:.4f} | "
+              f"{r['ref_ms']:.2f} | {r['gmm_ms'] / r['ours_ms']:.2f} | "
+              f"{r['tflops']:.0f} ({100 * r['tflops'] / mm_tflops:.0f}%) | "
               f"{r['gbs']:.0f} ({100 * r['gbs'] / copy_gbs:.0f}%) | {r['err']:.1e} |")
     print(f"total {time.time() - start:.0f} s")
 

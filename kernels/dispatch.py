@@ -65,7 +65,8 @@ def fused_moe(
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """Routed experts of one MoE layer: out[t] = sum_k topk_weights[t, k] * MLP_{topk_ids[t, k]}(x[t]).
+    """Routed experts of one MoE layer: out[t] = sum_k topk_weights[t, k] * MLP_e(x[t]),
+    with e = topk_ids[t, k].
 
     x: [T, H] float32/float16/bfloat16 hidden states. w_gate_up: [E, 2F, H], same dtype, gate
     rows then up rows of every expert. w_down: [E, H, F], same dtype. topk_ids: [T, K] int

@@ -134,7 +134,9 @@ def _down_kernel(
     tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def moe_config_for(x: torch.Tensor, w_gate_up: torch.Tensor, num_tokens: int, top_k: int) -> MoEConfig:
+def moe_config_for(
+    x: torch.Tensor, w_gate_up: torch.Tensor, num_tokens: int, top_k: int
+) -> MoEConfig:
     """The block config for this layer shape and card (tuned JSON, else the heuristic)."""
     num_experts, two_f, hidden = w_gate_up.shape
     card = torch.cuda.get_device_name(x.device) if x.is_cuda else "cpu"
@@ -155,7 +157,9 @@ def _fit_stages(cfg: GemmConfig, block_m: int, num_b: int, t: torch.Tensor) -> i
     return stages
 
 
-def _launch_args(cfg: GemmConfig, reduce_dim: int, x: torch.Tensor, block_m: int, num_b: int) -> dict:
+def _launch_args(
+    cfg: GemmConfig, reduce_dim: int, x: torch.Tensor, block_m: int, num_b: int
+) -> dict:
     return dict(
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         EVEN_K=reduce_dim % cfg.block_k == 0, UPCAST=x.device.type == "cpu",

@@ -188,7 +188,8 @@ def check_moe_weights(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Te
         )
     if tuple(w_down.shape) != (num_experts, hidden, two_f // 2):
         raise ValueError(
-            f"w_down must be [E={num_experts}, H={hidden}, F={two_f // 2}], got {tuple(w_down.shape)}"
+            f"w_down must be [E={num_experts}, H={hidden}, F={two_f // 2}], "
+            f"got {tuple(w_down.shape)}"
         )
     allowed = (torch.float32, torch.float16, torch.bfloat16)
     if x.dtype not in allowed or w_gate_up.dtype != x.dtype or w_down.dtype != x.dtype:

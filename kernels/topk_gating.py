@@ -35,7 +35,8 @@ MAX_EXPERTS = 1024
 # --- Triton kernels --------------------------------------------------------------------------
 @triton.jit
 def _topk_store(
-    w_ptr, id_ptr, weights, ids, rows, T, K: tl.constexpr, BLOCK_K: tl.constexpr, RENORM: tl.constexpr
+    w_ptr, id_ptr, weights, ids, rows, T,
+    K: tl.constexpr, BLOCK_K: tl.constexpr, RENORM: tl.constexpr,
 ):
     kcols = tl.arange(0, BLOCK_K)
     if RENORM:

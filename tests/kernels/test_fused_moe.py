@@ -103,6 +103,7 @@ def test_mismatched_weights_are_rejected():
     w_gate_up, w_down = moe_weights(NUM_EXPERTS, HIDDEN, FFN, torch.float32, gen)
     x = torch.randn(3, HIDDEN)
     with pytest.raises(ValueError, match="w_down must be"):
-        fused_moe(x, w_gate_up, w_down[:, :, :-1], torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+        ids = torch.zeros(3, 1, dtype=torch.long)
+        fused_moe(x, w_gate_up, w_down[:, :, :-1], ids, torch.ones(3, 1))
     with pytest.raises(TypeError, match="share one dtype"):
         expert_rows(x.half(), torch.zeros(3, dtype=torch.long), w_gate_up, w_down)

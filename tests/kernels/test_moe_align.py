@@ -61,7 +61,9 @@ def test_combine_triton_matches_reference(num_tokens, k, dtype):
 
 
 @interpreter_only
-@pytest.mark.parametrize(("num_tokens", "k", "max_programs"), [(33, 8, 3), (130, 8, 128), (40, 2, 1)])
+@pytest.mark.parametrize(
+    ("num_tokens", "k", "max_programs"), [(33, 8, 3), (130, 8, 128), (40, 2, 1)]
+)
 def test_align_multi_program_path_matches_reference(num_tokens, k, max_programs):
     """More pairs than one program's BLOCK_N: the count + scatter kernels over several chunks."""
     gen = torch.Generator().manual_seed(num_tokens * k)
