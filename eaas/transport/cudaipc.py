@@ -201,7 +201,7 @@ class CudaIpcConnection(StreamConnection):
 
     def _create(self, device: int, size: int) -> _Slot:
         flat = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device}")  # [size]
-        event = torch.cuda.Event(interprocess=True, disable_timing=True)
+        event = torch.cuda.Event(interprocess=True)  # timing off: required for IPC
         with torch.cuda.device(device):
             event.record(torch.cuda.current_stream(device))  # an IPC handle needs a record
             share = flat.untyped_storage()._share_cuda_()

@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD:/tmp/pp${PYTHONPATH:+:$PYTHONPATH}
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -m pip list 2>/dev/null | grep -i -E "^(pytest|hypothesis|nvidia-ml-py|nvidia-nvshmem)"; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-timeout "${1:-300}" python3 -m pytest -q -rs -x tests/gpu -p no:cacheprovider --timeout 280 \
+timeout "${1:-300}" python3 -m pytest -q -rs -x ${PYTEST_ARGS:-tests/gpu} -p no:cacheprovider --timeout 280 \
   > "$OUT/tests.log" 2>&1; echo "tests rc=$?"
 tail -40 "$OUT/tests.log"
 timeout "${2:-200}" python3 -m torch.distributed.run --nproc-per-node 2 --master-port 29533 \
