@@ -159,6 +159,7 @@ class Dispatcher:
         self.counters["units_dispatched"] += 1
         if self.load is not None:
             self.load.record_server(layer, server, int(idx.numel()))
+            self.load.inflight[server] += int(idx.numel())
         if attempt:
             self.counters["reroutes"] += 1
         batcher = self.batcher_for(server)
@@ -174,6 +175,8 @@ class Dispatcher:
     def _close(self, u: _Unit) -> None:
         self.units.pop(u.unit_id, None)
         self.outstanding[u.server] -= int(u.pair_idx.numel())
+        if self.load is not None:
+            self.load.inflight[u.server] -= int(u.pair_idx.numel())
         if not u.future.done():
             u.future.cancel()
         elif not u.future.cancelled():

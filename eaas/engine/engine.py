@@ -272,6 +272,8 @@ class AsyncEngine:
         system = self._system.snapshot() if self._system else {"actors": []}
         routing = self.routing.to_dict() if hasattr(self, "routing") else {}
         servers = self._pool().snapshot() if self.pool else []
+        for srv in servers:
+            srv["inflight_tokens"] = self.load.inflight.get(srv["name"], 0)
         c = dict(self.counters)
         c["dead_letters"] = system.get("dead_letters", 0)
         waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)

@@ -26,6 +26,7 @@ class LoadTracker:
         self._servers: list[dict[tuple[int, str], int]] = [defaultdict(int)
                                                            for _ in range(num_buckets)]
         self._stamp = [-1] * num_buckets  # which bucket number each slot holds
+        self.inflight: dict[str, int] = defaultdict(int)  # rows sent and not yet back, per server
 
     def _slot(self) -> int:
         n = int(self._clock() / self.bucket_s)

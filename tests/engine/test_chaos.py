@@ -85,3 +85,4 @@ async def test_kill_and_hang_servers_under_load_loses_nothing(tiny_dirs):
     assert counters["reroutes"] > 0 and counters["resent_units"] > 0
     assert health["healthy"]
     assert all(s["state"] == "alive" for s in servers)
+    assert all(s["inflight_tokens"] == 0 for s in servers)  # nothing left in flight anywhere
