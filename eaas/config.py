@@ -129,6 +129,7 @@ class FaultConfig:
     within_s: float = 30.0
     backoff_s: float = 0.05
     unit_timeout_s: float = 2.0  # a work unit not answered by then is resent elsewhere
+    max_unit_attempts: int = 8  # then its rows count as having no live replica (the policy)
     heartbeat_interval_s: float = 0.5
     no_replica_policy: Literal["fail", "wait", "degrade"] = "fail"
     wait_timeout_s: float = 30.0  # policy `wait`: give up after this long
@@ -138,6 +139,7 @@ class FaultConfig:
         _num("fault.within_s", self.within_s, 0, strict=True)
         _num("fault.backoff_s", self.backoff_s, 0)
         _num("fault.unit_timeout_s", self.unit_timeout_s, 0, strict=True)
+        _int("fault.max_unit_attempts", self.max_unit_attempts, 1)
         _num("fault.heartbeat_interval_s", self.heartbeat_interval_s, 0, strict=True)
         _check(self.no_replica_policy in NO_REPLICA_POLICIES, "fault.no_replica_policy",
                self.no_replica_policy, f"one of {NO_REPLICA_POLICIES}")

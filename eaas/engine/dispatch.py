@@ -75,7 +75,8 @@ class Dispatcher:
         self._routing_changed = asyncio.Event()
         for key in ("units_dispatched", "units_combined", "units_retired", "resent_units",
                     "reroutes", "unit_timeouts", "dropped_duplicates", "stale_results",
-                    "failed_pairs", "degraded_pairs", "combine_violations"):
+                    "failed_pairs", "degraded_pairs", "combine_violations",
+                    "attempts_exhausted"):
             counters.setdefault(key, 0)
 
     # ---- messages from the shard's mailbox --------------------------------------------------
@@ -216,7 +217,11 @@ class ExpertCall:
 
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
-        groups, orphans = d._assign(self.layer, self.flat_ids, pair_idx, tried)
+        if attempt >= d.fault.max_unit_attempts:  # a livelock guard: it keeps failing everywhere
+            groups, orphans = {}, pair_idx
+            d.counters["attempts_exhausted"] += 1
+        else:
+            groups, orphans = d._assign(self.layer, self.flat_ids, pair_idx, tried)
         for server, idx in groups.items():
             u = d._send(self.layer, self.rows, self.flat_ids, idx, server, attempt, tried)
             self.live[u.future] = u

@@ -64,8 +64,10 @@ class AttentionShard(Actor):
             self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
 
     async def on_stop(self) -> None:
+        # crash or shutdown: every request this shard holds ends now, with the reason
         for r in list(self.by_id.values()):
-            self._finish(r, "abort", error="engine shutting down")
+            self._finish(r, "abort", error=f"attention shard {self.name} stopped "
+                         "(engine shutdown or shard crash)")
 
     async def on_receive(self, msg: Any) -> Any:
         if isinstance(msg, UnitResult):
@@ -173,8 +175,9 @@ class AttentionShard(Actor):
                 continue
             s, e = spans[b]
             if any(s <= t < e for t in bad_tokens):
-                self._finish(r, "error", error="no live server hosts an expert this request "
-                             "needs (no_replica_policy=fail)")
+                self._finish(r, "error", error="no live server could compute an expert this "
+                             "request needs (no live replica, or every attempt failed; "
+                             "no_replica_policy=fail)")
                 continue
             if any(s <= t < e for t in degraded_tokens):
                 if not r.degraded:

@@ -76,3 +76,36 @@ async def test_other_requests_unaffected_by_an_abort(tiny_dirs, reference_greedy
         a, b = await asyncio.gather(run([3, 4, 5], "a"), run([9, 10], "b"))
     assert a.finish_reason == "abort"
     assert b.finish_reason == "length" and b.outputs[0].token_ids == reference_greedy(d, [9, 10], 8)
+
+
+async def test_a_crashed_shard_ends_its_requests_and_restarts(tiny_dirs, reference_greedy):
+    """Shards are stateful: a crash cannot save their requests, but it must end them at once with
+    a reason (no caller hangs), and the restarted shard serves new requests."""
+    from eaas.engine.messages import Crash
+
+    d = tiny_dirs["qwen3_moe"]
+    async with AsyncEngine(_cfg(d)) as engine:
+        await _slow_servers(engine, 0.05)
+        params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+
+        async def run():
+            async for out in engine.generate([7, 7, 7], params):
+                pass
+            return out
+
+        task = asyncio.create_task(run())
+        while (await _shard_stats(engine))["running"] == 0:
+            await asyncio.sleep(0.01)
+        await engine._shards[0].tell(Crash("test"))
+        lost = await asyncio.wait_for(task, 10)
+        await _slow_servers(engine, 0.0)
+        fresh = await _gen_one(engine, [9, 10], SamplingParams(max_tokens=5, temperature=0,
+                                                               ignore_eos=True))
+    assert lost.finished and lost.finish_reason == "abort" and "shard-0 stopped" in lost.error
+    assert fresh.outputs[0].token_ids == reference_greedy(d, [9, 10], 5)
+
+
+async def _gen_one(engine, prompt, params):
+    async for out in engine.generate(prompt, params):
+        pass
+    return out

@@ -149,3 +149,25 @@ async def test_single_copy_policy_wait_rides_out_a_restart(tiny_dirs, reference_
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(d, p, N_TOKENS)
                                                       for p in prompts]
     assert all(o.finish_reason == "length" and not o.outputs[0].degraded for o in outs)
+
+
+async def test_a_unit_that_fails_everywhere_stops_after_max_attempts(tiny_dirs, reference_greedy):
+    """A server that is alive but never answers in time (one copy of its experts): the rows are
+    resent until fault.max_unit_attempts, then the request errors clearly; no livelock."""
+    d = tiny_dirs["qwen3_moe"]
+    cfg = EngineConfig.from_dict({
+        "model": d, "placement": {"num_expert_servers": 1, "expert_replicas": 1,
+                                  "server_mode": "inproc"},
+        "fault": {"unit_timeout_s": 0.05, "max_unit_attempts": 3}})
+    async with AsyncEngine(cfg) as engine:
+        await engine.inject_fault("expert-0", "delay", seconds=0.2)
+        params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+        async for bad in engine.generate([1, 2, 3], params):
+            pass
+        counters = dict(engine.counters)
+        await engine.inject_fault("expert-0", "delay", seconds=0.0)
+        async for good in engine.generate([1, 2, 3], params):
+            pass
+    assert bad.finish_reason == "error" and "every attempt failed" in bad.error
+    assert counters["attempts_exhausted"] >= 1 and counters["unit_timeouts"] >= 3
+    assert good.outputs[0].token_ids == reference_greedy(d, [1, 2, 3], 4)
