@@ -28,6 +28,14 @@ def reference_greedy():
     return run
 
 
+async def final(engine, prompt, params, **kw):
+    """Run one request to the end; returns its last (finished) RequestOutput."""
+    out = None
+    async for out in engine.generate(prompt, params, **kw):
+        pass
+    return out
+
+
 def prompts_of(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     """n prompts of mixed lengths (1..24 tokens) from real text."""
     text = ("Experts are stateless services; attention shards call them asynchronously. "

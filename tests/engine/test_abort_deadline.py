@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
+from tests.engine.conftest import final
 
 
 def _cfg(model_dir: str) -> EngineConfig:
@@ -51,9 +52,7 @@ async def test_deadline_aborts_and_frees(tiny_dirs):
     async with AsyncEngine(_cfg(tiny_dirs["qwen3_moe"])) as engine:
         await _slow_servers(engine, 0.2)
         params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
-        last = None
-        async for last in engine.generate([1, 2, 3], params, deadline_s=0.5):
-            pass
+        last = await final(engine, [1, 2, 3], params, deadline_s=0.5)
         await asyncio.sleep(0)  # let the shard process the abort's cleanup
         idle = await _shard_stats(engine)
     assert last.finished and last.finish_reason == "abort" and "deadline" in last.error
@@ -68,7 +67,7 @@ async def test_other_requests_unaffected_by_an_abort(tiny_dirs, reference_greedy
 
         async def run(p, rid):
             last = None
-            async for last in engine.generate(p, params, request_id=rid):
+            async for last in engine.generate(p, params, request_id=rid):  # abort mid-stream
                 if rid == "a" and len(last.outputs[0].token_ids) == 2:
                     await engine.abort("a")
             return last
@@ -88,24 +87,13 @@ async def test_a_crashed_shard_ends_its_requests_and_restarts(tiny_dirs, referen
         await _slow_servers(engine, 0.05)
         params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
 
-        async def run():
-            async for out in engine.generate([7, 7, 7], params):
-                pass
-            return out
-
-        task = asyncio.create_task(run())
+        task = asyncio.create_task(final(engine, [7, 7, 7], params))
         while (await _shard_stats(engine))["running"] == 0:
             await asyncio.sleep(0.01)
         await engine._shards[0].tell(Crash("test"))
         lost = await asyncio.wait_for(task, 10)
         await _slow_servers(engine, 0.0)
-        fresh = await _gen_one(engine, [9, 10], SamplingParams(max_tokens=5, temperature=0,
+        fresh = await final(engine, [9, 10], SamplingParams(max_tokens=5, temperature=0,
                                                                ignore_eos=True))
     assert lost.finished and lost.finish_reason == "abort" and "shard-0 stopped" in lost.error
     assert fresh.outputs[0].token_ids == reference_greedy(d, [9, 10], 5)
-
-
-async def _gen_one(engine, prompt, params):
-    async for out in engine.generate(prompt, params):
-        pass
-    return out

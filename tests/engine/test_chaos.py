@@ -13,7 +13,7 @@ import pytest
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
 from eaas.engine.faults import FaultEvent, FaultInjector, FaultPlan
-from tests.engine.conftest import prompts_of
+from tests.engine.conftest import final, prompts_of
 
 N_TOKENS = 24
 
@@ -31,13 +31,7 @@ def _cfg(model_dir: str, mode: str) -> EngineConfig:
 async def _run_all(engine: AsyncEngine, prompts):
     params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
 
-    async def one(p):
-        last = None
-        async for last in engine.generate(p, params):
-            pass
-        return last
-
-    return await asyncio.gather(*(one(p) for p in prompts))
+    return await asyncio.gather(*(final(engine, p, params) for p in prompts))
 
 
 async def run_waves(engine: AsyncEngine, prompts, until: asyncio.Event) -> list[list]:

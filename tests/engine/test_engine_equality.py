@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from tests.engine.conftest import prompts_of
+from tests.engine.conftest import final, prompts_of
 
 # (arch, placement, batching): several shards x several servers, uneven splits, replicas,
 # tiny and large batching windows.
@@ -38,11 +38,7 @@ async def test_disaggregated_equals_reference(arch, placement, batching, tiny_di
         prompts = prompts_of(engine.tokenizer, 32, seed=sum(map(ord, arch)))
         params = SamplingParams(max_tokens=n_tokens, temperature=0.0, ignore_eos=True)
 
-        async def run(p):
-            last = None
-            async for last in engine.generate(p, params):
-                pass
-            return last
+        run = lambda p: final(engine, p, params)  # noqa: E731
 
         # half now; the other half arrives while the first half decodes
         first = [asyncio.create_task(run(p)) for p in prompts[:16]]

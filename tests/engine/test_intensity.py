@@ -10,7 +10,7 @@ import torch
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
 from eaas.model import Checkpoint, ReferenceModel
-from tests.engine.conftest import prompts_of
+from tests.engine.conftest import final, prompts_of
 
 N_TOKENS = 6
 
@@ -64,11 +64,7 @@ async def test_intensity_breach_marks_dead_and_routes_around(tiny_dirs, referenc
         events = [e["type"] for e in engine.events_bus.recent]
         prompts = prompts_of(engine.tokenizer, 8, seed=4)
         params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
-        outs = []
-        for p in prompts:
-            async for o in engine.generate(p, params):
-                pass
-            outs.append(o)
+        outs = [await final(engine, p, params) for p in prompts]
         health = await engine.check_health()
     assert "escalated" in events
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(d, p, N_TOKENS)
@@ -86,13 +82,7 @@ async def test_single_copy_policy_fail_errors_only_affected_requests(tiny_dirs, 
         prompts = prompts_of(engine.tokenizer, 24, seed=9)
         params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
 
-        async def run(p):
-            last = None
-            async for last in engine.generate(p, params):
-                pass
-            return last
-
-        outs = await asyncio.gather(*(run(p) for p in prompts))
+        outs = await asyncio.gather(*(final(engine, p, params) for p in prompts))
     needs = [_uses_expert(ref, p, N_TOKENS, lone) for p in prompts]
     assert any(needs) and not all(needs), "the prompt set must contain both kinds of request"
     for p, out, need in zip(prompts, outs, needs):
@@ -112,11 +102,7 @@ async def test_single_copy_policy_degrade_flags_and_completes(tiny_dirs, referen
         await _crash_until_dead(engine, "expert-0")
         prompts = prompts_of(engine.tokenizer, 12, seed=9)
         params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
-        outs = []
-        for p in prompts:
-            async for o in engine.generate(p, params):
-                pass
-            outs.append(o)
+        outs = [await final(engine, p, params) for p in prompts]
         counters = dict(engine.counters)
     needs = [_uses_expert(ref, p, N_TOKENS, lone) for p in prompts]
     assert any(needs)
@@ -137,12 +123,7 @@ async def test_single_copy_policy_wait_rides_out_a_restart(tiny_dirs, reference_
         prompts = prompts_of(engine.tokenizer, 8, seed=2)
         params = SamplingParams(max_tokens=N_TOKENS, temperature=0, ignore_eos=True)
 
-        async def run(p):
-            async for o in engine.generate(p, params):
-                pass
-            return o
-
-        tasks = [asyncio.create_task(run(p)) for p in prompts]
+        tasks = [asyncio.create_task(final(engine, p, params)) for p in prompts]
         await asyncio.sleep(0.1)
         await engine.inject_fault("expert-0", "kill")  # its experts have no other copy
         outs = await asyncio.gather(*tasks)
@@ -162,12 +143,10 @@ async def test_a_unit_that_fails_everywhere_stops_after_max_attempts(tiny_dirs, 
     async with AsyncEngine(cfg) as engine:
         await engine.inject_fault("expert-0", "delay", seconds=0.2)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-        async for bad in engine.generate([1, 2, 3], params):
-            pass
+        bad = await final(engine, [1, 2, 3], params)
         counters = dict(engine.counters)
         await engine.inject_fault("expert-0", "delay", seconds=0.0)
-        async for good in engine.generate([1, 2, 3], params):
-            pass
+        good = await final(engine, [1, 2, 3], params)
     assert bad.finish_reason == "error" and "every attempt failed" in bad.error
     assert counters["attempts_exhausted"] >= 1 and counters["unit_timeouts"] >= 3
     assert good.outputs[0].token_ids == reference_greedy(d, [1, 2, 3], 4)

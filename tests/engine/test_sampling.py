@@ -9,6 +9,7 @@ import pytest
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
 from eaas.errors import RequestError
+from tests.engine.conftest import final
 
 
 def _cfg(d: str) -> EngineConfig:
@@ -16,11 +17,7 @@ def _cfg(d: str) -> EngineConfig:
         "num_attention_shards": 2, "num_expert_servers": 2, "server_mode": "inproc"}})
 
 
-async def _gen(engine, prompt, params, **kw):
-    last = None
-    async for last in engine.generate(prompt, params, **kw):
-        pass
-    return last
+_gen = final
 
 
 async def test_seeded_sampling_is_reproducible_across_batching(tiny_dirs):
