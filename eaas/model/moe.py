@@ -156,6 +156,16 @@ class ExpertBank:
         )  # [E_local, F, H], [E_local, F, H], [E_local, H, F]
         self.batch_invariant = batch_invariant
         self._local = {e: i for i, e in enumerate(expert_ids)}
+        # On CUDA the bank runs the Triton expert kernel (eaas_kernels.expert_rows) over stacked
+        # weights; global expert ids map to local slots through a lookup table (-1: not hosted).
+        self._w13 = self._w2 = self._lut = None
+        if gate.is_cuda:
+            self._w13 = torch.cat([gate, up], dim=1).contiguous()  # [E_local, 2F, H]
+            self._w2 = down.contiguous()  # [E_local, H, F]
+            lut = torch.full((max(expert_ids) + 1,), -1, dtype=torch.long)
+            lut[list(expert_ids)] = torch.arange(len(expert_ids))
+            self._lut = lut.to(gate.device)
+            self._kernel_cfg = None  # batch-invariant: one block config for every batch size
 
     @classmethod
     def load(
@@ -183,6 +193,8 @@ class ExpertBank:
         """
         if x.shape[0] != expert_ids.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but expert_ids has {expert_ids.shape[0]}")
+        if self._w13 is not None and x.is_cuda:
+            return self._forward_cuda(x, expert_ids)
         out = x.new_empty(x.shape)
         present = torch.unique(expert_ids).tolist()
         missing = [e for e in present if e not in self._local]
@@ -204,5 +216,25 @@ class ExpertBank:
 
             out[rows] = ops.rowwise(mlp, x[rows]) if self.batch_invariant else mlp(x[rows])
         return out
+
+    def _forward_cuda(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The Triton path. A row's result depends only on its own data and the kernel's block
+        config; batch_invariant pins one config for every batch size (no per-T tuning)."""
+        from eaas_kernels.grouped_gemm import expert_rows_triton, moe_config_for
+
+        assert self._lut is not None and self._w13 is not None and self._w2 is not None
+        ids = expert_ids.to(x.device)
+        if ids.numel() == 0:
+            return x.new_empty(x.shape)
+        if int(ids.max()) >= self._lut.numel() or bool((self._lut[ids] < 0).any()):
+            bad = sorted({e for e in ids.tolist() if e not in self._local})
+            raise ValueError(f"layer {self.layer_idx}: experts {bad} are not hosted here "
+                             f"(hosted: {list(self.expert_ids)})")
+        cfg = None
+        if self.batch_invariant:
+            if self._kernel_cfg is None:
+                self._kernel_cfg = moe_config_for(x, self._w13, 1, 1)
+            cfg = self._kernel_cfg
+        return expert_rows_triton(x, self._lut[ids], self._w13, self._w2, config=cfg)
 
     __call__ = forward
