@@ -262,6 +262,9 @@ def main() -> int:
             r["ours_graph"] = cuda_time(graph.replay, args.iters)
             ours.check()
             r["ours_view"] = cuda_time(ours.pair_view, args.iters)
+            r["floor"] = 2 * (K // 2) * T * H * 2 / bw * 1e6
+            if rank == 0:
+                print("  " + "  ".join(f"{k}={v:.1f}" for k, v in r.items()), flush=True)
             if "cudaipc" not in args.skip:
                 try:
                     us = asyncio.run(cudaipc_side(rank, T, H, min(args.iters, 10), [None]))
@@ -270,11 +273,9 @@ def main() -> int:
                 except Exception as exc:  # noqa: BLE001
                     print(f"# cudaipc T={T} H={H} failed on rank {rank}: {exc!r}"[:300])
                 dist.barrier()
-            r["floor"] = 2 * (K // 2) * T * H * 2 / bw * 1e6
+                if rank == 0 and "cudaipc" in r:
+                    print(f"  T={T} H={H} cudaipc={r['cudaipc']:.1f}", flush=True)
             rows.append(r)
-            if rank == 0:
-                print("  " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
-                                        for k, v in r.items()), flush=True)
     if rank == 0:
         name = torch.cuda.get_device_name(0)
         print(f"\n{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, 2x {name}, "

@@ -53,14 +53,23 @@ def checks(rank: int, dev: str) -> None:
     # 1. credits + round trip
     if rank == 0:
         staged = [(rows_for(i, n, dev).contiguous(), meta_for(i, n, dev)) for i, n in enumerate(sizes)]
+        backs = torch.empty(len(sizes), R, H, dtype=torch.bfloat16, device=dev)
+        back_metas = torch.empty(len(sizes), R + 1, dtype=torch.int64, device=dev)
         for x, m in staged:
             disp.send(1, x, m)
+        # Replies are received on a stream of their own: on the sending stream they would sit
+        # behind sends that wait for credit, which needs rank 1 to get past replies that wait
+        # for *our* credit (the deadlock the NvshmemPlane docstring warns about).
+        side = torch.cuda.Stream(device=dev)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for i in range(len(sizes)):
+                comb.recv(1, backs[i], back_metas[i])
+        torch.cuda.synchronize()
         for i, n in enumerate(sizes):
-            comb.recv(1, out, out_meta)
-            torch.cuda.synchronize()
-            assert int(out_meta[0]) == n, (i, int(out_meta[0]), n)
-            assert torch.equal(out[:n], staged[i][0] * 2), f"reply {i} rows differ"
-            assert torch.equal(out_meta[1:1 + n], staged[i][1][1:1 + n]), f"reply {i} tags"
+            assert int(back_metas[i, 0]) == n, (i, int(back_metas[i, 0]), n)
+            assert torch.equal(backs[i, :n], staged[i][0] * 2), f"reply {i} rows differ"
+            assert torch.equal(back_metas[i, 1:1 + n], staged[i][1][1:1 + n]), f"reply {i} tags"
     else:
         time.sleep(0.3)  # let rank 0's sends run ahead: its third one must wait for credit
         replies = []

@@ -25,8 +25,10 @@ def _cfg(model: str, placement: dict) -> EngineConfig:
         "model": model, "device": "cuda:0", "dtype": "float32",
         "placement": {"num_attention_shards": 1, "num_expert_servers": 2, "expert_replicas": 1,
                       **placement},
+        # one copy of each expert: requests wait for the killed server to come back (re-join)
         "fault": {"unit_timeout_s": 5.0, "heartbeat_interval_s": 0.5, "max_restarts": 10,
-                  "within_s": 60.0, "backoff_s": 0.05}})
+                  "within_s": 60.0, "backoff_s": 0.05, "no_replica_policy": "wait",
+                  "wait_timeout_s": 120.0}})
 
 
 async def _run(engine: AsyncEngine, prompts: list, started: asyncio.Event | None = None):
