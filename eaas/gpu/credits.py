@@ -63,7 +63,8 @@ class ChannelLayout:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"ChannelLayout.{name}={value!r}: must be an int >= 1")
         if self.dtype not in _ITEMSIZE:
-            raise ValueError(f"ChannelLayout.dtype={self.dtype!r}: must be one of {list(_ITEMSIZE)}")
+            raise ValueError(f"ChannelLayout.dtype={self.dtype!r}: must be one of "
+                             f"{list(_ITEMSIZE)}")
         if self.max_rows * self.hidden >= 2**31:
             raise ValueError(f"ChannelLayout: max_rows * hidden = {self.max_rows * self.hidden} "
                              "must be < 2**31 (kernels index one slot with int32)")

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eaas.gpu import gpu_env
+from tests.engine.conftest import tiny_dirs  # noqa: F401  (session fixture, shared)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -1,4 +1,7 @@
-"""Two-rank check of the nvshmem:// mailboxes: `torchrun --nproc-per-node 2 tests/gpu/nvshmem_worker.py`.
+"""Two-rank check of the nvshmem:// mailboxes.
+
+    torchrun --nproc-per-node 2 tests/gpu/nvshmem_worker.py
+
 
 1. credits: rank 0 sends 7 messages of odd sizes (0 .. R rows) through S = 2 slots before
    rank 1 receives any (the third send waits on the GPU for credit); rank 1 checks each and
@@ -42,7 +45,6 @@ def main() -> int:
 
 def checks(rank: int, dev: str) -> None:
     """Both checks on an initialised 2-rank group (also run by benchmarks/bench_dispatch.py)."""
-    peer = 1 - rank
     lay = ChannelLayout(world_size=2, num_slots=S, max_rows=R, hidden=H, ctas_per_send=4)
     plane = NvshmemPlane.create(dist.group.WORLD, dev, {"dispatch": lay, "combine": lay})
     disp, comb = plane.channels["dispatch"], plane.channels["combine"]
@@ -52,7 +54,8 @@ def checks(rank: int, dev: str) -> None:
 
     # 1. credits + round trip
     if rank == 0:
-        staged = [(rows_for(i, n, dev).contiguous(), meta_for(i, n, dev)) for i, n in enumerate(sizes)]
+        staged = [(rows_for(i, n, dev).contiguous(), meta_for(i, n, dev))
+                  for i, n in enumerate(sizes)]
         backs = torch.empty(len(sizes), R, H, dtype=torch.bfloat16, device=dev)
         back_metas = torch.empty(len(sizes), R + 1, dtype=torch.int64, device=dev)
         for x, m in staged:

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from tests.engine.conftest import prompts_of, tiny_dirs  # noqa: F401  (session fixture)
+from tests.engine.conftest import prompts_of
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from tests.engine.conftest import prompts_of, tiny_dirs  # noqa: F401  (session fixture)
+from tests.engine.conftest import prompts_of
 
 from .conftest import ROOT, child_env, two_gpus
 
