@@ -9,6 +9,9 @@ slot on that device on the sender's current stream and records the slot's event;
 names the slot, dtype/shape/offset of each tensor. A process started later (a restarted or
 newly added expert server) just connects: nothing is fixed at start-up, unlike NVSHMEM.
 
+Send handles complete once the header is written: the copy into the slot is already enqueued
+on the sender's current stream, so later work on that stream may reuse the sent tensors.
+
 Credits: a slot is busy from the send until the receiver's RELEASE frame for it; the sender
 never writes into a busy slot. With no free slot and the per-device pool
 (`limits.shm_pool_bytes`) used up, sends queue in order until a release arrives.
