@@ -56,6 +56,7 @@ class AsyncEngine:
         self._requests: dict[str, tuple[Request, Any]] = {}  # id -> (request, shard ref)
         self._shards: list[Any] = []
         self.pool: ExpertPool | None = None
+        self._gpu_monitor: Any = None  # eaas.gpu.health.HealthMonitor when devices are CUDA
         self._routing: Any = None
         self._ready = False
         self._closed = False
@@ -120,6 +121,9 @@ class AsyncEngine:
         self._monitor = await root.start_child(ChildSpec("health", lambda: HealthMonitor(
             self.events_bus.emit, self.counters, planner_progress=self.planner_progress,
             stall_timeout_s=bal.stall_timeout_s)))
+        devices = {cfg.device, *(cfg.placement.server_devices or ())}
+        if any(d.startswith("cuda") for d in devices):
+            await root.start_child(ChildSpec("gpu-health", self._new_gpu_monitor))
         self._ready = True
         self.events_bus.emit({"type": "engine_ready", "servers": sorted(self.pool.servers),
                               "shards": [s.name for s in self._shards]})
@@ -279,7 +283,9 @@ class AsyncEngine:
         waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
         return {"model": self.model_name, "actors": system.get("actors", []), "servers": servers,
                 "routing": routing, "counters": c, "num_running": len(self._requests) - waiting,
-                "num_waiting": waiting, "load": self.load_snapshot()}
+                "num_waiting": waiting, "load": self.load_snapshot(),
+                "gpu": self._gpu_monitor.snapshot() if self._gpu_monitor is not None else
+                {"available": False, "reason": "the engine runs on CPU"}}
 
     def load_snapshot(self) -> dict:
         """Routed tokens per (layer, expert) and per server over the window, and imbalance."""
@@ -289,6 +295,12 @@ class AsyncEngine:
         return {"tokens": self.load.expert_tokens().tolist(), "window_s": self.load.window_s,
                 "imbalance": {str(l): v for l, v in self.load.imbalance(live).items()},
                 "server_tokens": {str(l): v for l, v in self.load.server_tokens().items()}}
+
+    def _new_gpu_monitor(self) -> Any:
+        from eaas.gpu.health import HealthMonitor as GpuHealthMonitor
+
+        self._gpu_monitor = GpuHealthMonitor(on_event=self.events_bus.emit)
+        return self._gpu_monitor
 
     def _set_routing(self, snap: Any) -> None:
         self.routing = snap
