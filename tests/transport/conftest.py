@@ -10,7 +10,8 @@ import pytest
 
 from eaas.transport import Connection, Listener, listen
 
-LISTEN_URLS = {"inproc": "inproc://", "tcp": "tcp://127.0.0.1:0", "shm": "shm://"}
+LISTEN_URLS = {"inproc": "inproc://", "tcp": "tcp://127.0.0.1:0", "shm": "shm://",
+               "cudaipc": "cudaipc://"}  # cudaipc: CPU tensors inline; CUDA ones in tests/gpu
 
 
 @pytest.fixture(params=sorted(LISTEN_URLS))
