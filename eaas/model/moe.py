@@ -58,9 +58,28 @@ class Router:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K])."""
+        if x.is_cuda:
+            return self._route_cuda(x)
         if self.batch_invariant:
             return ops.rowwise(self._route, x)
         return self._route(x)
+
+    def _route_cuda(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Triton gating kernels (eaas_kernels); they treat every row alone, so only the
+        logits need the batch-invariant linear."""
+        import eaas_kernels
+
+        cfg, k = self.cfg, self.cfg.num_experts_per_tok
+        if cfg.scoring == "softmax":
+            logits = ops.linear(x, self.weight, None, self.batch_invariant)  # [T, E]
+            r = eaas_kernels.topk_softmax(logits, k, cfg.norm_topk_prob)
+            return r.topk_ids, r.topk_weights
+        logits = ops.linear(x.to(torch.float32), self.weight.to(torch.float32), None,
+                            self.batch_invariant)  # [T, E]
+        bias = None if self.bias is None else self.bias.to(torch.float32)
+        r = eaas_kernels.topk_grouped_sigmoid(logits, bias, k, cfg.n_group, cfg.topk_group,
+                                              cfg.routed_scaling_factor, cfg.norm_topk_prob)
+        return r.topk_ids, r.topk_weights
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg, k = self.cfg, self.cfg.num_experts_per_tok
