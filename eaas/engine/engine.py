@@ -11,6 +11,9 @@ dataflow graph:
           batcher-expert-<i>        Batcher (coalesces work from every shard)
       attention (one_for_one)
         shard-<j>                   AttentionShard (requests, KV caches, dispatch/combine)
+      planner                       replication planner (balance.auto only)
+      health                        watchdogs: event-loop lag, planner progress
+      gpu-health                    NVML sampler (when a device is CUDA)
 
 A server whose restart intensity is exceeded escalates: it is marked dead in the routing table
 (a new generation), an event is emitted, and shards route around it.
@@ -56,6 +59,7 @@ class AsyncEngine:
         self._requests: dict[str, tuple[Request, Any]] = {}  # id -> (request, shard ref)
         self._shards: list[Any] = []
         self.pool: ExpertPool | None = None
+        self.load: LoadTracker | None = None
         self._gpu_monitor: Any = None  # eaas.gpu.health.HealthMonitor when devices are CUDA
         self._routing: Any = None
         self._ready = False
@@ -70,11 +74,19 @@ class AsyncEngine:
         await self.aclose()
 
     async def start(self) -> None:
-        from eaas.dataflow import default_model_graph, load_model_graph  # noqa: I001
-        from eaas.model import Checkpoint
-
+        """Build and start everything; on any failure, stop what was started and re-raise."""
         if self._system is not None:
             raise ActorStateError("AsyncEngine.start() called twice")
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start(self) -> None:
+        from eaas.dataflow import default_model_graph, load_model_graph
+        from eaas.model import Checkpoint
+
         cfg = self.config
         ckpt = await asyncio.to_thread(Checkpoint.open, cfg.model)
         self.checkpoint, mc = ckpt, ckpt.config
@@ -277,7 +289,7 @@ class AsyncEngine:
         routing = self.routing.to_dict() if hasattr(self, "routing") else {}
         servers = self._pool().snapshot() if self.pool else []
         for srv in servers:
-            srv["inflight_tokens"] = self.load.inflight.get(srv["name"], 0)
+            srv["inflight_tokens"] = self.load.inflight.get(srv["name"], 0) if self.load else 0
         c = dict(self.counters)
         c["dead_letters"] = system.get("dead_letters", 0)
         waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
@@ -289,7 +301,7 @@ class AsyncEngine:
 
     def load_snapshot(self) -> dict:
         """Routed tokens per (layer, expert) and per server over the window, and imbalance."""
-        if not hasattr(self, "load"):
+        if self.load is None or self.pool is None:
             return {"tokens": [], "window_s": 0.0, "imbalance": {}, "server_tokens": {}}
         live = [n for n, s in self._pool().servers.items() if s["state"] != "dead"]
         return {"tokens": self.load.expert_tokens().tolist(), "window_s": self.load.window_s,

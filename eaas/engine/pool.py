@@ -55,7 +55,7 @@ class ExpertPool:
         # `assignment` is shared with the factories and mutated in place when the server
         # loads more experts, so a restart re-loads exactly what the server hosts now.
         entry = {"name": name, "sup": sup, "assignment": assignment, "state": "starting",
-                 "slot": None, "device": device, "incarnation": 0}
+                 "slot": None, "device": device, "incarnation": 0, "ref": None, "batcher": None}
         self.servers[name] = entry
         on_ready = lambda: self._ready(name)  # noqa: E731
         factory: Callable[[], Actor]
@@ -114,7 +114,7 @@ class ExpertPool:
 
     def live_refs(self) -> list[Any]:
         return [s[k] for s in self.servers.values() if s["state"] != "dead"
-                for k in ("ref", "batcher")]
+                for k in ("ref", "batcher") if s[k] is not None]
 
     def incarnation(self, server: str) -> int:
         """How many times `server` has become ready (1 = never restarted)."""
@@ -151,7 +151,8 @@ class ExpertPool:
             slot = s.get("slot")
             out.append({"name": name, "pid": slot.pid if slot else None,
                         "transport": (slot.url or "") if slot else "inproc://",
-                        "state": s["state"], "actor_state": s["ref"].state.value,
+                        "state": s["state"],
+                        "actor_state": s["ref"].state.value if s["ref"] else "starting",
                         "device": s["device"], "restarts": max(0, s["incarnation"] - 1),
                         "experts": {str(l): sorted(ids) for l, ids in s["assignment"].items()}})
         return out

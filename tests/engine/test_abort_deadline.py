@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from eaas import AsyncEngine, EngineConfig, SamplingParams
 from tests.engine.conftest import final
 
@@ -97,3 +99,39 @@ async def test_a_crashed_shard_ends_its_requests_and_restarts(tiny_dirs, referen
                                                                ignore_eos=True))
     assert lost.finished and lost.finish_reason == "abort" and "shard-0 stopped" in lost.error
     assert fresh.outputs[0].token_ids == reference_greedy(d, [9, 10], 5)
+
+
+async def test_failed_start_cleans_up_and_names_the_problem(tiny_dirs, tmp_path):
+    from eaas.errors import CheckpointError, GraphError
+
+    before = len(asyncio.all_tasks())
+    with pytest.raises(CheckpointError, match="does not exist"):
+        await AsyncEngine(_cfg(str(tmp_path / "nope"))).start()
+    bad_graph = tmp_path / "graph.yaml"
+    bad_graph.write_text("layers:\n  - range: [0, 2]\n    graph: g\ngraphs:\n  g:\n    nodes:\n"
+                         "      a: {kind: attention}\n      x: {kind: teleport}\n")
+    cfg = _cfg(tiny_dirs["qwen3_moe"]).replace(graph=str(bad_graph))
+    with pytest.raises(GraphError, match="teleport"):
+        async with AsyncEngine(cfg):
+            pass
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before  # nothing left running
+
+
+async def test_start_failure_inside_a_server_stops_everything(tiny_dirs):
+    """A server process that cannot start (its device does not exist here) fails start() after
+    the actor system is up: every actor is stopped, no task is left, the error says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where cuda:0 does not exist")
+    cfg = _cfg(tiny_dirs["qwen3_moe"]).replace(**{"placement.server_mode": "process",
+                                                  "placement.server_devices": ["cuda:0"]})
+    before = len(asyncio.all_tasks())
+    engine = AsyncEngine(cfg)
+    with pytest.raises(Exception, match="did not become ready"):
+        await engine.start()
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) == before
+    assert not engine.is_ready
+    assert all(a["state"] in ("stopped", "crashed") for a in engine.snapshot()["actors"])
