@@ -156,6 +156,7 @@ class BalanceConfig:
     max_experts_per_server: int | None = None  # per layer; None: no memory limit
     max_new_replicas: int = 8  # per layer per planning round
     stall_timeout_s: float = 60.0  # planner progress watchdog
+    expert_metrics: bool = False  # export tokens per (layer, expert) in /metrics (cardinality E*L)
 
     def __post_init__(self) -> None:
         _num("balance.window_s", self.window_s, 0, strict=True)
@@ -165,6 +166,8 @@ class BalanceConfig:
             _int("balance.max_experts_per_server", self.max_experts_per_server, 1)
         _int("balance.max_new_replicas", self.max_new_replicas, 0)
         _num("balance.stall_timeout_s", self.stall_timeout_s, 0, strict=True)
+        _check(isinstance(self.expert_metrics, bool), "balance.expert_metrics",
+               self.expert_metrics, "true or false")
 
 
 @dataclass(frozen=True, slots=True)

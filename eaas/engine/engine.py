@@ -305,6 +305,7 @@ class AsyncEngine:
             return {"tokens": [], "window_s": 0.0, "imbalance": {}, "server_tokens": {}}
         live = [n for n, s in self._pool().servers.items() if s["state"] != "dead"]
         return {"tokens": self.load.expert_tokens().tolist(), "window_s": self.load.window_s,
+                "expert_metrics": self.config.balance.expert_metrics,
                 "imbalance": {str(l): v for l, v in self.load.imbalance(live).items()},
                 "server_tokens": {str(l): v for l, v in self.load.server_tokens().items()}}
 

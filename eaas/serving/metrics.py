@@ -158,6 +158,21 @@ class SnapshotCollector:
                                  "Servers the routing table has marked dead.")
         dead.add_metric([], float(len((snap.get("routing") or {}).get("dead") or [])))
         yield dead
+        load = snap.get("load") or {}
+        imbalance = GaugeMetricFamily(
+            "eaas_layer_imbalance", "(max - mean) / mean of rows per expert server over the "
+            "load window, per MoE layer (0 = perfectly balanced).", labels=["layer"])
+        for layer, value in sorted((load.get("imbalance") or {}).items(), key=lambda kv: int(kv[0])):
+            imbalance.add_metric([str(layer)], float(value))
+        yield imbalance
+        if load.get("expert_metrics"):  # opt-in: one series per (layer, expert)
+            tokens = GaugeMetricFamily("eaas_expert_tokens", "Tokens routed to each expert over "
+                                       "the load window.", labels=["layer", "expert"])
+            for layer, row in enumerate(load.get("tokens") or []):
+                if any(row):
+                    for expert, n in enumerate(row):
+                        tokens.add_metric([str(layer), str(expert)], float(n))
+            yield tokens
         gen = (snap.get("routing") or {}).get("generation")
         if isinstance(gen, int):
             yield GaugeMetricFamily("eaas_routing_generation",

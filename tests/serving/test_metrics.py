@@ -83,3 +83,19 @@ async def test_each_app_has_its_own_registry(tiny_dir):
         theirs = families(other[STATE].metrics.render().decode())
     assert value(mine, "eaas_generation_tokens", "eaas_generation_tokens_total") == 2
     assert value(theirs, "eaas_generation_tokens", "eaas_generation_tokens_total") == 0
+
+
+async def test_layer_imbalance_always_and_expert_tokens_only_when_asked(tiny_dir):
+    prompt = {"prompt": [21, 22, 23], "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    for opt_in in (False, True):
+        cfg = engine_config(tiny_dir).replace(**{"balance.expert_metrics": opt_in})
+        async with serving_client(cfg) as client:
+            assert (await client.post("/v1/completions", json=prompt)).status == 200
+            fams = families(await (await client.get("/metrics")).text())
+            routed = client.server.app[ENGINE].load.expert_tokens()
+        layers = {s.labels["layer"] for s in fams["eaas_layer_imbalance"].samples}
+        assert layers and all(s.value >= 0 for s in fams["eaas_layer_imbalance"].samples)
+        assert ("eaas_expert_tokens" in fams) == opt_in
+        if opt_in:
+            total = sum(s.value for s in fams["eaas_expert_tokens"].samples)
+            assert total == float(routed.sum()) > 0
