@@ -162,7 +162,8 @@ class SnapshotCollector:
         imbalance = GaugeMetricFamily(
             "eaas_layer_imbalance", "(max - mean) / mean of rows per expert server over the "
             "load window, per MoE layer (0 = perfectly balanced).", labels=["layer"])
-        for layer, value in sorted((load.get("imbalance") or {}).items(), key=lambda kv: int(kv[0])):
+        per_layer = (load.get("imbalance") or {}).items()
+        for layer, value in sorted(per_layer, key=lambda kv: int(kv[0])):
             imbalance.add_metric([str(layer)], float(value))
         yield imbalance
         if load.get("expert_metrics"):  # opt-in: one series per (layer, expert)
