@@ -32,6 +32,22 @@ def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bo
     return ops.rms_norm(h, weight, eps)
 
 
+def _check_spans(spans: Sequence[tuple[int, int]], num_caches: int, num_rows: int) -> None:
+    """spans must be non-empty, contiguous and cover rows 0..num_rows in order, one per cache."""
+    if len(spans) != num_caches:
+        raise ValueError(f"got {len(spans)} spans for {num_caches} caches; need one per request")
+    at = 0
+    for i, (s, e) in enumerate(spans):
+        if s != at or e <= s:
+            raise ValueError(
+                f"span {i} is ({s}, {e}); spans must be non-empty and tile rows 0..{num_rows} in "
+                f"order (this one must start at {at})"
+            )
+        at = e
+    if at != num_rows:
+        raise ValueError(f"spans cover rows 0..{at} but h has {num_rows} rows")
+
+
 class DecoderLayer:
     """One decoder layer: attention block, then a dense MLP or router + routed experts (+ shared)."""
 
@@ -105,6 +121,49 @@ class DecoderLayer:
         return h + self.attention.forward(
             ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps), cache
         )
+
+    def attention_block_batch(
+        self,
+        h: torch.Tensor,
+        caches: Sequence[KVCache | None],
+        spans: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """Attention blocks of several sequences in one call.
+
+        h: [T, H], request i's rows are h[s_i:e_i] (spans tile 0..T in order; a prefill request
+        owns several rows, a decode request one); caches[i] is its KVCache, or None for a request
+        whose rows pass through untouched (aborted, cache dropped). Returns [T, H], the same as
+        `torch.cat([attention_block(h[s:e], c) for c, (s, e) in ...])`: bitwise when
+        batch_invariant (it then IS that loop: a batched kernel would change rows' bits), within
+        float rounding otherwise (row-wise work runs once over all rows, decode attention in one
+        padded batched call). Appends this layer's K/V to every live cache.
+        """
+        _check_spans(spans, len(caches), h.shape[0])
+        if self.batch_invariant:
+            parts = [
+                h[s:e] if c is None else self.attention_block(h[s:e], c)
+                for c, (s, e) in zip(caches, spans)
+            ]
+            return torch.cat(parts) if parts else h
+        live = [i for i, c in enumerate(caches) if c is not None]
+        if not live:
+            return h
+        live_caches = [c for c in caches if c is not None]
+        if len(live) == len(caches):
+            x = ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps)  # [T, H]
+            return h + self.attention.forward_batch(x, live_caches, spans)
+        rows, live_spans, n = [], [], 0
+        for i in live:
+            s, e = spans[i]
+            rows.extend(range(s, e))
+            live_spans.append((n, n + e - s))
+            n += e - s
+        idx = torch.tensor(rows, dtype=torch.long, device=h.device)  # [T_live]
+        h_live = h[idx]  # [T_live, H]
+        x = ops.rms_norm(h_live, self.input_norm, self.cfg.rms_norm_eps)
+        out = h.clone()
+        out[idx] = h_live + self.attention.forward_batch(x, live_caches, live_spans)
+        return out
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         """Post-attention RMSNorm. h: [T, H] -> x: [T, H] (row by row when batch_invariant)."""
