@@ -1,7 +1,9 @@
-"""Attention for one sequence with its KV cache: GQA (qwen2/3_moe, mixtral) and MLA (deepseek_v3).
+"""Attention with KV caches: GQA (qwen2/3_moe, mixtral) and MLA (deepseek_v3).
 
-Attention runs one sequence at a time: the engine loops over sequences for attention and batches the
-rest. Queries at positions p0..p0+T-1 attend causally to the cached keys plus their own.
+`forward` runs one sequence: queries at positions p0..p0+T-1 attend causally to the cached keys
+plus their own. `forward_batch` runs several sequences in one call (row-wise work once over all
+rows, one-row decode requests in one padded batched attention), equal to `forward` per sequence
+within float rounding.
 """
 
 from __future__ import annotations
@@ -21,14 +23,15 @@ __all__ = ["GQAAttention", "KVCache", "MLAAttention", "load_attention"]
 class KVCache:
     """The KV cache of ONE sequence, all layers.
 
-    Per layer it holds a pair of tensors along the sequence: GQA stores (K [S, n_kv, d], V [S, n_kv, d])
-    after RoPE/norm; MLA stores the compressed latent (kv [S, kv_lora_rank], k_rope [S, rope_dim]).
+    Per layer it holds a pair of tensors along the sequence: GQA stores
+    (K [S, n_kv, d], V [S, n_kv, d]) after RoPE/norm; MLA stores the compressed latent
+    (kv [S, kv_lora_rank], k_rope [S, rope_dim]).
     `seq_len` counts tokens every layer has seen (a layer appends in its attention call).
 
     Storage is preallocated per layer and doubles when full, so `append` copies only the new rows
-    (amortized O(1) per token). Hazard: the tensors `append` returns are views of that storage; they
-    stay valid until the next `append` or `truncate` of the same layer (a later append may write over
-    positions a truncate dropped, or move the storage when it grows).
+    (amortized O(1) per token). Hazard: the tensors `append` returns are views of that storage;
+    they stay valid until the next `append` or `truncate` of the same layer (a later append may
+    write over positions a truncate dropped, or move the storage when it grows).
     """
 
     MIN_CAPACITY = 8  # rows a layer's storage starts with (at least the first append's rows)
@@ -150,7 +153,10 @@ def _attend(
 
 
 def _positions(
-    caches: Sequence[KVCache], spans: Sequence[tuple[int, int]], layer_idx: int, device: torch.device
+    caches: Sequence[KVCache],
+    spans: Sequence[tuple[int, int]],
+    layer_idx: int,
+    device: torch.device,
 ) -> torch.Tensor:
     """Every row's position, int64 [T]: request i's rows sit at its cache length before this step
     plus 0..e_i-s_i-1."""

@@ -152,7 +152,9 @@ class DecoderLayer:
         if len(live) == len(caches):
             x = ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps)  # [T, H]
             return h + self.attention.forward_batch(x, live_caches, spans)
-        rows, live_spans, n = [], [], 0
+        rows: list[int] = []
+        live_spans: list[tuple[int, int]] = []
+        n = 0
         for i in live:
             s, e = spans[i]
             rows.extend(range(s, e))
