@@ -19,12 +19,16 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import logging
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
+from eaas.errors import TransportError
 from eaas.transport.limits import TransportLimits
 
 __all__ = ["Connection", "Listener", "SendHandle", "Lease", "Handler"]
+
+log = logging.getLogger("eaas.transport")
 
 
 class SendHandle:
@@ -124,13 +128,42 @@ class Listener(abc.ABC):
 
     A handler that raises is logged; its connection is closed; other connections go on.
     `aclose()` stops accepting, cancels running handlers, closes their connections.
+    Implementations set `_handler` and `_tasks` (an empty set) and use `_run_handler` /
+    `_cancel_handlers`.
     """
 
     url: str
+    _handler: Handler
+    _tasks: set[asyncio.Task[None]]
 
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Stop listening and close every accepted connection (idempotent)."""
+
+    def _run_handler(self, conn: Connection) -> None:
+        """Run the handler on an accepted `conn` in a task this listener owns."""
+        task = asyncio.get_running_loop().create_task(self._serve(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, conn: Connection) -> None:
+        try:
+            await self._handler(conn)
+        except asyncio.CancelledError:
+            raise
+        except TransportError as exc:
+            log.info("handler for %s ended: %s", self.url, exc)
+        except Exception:
+            log.exception("handler for a connection to %s raised", self.url)
+        finally:
+            await conn.aclose()
+
+    async def _cancel_handlers(self) -> None:
+        """Cancel the running handlers and wait until they (and their connections) are done."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> Listener:
         return self

@@ -1,4 +1,4 @@
-"""Message codec: nested Python values with torch.Tensor leaves <-> msgpack header + raw tensor bytes.
+"""Message codec: nested values with torch.Tensor leaves <-> msgpack header + raw tensor bytes.
 
 A frame on a byte stream is
 
@@ -8,7 +8,8 @@ A frame on a byte stream is
     body    tensor bytes, each tensor starting at a multiple of ALIGN (64) from the body start
 
 The tree is msgpack with two extension types: TENSOR (payload: msgpack int index into "t") and
-TUPLE (payload: a msgpack array), so tuples come back as tuples. Nothing is ever unpickled:
+TUPLE (payload: a msgpack array), so tuples come back as tuples; cudaipc:// adds a third, CUDA
+(payload: msgpack int index into its "c" device-tensor list). Nothing is ever unpickled:
 a frame can only produce dicts, lists, tuples, str, bytes, int, float, bool, None and tensors
 of the dtypes in DTYPES, and every length is checked against TransportLimits before use.
 """
@@ -34,6 +35,7 @@ PREFIX_BYTES = PREFIX.size  # 16
 ALIGN = 64
 EXT_TENSOR = 1
 EXT_TUPLE = 2
+EXT_CUDA = 3  # cudaipc:// only: a CUDA tensor that travels through a device slot
 KIND_MESSAGE = 0
 
 DTYPES: dict[str, torch.dtype] = {
@@ -56,12 +58,15 @@ class EncodedMessage:
     tensors: each a contiguous CPU uint8 tensor [nbytes] viewing (not copying) the sender's data
              unless the original was non-contiguous / not on CPU (then a fresh copy).
     descs:   [dtype name, shape, offset] per tensor; offsets are relative to the body start.
+    cuda:    with `flatten(..., keep_cuda=True)`: the CUDA tensors (detached, as sent), which the
+             tree references as CUDA extensions by index; they are not part of the body.
     """
 
     tree: bytes
     tensors: list[torch.Tensor] = field(default_factory=list)
     descs: list[list[Any]] = field(default_factory=list)
     body_bytes: int = 0
+    cuda: list[torch.Tensor] = field(default_factory=list)
 
     def header(self, kind: int = KIND_MESSAGE, **extra: Any) -> bytes:
         return msgpack.packb({"k": kind, "m": self.tree, "t": self.descs, **extra})
@@ -103,7 +108,7 @@ def clone_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_frame_size(header_len: int, body_len: int, limits: TransportLimits) -> None:
-    """Raise ValueError if a frame we are about to send breaks the limits (the peer would drop it)."""
+    """ValueError if a frame we are about to send breaks the limits (the peer would drop it)."""
     if header_len > limits.max_header_bytes:
         raise ValueError(f"message header is {header_len} bytes > max_header_bytes="
                          f"{limits.max_header_bytes}")
@@ -112,8 +117,13 @@ def check_frame_size(header_len: int, body_len: int, limits: TransportLimits) ->
                          f"max_frame_bytes={limits.max_frame_bytes}")
 
 
-def flatten(msg: Any, limits: TransportLimits = _DEFAULT_LIMITS) -> EncodedMessage:
-    """Pack `msg`'s tree and collect its tensors (made contiguous, moved to CPU, detached)."""
+def flatten(msg: Any, limits: TransportLimits = _DEFAULT_LIMITS, *,
+            keep_cuda: bool = False) -> EncodedMessage:
+    """Pack `msg`'s tree and collect its tensors (made contiguous, moved to CPU, detached).
+
+    keep_cuda: leave CUDA tensors where they are: collect them (detached) in `out.cuda` and pack
+    CUDA extensions in the tree instead of copying them into the body (cudaipc://).
+    """
     out = EncodedMessage(tree=b"")
     offset = 0
 
@@ -123,10 +133,13 @@ def flatten(msg: Any, limits: TransportLimits = _DEFAULT_LIMITS) -> EncodedMessa
             dtype = _DTYPE_NAMES.get(obj.dtype)
             if dtype is None:
                 raise TypeError(f"tensor dtype {obj.dtype} cannot be sent; allowed: {list(DTYPES)}")
-            if len(out.tensors) >= limits.max_tensors:
+            if len(out.tensors) + len(out.cuda) >= limits.max_tensors:
                 raise ValueError(f"message has more than max_tensors={limits.max_tensors} tensors")
             if obj.dim() > limits.max_ndim:
                 raise ValueError(f"tensor has {obj.dim()} dims > max_ndim={limits.max_ndim}")
+            if keep_cuda and obj.is_cuda:
+                out.cuda.append(obj.detach())
+                return msgpack.ExtType(EXT_CUDA, msgpack.packb(len(out.cuda) - 1))
             t = obj.detach().to("cpu").contiguous()
             flat = t.reshape(-1).view(torch.uint8)  # [nbytes]
             out.descs.append([dtype, list(t.shape), offset])
@@ -197,15 +210,21 @@ def build_tensors(descs: list[Any], body: Any, limits: TransportLimits,
     return tensors
 
 
-def unflatten(tree: bytes, tensors: list[torch.Tensor], limits: TransportLimits) -> Any:
-    """Rebuild the message tree, substituting tensors for TENSOR extensions."""
+def unflatten(tree: bytes, tensors: list[torch.Tensor], limits: TransportLimits,
+              cuda: list[torch.Tensor] | None = None) -> Any:
+    """Rebuild the message tree, substituting tensors for TENSOR extensions.
+
+    cuda: the tensors CUDA extensions refer to (cudaipc://); None: a CUDA extension is malformed.
+    """
 
     def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_TENSOR:
+        if code == EXT_TENSOR or (code == EXT_CUDA and cuda is not None):
+            table = tensors if code == EXT_TENSOR else cuda
+            assert table is not None
             index = msgpack.unpackb(data)
-            if not isinstance(index, int) or not 0 <= index < len(tensors):
+            if not isinstance(index, int) or not 0 <= index < len(table):
                 raise FrameError(f"tensor reference {index!r} out of range")
-            return tensors[index]
+            return table[index]
         if code == EXT_TUPLE:
             return tuple(unpack(data))
         raise FrameError(f"unknown msgpack extension type {code}")
@@ -225,7 +244,8 @@ def check_prefix(prefix: bytes | memoryview, limits: TransportLimits) -> tuple[i
     """(header_len, body_len) from a 16-byte prefix; FrameError if bad magic or over limits."""
     magic, header_len, body_len = PREFIX.unpack(prefix)
     if magic != MAGIC:
-        raise FrameError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}); not an eaas peer?")
+        raise FrameError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}); "
+                         "not an eaas peer?")
     if header_len > limits.max_header_bytes:
         raise FrameError(f"frame header of {header_len} bytes > max_header_bytes="
                          f"{limits.max_header_bytes}")

@@ -30,34 +30,23 @@ Both processes must see the same devices (same CUDA_VISIBLE_DEVICES) and share a
 from __future__ import annotations
 
 import asyncio
-import collections
-import itertools
-import os
-import secrets
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
-import msgpack
 import torch
 
-from eaas.errors import FrameError, TransportError
+from eaas.errors import FrameError
 from eaas.transport.base import Handler, Lease, SendHandle
-from eaas.transport.codec import (DTYPES, EXT_TENSOR, EXT_TUPLE, KIND_MESSAGE, MAGIC, PREFIX,
-                                  EncodedMessage, build_tensors, check_frame_size, flatten)
+from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
+                                  build_tensors, check_frame_size, flatten, unflatten)
 from eaas.transport.limits import TransportLimits
-from eaas.transport.stream import _NOTHING, StreamConnection, StreamListener
+from eaas.transport.slots import KIND_RELEASE, SlotConnection
+from eaas.transport.unix import UnixListener, unix_connect, unix_listen
 
 __all__ = ["CudaIpcConnection", "cudaipc_connect", "cudaipc_listen"]
 
-EXT_CUDA = 3
-KIND_RELEASE = 1  # receiver -> sender: "r": [slot ids] free again
-KIND_DROP = 2  # sender -> receiver: "d": slot id evicted, forget it
 ALIGN = 256
-_MIN_SLOT = 1 << 20
 _POLL_S = 2e-4
-_COUNTER = itertools.count()
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -86,58 +75,28 @@ class _Outgoing:
 
 
 def _flatten(msg: Any, limits: TransportLimits) -> _Outgoing:
-    """Pack `msg`: CPU tensors as codec does, CUDA tensors as EXT_CUDA references."""
-    cpu_tensors: list[torch.Tensor] = []
-    cuda: list[torch.Tensor] = []
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            if obj.dtype not in _DTYPE_NAMES:
-                raise TypeError(f"tensor dtype {obj.dtype} cannot be sent; allowed: {list(DTYPES)}")
-            if obj.dim() > limits.max_ndim:
-                raise ValueError(f"tensor has {obj.dim()} dims > max_ndim={limits.max_ndim}")
-            if len(cpu_tensors) + len(cuda) >= limits.max_tensors:
-                raise ValueError(f"message has more than max_tensors={limits.max_tensors} tensors")
-            if obj.is_cuda:
-                cuda.append(obj.detach())
-                return msgpack.ExtType(EXT_CUDA, msgpack.packb(len(cuda) - 1))
-            cpu_tensors.append(obj)
-            return msgpack.ExtType(EXT_TENSOR, msgpack.packb(len(cpu_tensors) - 1))
-        if isinstance(obj, tuple):
-            return msgpack.ExtType(EXT_TUPLE, pack(list(obj)))
-        if isinstance(obj, (bytearray, memoryview)):
-            return bytes(obj)
-        raise TypeError(f"cannot send object of type {type(obj).__name__}; allowed leaves: str, "
-                        "int, float, bool, None, bytes, torch.Tensor in dict/list/tuple")
-
-    def pack(obj: Any) -> bytes:
-        return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
-
-    tree = pack(msg)
-    cpu = flatten(cpu_tensors, limits)  # reuses codec's layout for the inline body
-    cpu.tree = tree
+    """Pack `msg`: CPU tensors as codec does (inline body), CUDA tensors as CUDA references."""
+    cpu = flatten(msg, limits, keep_cuda=True)
     entries: list[tuple[torch.Tensor, int, list[Any]]] = []
     sizes: dict[int, int] = {}
-    for t in cuda:
+    for t in cpu.cuda:
         dev = t.device.index if t.device.index is not None else torch.cuda.current_device()
         offset = sizes.get(dev, 0)
         entries.append((t, dev, [_DTYPE_NAMES[t.dtype], list(t.shape), offset]))
         sizes[dev] = _align(offset + t.numel() * t.element_size())
-    return _Outgoing(tree, cpu, entries, sizes)
+    return _Outgoing(cpu.tree, cpu, entries, sizes)
 
 
-class CudaIpcConnection(StreamConnection):
-    """A StreamConnection on a unix socket whose CUDA tensors go through exported device slots."""
+class CudaIpcConnection(SlotConnection[_Slot]):
+    """A StreamConnection on a unix socket whose CUDA tensors go through exported device slots.
+
+    One slot pool per device (the pool key is the device index).
+    """
+
+    SLOT_NAME = "a device slot"
 
     def __init__(self, url: str, limits: TransportLimits, on_made: Any = None) -> None:
         super().__init__(url, limits, on_made)
-        self._slot_ids = itertools.count()
-        self._slots: dict[int, _Slot] = {}  # mine (sending side)
-        self._free: list[int] = []
-        self._pool_bytes: dict[int, int] = {}  # device -> bytes of my slots on it
-        self._pending: collections.deque[tuple[_Outgoing, asyncio.Future[None]]] = (
-            collections.deque())
-        self._attached: dict[int, _Slot] = {}  # the peer's (receiving side)
         self._releasing: list[tuple[Any, list[int]]] = []  # (event, slot ids) awaiting the GPU
         self._poll: asyncio.TimerHandle | None = None
 
@@ -151,13 +110,7 @@ class CudaIpcConnection(StreamConnection):
                                  f"shm_pool_bytes={self.limits.shm_pool_bytes}")
         check_frame_size(len(out.cpu.header()) + 256 * len(out.sizes), out.cpu.body_bytes,
                          self.limits)
-        if not self._pending:
-            handle = self._try_send(out)
-            if handle is not None:
-                return handle
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((out, future))
-        return SendHandle(future)
+        return self._send_or_queue(out)
 
     def _try_send(self, out: _Outgoing) -> SendHandle | None:
         taken: list[_Slot] = []
@@ -184,24 +137,6 @@ class CudaIpcConnection(StreamConnection):
         parts += out.cpu.frame_parts(self.limits)[1:]
         return self._write_parts(parts)
 
-    def _acquire(self, device: int, nbytes: int) -> _Slot | None:
-        fits = [i for i in self._free
-                if self._slots[i].device == device and self._slots[i].size >= nbytes]
-        if fits:
-            best = min(fits, key=lambda i: self._slots[i].size)
-            self._free.remove(best)
-            return self._slots[best]
-        used = self._pool_bytes.get(device, 0)
-        size = max(_MIN_SLOT, 1 << (max(nbytes, 1) - 1).bit_length())
-        size = min(size, max(nbytes, self.limits.shm_pool_bytes - used))
-        while used + size > self.limits.shm_pool_bytes:
-            mine = [i for i in self._free if self._slots[i].device == device]
-            if not mine:
-                return None
-            self._evict(max(mine, key=lambda i: self._slots[i].size))
-            used = self._pool_bytes.get(device, 0)
-        return self._create(device, size)
-
     def _create(self, device: int, size: int) -> _Slot:
         flat = torch.empty(size, dtype=torch.uint8, device=f"cuda:{device}")  # [size]
         event = torch.cuda.Event(interprocess=True)  # timing off: required for IPC
@@ -214,57 +149,21 @@ class CudaIpcConnection(StreamConnection):
         spec = [slot_id, int(share[0]), bytes(share[1]), int(share[2]), int(share[3]),
                 bytes(share[4]), int(share[5]), bytes(share[6] or b""), bool(share[7]),
                 event_handle, size]
-        slot = _Slot(slot_id, device, size, flat, event, spec)
-        self._slots[slot_id] = slot
-        self._pool_bytes[device] = self._pool_bytes.get(device, 0) + size
-        return slot
+        return _Slot(slot_id, device, size, flat, event, spec)
 
-    def _evict(self, slot_id: int) -> None:
-        self._free.remove(slot_id)
-        slot = self._slots.pop(slot_id)
-        self._pool_bytes[slot.device] -= slot.size
+    def _destroy(self, slot: _Slot) -> None:
         slot.flat = None
-        self._send_control(KIND_DROP, d=slot_id)
-
-    def _send_control(self, kind: int, **extra: Any) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            return
-        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
-        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
-
-    def _flush_pending(self) -> None:
-        while self._pending and not self._closed:
-            out, future = self._pending[0]
-            handle = self._try_send(out)
-            if handle is None:
-                return
-            self._pending.popleft()
-            if not future.done():
-                if handle.done():
-                    future.set_result(None)
-                else:
-                    self._drain_waiters.append(future)
 
     # ---- receiving --------------------------------------------------------------------
-    def _on_frame(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
-        kind = head["k"]
-        if kind == KIND_RELEASE:
-            ids = head.get("r")
-            if not isinstance(ids, list):
-                raise FrameError(f"malformed release {ids!r}")
-            for slot_id in ids:
-                if slot_id not in self._slots or slot_id in self._free:
-                    raise FrameError(f"release of slot {slot_id!r} that is not in use")
-                self._free.append(slot_id)
-            self._flush_pending()
-            return _NOTHING
-        if kind == KIND_DROP:
-            slot = self._attached.pop(head.get("d"), None)  # type: ignore[arg-type]
-            if slot is not None:
-                slot.flat = None
-            return _NOTHING
-        if kind != KIND_MESSAGE:
-            raise FrameError(f"unexpected frame kind {kind!r}")
+    def _released_ids(self, released: Any) -> list[Any]:
+        if not isinstance(released, list):  # "r": [slot ids]
+            raise FrameError(f"malformed release {released!r}")
+        return released
+
+    def _detach(self, slot: _Slot) -> None:
+        slot.flat = None
+
+    def _on_message(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
         cpu = build_tensors(head["t"], body, self.limits)
         descs, specs = head.get("c", []), head.get("s", [])
         if not isinstance(descs, list) or not isinstance(specs, list):
@@ -274,7 +173,7 @@ class CudaIpcConnection(StreamConnection):
             slot = self._attach(spec)
             slots[slot.slot_id] = slot
         views = [self._view(desc, slots) for desc in descs]
-        _unflatten(head["m"], cpu, views)  # validate now; rebuilt at recv
+        unflatten(head["m"], cpu, self.limits, cuda=views)  # validate now; rebuilt at recv
         return _IpcItem(head["m"], cpu, views, list(slots.values()))
 
     def _attach(self, spec: Any) -> _Slot:
@@ -366,7 +265,7 @@ class CudaIpcConnection(StreamConnection):
             return item
         self._wait_slots(item)
         owned = [v.clone() for v in item.views]  # stream-ordered copies out of the slots
-        msg = _unflatten(item.tree, item.cpu, owned)
+        msg = unflatten(item.tree, item.cpu, self.limits, cuda=owned)
         self._release_later(item)
         return msg
 
@@ -375,7 +274,7 @@ class CudaIpcConnection(StreamConnection):
         if not isinstance(item, _IpcItem):
             return Lease(item)
         self._wait_slots(item)
-        msg = _unflatten(item.tree, item.cpu, item.views)
+        msg = unflatten(item.tree, item.cpu, self.limits, cuda=item.views)
         return Lease(msg, lambda: self._release_later(item))
 
     # ---- teardown ---------------------------------------------------------------------
@@ -383,20 +282,10 @@ class CudaIpcConnection(StreamConnection):
         if self._poll is not None:
             self._poll.cancel()
             self._poll = None
-        pending, self._pending = self._pending, collections.deque()
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(TransportError(f"connection to {self.url} closed before "
-                                                    "a device slot was free"))
-        for slot in self._attached.values():
-            slot.flat = None
-        self._attached.clear()
         self._releasing.clear()
         # Our own slots: torch's IPC ref counting keeps their memory out of reuse until the
-        # peer has dropped its mapping, so plain dropping is safe here.
-        self._slots.clear()
-        self._free.clear()
-        self._pool_bytes.clear()
+        # peer has dropped its mapping, so the plain dropping in super() is safe here.
+        super()._on_closed()  # fails queued sends, detaches the peer's slots
 
 
 @dataclass(slots=True)
@@ -407,70 +296,12 @@ class _IpcItem:
     slots: list[_Slot]
 
 
-def _unflatten(tree: bytes, cpu: list[torch.Tensor], cuda: list[torch.Tensor]) -> Any:
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code in (EXT_TENSOR, EXT_CUDA):
-            table = cpu if code == EXT_TENSOR else cuda
-            index = msgpack.unpackb(data)
-            if not isinstance(index, int) or not 0 <= index < len(table):
-                raise FrameError(f"tensor reference {index!r} out of range")
-            return table[index]
-        if code == EXT_TUPLE:
-            return tuple(unpack(data))
-        raise FrameError(f"unknown msgpack extension type {code}")
-
-    def unpack(data: bytes) -> Any:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook)
-
-    try:
-        return unpack(tree)
-    except FrameError:
-        raise
-    except Exception as exc:
-        raise FrameError(f"malformed message tree: {exc!r}") from None
-
-
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme != "cudaipc" or parts.netloc:
-        raise ValueError(f"bad cudaipc URL {url!r}: expected cudaipc:///absolute/socket/path "
-                         "(or cudaipc:// to listen on a fresh path)")
-    return parts.path
-
-
-class CudaIpcListener(StreamListener):
-    """StreamListener on a unix socket; removes the socket file on close."""
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        try:
-            os.unlink(_path(self.url))
-        except FileNotFoundError:
-            pass
-
-
-async def cudaipc_listen(url: str, handler: Handler, limits: TransportLimits) -> CudaIpcListener:
-    path = _path(url) or os.path.join(
-        tempfile.gettempdir(),
-        f"eaas-ipc-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
-    listener = CudaIpcListener(handler, limits, conn_class=CudaIpcConnection)
-    listener.url = f"cudaipc://{path}"
-    try:
-        listener._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
-    except OSError as exc:
-        raise TransportError(f"cannot listen on {url}: {exc}") from exc
-    return listener
+async def cudaipc_listen(url: str, handler: Handler, limits: TransportLimits) -> UnixListener:
+    return await unix_listen(url, handler, limits, scheme="cudaipc",
+                             conn_class=CudaIpcConnection, stem="eaas-ipc")
 
 
 async def cudaipc_connect(url: str, timeout: float, limits: TransportLimits) -> CudaIpcConnection:
-    path = _path(url)
-    try:
-        async with asyncio.timeout(timeout):
-            _, conn = await asyncio.get_running_loop().create_unix_connection(
-                lambda: CudaIpcConnection(url, limits), path)
-    except TimeoutError:
-        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {url}: {exc}") from exc
+    conn = await unix_connect(url, timeout, limits, scheme="cudaipc", conn_class=CudaIpcConnection)
+    assert isinstance(conn, CudaIpcConnection)
     return conn

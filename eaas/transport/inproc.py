@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import weakref
 from typing import Any
 
@@ -22,7 +21,6 @@ from eaas.transport.limits import TransportLimits
 
 __all__ = ["InprocConnection", "InprocListener", "inproc_connect", "inproc_listen"]
 
-log = logging.getLogger("eaas.transport")
 # The inproc address space, one per event loop (weak: a finished loop frees its names).
 _NAMESPACES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, InprocListener]] = (
     weakref.WeakKeyDictionary())
@@ -130,22 +128,8 @@ class InprocListener(Listener):
         client = InprocConnection(self.url, client_limits)
         server = InprocConnection(f"{self.url} (accepted)", self.limits)
         client._peer, server._peer = server, client
-        task = asyncio.get_running_loop().create_task(self._serve(server))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._run_handler(server)
         return client
-
-    async def _serve(self, conn: InprocConnection) -> None:
-        try:
-            await self._handler(conn)
-        except asyncio.CancelledError:
-            raise
-        except TransportError as exc:
-            log.info("handler for %s ended: %s", self.url, exc)
-        except Exception:
-            log.exception("handler for a connection to %s raised", self.url)
-        finally:
-            await conn.aclose()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -154,10 +138,7 @@ class InprocListener(Listener):
         names = _names()
         if names.get(self.name) is self:
             del names[self.name]
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_handlers()
 
 
 async def inproc_listen(url: str, handler: Handler, limits: TransportLimits) -> InprocListener:

@@ -131,10 +131,12 @@ class RpcClient:
             body = msg.get("body")
             if msg.get("ok") is True:
                 future.set_result(body)
-            elif isinstance(body, list) and len(body) == 2 and all(isinstance(b, str) for b in body):
+            elif (isinstance(body, list) and len(body) == 2
+                  and all(isinstance(b, str) for b in body)):
                 future.set_exception(RemoteError(body[0], body[1]))
             else:
-                future.set_exception(RemoteError("ProtocolError", f"malformed error reply {body!r}"))
+                future.set_exception(RemoteError("ProtocolError",
+                                                 f"malformed error reply {body!r}"))
         elif kind in ("req", "note"):
             task = asyncio.get_running_loop().create_task(
                 self._serve(msg["id"], msg.get("body"), reply=kind == "req"))

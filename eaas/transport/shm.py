@@ -30,9 +30,6 @@ reading, so RPC traffic never stalls this way.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import itertools
 import mmap
 import os
 import re
@@ -40,26 +37,22 @@ import secrets
 import tempfile
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 
-from eaas.errors import FrameError, TransportError
+from eaas.errors import FrameError
 from eaas.transport.base import Handler, Lease, SendHandle
-from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
-                                  build_tensors, check_frame_size, clone_tensor, copy_bytes,
-                                  flatten, unflatten)
+from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage, build_tensors,
+                                  check_frame_size, clone_tensor, copy_bytes, flatten, unflatten)
 from eaas.transport.limits import TransportLimits
-from eaas.transport.stream import _NOTHING, StreamConnection, StreamListener
+from eaas.transport.slots import KIND_RELEASE, SlotConnection
+from eaas.transport.unix import UnixListener, unix_connect, unix_listen
 
 __all__ = ["ShmConnection", "shm_connect", "shm_listen", "remove_stale_segments"]
 
-KIND_RELEASE = 1  # receiver -> sender: "r": slot id is free again
-KIND_DROP = 2  # sender -> receiver: "d": slot id is evicted, unmap it
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _NAME_RE = re.compile(r"^eaas-[0-9a-f]+-[0-9a-f]+-[0-9a-f]+$")
-_MIN_SLOT = 1 << 20
-_COUNTER = itertools.count()
+_POOL = None  # pool key: one pool per connection end
 
 
 @dataclass(slots=True)
@@ -85,19 +78,14 @@ def _map(fd: int, size: int) -> _Slot:
     return _Slot(-1, "", size, mm, torch.frombuffer(mm, dtype=torch.uint8))
 
 
-class ShmConnection(StreamConnection):
+class ShmConnection(SlotConnection[_Slot]):
     """A StreamConnection on a unix socket whose large tensor bodies go through shared memory."""
+
+    SLOT_NAME = "a shared-memory slot"
 
     def __init__(self, url: str, limits: TransportLimits, on_made: Any = None) -> None:
         super().__init__(url, limits, on_made)
         self._tag = f"{os.getpid():x}-{secrets.token_hex(4)}"
-        self._slot_ids = itertools.count()
-        self._slots: dict[int, _Slot] = {}  # mine (sending side)
-        self._free: list[int] = []
-        self._pool_bytes = 0
-        self._pending: collections.deque[tuple[EncodedMessage, asyncio.Future[None]]] = (
-            collections.deque())
-        self._attached: dict[int, _Slot] = {}  # the peer's (receiving side)
         self._attached_bytes = 0
 
     # ---- sending ----------------------------------------------------------------------
@@ -108,18 +96,12 @@ class ShmConnection(StreamConnection):
             raise ValueError(f"message tensors total {enc.body_bytes} bytes > shm_pool_bytes="
                              f"{self.limits.shm_pool_bytes}")
         check_frame_size(len(enc.header()), enc.body_bytes, self.limits)
-        if not self._pending:
-            handle = self._try_send(enc)
-            if handle is not None:
-                return handle
-        future = asyncio.get_running_loop().create_future()
-        self._pending.append((enc, future))
-        return SendHandle(future)
+        return self._send_or_queue(enc)
 
     def _try_send(self, enc: EncodedMessage) -> SendHandle | None:
         if enc.body_bytes < self.limits.shm_min_bytes:
             return self._write_parts(enc.frame_parts(self.limits))
-        slot = self._acquire(enc.body_bytes)
+        slot = self._acquire(_POOL, enc.body_bytes)
         if slot is None:
             return None
         assert slot.flat is not None
@@ -129,21 +111,7 @@ class ShmConnection(StreamConnection):
         header = enc.header(KIND_MESSAGE, s=[slot.slot_id, slot.name, slot.size])
         return self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
 
-    def _acquire(self, nbytes: int) -> _Slot | None:
-        fits = [i for i in self._free if self._slots[i].size >= nbytes]
-        if fits:
-            best = min(fits, key=lambda i: self._slots[i].size)
-            self._free.remove(best)
-            return self._slots[best]
-        size = max(_MIN_SLOT, 1 << (nbytes - 1).bit_length())
-        size = min(size, max(nbytes, self.limits.shm_pool_bytes - self._pool_bytes))
-        while self._pool_bytes + size > self.limits.shm_pool_bytes and self._free:
-            self._evict(max(self._free, key=lambda i: self._slots[i].size))
-        if self._pool_bytes + size > self.limits.shm_pool_bytes:
-            return None
-        return self._create(size)
-
-    def _create(self, size: int) -> _Slot:
+    def _create(self, key: None, size: int) -> _Slot:
         slot_id = next(self._slot_ids)
         name = f"eaas-{self._tag}-{slot_id:x}"
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
@@ -153,60 +121,27 @@ class ShmConnection(StreamConnection):
         finally:
             os.close(fd)
         slot.slot_id, slot.name = slot_id, name
-        self._slots[slot_id] = slot
-        self._pool_bytes += size
         return slot
 
-    def _evict(self, slot_id: int) -> None:
-        self._free.remove(slot_id)
-        slot = self._slots.pop(slot_id)
-        self._pool_bytes -= slot.size
+    def _destroy(self, slot: _Slot) -> None:
         slot.unmap()
         _unlink(slot.name)
-        self._send_control(KIND_DROP, d=slot_id)
-
-    def _send_control(self, kind: int, **extra: Any) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            return
-        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
-        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
-
-    def _flush_pending(self) -> None:
-        while self._pending and not self._closed:
-            enc, future = self._pending[0]
-            handle = self._try_send(enc)
-            if handle is None:
-                return
-            self._pending.popleft()
-            if not future.done():
-                if handle.done():
-                    future.set_result(None)
-                else:
-                    self._drain_waiters.append(future)
 
     # ---- receiving --------------------------------------------------------------------
-    def _on_frame(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
-        kind = head["k"]
-        if kind == KIND_RELEASE:
-            slot_id = head.get("r")
-            if slot_id not in self._slots or slot_id in self._free:
-                raise FrameError(f"release of slot {slot_id!r} that is not in use")
-            self._free.append(slot_id)
-            self._flush_pending()
-            return _NOTHING
-        if kind == KIND_DROP:
-            slot = self._attached.pop(head.get("d"), None)  # type: ignore[arg-type]
-            if slot is not None:
-                self._attached_bytes -= slot.size
-                slot.unmap()
-            return _NOTHING
-        if kind != KIND_MESSAGE:
-            raise FrameError(f"unexpected frame kind {kind!r}")
+    def _released_ids(self, released: Any) -> list[Any]:
+        return [released]  # "r": one slot id per RELEASE frame
+
+    def _detach(self, slot: _Slot) -> None:
+        self._attached_bytes -= slot.size
+        slot.unmap()
+
+    def _on_message(self, head: dict[str, Any], body: bytearray | torch.Tensor) -> Any:
         if "s" not in head:
-            return super()._on_frame(head, body)
+            return super()._on_message(head, body)  # inline body, as on tcp://
         slot = self._attach(head["s"])
         views = build_tensors(head["t"], slot.flat, self.limits)
-        extent = max(((v.storage_offset() + v.numel()) * v.element_size() for v in views), default=0)
+        extent = max(((v.storage_offset() + v.numel()) * v.element_size() for v in views),
+                     default=0)
         if extent > self.limits.max_frame_bytes:
             raise FrameError(f"shm message of {extent} bytes > max_frame_bytes="
                              f"{self.limits.max_frame_bytes}")
@@ -265,11 +200,6 @@ class ShmConnection(StreamConnection):
 
     # ---- teardown ---------------------------------------------------------------------
     def _on_closed(self) -> None:
-        pending, self._pending = self._pending, collections.deque()
-        for _, future in pending:
-            if not future.done():
-                future.set_exception(TransportError(f"connection to {self.url} closed before "
-                                                    "a shared-memory slot was free"))
         busy = set(self._slots) - set(self._free)
         for slot_id, slot in self._slots.items():
             slot.unmap()
@@ -277,11 +207,7 @@ class ShmConnection(StreamConnection):
             # unlinks those slots' names when it maps them. Otherwise nobody will map them.
             if not (self._local_close and slot_id in busy):
                 _unlink(slot.name)
-        for slot in self._attached.values():
-            slot.unmap()
-        self._slots.clear()
-        self._attached.clear()
-        self._free.clear()
+        super()._on_closed()  # fails queued sends, unmaps the peer's slots
 
 
 @dataclass(slots=True)
@@ -321,46 +247,12 @@ def _unlink(name: str) -> None:
         pass
 
 
-def _path(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme != "shm" or parts.netloc:
-        raise ValueError(f"bad shm URL {url!r}: expected shm:///absolute/socket/path "
-                         "(or shm:// to listen on a fresh path)")
-    return parts.path
-
-
-class ShmListener(StreamListener):
-    """StreamListener on a unix socket; removes the socket file on close."""
-
-    async def aclose(self) -> None:
-        await super().aclose()
-        try:
-            os.unlink(_path(self.url))
-        except FileNotFoundError:
-            pass
-
-
-async def shm_listen(url: str, handler: Handler, limits: TransportLimits) -> ShmListener:
-    path = _path(url) or os.path.join(
-        tempfile.gettempdir(), f"eaas-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
-    listener = ShmListener(handler, limits, conn_class=ShmConnection)
-    listener.url = f"shm://{path}"
-    try:
-        listener._server = await asyncio.get_running_loop().create_unix_server(
-            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
-    except OSError as exc:
-        raise TransportError(f"cannot listen on {url}: {exc}") from exc
-    return listener
+async def shm_listen(url: str, handler: Handler, limits: TransportLimits) -> UnixListener:
+    return await unix_listen(url, handler, limits, scheme="shm", conn_class=ShmConnection,
+                             stem="eaas")
 
 
 async def shm_connect(url: str, timeout: float, limits: TransportLimits) -> ShmConnection:
-    path = _path(url)
-    try:
-        async with asyncio.timeout(timeout):
-            _, conn = await asyncio.get_running_loop().create_unix_connection(
-                lambda: ShmConnection(url, limits), path)
-    except TimeoutError:
-        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {url}: {exc}") from exc
+    conn = await unix_connect(url, timeout, limits, scheme="shm", conn_class=ShmConnection)
+    assert isinstance(conn, ShmConnection)
     return conn

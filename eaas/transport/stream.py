@@ -284,21 +284,7 @@ class StreamListener(Listener):
         if self._closed:
             conn._fail(FrameError("listener is closing"))
             return
-        task = asyncio.get_running_loop().create_task(self._serve(conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, conn: StreamConnection) -> None:
-        try:
-            await self._handler(conn)
-        except asyncio.CancelledError:
-            raise
-        except TransportError as exc:
-            log.info("handler for %s ended: %s", self.url, exc)
-        except Exception:
-            log.exception("handler for a connection to %s raised", self.url)
-        finally:
-            await conn.aclose()
+        self._run_handler(conn)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -306,10 +292,7 @@ class StreamListener(Listener):
         self._closed = True
         if self._server is not None:
             self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_handlers()
         if self._server is not None:
             try:
                 async with asyncio.timeout(5.0):

@@ -22,7 +22,8 @@ SCRIPT = Path(__file__).with_name("echo_server.py")
 
 
 @pytest.fixture(params=["tcp://127.0.0.1:0", "shm://"])
-async def server(request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
+async def server(
+        request: pytest.FixtureRequest) -> AsyncIterator[tuple[str, asyncio.subprocess.Process]]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SCRIPT), request.param, stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})

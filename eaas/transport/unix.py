@@ -1,0 +1,80 @@
+"""Unix-socket listen/connect for the same-host schemes (shm://, cudaipc://).
+
+URLs are `SCHEME:///absolute/socket/path`; listening on `SCHEME://` (no path) picks a fresh
+socket path in the temp dir. The listener removes its socket file on close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import tempfile
+from urllib.parse import urlsplit
+
+from eaas.errors import TransportError
+from eaas.transport.base import Handler
+from eaas.transport.limits import TransportLimits
+from eaas.transport.stream import StreamConnection, StreamListener
+
+__all__ = ["UnixListener", "unix_listen", "unix_connect", "socket_path"]
+
+_COUNTER = itertools.count()
+
+
+def socket_path(url: str, scheme: str) -> str:
+    """The socket path of `scheme:///path` ("" for `scheme://`); ValueError if malformed."""
+    parts = urlsplit(url)
+    if parts.scheme != scheme or parts.netloc:
+        raise ValueError(f"bad {scheme} URL {url!r}: expected {scheme}:///absolute/socket/path "
+                         f"(or {scheme}:// to listen on a fresh path)")
+    return parts.path
+
+
+class UnixListener(StreamListener):
+    """StreamListener on a unix socket; removes the socket file on close."""
+
+    def __init__(self, handler: Handler, limits: TransportLimits,
+                 conn_class: type[StreamConnection], scheme: str) -> None:
+        super().__init__(handler, limits, conn_class=conn_class)
+        self.scheme = scheme
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        try:
+            os.unlink(socket_path(self.url, self.scheme))
+        except FileNotFoundError:
+            pass
+
+
+async def unix_listen(url: str, handler: Handler, limits: TransportLimits, *, scheme: str,
+                      conn_class: type[StreamConnection], stem: str) -> UnixListener:
+    """Listen on `url`'s socket path, or on a fresh `{tempdir}/{stem}-{pid}-....sock`."""
+    path = socket_path(url, scheme)
+    if not path:
+        path = os.path.join(tempfile.gettempdir(),
+                            f"{stem}-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
+    listener = UnixListener(handler, limits, conn_class, scheme)
+    listener.url = f"{scheme}://{path}"
+    try:
+        listener._server = await asyncio.get_running_loop().create_unix_server(
+            lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
+    except OSError as exc:
+        raise TransportError(f"cannot listen on {url}: {exc}") from exc
+    return listener
+
+
+async def unix_connect(url: str, timeout: float, limits: TransportLimits, *, scheme: str,
+                       conn_class: type[StreamConnection]) -> StreamConnection:
+    """Connect a `conn_class` to `url`'s socket path; TransportError if nobody listens."""
+    path = socket_path(url, scheme)
+    try:
+        async with asyncio.timeout(timeout):
+            _, conn = await asyncio.get_running_loop().create_unix_connection(
+                lambda: conn_class(url, limits), path)
+    except TimeoutError:
+        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {url}: {exc}") from exc
+    return conn
