@@ -40,6 +40,7 @@ class KVCache:
         self._k: list[torch.Tensor | None] = [None] * num_layers  # [capacity, ...] per layer
         self._v: list[torch.Tensor | None] = [None] * num_layers
         self._len = [0] * num_layers
+        self._sig: list[tuple] = [()] * num_layers  # per layer: (k row shape, v row shape, dtypes)
 
     @property
     def num_layers(self) -> int:
@@ -64,15 +65,54 @@ class KVCache:
         (K [S, ...], V [S, ...]), S = layer_len after the append (see the class's hazard note)."""
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
-        n, t = self._len[layer_idx], k.shape[0]
+        t = k.shape[0]
+        kb, vb, n = self._reserve(layer_idx, t, _signature(k, v), k, v)
+        kb[n : n + t].copy_(k)
+        vb[n : n + t].copy_(v)
+        return kb[: n + t], vb[: n + t]
+
+    @staticmethod
+    def append_batch(
+        caches: Sequence[KVCache],
+        layer_idx: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        spans: Sequence[tuple[int, int]],
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`[c.append(layer_idx, k[s:e], v[s:e]) for c, (s, e) in zip(caches, spans)]` with all
+        the copies issued in one call. k: [T, ...], v: [T, ...]; request i owns rows s_i:e_i.
+        The caches must be distinct objects (a cache listed twice would get both spans' rows at
+        the same positions)."""
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"k has {k.shape[0]} rows but v has {v.shape[0]}")
+        sig = _signature(k, v)
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for c, (s, e) in zip(caches, spans):
+            kb, vb, n = c._reserve(layer_idx, e - s, sig, k, v)
+            dst += (kb[n : n + e - s], vb[n : n + e - s])
+            src += (k[s:e], v[s:e])
+            out.append((kb[: n + e - s], vb[: n + e - s]))
+        if dst:
+            torch._foreach_copy_(dst, src)
+        return out
+
+    def _reserve(
+        self, layer_idx: int, t: int, sig: tuple, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Check rows of signature `sig` (see `_signature`) against the layer's storage, grow it
+        (like k / v) if t more rows do not fit, count them as held; returns (K storage,
+        V storage, first new row)."""
+        n = self._len[layer_idx]
         kb, vb = self._k[layer_idx], self._v[layer_idx]
-        if kb is not None and vb is not None:
-            for name, new, old in (("k", k, kb), ("v", v, vb)):
-                if new.shape[1:] != old.shape[1:] or new.dtype != old.dtype:
-                    raise ValueError(
-                        f"layer {layer_idx}: {name} rows of shape {tuple(new.shape[1:])} "
-                        f"{new.dtype} do not match the cache's {tuple(old.shape[1:])} {old.dtype}"
-                    )
+        if kb is None or vb is None:
+            self._sig[layer_idx] = sig
+        elif sig != self._sig[layer_idx]:
+            raise ValueError(
+                f"layer {layer_idx}: rows of (k, v) shape/dtype {sig} do not match the cache's "
+                f"{self._sig[layer_idx]}"
+            )
         if kb is None or vb is None or n + t > kb.shape[0]:
             cap = max(n + t, 2 * (0 if kb is None else kb.shape[0]), self.MIN_CAPACITY)
             grown_k = k.new_empty((cap, *k.shape[1:]))  # [cap, ...]
@@ -81,16 +121,19 @@ class KVCache:
                 grown_k[:n].copy_(kb[:n])
                 grown_v[:n].copy_(vb[:n])
             self._k[layer_idx], self._v[layer_idx] = kb, vb = grown_k, grown_v
-        kb[n : n + t].copy_(k)
-        vb[n : n + t].copy_(v)
         self._len[layer_idx] = n + t
-        return kb[: n + t], vb[: n + t]
+        return kb, vb, n
 
     def truncate(self, seq_len: int) -> None:
         """Drop entries at positions >= seq_len (all layers); keeps the storage for reuse."""
         if seq_len < 0:
             raise ValueError(f"seq_len must be >= 0, got {seq_len}")
         self._len = [min(n, seq_len) for n in self._len]
+
+
+def _signature(k: torch.Tensor, v: torch.Tensor) -> tuple:
+    """What every appended row of a layer must share: row shapes and dtypes of k and v."""
+    return (tuple(k.shape[1:]), tuple(v.shape[1:]), k.dtype, v.dtype, k.device, v.device)
 
 
 def _sdpa(
@@ -255,7 +298,7 @@ class GQAAttention(_Base):
             k = ops.rms_norm(k, self.w["k_norm.weight"], cfg.rms_norm_eps)
         cos, sin = ops.rope_cos_sin(pos, self.inv_freq, self.rope_factor, x.dtype)  # [T, d]
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        kv_all = [c.append(li, k[s:e], v[s:e]) for c, (s, e) in zip(caches, spans)]  # [S_i, nkv, d]
+        kv_all = KVCache.append_batch(caches, li, k, v, spans)  # [(K_i [S_i, nkv, d], V_i)]
         window = cfg.sliding_window(li)
         one, many = _groups(spans)
         out = x.new_empty(t, nh * d)  # [T, nh*d]
@@ -351,7 +394,7 @@ class MLAAttention(_Base):
         q_rot = ops.apply_rope(q[..., nope:], cos, sin, cfg.rope_interleave)
         k_rot = ops.apply_rope(k_rot, cos, sin, cfg.rope_interleave)[:, 0]  # [T, rope]
         q = torch.cat([q[..., :nope], q_rot], dim=-1)  # [T, nh, d]
-        lat = [c.append(li, kv[s:e], k_rot[s:e]) for c, (s, e) in zip(caches, spans)]
+        lat = KVCache.append_batch(caches, li, kv, k_rot, spans)  # [([S_i, lora], [S_i, rope])]
         one, many = _groups(spans)
         out = x.new_empty(t, nh * dv)  # [T, nh*dv]
         if one:
