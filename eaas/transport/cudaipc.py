@@ -12,9 +12,9 @@ newly added expert server) just connects: nothing is fixed at start-up, unlike N
 Send handles complete once the header is written: the copy into the slot is already enqueued
 on the sender's current stream, so later work on that stream may reuse the sent tensors.
 
-Credits: a slot is busy from the send until the receiver's RELEASE frame for it; the sender
-never writes into a busy slot. With no free slot and the per-device pool
-(`limits.shm_pool_bytes`) used up, sends queue in order until a release arrives.
+Credits (eaas.transport.slots, as on shm://): a slot is busy from the send until the receiver's
+RELEASE frame for it; the sender never writes into a busy slot. With no free slot and the
+per-device pool (`limits.shm_pool_bytes`) used up, sends queue in order until a release arrives.
 
 Receiving (never blocks the event loop; no `torch.cuda.synchronize()`):
 - the receiver's current stream on the slot's device waits on the slot's IPC event;

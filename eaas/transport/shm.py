@@ -6,11 +6,11 @@ so a crash leaks nothing once a slot was used). Sending a message whose tensors 
 `limits.shm_min_bytes` copies them into a free slot (one memcpy) and writes only the header,
 naming the slot, on the unix socket; smaller messages travel inline as on tcp://.
 
-Credits: a slot is busy from the send until the receiver sends back a RELEASE frame for it;
-the sender never writes into a busy slot. When no slot is free and the pool
-(`limits.shm_pool_bytes`) is full, sends queue in order (their handles complete later) until a
-release arrives. Free slots are evicted (a DROP frame tells the receiver to unmap) when a larger
-one is needed.
+Credits (pool logic in eaas.transport.slots, shared with cudaipc://): a slot is busy from the
+send until the receiver sends back a RELEASE frame for it; the sender never writes into a busy
+slot. When no slot is free and the pool (`limits.shm_pool_bytes`) is full, sends queue in order
+(their handles complete later) until a release arrives. Free slots are evicted (a DROP frame
+tells the receiver to unmap) when a larger one is needed.
 
 Receiving:
 - `recv()` copies the tensors out of the slot and releases it at once: received tensors own

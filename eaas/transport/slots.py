@@ -37,7 +37,7 @@ __all__ = ["SlotConnection", "KIND_RELEASE", "KIND_DROP", "MIN_SLOT"]
 
 KIND_RELEASE = 1  # receiver -> sender: "r": slot id(s) free again (wire form is the scheme's)
 KIND_DROP = 2  # sender -> receiver: "d": slot id evicted, unmap it
-MIN_SLOT = 1 << 20  # smallest slot created; sizes round up to a power of two
+MIN_SLOT = 1 << 20  # smallest slot created; sizes round up to a power of two (within the pool)
 
 
 class Slot(Protocol):
@@ -53,8 +53,9 @@ SlotT = TypeVar("SlotT", bound=Slot)
 class SlotConnection(StreamConnection, Generic[SlotT]):
     """A StreamConnection whose sender keeps credit-managed pools of slots (one per pool key).
 
-    Subclasses set `SLOT_NAME` (for errors) and implement `_try_send`, `_create`, `_destroy`,
-    `_detach`, `_released_ids` and `_on_message`; they call `_send_or_queue` from `send_start`.
+    Subclasses set `SLOT_NAME` (for errors), implement `_try_send`, `_create`, `_destroy`,
+    `_detach` and `_released_ids`, may override `_on_message`, and call `_send_or_queue` from
+    `send_start`.
     """
 
     SLOT_NAME = "a slot"  # "... closed before {SLOT_NAME} was free"

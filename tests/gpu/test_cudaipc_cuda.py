@@ -93,6 +93,26 @@ async def test_a_process_started_later_is_admitted() -> None:
 
 @pytest.mark.multi_gpu
 @two_gpus
+async def test_each_device_has_its_own_pool_that_queues_and_evicts(echo_proc: str) -> None:
+    """One message spans cuda:0 and cuda:1; a 4 MiB pool per device forces queueing, and the
+    4 MiB rows (the whole pool) force eviction of that device's free slots."""
+    limits = TransportLimits(shm_pool_bytes=4 << 20)
+    sizes = [1 << 18, 1 << 18, 1 << 20, 1 << 18]  # float32 elements: 1, 1, 4, 1 MiB
+    msgs = [{"i": i, "a": torch.full((sizes[i % 4],), float(i), device="cuda:0"),
+             "b": torch.full((sizes[(i + 1) % 4],), float(-i), device="cuda:1")}
+            for i in range(12)]
+    async with await connect(echo_proc, timeout=30, limits=limits) as conn:
+        handles = [conn.send_start(m) for m in msgs]
+        for m in msgs:
+            out = await conn.recv(timeout=30)
+            assert out["i"] == m["i"]
+            assert out["a"].device == m["a"].device and out["b"].device == m["b"].device
+            assert torch.equal(out["a"], m["a"]) and torch.equal(out["b"], m["b"])
+        await asyncio.gather(*(asyncio.wait_for(h, 30) for h in handles))
+
+
+@pytest.mark.multi_gpu
+@two_gpus
 async def test_rows_cross_to_the_second_gpu_and_back() -> None:
     proc, url = _start("--to", "cuda:1")
     try:
