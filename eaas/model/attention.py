@@ -133,7 +133,7 @@ class KVCache:
 
 def _signature(k: torch.Tensor, v: torch.Tensor) -> tuple:
     """What every appended row of a layer must share: row shapes and dtypes of k and v."""
-    return (tuple(k.shape[1:]), tuple(v.shape[1:]), k.dtype, v.dtype, k.device, v.device)
+    return (k.shape[1:], v.shape[1:], k.dtype, v.dtype, k.device, v.device)
 
 
 def _sdpa(

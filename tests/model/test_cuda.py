@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from eaas.model import ARCHS, Checkpoint, ExpertBank, ReferenceModel
+from tests.model.test_attention_batch import SCHEDULE, _run_schedule
 
 pytestmark = [
     pytest.mark.cuda,
@@ -51,3 +52,16 @@ def test_cuda_batch_invariant_rows(tiny_dir, arch, dtype):
         assert torch.equal(bank.forward(x[n : n + 1], ids[n : n + 1])[0], out[n]), f"expert row {n}"
         i1, w1 = model.layers[layer].router(x[n : n + 1])
         assert torch.equal(i1[0], topk_ids[n]) and torch.equal(w1[0], topk_w[n]), f"router row {n}"
+
+
+@pytest.mark.parametrize("batch_invariant", [False, True], ids=["fast", "invariant"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cuda_attention_batch_equals_per_request(tiny_dir, arch, batch_invariant):
+    """attention_block_batch on the GPU (float32): bitwise the per-request loop when
+    batch_invariant, else within 1e-5 (cuBLAS picks kernels by shape; TF32 stays off)."""
+    model = ReferenceModel.load(
+        Checkpoint.open(tiny_dir(arch)), device="cuda", load_experts=False,
+        batch_invariant=batch_invariant,
+    )
+    caches = _run_schedule(model, SCHEDULE, exact=batch_invariant, device="cuda")
+    assert caches[2].capacity(0) == 32
