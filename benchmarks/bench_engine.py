@@ -111,8 +111,11 @@ async def main() -> None:
             rows.append((f"eaas in-process, 3 servers x2 replicas, batch_invariant={inv}",
                          await bench_engine(d, ps, n, mode="inproc", batch_invariant=inv)))
         for tr in ("tcp", "shm"):
-            rows.append((f"eaas 3 server processes over {tr}://",
+            rows.append((f"eaas 3 server processes over {tr}://, batch_invariant=True",
                          await bench_engine(d, ps, n, mode="process", transport=tr)))
+        rows.append(("eaas 3 server processes over tcp://, batch_invariant=False",
+                     await bench_engine(d, ps, n, mode="process", transport="tcp",
+                                        batch_invariant=False)))
         base = await bench_engine(d, ps, n, mode="process", transport="tcp")
         killed = await bench_engine(d, ps, n, mode="process", transport="tcp",
                                     kill_at_s=base["wall"] / 3)

@@ -202,10 +202,10 @@ class AttentionShard(Actor):
             for node in g.order:
                 n, kind = node.name, str(getattr(node.kind, "value", node.kind))
                 if kind == "attention":
-                    # an aborted request's cache is gone: its rows pass through untouched
-                    vals[(n, "hidden")] = torch.cat([
-                        layer.attention_block(h[s:e], r.cache) if r.cache is not None else h[s:e]
-                        for r, (s, e) in zip(reqs, spans)])
+                    # one call for the micro-batch (an aborted request's cache is None: its rows
+                    # pass through untouched); per-request attention inside in invariant mode
+                    vals[(n, "hidden")] = layer.attention_block_batch(
+                        h, [r.cache for r in reqs], spans)
                 elif kind == "ffn_norm":
                     vals[(n, "x")] = layer.ffn_input(arg(n, "hidden"))
                 elif kind == "router":

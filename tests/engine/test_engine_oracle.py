@@ -22,13 +22,15 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], float]:
     return ids[len(prompt):], margin
 
 
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fast"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_engine_matches_transformers(arch, tiny_dirs):
+def test_engine_matches_transformers(arch, batch_invariant, tiny_dirs):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tiny_dirs[arch], dtype=torch.float32,
                                               attn_implementation="eager").eval()
-    cfg = EngineConfig.from_dict({"model": tiny_dirs[arch], "placement": {
+    cfg = EngineConfig.from_dict({"model": tiny_dirs[arch], "batch_invariant": batch_invariant,
+                                  "placement": {
         "num_attention_shards": 2, "num_expert_servers": 3, "expert_replicas": 2,
         "server_mode": "inproc"}})
     n = 10
