@@ -243,12 +243,18 @@ class ExpertPool:
                 for e, srv in ex.items():
                     if not [s for s in srv if s in live]:
                         orphans.setdefault(l, []).append(e)
-            for l, ids in orphans.items():  # re-home experts only `name` hosted
+            # re-home experts only `name` hosted: plan on the least-loaded servers, then one
+            # load per target server
+            hosted = {n: sum(map(len, self.servers[n]["assignment"].values())) for n in live}
+            plan: dict[str, dict[int, list[int]]] = {}
+            for l, ids in orphans.items():
                 for e in ids:
-                    target = min(live, key=lambda n: (sum(map(len, self.servers[n]
-                                                              ["assignment"].values())), n))
-                    await self._load(target, {l: [e]})
+                    target = min(live, key=lambda n: (hosted[n], n))
+                    hosted[target] += 1
+                    plan.setdefault(target, {}).setdefault(l, []).append(e)
                     table[l][e] = table[l][e] + (target,)
+            for target, experts in plan.items():
+                await self._load(target, experts)
             await self._set_table(table, f"removing {name}")
             await self._drain(name, drain_timeout_s)
             await self._discard(name)

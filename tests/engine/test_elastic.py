@@ -168,3 +168,18 @@ async def test_replicate_unreplicate_and_restart_reloads_only_own_experts(tiny_d
         out = await _run_all(engine, [[2, 7, 1, 8]])
     assert stats["load_stats"]["tensors_read"] == 3 * n_experts
     assert out[0].outputs[0].token_ids == reference_greedy(d, [2, 7, 1, 8], 24)
+
+
+async def test_removing_the_only_home_of_experts_rehomes_them_first(tiny_dirs, reference_greedy):
+    d = tiny_dirs["qwen3_moe"]
+    async with AsyncEngine(_cfg(d, 3, 1)) as engine:  # every expert on exactly one server
+        layer = sorted(engine.routing.table)[0]
+        only_on_0 = [e for e, s in engine.routing.table[layer].items() if s == ("expert-0",)]
+        prompts = prompts_of(engine.tokenizer, 8, seed=3)
+        running = asyncio.gather(*(_run_all(engine, [p]) for p in prompts))
+        await engine.remove_server("expert-0")
+        outs = [o[0] for o in await running]
+        table = engine.routing.table
+    assert only_on_0 and all(len(table[layer][e]) == 1 and table[layer][e] != ("expert-0",)
+                             for e in only_on_0)
+    assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(d, p, 24) for p in prompts]
