@@ -58,6 +58,8 @@ class PlacementConfig:
     transport: str = "tcp"  # engine <-> server process (server_mode process): tcp | shm | cudaipc
     server_devices: tuple[str, ...] | None = None  # device of server i = server_devices[i % len];
                                                    # None: the engine's device
+    shard_devices: tuple[str, ...] | None = None  # device of shard j = shard_devices[j % len];
+                                                  # None: the engine's device
 
     def __post_init__(self) -> None:
         p = "placement."
@@ -71,12 +73,15 @@ class PlacementConfig:
         _check(self.strategy in PLACEMENTS, p + "strategy", self.strategy, f"one of {PLACEMENTS}")
         _check(self.server_mode in SERVER_MODES, p + "server_mode", self.server_mode,
                f"one of {SERVER_MODES}")
-        if self.server_devices is not None:
-            devs = tuple(self.server_devices)
+        for name in ("server_devices", "shard_devices"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            devs = tuple(value)
             _check(bool(devs) and all(isinstance(d, str) and (d == "cpu" or d.startswith("cuda"))
-                                      for d in devs), p + "server_devices", self.server_devices,
+                                      for d in devs), p + name, value,
                    "a non-empty list of 'cpu' / 'cuda:N'")
-            object.__setattr__(self, "server_devices", devs)
+            object.__setattr__(self, name, devs)
         if self.strategy == "explicit":
             _check(bool(self.explicit_map), p + "explicit_map", self.explicit_map,
                    "a non-empty map {server index: [expert ids]} when strategy is 'explicit'")

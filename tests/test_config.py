@@ -15,7 +15,8 @@ def test_yaml_and_dict_round_trip():
         "model": "/m", "dtype": "bfloat16", "graph": "g.yaml",
         "placement": {"num_attention_shards": 2, "num_expert_servers": 4, "expert_replicas": 3,
                       "strategy": "explicit", "explicit_map": {0: [0, 1], 3: [2]},
-                      "server_devices": ["cuda:1", "cuda:2"]},
+                      "server_devices": ["cuda:1", "cuda:2"],
+                      "shard_devices": ["cuda:0"]},
         "batching": {"max_batch_tokens": 7, "max_wait_us": 0},
         "fault": {"no_replica_policy": "degrade"}, "balance": {"auto": True}})
     assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
@@ -34,6 +35,7 @@ def test_yaml_and_dict_round_trip():
     ({"placement": {"server_mode": "thread"}}, "placement.server_mode"),
     ({"placement": {"transport": "udp"}}, "placement.transport"),
     ({"placement": {"server_devices": ["gpu0"]}}, "placement.server_devices"),
+    ({"placement": {"shard_devices": []}}, "placement.shard_devices"),
     ({"batching": {"max_batch_tokens": 0}}, "batching.max_batch_tokens"),
     ({"batching": {"max_wait_us": -1}}, "batching.max_wait_us"),
     ({"scheduler": {"micro_batches": 0}}, "scheduler.micro_batches"),

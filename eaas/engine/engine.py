@@ -118,10 +118,11 @@ class AsyncEngine:
         deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
                          self._load_shard_model, self.counters, self.events_bus.emit, self.load)
         attn = await system.spawn_supervisor("attention", RestartPolicy("one_for_one"), parent=root)
+        shard_devices = cfg.placement.shard_devices or (cfg.device,)
         for j in range(cfg.placement.num_attention_shards):
-            name = f"shard-{j}"
-            ref = await attn.start_child(
-                ChildSpec(name, lambda n=name: AttentionShard(n, deps), mailbox_size=1 << 16))
+            name, device = f"shard-{j}", shard_devices[j % len(shard_devices)]
+            ref = await attn.start_child(ChildSpec(
+                name, lambda n=name, d=device: AttentionShard(n, deps, d), mailbox_size=1 << 16))
             self._shards.append(ref)
         self.planner_progress: dict = {}
         bal = cfg.balance
@@ -133,19 +134,20 @@ class AsyncEngine:
         self._monitor = await root.start_child(ChildSpec("health", lambda: HealthMonitor(
             self.events_bus.emit, self.counters, planner_progress=self.planner_progress,
             stall_timeout_s=bal.stall_timeout_s)))
-        devices = {cfg.device, *(cfg.placement.server_devices or ())}
+        devices = {cfg.device, *(cfg.placement.server_devices or ()),
+                   *(cfg.placement.shard_devices or ())}
         if any(d.startswith("cuda") for d in devices):
             await root.start_child(ChildSpec("gpu-health", self._new_gpu_monitor))
         self._ready = True
         self.events_bus.emit({"type": "engine_ready", "servers": sorted(self.pool.servers),
                               "shards": [s.name for s in self._shards]})
 
-    def _load_shard_model(self) -> tuple[Any, Any]:
+    def _load_shard_model(self, device: str) -> tuple[Any, Any]:
         from eaas.model import Checkpoint, ReferenceModel
 
         cfg = self.config
         ckpt = Checkpoint.open(cfg.model)
-        model = ReferenceModel.load(ckpt, dtype=getattr(torch, cfg.dtype), device=cfg.device,
+        model = ReferenceModel.load(ckpt, dtype=getattr(torch, cfg.dtype), device=device,
                                     load_experts=False, batch_invariant=cfg.batch_invariant)
         return model, ckpt.tokenizer
 

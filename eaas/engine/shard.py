@@ -34,16 +34,17 @@ class ShardDeps:
     graph: Any  # eaas.dataflow.ModelGraph
     routing: Any  # ActorRef of the RoutingTable
     batcher_for: Callable[[str], Any]  # server name -> Batcher ActorRef | None
-    load_model: Callable[[], Any]  # -> (ReferenceModel without routed experts, Tokenizer)
+    load_model: Callable[[str], Any]  # device -> (model without routed experts, Tokenizer)
     counters: dict[str, int]  # engine-wide counters (shared by all shards; one event loop)
     emit: Callable[[dict], None]
     load: Any  # LoadTracker (routed tokens per expert / server)
 
 
 class AttentionShard(Actor):
-    def __init__(self, name: str, deps: ShardDeps) -> None:
+    def __init__(self, name: str, deps: ShardDeps, device: str) -> None:
         self.name = name
         self.deps = deps
+        self.device = device
         cfg = deps.config.scheduler
         self.max_num_seqs = cfg.max_num_seqs
         self.lanes: list[list[Request]] = [[] for _ in range(cfg.micro_batches)]
@@ -55,7 +56,7 @@ class AttentionShard(Actor):
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def on_start(self) -> None:
-        self.model, self.tokenizer = await asyncio.to_thread(self.deps.load_model)
+        self.model, self.tokenizer = await asyncio.to_thread(self.deps.load_model, self.device)
         snap = await self.deps.routing.ask(Subscribe(self.context.self_ref), timeout=10.0)
         self.dispatcher = Dispatcher(self.context.self_ref, self.deps.batcher_for,
                                      self.deps.config.fault, self.deps.counters, snap,
@@ -159,7 +160,7 @@ class AttentionShard(Actor):
             start += len(ids)
         with torch.no_grad():
             h = model.embed(torch.tensor([t for ids in inputs for t in ids], dtype=torch.long,
-                                         device=self.deps.config.device))
+                                         device=self.device))
         bad_tokens: set[int] = set()
         degraded_tokens: set[int] = set()
         for layer in model.layers:
