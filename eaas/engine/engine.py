@@ -344,9 +344,11 @@ class AsyncEngine:
         await self._pool().inject_fault(name, "kill")
 
     async def add_server(self, experts: dict[int, list[int]] | None = None, *,
-                         start_timeout_s: float = 120.0) -> str:
-        """Add an expert server (default: hosting every expert); returns its name."""
-        return await self._pool().add_server(experts, start_timeout_s=start_timeout_s)
+                         start_timeout_s: float = 120.0, device: str | None = None) -> str:
+        """Add an expert server (default: hosting every expert; on `device`, default
+        placement.server_devices round robin); returns its name."""
+        return await self._pool().add_server(experts, start_timeout_s=start_timeout_s,
+                                             device=device)
 
     async def remove_server(self, name: str) -> None:
         """Drain and remove an expert server; experts only it hosted move elsewhere first."""

@@ -44,14 +44,15 @@ class ExpertPool:
 
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
-                           timeout: float = 180.0) -> None:
+                           timeout: float = 180.0, device: str | None = None) -> None:
         cfg, fault = self.config, self.config.fault
         policy = RestartPolicy("one_for_all", max_restarts=fault.max_restarts,
                                within_s=fault.within_s, backoff_s=fault.backoff_s)
         sup = await self._sup.start_child(ChildSpec(
             f"server-sup-{name}", lambda: Supervisor(policy, ()), restart="temporary"))
-        devices = cfg.placement.server_devices or (cfg.device,)
-        device = devices[int(name.rsplit("-", 1)[1]) % len(devices)]
+        if device is None:  # server i on server_devices[i % len] (or the engine's device)
+            devices = cfg.placement.server_devices or (cfg.device,)
+            device = devices[int(name.rsplit("-", 1)[1]) % len(devices)]
         # `assignment` is shared with the factories and mutated in place when the server
         # loads more experts, so a restart re-loads exactly what the server hosts now.
         entry = {"name": name, "sup": sup, "assignment": assignment, "state": "starting",
@@ -197,7 +198,7 @@ class ExpertPool:
 
     # ---- elastic scaling -------------------------------------------------------------------
     async def add_server(self, experts: dict[int, list[int]] | None = None, *,
-                         start_timeout_s: float = 120.0) -> str:
+                         start_timeout_s: float = 120.0, device: str | None = None) -> str:
         """Start a new server hosting `experts` ({layer: ids}; default: every expert), and
         route to it once it is ready, in a new generation. If it does not become ready within
         start_timeout_s it is stopped and the routing table is left as it was."""
@@ -209,7 +210,7 @@ class ExpertPool:
             name = server_name(next(self._next_index))
             self._emit({"type": "scale_started", "action": "add", "server": name})
             try:
-                await asyncio.wait_for(self.start_server(name, assignment,
+                await asyncio.wait_for(self.start_server(name, assignment, device=device,
                                                          timeout=start_timeout_s),
                                        start_timeout_s)
             except Exception as e:
