@@ -366,12 +366,13 @@ class AsyncEngine:
         """Run the placement planner once on the current load window and apply its plan."""
         from eaas.engine.planner import plan_table
 
-        cfg = self.config.balance
-        live = [n for n, s in self._pool().servers.items() if s["state"] == "alive"]
-        table, moves = plan_table(self.load.expert_tokens(), self.routing.table, live,
+        cfg, pool, load = self.config.balance, self._pool(), self.load
+        assert load is not None  # set with the pool at start
+        live = [n for n, s in pool.servers.items() if s["state"] == "alive"]
+        table, moves = plan_table(load.expert_tokens(), self.routing.table, live,
                                   cfg.max_experts_per_server, cfg.max_new_replicas)
         if moves:
-            await self._pool().apply_table(table, f"rebalance: {len(moves)} new replicas")
+            await pool.apply_table(table, f"rebalance: {len(moves)} new replicas")
             self.counters["rebalances"] = self.counters.get("rebalances", 0) + 1
         self.events_bus.emit({"type": "rebalance", "moves": moves})
         return {"moves": moves, "generation": self.routing.generation}
