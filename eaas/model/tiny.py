@@ -8,6 +8,7 @@ generation_config.json. Needs neither transformers nor the network.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from eaas.errors import ConfigError
 from eaas.model import layout
 from eaas.model.config import ARCHS, ModelConfig
 
-__all__ = ["make_tiny", "tiny_config", "train_tokenizer"]
+__all__ = ["QWEN3_30B_A3B", "make_random", "make_tiny", "tiny_config", "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
 TOKENIZER_VOCAB = 384
@@ -208,6 +209,12 @@ def make_tiny(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
     cfg = ModelConfig.from_dict(raw)
     gen = torch.Generator().manual_seed(seed)
     save_file(_tensors(cfg, gen), str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_side_files(out, raw, tok, eos)
+    return out
+
+
+def _write_side_files(out: Path, raw: dict[str, Any], tok: Any, eos: int) -> None:
+    """config.json, tokenizer.json, tokenizer_config.json, generation_config.json."""
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(
@@ -227,4 +234,110 @@ def make_tiny(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
         json.dumps({"bos_token_id": None, "eos_token_id": [eos], "do_sample": False}, indent=2)
         + "\n"
     )
+
+
+# ---- make_random: any shape, for benchmarks ------------------------------------------------
+
+# Qwen3-30B-A3B's shape (Hub config.json), every layer MoE. Pass num_hidden_layers=4..8 to fit
+# one GPU's memory: a layer holds 128 experts x 3 x 2048 x 768 bf16 = 1.2 GB.
+QWEN3_30B_A3B: dict[str, Any] = dict(
+    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
+    num_hidden_layers=48, mlp_only_layers=[], decoder_sparse_step=1,
+    max_position_embeddings=4096,
+)
+
+
+def _random_init(name: str, shape: tuple[int, ...], gen: torch.Generator,
+                 device: str) -> torch.Tensor:
+    """Fan-in scaled N(0, gain^2 / fan_in) so every projection keeps ~unit rms at any width
+    (finite in bf16 at H = 2048, 48 layers); output projections get gain 0.5 so the residual
+    stream grows slowly; routers gain 2.4 (well separated expert choices, as make_tiny's)."""
+    def randn(std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=device) * std
+
+    if name.endswith("norm.weight"):
+        return 1.0 + randn(0.1)
+    if name == "model.embed_tokens.weight":
+        return randn(1.0)
+    if name.endswith((".bias", "e_score_correction_bias")):
+        return randn(0.05)
+    fan_in = shape[-1]
+    if name.endswith("gate.weight"):
+        gain = 2.4
+    elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):
+        gain = 0.5
+    else:
+        gain = 1.0
+    return randn(gain / fan_in ** 0.5)
+
+
+def _layer_specs(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor of decoder layer `layer`, routed experts included."""
+    specs = dict(layout.layer_shapes(cfg, layer))
+    if cfg.is_moe_layer(layer):
+        f, h = cfg.moe_intermediate_size, cfg.hidden_size
+        for e in range(cfg.num_experts):
+            for key, name in layout.expert_names(cfg, layer, e).items():
+                specs[name] = (h, f) if key == "down" else (f, h)
+    return specs
+
+
+def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "bfloat16",
+                init_device: str = "cpu", max_shard_bytes: int = 2 << 30,
+                **config_overrides: Any) -> Path:
+    """Write a random `arch` checkpoint of any shape into `out_dir`; returns its path.
+
+    The same writer as `make_tiny` (tokenizer, Hub config names, per-expert tensor names), with
+    any config.json field overridden (`make_random(d, "qwen3_moe", **QWEN3_30B_A3B,
+    num_hidden_layers=8)`). Weights are fan-in scaled (see `_random_init`), generated on
+    `init_device` ("cuda" is much faster at full size) and stored as `dtype`. Tensors are made
+    and written one decoder layer at a time, so host memory peaks at about one layer: above
+    `max_shard_bytes` in total, one safetensors shard per layer (plus one for embeddings, final
+    norm and lm_head) and `model.safetensors.index.json`; else one `model.safetensors`.
+    The output depends on (arch, seed, dtype, overrides, init_device), not on the sharding.
+    """
+    from safetensors.torch import save_file
+
+    if arch not in ARCHS:
+        raise ConfigError(f"make_random: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"make_random: dtype {dtype!r} is not float32, bfloat16 or float16")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    eos = tok.token_to_id("<|endoftext|>")
+    raw = {**tiny_config(arch, tok.get_vocab_size(with_added_tokens=True), eos),
+           **config_overrides, "torch_dtype": dtype}
+    cfg = ModelConfig.from_dict(raw)
+    tdtype = getattr(torch, dtype)
+    groups: list[dict[str, tuple[int, ...]]] = [
+        {n: s for n, s in layout.non_expert_shapes(cfg).items() if not n.startswith("model.layers.")}
+    ] + [_layer_specs(cfg, layer) for layer in range(cfg.num_hidden_layers)]
+    itemsize = torch.empty((), dtype=tdtype).element_size()
+    total = sum(itemsize * math.prod(s) for g in groups for s in g.values())
+    sharded = total > max_shard_bytes
+    weight_map: dict[str, str] = {}
+    single: dict[str, torch.Tensor] = {}
+    for i, specs in enumerate(groups):  # group 0: embeddings/norm/lm_head; i >= 1: layer i - 1
+        gen = torch.Generator(device=init_device).manual_seed(seed * 1_000_003 + i)
+        tensors = {n: _random_init(n, s, gen, init_device) for n, s in sorted(specs.items())}
+        if i == 0 and "lm_head.weight" in tensors:  # as make_tiny: no greedy lock on one token
+            emb = tensors["model.embed_tokens.weight"]
+            unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+            tensors["lm_head.weight"] -= 1.25 * unit / cfg.hidden_size ** 0.5
+        tensors = {n: t.to(tdtype).cpu().contiguous() for n, t in tensors.items()}
+        if not sharded:
+            single.update(tensors)
+            continue
+        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, fname))
+        del tensors
+    if sharded:
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    else:
+        save_file(single, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_side_files(out, raw, tok, eos)
     return out
