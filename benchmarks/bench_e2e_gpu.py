@@ -92,7 +92,10 @@ def machine_line() -> str:
 
 def make_model(out_dir: str | Path, *, smoke: bool, layers: int, seed: int = 0) -> Path:
     """The benchmark checkpoint: Qwen3-30B-A3B shape with `layers` layers, bf16 (generated on
-    the GPU when there is one); --smoke: SMOKE_SHAPE, float32."""
+    the GPU when there is one); --smoke: SMOKE_SHAPE, float32. A folder that already holds a
+    config.json is reused as it is (pass the same --model-dir to several runs)."""
+    if (Path(out_dir) / "config.json").exists():
+        return Path(out_dir)
     if smoke:
         return make_random(out_dir, "qwen3_moe", seed=seed, dtype="float32", **SMOKE_SHAPE)
     init = "cuda:0" if num_gpus() else "cpu"
@@ -193,9 +196,12 @@ async def bench_eaas(cfg: EngineConfig, ps: list[list[int]], batches: list[int],
     async with AsyncEngine(cfg) as engine:
         start_s = time.perf_counter() - t0
         for b in batches:
-            await run_batch(engine, ps[:b], min(4, n_tokens), budget_s)  # warm-up, same batch
+            # warm-up at the same batch size (kernels compile per shape bucket)
+            await run_batch(engine, ps[:b], min(4, n_tokens), max(5.0, budget_s / 4))
             out[b] = await run_batch(engine, ps[:b], n_tokens, budget_s)
             out[b]["start_s"] = start_s
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next setup gets the memory back
     return out
 
 
@@ -242,9 +248,6 @@ def bench_transformers(model_dir: str | Path, ps: list[list[int]], batches: list
         decode = b * (n_tokens - 1) / (steps[-1] - steps[0]) if n_tokens > 1 else float("nan")
         out[b] = {"decode_tok_s": decode, "e2e_tok_s": b * n_tokens / wall, "wall_s": wall,
                   "partial": False, "not_length": 0}
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return out
 
 
@@ -276,13 +279,14 @@ async def main() -> None:
     ap.add_argument("--invariant", default="false,true", help="batch_invariant modes for eaas")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="cap per timed batch; a capped row is marked partial")
-    ap.add_argument("--model-dir", default=None, help="reuse a checkpoint (else one is made)")
+    ap.add_argument("--model-dir", default=None,
+                    help="checkpoint folder: reused if it has config.json, else made there")
     ap.add_argument("--out", default=None, help="folder for results.json")
     args = ap.parse_args()
     smoke = args.smoke
     batches = [int(x) for x in (args.batches or ("1,4,8" if smoke else "1,32,128")).split(",")]
     n_tokens = args.tokens or (6 if smoke else 32)
-    budget = args.budget_s or (20.0 if smoke else 120.0)
+    budget = args.budget_s or (20.0 if smoke else 60.0)
     setups = args.setups.split(",")
     modes = [m.strip().lower() == "true" for m in args.invariant.split(",")]
     dtype = "float32" if smoke else "bfloat16"
@@ -296,8 +300,8 @@ async def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        model = Path(args.model_dir) if args.model_dir else make_model(
-            Path(tmp) / "model", smoke=smoke, layers=args.layers)
+        model = make_model(args.model_dir or Path(tmp) / "model", smoke=smoke,
+                           layers=args.layers)
         make_s = time.perf_counter() - t0
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         shape = model_line(model)
@@ -328,8 +332,9 @@ async def main() -> None:
         f"{args.prompt_len}-token random prompts, {n_tokens} greedy tokens per request "
         f"(ignore_eos), all of a batch at once; warm-up at each batch size first; "
         f"{args.servers} expert servers x1 copy per eaas setup",
-        "peer in the same run: transformers generate (default attention, same dtype, "
-        f"same checkpoint, on {'cpu' if smoke else 'cuda:0'})" if "c" in setups else "no peer run (--setups)",
+        ("peer in the same run: transformers generate (default attention, same dtype, "
+         f"same checkpoint, on {'cpu' if smoke else 'cuda:0'})") if "c" in setups
+        else "no peer run (--setups)",
         "decode tok/s (eaas) = tokens after the batch's last first-token / time from then to the "
         "end; (transformers) = B*(N-1) / (t_step_N - t_step_1); end-to-end = B*N / wall",
         *notes], rows, peer)

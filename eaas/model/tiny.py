@@ -1,8 +1,11 @@
-"""make_tiny: a tiny random-weight checkpoint of a supported architecture, in the Hugging Face format.
+"""make_tiny / make_random: random-weight checkpoints of a supported architecture, in the
+Hugging Face format.
 
 Writes config.json (Hub-style field names), model.safetensors (per-expert tensor names, as Hub
-checkpoints have them), a byte-level BPE tokenizer.json trained offline on a small built-in text, and
-generation_config.json. Needs neither transformers nor the network.
+checkpoints have them), a byte-level BPE tokenizer.json trained offline on a small built-in text,
+and generation_config.json. Needs neither transformers nor the network. `make_tiny` has one fixed
+tiny shape per architecture (the tests' checkpoints); `make_random` takes any shape (presets such
+as `QWEN3_30B_A3B` for the GPU benchmarks) and writes large models layer by layer, sharded.
 """
 
 from __future__ import annotations
@@ -196,7 +199,7 @@ def _tensors(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def make_tiny(out_dir: str | Path, arch: str, seed: int = 0) -> Path:
-    """Write a tiny random `arch` checkpoint into `out_dir` (created if needed); returns its path."""
+    """Write a tiny random `arch` checkpoint into `out_dir` (created if needed); returns it."""
     from safetensors.torch import save_file
 
     if arch not in ARCHS:
@@ -311,9 +314,9 @@ def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "
            **config_overrides, "torch_dtype": dtype}
     cfg = ModelConfig.from_dict(raw)
     tdtype = getattr(torch, dtype)
-    groups: list[dict[str, tuple[int, ...]]] = [
-        {n: s for n, s in layout.non_expert_shapes(cfg).items() if not n.startswith("model.layers.")}
-    ] + [_layer_specs(cfg, layer) for layer in range(cfg.num_hidden_layers)]
+    top = {n: s for n, s in layout.non_expert_shapes(cfg).items()
+           if not n.startswith("model.layers.")}  # embeddings, final norm, lm_head
+    groups = [top] + [_layer_specs(cfg, layer) for layer in range(cfg.num_hidden_layers)]
     itemsize = torch.empty((), dtype=tdtype).element_size()
     total = sum(itemsize * math.prod(s) for g in groups for s in g.values())
     sharded = total > max_shard_bytes
