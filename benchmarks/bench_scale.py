@@ -270,8 +270,11 @@ async def phase_pool(engine: AsyncEngine, args: argparse.Namespace, vocab: int,
 
 # ---- output ----------------------------------------------------------------------------------
 def plot(out: Path, rates: list[dict], kills: dict | None, pool: dict | None) -> list[str]:
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:  # the table and scale_results.json still carry every number
+        print("matplotlib is not installed: no PNGs (carry its wheel to get them)")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

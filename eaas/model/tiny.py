@@ -257,7 +257,7 @@ def _random_init(name: str, shape: tuple[int, ...], gen: torch.Generator,
     (finite in bf16 at H = 2048, 48 layers); output projections get gain 0.5 so the residual
     stream grows slowly; routers gain 2.4 (well separated expert choices, as make_tiny's)."""
     def randn(std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, device=device) * std
+        return torch.randn(shape, generator=gen, device=device).mul_(std)
 
     if name.endswith("norm.weight"):
         return 1.0 + randn(0.1)
@@ -324,12 +324,16 @@ def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "
     single: dict[str, torch.Tensor] = {}
     for i, specs in enumerate(groups):  # group 0: embeddings/norm/lm_head; i >= 1: layer i - 1
         gen = torch.Generator(device=init_device).manual_seed(seed * 1_000_003 + i)
-        tensors = {n: _random_init(n, s, gen, init_device) for n, s in sorted(specs.items())}
-        if i == 0 and "lm_head.weight" in tensors:  # as make_tiny: no greedy lock on one token
-            emb = tensors["model.embed_tokens.weight"]
-            unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
-            tensors["lm_head.weight"] -= 1.25 * unit / cfg.hidden_size ** 0.5
-        tensors = {n: t.to(tdtype).cpu().contiguous() for n, t in tensors.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for n, s in sorted(specs.items()):  # cast at once: host memory ~ one layer in `dtype`
+            t = _random_init(n, s, gen, init_device)
+            tensors[n] = t if i == 0 else t.to(tdtype).cpu().contiguous()
+        if i == 0:
+            if "lm_head.weight" in tensors:  # as make_tiny: no greedy lock on one token
+                emb = tensors["model.embed_tokens.weight"]
+                unit = emb / emb.pow(2).mean(-1, keepdim=True).sqrt()
+                tensors["lm_head.weight"] -= 1.25 * unit / cfg.hidden_size ** 0.5
+            tensors = {n: t.to(tdtype).cpu().contiguous() for n, t in tensors.items()}
         if not sharded:
             single.update(tensors)
             continue
