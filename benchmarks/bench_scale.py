@@ -41,9 +41,10 @@ from eaas import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
 
 
 # ---- configs ---------------------------------------------------------------------------------
-def disaggregated_config(model: str | Path, *, gpus: int, smoke: bool, dtype: str) -> EngineConfig:
+def disaggregated_config(model: str | Path, *, gpus: int, smoke: bool, dtype: str,
+                         smoke_servers: int = 4) -> EngineConfig:
     """Shards on cuda:0-1, N - 2 server processes on cuda:2.. (smoke: CPU, 4 over tcp://)."""
-    servers = 4 if smoke else gpus - 2
+    servers = smoke_servers if smoke else gpus - 2
     placement: dict[str, Any] = {
         "num_attention_shards": 2, "num_expert_servers": servers, "expert_replicas": 2,
         "server_mode": "process", "transport": "tcp" if smoke else "cudaipc"}
@@ -352,6 +353,8 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, 4 server processes")
     ap.add_argument("--gpus", type=int, default=None, help="N: 2 shard GPUs + N - 2 for servers")
+    ap.add_argument("--smoke-servers", type=int, default=4,
+                    help="--smoke only: server processes (2 walks the N = 4 path on CPU)")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--phases", default="1,2,3")
     ap.add_argument("--rates", default=None, help="phase 1 request rates (req/s), comma list")
@@ -372,11 +375,12 @@ async def main() -> None:
     smoke = args.smoke
     d = (dict(rates="4,12", load_rate=8.0, duration_s=1.0, segment_s=0.8, settle_s=0.3,
               tokens=6, drain_s=10.0, recover_timeout_s=30.0) if smoke else
-         dict(rates="4,16,48", load_rate=16.0, duration_s=20.0, segment_s=15.0, settle_s=5.0,
+         dict(rates="4,16,48", load_rate=None, duration_s=20.0, segment_s=15.0, settle_s=5.0,
               tokens=64, drain_s=60.0, recover_timeout_s=180.0))
     for k, v in d.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    auto_rate = args.load_rate is None  # GPU default: 60% of phase 1's best (else 8 req/s)
     args.rates = [float(x) for x in str(args.rates).split(",")]
     phases = {int(p) for p in args.phases.split(",")}
     gpus = args.gpus if args.gpus is not None else num_gpus()
@@ -394,7 +398,8 @@ async def main() -> None:
                            layers=args.layers)
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         shape = model_line(model)
-        cfg = disaggregated_config(model, gpus=gpus, smoke=smoke, dtype=dtype)
+        cfg = disaggregated_config(model, gpus=gpus, smoke=smoke, dtype=dtype,
+                                   smoke_servers=args.smoke_servers)
         n_servers = cfg.placement.num_expert_servers
         label = (f"eaas: 2 shards (cuda:0-1) + {n_servers} server processes (cuda:2-{gpus - 1}),"
                  f" cudaipc://" if not smoke else
@@ -405,6 +410,9 @@ async def main() -> None:
             await warm_up(engine, vocab, args.tokens, args.prompt_len)
             if 1 in phases:
                 rates += await phase_rates(engine, args, vocab, 2 + n_servers, label)
+            if auto_rate:  # below saturation, so phases 2-3 drain and show the dips
+                best = max((r["tok_s"] for r in rates), default=0.0)
+                args.load_rate = round(max(1.0, 0.6 * best / args.tokens), 1) if best else 8.0
             if 2 in phases:
                 kills = await phase_kills(engine, args, vocab)
             if 3 in phases:
@@ -419,7 +427,9 @@ async def main() -> None:
         f"bench_scale{' --smoke' if smoke else f' --gpus {gpus}'}  {machine_line()}",
         shape + f"; disaggregated engine started in {start_s:.1f} s",
         f"{args.prompt_len}-token random prompts, {args.tokens} greedy tokens each (ignore_eos), "
-        f"Poisson arrivals seeded {args.seed}; batch_invariant=False; experts x2 copies "
+        f"Poisson arrivals seeded {args.seed}; phases 2-3 at {args.load_rate} req/s"
+        f"{' (60% of phase 1 best)' if auto_rate and 1 in phases else ''}; "
+        f"batch_invariant=False; experts x2 copies "
         f"(disaggregated), x1 (co-located); no_replica_policy=wait",
         "peer in the same run (phase 1): the same model co-located on 2 GPUs"
         if 1 in phases else "phase 1 not run: no co-located peer",
