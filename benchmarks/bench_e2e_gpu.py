@@ -14,6 +14,9 @@ decode tokens/s (transformers) = B x (N - 1) / (time of step N - time of step 1)
                          generate streamer (each stamp follows a device -> host copy, so it syncs)
 end-to-end tokens/s = B x N / wall time of the whole batch (prefill included)
 
+A timed batch stops at --budget-s (default 60 s; batch_invariant=True runs rows one by one and
+can be slow at batch 128): its requests are aborted and the row is marked partial.
+
     python benchmarks/bench_e2e_gpu.py [--layers 8] [--batches 1,32,128] [--tokens 32]
     python benchmarks/bench_e2e_gpu.py --smoke        # CPU, tiny shape, tcp://, < 30 s
 
