@@ -9,7 +9,7 @@ from eaas.model.config import ARCHS, ModelConfig
 from eaas.model.moe import MLP, ExpertBank, Router, combine_experts
 from eaas.model.ops import linear
 from eaas.model.reference import DecoderLayer, ReferenceModel
-from eaas.model.tiny import make_tiny
+from eaas.model.tiny import make_random, make_tiny
 from eaas.model.tokenizer import Tokenizer
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "Tokenizer",
     "combine_experts",
     "linear",
+    "make_random",
     "make_tiny",
 ]
