@@ -96,6 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = sub.add_parser("config", help="print the resolved EngineConfig as YAML")
     _add_engine_flags(p)
 
+    p = sub.add_parser("bench", help="measure generation throughput of a checkpoint")
+    _add_engine_flags(p)
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--prompt-len", type=int, default=16)
+
+    p = sub.add_parser("status", help="show a running server's health, servers and counters")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--json", action="store_true", help="print the raw topology JSON")
+
     args = parser.parse_args(argv)
     from eaas.errors import EaasError
 
@@ -107,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "status":
+        return _status(args.url, args.json)
     if args.cmd == "make-tiny":
         from eaas.model import make_tiny
 
@@ -123,6 +135,8 @@ def _run(args: argparse.Namespace) -> int:
         asyncio.run(serve(cfg, host=args.host, port=args.port, admin_token=args.admin_token,
                           ready_file=args.ready_file))
         return 0
+    if args.cmd == "bench":
+        return asyncio.run(_bench(cfg, args.num_prompts, args.max_tokens, args.prompt_len))
     if args.cmd == "generate":
         from eaas import Engine, SamplingParams
 
@@ -137,6 +151,77 @@ def _run(args: argparse.Namespace) -> int:
             print(out.outputs[0].text)
         return 0
     raise AssertionError(args.cmd)
+
+
+async def _bench(cfg: Any, num_prompts: int, max_tokens: int, prompt_len: int) -> int:
+    """Closed-loop throughput: num_prompts concurrent greedy requests of max_tokens each."""
+    import time
+
+    from eaas import AsyncEngine, SamplingParams
+
+    if min(num_prompts, max_tokens, prompt_len) < 1:
+        raise SystemExit("eaas bench: --num-prompts, --max-tokens and --prompt-len must be >= 1")
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    async with AsyncEngine(cfg) as engine:
+        vocab = engine.model_config.vocab_size
+        prompts = [[(7 * i + 3 * j) % vocab for j in range(prompt_len)] for i in range(num_prompts)]
+
+        async def one(p: list[int]) -> Any:
+            async for out in engine.generate(p, params):
+                pass
+            return out
+
+        await one(prompts[0][:2])  # warm-up
+        before = await engine.stats()
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(one(p) for p in prompts))
+        wall = time.perf_counter() - t0
+        after = await engine.stats()
+    calls = sum(after[n].get("calls", 0) - before.get(n, {}).get("calls", 0)
+                for n in after if n.startswith("expert-"))
+    rows = sum(after[n].get("rows", 0) - before.get(n, {}).get("rows", 0)
+               for n in after if n.startswith("expert-"))
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    print(f"{num_prompts} requests x {max_tokens} tokens in {wall:.2f} s: "
+          f"{tokens / wall:.1f} tokens/s; mean expert batch {rows / max(1, calls):.1f} rows "
+          f"({calls} expert calls); server_mode={cfg.placement.server_mode}, "
+          f"batch_invariant={cfg.batch_invariant}")
+    return 0
+
+
+def _status(url: str, raw: bool) -> int:
+    """Read /health and /admin/api/topology of a running `eaas serve`."""
+    import urllib.error
+    import urllib.request
+
+    def get(path: str) -> tuple[int, Any]:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + path, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    try:
+        health_code, _ = get("/health")
+        _, topo = get("/admin/api/topology")
+    except (urllib.error.URLError, OSError) as e:
+        print(f"eaas status: no eaas server at {url} ({e})", file=sys.stderr)
+        return 2
+    if raw:
+        print(json.dumps(topo, indent=2))
+        return 0 if health_code == 200 else 1
+    print(f"{url}: {'healthy' if health_code == 200 else f'UNHEALTHY ({health_code})'}")
+    for s in topo.get("servers", []):
+        experts = sum(len(v) for v in (s.get("experts") or {}).values())
+        print(f"  {s.get('name'):<12} {str(s.get('state')):<10} pid={s.get('pid')} "
+              f"restarts={s.get('restarts')} experts={experts} {s.get('transport', '')}")
+    routing = topo.get("routing") or {}
+    print(f"  routing generation {routing.get('generation')}, dead {routing.get('dead') or []}")
+    counters = topo.get("counters") or {}
+    keys = ("requests_finished", "tokens_generated", "restarts", "reroutes", "resent_units",
+            "degraded_requests")
+    print("  " + ", ".join(f"{k}={counters.get(k, 0)}" for k in keys))
+    return 0 if health_code == 200 else 1
 
 
 if __name__ == "__main__":
