@@ -183,3 +183,29 @@ async def test_removing_the_only_home_of_experts_rehomes_them_first(tiny_dirs, r
     assert only_on_0 and all(len(table[layer][e]) == 1 and table[layer][e] != ("expert-0",)
                              for e in only_on_0)
     assert [o.outputs[0].token_ids for o in outs] == [reference_greedy(d, p, 24) for p in prompts]
+
+
+async def test_planner_actor_rebalances_online_while_serving(skewed_dir, reference_greedy):
+    cfg = _cfg(skewed_dir, 4, 1, balance={"auto": True, "interval_s": 0.2,
+                                          "max_experts_per_server": 4})
+    async with AsyncEngine(cfg) as engine:
+        gen0 = engine.routing.generation
+        prompts = prompts_of(engine.tokenizer, 16, seed=8)
+        done = asyncio.Event()
+
+        async def until_replicated():
+            try:
+                while engine.counters.get("rebalances", 0) == 0:
+                    await asyncio.sleep(0.05)
+            finally:
+                done.set()
+
+        waves, _ = await asyncio.gather(run_waves(engine, prompts, done),
+                                        asyncio.wait_for(until_replicated(), 30))
+        rounds = engine.planner_progress.get("rounds", 0)
+        events = [e for e in engine.events_bus.recent if e["type"] == "rebalance"]
+    assert engine.routing.generation > gen0 and rounds >= 1
+    assert any(m["expert"] == 0 for e in events for m in e["moves"])
+    assert all(o.finish_reason == "length" for outs in waves for o in outs)
+    expected = [reference_greedy(skewed_dir, p, 24) for p in prompts]
+    assert all([o.outputs[0].token_ids for o in outs] == expected for outs in waves)
