@@ -4,7 +4,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["Engine", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOutput", "__version__"]
+__all__ = ["Engine", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOutput",
+           "__version__"]
 
 
 def __getattr__(name: str):  # lazy: `import eaas` stays cheap (no torch import)

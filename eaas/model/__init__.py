@@ -1,5 +1,5 @@
-"""eaas.model: Hugging Face MoE checkpoints (qwen3_moe, qwen2_moe, mixtral, deepseek_v3), read lazily,
-and a plain pure-torch reference forward built from separately callable pieces."""
+"""eaas.model: Hugging Face MoE checkpoints (qwen3_moe, qwen2_moe, mixtral, deepseek_v3), read
+lazily, and a plain pure-torch reference forward built from separately callable pieces."""
 
 from __future__ import annotations
 

@@ -320,7 +320,8 @@ class GQAAttention(_Base):
 
 
 class MLAAttention(_Base):
-    """DeepSeek multi-head latent attention; the cache holds the compressed latent and rotated k_rope."""
+    """DeepSeek multi-head latent attention; the cache holds the compressed latent and the
+    rotated k_rope."""
 
     def __init__(
         self,

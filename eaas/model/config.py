@@ -1,8 +1,8 @@
 """ModelConfig: one frozen view of a Hugging Face `config.json` for the supported MoE architectures.
 
 The four architectures name the same concepts differently (`num_experts` / `num_local_experts` /
-`n_routed_experts`, `rope_theta` / `rope_parameters`, ...). `ModelConfig.from_dict` maps each onto one
-vocabulary; every error names the file and the field.
+`n_routed_experts`, `rope_theta` / `rope_parameters`, ...). `ModelConfig.from_dict` maps each
+onto one vocabulary; every error names the file and the field.
 """
 
 from __future__ import annotations
@@ -114,7 +114,8 @@ class ModelConfig:
             )
 
     def sliding_window(self, layer_idx: int) -> int | None:
-        """Attention window of layer `layer_idx` (a query sees its last `window` positions), or None."""
+        """Attention window of layer `layer_idx` (a query sees its last `window` positions),
+        or None."""
         window = self.layer_windows[layer_idx] if self.layer_windows else 0
         return window or None
 

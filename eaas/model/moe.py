@@ -22,8 +22,8 @@ def combine_experts(expert_out: torch.Tensor, topk_weights: torch.Tensor) -> tor
     """Weighted sum of routed expert outputs.
 
     expert_out: [T, K, H] (row t, slot k = output of expert topk_ids[t, k] on token t);
-    topk_weights: [T, K] float32. Returns [T, H] in expert_out's dtype. Accumulates in float32 in the
-    fixed order k = 0..K-1, so the result depends only on (expert_out, topk_weights).
+    topk_weights: [T, K] float32. Returns [T, H] in expert_out's dtype. Accumulates in float32
+    in the fixed order k = 0..K-1, so the result depends only on (expert_out, topk_weights).
     """
     if expert_out.dim() != 3 or topk_weights.shape != expert_out.shape[:2]:
         raise ValueError(
@@ -41,10 +41,10 @@ class Router:
     """Top-k routing of one MoE layer.
 
     softmax (qwen, mixtral): probs = softmax(x W^T) in float32, top-k, optional renormalisation
-    (mixtral always renormalises). sigmoid (deepseek_v3): scores = sigmoid(x W^T) in float32, choice by
-    scores + e_score_correction_bias restricted to the best `topk_group` of `n_group` groups (group
-    score = sum of its top-2), weights = scores of the chosen (renormalised if norm_topk_prob) times
-    routed_scaling_factor.
+    (mixtral always renormalises). sigmoid (deepseek_v3): scores = sigmoid(x W^T) in float32,
+    choice by scores + e_score_correction_bias restricted to the best `topk_group` of `n_group`
+    groups (group score = sum of its top-2), weights = scores of the chosen (renormalised if
+    norm_topk_prob) times routed_scaling_factor.
     """
 
     def __init__(
@@ -132,7 +132,9 @@ class MLP:
         gate_name: str | None = None,
         batch_invariant: bool = False,
     ) -> MLP:
-        r = lambda n: ckpt.read(n, dtype, device)
+        def r(n: str) -> torch.Tensor:
+            return ckpt.read(n, dtype, device)
+
         return cls(
             r(f"{prefix}.gate_proj.weight"),
             r(f"{prefix}.up_proj.weight"),
@@ -201,7 +203,9 @@ class ExpertBank:
         if not ids:
             raise ValueError("ExpertBank.load: expert_ids is empty")
         parts = [ckpt.read_expert(layer_idx, e, dtype, device) for e in ids]
-        stack = lambda k: torch.stack([p[k] for p in parts])
+        def stack(k: str) -> torch.Tensor:
+            return torch.stack([p[k] for p in parts])
+
         return cls(layer_idx, ids, stack("gate"), stack("up"), stack("down"), batch_invariant)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Elementary ops shared by every architecture: linear (optionally batch-invariant), RMSNorm, RoPE."""
+"""Elementary ops shared by every architecture: linear (optionally batch-invariant), RMSNorm,
+RoPE."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, statistics in float32 (as transformers computes it). x: [..., D]."""
+    """RMSNorm over the last dim, statistics in float32 (as transformers computes it).
+    x: [..., D]."""
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

@@ -49,7 +49,8 @@ def _check_spans(spans: Sequence[tuple[int, int]], num_caches: int, num_rows: in
 
 
 class DecoderLayer:
-    """One decoder layer: attention block, then a dense MLP or router + routed experts (+ shared)."""
+    """One decoder layer: attention block, then a dense MLP or router + routed experts
+    (+ shared)."""
 
     def __init__(
         self,
@@ -81,7 +82,9 @@ class DecoderLayer:
         batch_invariant: bool = False,
     ) -> DecoderLayer:
         cfg, base = ckpt.config, f"model.layers.{layer_idx}"
-        rd = lambda n: ckpt.read(n, dtype, device)
+        def rd(n: str) -> torch.Tensor:
+            return ckpt.read(n, dtype, device)
+
         attn = load_attention(ckpt, layer_idx, dtype, device, batch_invariant)
         router = experts = shared = dense = None
         if cfg.is_moe_layer(layer_idx):
@@ -117,7 +120,8 @@ class DecoderLayer:
         )
 
     def attention_block(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """h: [T, H] of one sequence -> h + attention(norm(h)); appends this layer's K/V to cache."""
+        """h: [T, H] of one sequence -> h + attention(norm(h)); appends this layer's K/V to
+        cache."""
         return h + self.attention.forward(
             ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps), cache
         )
@@ -234,7 +238,8 @@ class ReferenceModel:
         load_experts: bool = True,
         batch_invariant: bool = False,
     ) -> ReferenceModel:
-        """Read the model from `ckpt`. load_experts=False skips routed experts (an attention shard)."""
+        """Read the model from `ckpt`. load_experts=False skips routed experts (what an attention
+        shard loads)."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         cfg = ckpt.config

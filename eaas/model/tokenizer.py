@@ -1,4 +1,5 @@
-"""Tokenizer: a thin wrapper over a `tokenizer.json` (the `tokenizers` package) plus chat formatting."""
+"""Tokenizer: a thin wrapper over a `tokenizer.json` (the `tokenizers` package) plus chat
+formatting."""
 
 from __future__ import annotations
 
