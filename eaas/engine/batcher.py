@@ -17,7 +17,7 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import BatchingConfig
-from eaas.engine.messages import ComputeBatch, Ping, Stats, UnitFailed, UnitResult, WorkUnit
+from eaas.engine.messages import ComputeBatch, Stats, UnitFailed, UnitResult, WorkUnit
 
 
 class Batcher(Actor):
@@ -42,8 +42,6 @@ class Batcher(Actor):
             self._pending[msg.layer].append((time.monotonic(), msg))
             self._wake.set()
             return None
-        if isinstance(msg, Ping):
-            return "pong"
         if isinstance(msg, Stats):
             return dict(self.stats, pending_rows=self.pending_rows(), busy=int(self._busy))
         raise TypeError(f"Batcher {self.server} cannot handle {type(msg).__name__}")

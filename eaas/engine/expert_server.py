@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats, UnloadExperts
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
 from eaas.errors import EaasError
 
 
@@ -109,8 +109,6 @@ class ExpertServer(Actor):
             assert self.host is not None
             await asyncio.to_thread(self.host.remove, msg.experts)
             return self.host.assignment
-        if isinstance(msg, Ping):
-            return "pong"
         if isinstance(msg, Stats):
             h = self.host
             return {"calls": h.calls if h else 0, "rows": h.rows if h else 0,

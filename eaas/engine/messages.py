@@ -14,11 +14,6 @@ import torch
 
 
 @dataclass(frozen=True, slots=True)
-class Ping:
-    """Health probe: every engine actor answers "pong" through its mailbox."""
-
-
-@dataclass(frozen=True, slots=True)
 class ComputeBatch:
     """Run rows through experts of one layer: y[n] = expert[expert_ids[n]](x[n])."""
 
@@ -70,11 +65,6 @@ class AbortRequest:
 @dataclass(frozen=True, slots=True)
 class RoutingUpdate:
     snapshot: Any  # RoutingSnapshot
-
-
-@dataclass(frozen=True, slots=True)
-class GetRouting:
-    pass
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ import time
 from typing import Any, Callable
 
 from eaas.actors import Actor
-from eaas.engine.messages import (GetRouting, Ping, RoutingUpdate, SetServerState, SetTable,
+from eaas.engine.messages import (RoutingUpdate, SetServerState, SetTable,
                                   Subscribe)
 from eaas.engine.placement import RoutingSnapshot
 
@@ -26,8 +26,6 @@ class RoutingTable(Actor):
         self.history: list[dict] = []
 
     async def on_receive(self, msg: Any) -> Any:
-        if isinstance(msg, GetRouting):
-            return self.snapshot
         if isinstance(msg, Subscribe):
             self._subscribers.append(msg.ref)
             return self.snapshot
@@ -46,8 +44,6 @@ class RoutingTable(Actor):
             self._publish(RoutingSnapshot(self.snapshot.generation + 1, table, self.snapshot.dead),
                           msg.reason or "new table")
             return self.snapshot
-        if isinstance(msg, Ping):
-            return "pong"
         raise TypeError(f"RoutingTable cannot handle {type(msg).__name__}")
 
     def _publish(self, snap: RoutingSnapshot, reason: str) -> None:

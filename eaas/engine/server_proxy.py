@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, Stats, UnloadExperts
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
 from eaas.errors import EaasError
 
 
@@ -143,8 +143,6 @@ class ServerProcess(Actor):
         if isinstance(msg, ComputeBatch):
             return await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x,
                                         "expert_ids": msg.expert_ids}, timeout=self.call_timeout_s)
-        if isinstance(msg, Ping):
-            return await self.rpc.call({"op": "ping"}, timeout=self.call_timeout_s)
         if isinstance(msg, Stats):
             return await self.rpc.call({"op": "stats"}, timeout=self.call_timeout_s)
         if isinstance(msg, LoadExperts):

@@ -19,7 +19,7 @@ import torch
 from eaas.actors import Actor
 from eaas.config import EngineConfig
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
-from eaas.engine.messages import (AbortRequest, AddRequest, Crash, GetRouting, Ping, RoutingUpdate,
+from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate,
                                   Stats, Subscribe, UnitFailed, UnitResult)
 from eaas.engine.request import Request
 from eaas.engine.sampling import sample
@@ -84,12 +84,8 @@ class AttentionShard(Actor):
             self._admit()
         elif isinstance(msg, AbortRequest):
             self._abort(msg.request_id, msg.reason)
-        elif isinstance(msg, Ping):
-            return "pong"
         elif isinstance(msg, Stats):
             return self.stats()
-        elif isinstance(msg, GetRouting):
-            return self.dispatcher.routing
         elif isinstance(msg, Crash):
             raise EaasError(f"{self.name}: {msg.reason}")
         else:
