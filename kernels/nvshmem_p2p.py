@@ -33,7 +33,7 @@ from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
 SIGNAL_SET, SIGNAL_ADD = 9, 10
 CMP_GE = 5
 
-__all__ = ["send_kernel", "recv_kernel", "ack_kernel", "bump_kernel",
+__all__ = ["send_kernel", "recv_kernel", "ack_kernel", "bump_kernel", "put_bytes_kernel",
            "SIGNAL_SET", "SIGNAL_ADD", "CMP_GE"]
 
 
@@ -98,3 +98,21 @@ def ack_kernel(recvd_ptr, credit_ptr, src, me, sig_set):
 @triton.jit(do_not_specialize=["index"])
 def bump_kernel(counter_ptr, index):
     tl.store(counter_ptr + index, tl.load(counter_ptr + index) + 1)
+
+
+@requires_nvshmem
+@triton.jit(do_not_specialize=["dst_off", "nbytes", "peer"])
+def put_bytes_kernel(heap_ptr, src_ptr, dst_off, nbytes, peer, C: tl.constexpr):
+    """nvshmem:// transport: put `nbytes` of src into `peer`'s heap at byte dst_off, then quiet.
+
+    heap_ptr: symmetric uint8 heap (this rank's address; NVSHMEM maps it to the peer's copy);
+    src_ptr: uint8 device memory. C CTAs each put one 256-byte-aligned share.
+    """
+    pid = tl.program_id(0)
+    total = nbytes.to(tl.int64)
+    per = ((total + C - 1) // C + 255) // 256 * 256
+    b0 = tl.minimum(pid * per, total)
+    nb = tl.minimum(total - b0, per)
+    if nb > 0:
+        nvshmem.put(heap_ptr + dst_off + b0, src_ptr + b0, nb, peer)  # uint8: nb elements
+    nvshmem.quiet()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import torch
@@ -118,14 +118,16 @@ def check_frame_size(header_len: int, body_len: int, limits: TransportLimits) ->
 
 
 def flatten(msg: Any, limits: TransportLimits = _DEFAULT_LIMITS, *,
-            keep_cuda: bool = False) -> EncodedMessage:
+            keep_cuda: bool | Callable[[torch.Tensor], bool] = False) -> EncodedMessage:
     """Pack `msg`'s tree and collect its tensors (made contiguous, moved to CPU, detached).
 
     keep_cuda: leave CUDA tensors where they are: collect them (detached) in `out.cuda` and pack
-    CUDA extensions in the tree instead of copying them into the body (cudaipc://).
+    CUDA extensions in the tree instead of copying them into the body (cudaipc://). A callable
+    picks the tensors to keep out of the body instead (nvshmem://: those its fabric carries).
     """
     out = EncodedMessage(tree=b"")
     offset = 0
+    keep = keep_cuda if callable(keep_cuda) else (lambda t: keep_cuda and t.is_cuda)
 
     def default(obj: Any) -> Any:
         nonlocal offset
@@ -137,7 +139,7 @@ def flatten(msg: Any, limits: TransportLimits = _DEFAULT_LIMITS, *,
                 raise ValueError(f"message has more than max_tensors={limits.max_tensors} tensors")
             if obj.dim() > limits.max_ndim:
                 raise ValueError(f"tensor has {obj.dim()} dims > max_ndim={limits.max_ndim}")
-            if keep_cuda and obj.is_cuda:
+            if keep(obj):
                 out.cuda.append(obj.detach())
                 return msgpack.ExtType(EXT_CUDA, msgpack.packb(len(out.cuda) - 1))
             t = obj.detach().to("cpu").contiguous()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -268,7 +268,7 @@ class StreamListener(Listener):
     """An asyncio server whose connections are StreamConnections handed to `handler`."""
 
     def __init__(self, handler: Handler, limits: TransportLimits,
-                 conn_class: type[StreamConnection] = StreamConnection) -> None:
+                 conn_class: Callable[..., StreamConnection] = StreamConnection) -> None:
         self.url = ""
         self._conn_class = conn_class
         self._handler = handler

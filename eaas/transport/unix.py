@@ -11,6 +11,7 @@ import itertools
 import os
 import secrets
 import tempfile
+from typing import Callable
 from urllib.parse import urlsplit
 
 from eaas.errors import TransportError
@@ -36,20 +37,21 @@ class UnixListener(StreamListener):
     """StreamListener on a unix socket; removes the socket file on close."""
 
     def __init__(self, handler: Handler, limits: TransportLimits,
-                 conn_class: type[StreamConnection], scheme: str) -> None:
+                 conn_class: Callable[..., StreamConnection], scheme: str) -> None:
         super().__init__(handler, limits, conn_class=conn_class)
         self.scheme = scheme
+        self.path = ""  # the socket file, removed on close
 
     async def aclose(self) -> None:
         await super().aclose()
         try:
-            os.unlink(socket_path(self.url, self.scheme))
+            os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
 async def unix_listen(url: str, handler: Handler, limits: TransportLimits, *, scheme: str,
-                      conn_class: type[StreamConnection], stem: str) -> UnixListener:
+                      conn_class: Callable[..., StreamConnection], stem: str) -> UnixListener:
     """Listen on `url`'s socket path, or on a fresh `{tempdir}/{stem}-{pid}-....sock`."""
     path = socket_path(url, scheme)
     if not path:
@@ -57,6 +59,7 @@ async def unix_listen(url: str, handler: Handler, limits: TransportLimits, *, sc
                             f"{stem}-{os.getpid():x}-{next(_COUNTER)}-{secrets.token_hex(3)}.sock")
     listener = UnixListener(handler, limits, conn_class, scheme)
     listener.url = f"{scheme}://{path}"
+    listener.path = path
     try:
         listener._server = await asyncio.get_running_loop().create_unix_server(
             lambda: listener.protocol_factory(f"{listener.url} (accepted)"), path)
@@ -66,7 +69,7 @@ async def unix_listen(url: str, handler: Handler, limits: TransportLimits, *, sc
 
 
 async def unix_connect(url: str, timeout: float, limits: TransportLimits, *, scheme: str,
-                       conn_class: type[StreamConnection]) -> StreamConnection:
+                       conn_class: Callable[..., StreamConnection]) -> StreamConnection:
     """Connect a `conn_class` to `url`'s socket path; TransportError if nobody listens."""
     path = socket_path(url, scheme)
     try:

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
 
 from eaas.transport import Connection, Listener, listen
+from eaas.transport.nvshmem import close_fabric, current_fabric, open_host_fabric
 
 LISTEN_URLS = {"inproc": "inproc://", "tcp": "tcp://127.0.0.1:0", "shm": "shm://",
-               "cudaipc": "cudaipc://"}  # cudaipc: CPU tensors inline; CUDA ones in tests/gpu
+               "cudaipc": "cudaipc://",  # cudaipc: CPU tensors inline; CUDA ones in tests/gpu
+               "nvshmem": "nvshmem://"}  # here over a HostFabric; the NVSHMEM one in tests/gpu
 
 
 @pytest.fixture(params=sorted(LISTEN_URLS))
-def scheme(request: pytest.FixtureRequest) -> str:
-    return request.param
+def scheme(request: pytest.FixtureRequest) -> Iterator[str]:
+    if request.param != "nvshmem":
+        yield request.param
+        return
+    fabric = open_host_fabric()  # every CPU tensor goes through the fabric's slots
+    yield request.param
+    assert current_fabric() is fabric
+    close_fabric()
 
 
 @pytest.fixture(params=["tcp", "shm"])
