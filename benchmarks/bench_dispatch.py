@@ -110,6 +110,8 @@ def bench_vdev_2d(T: int, H: int, dev: str, iters: int) -> float:
 class Ours:
     """One dispatch+combine pair through a plane's two channels (peer and self)."""
 
+    recv_ctas = 128  # CTAs that copy a message out of the mailbox (memory parallelism)
+
     def __init__(self, plane: NvshmemPlane, H: int, T: int, rank: int, dev: str) -> None:
         self.d, self.c = plane.channels[f"dispatch{H}"], plane.channels[f"combine{H}"]
         self.rank, self.peer = rank, 1 - rank
@@ -129,13 +131,13 @@ class Ours:
         me, peer = self.rank, self.peer
         self.d.send(peer, self.x[peer], self.meta)
         self.d.send(me, self.x[me], self.meta)
-        self.d.recv(peer, self.got[peer], self.got_meta[peer])
-        self.d.recv(me, self.got[me], self.got_meta[me])
+        self.d.recv(peer, self.got[peer], self.got_meta[peer], self.recv_ctas)
+        self.d.recv(me, self.got[me], self.got_meta[me], self.recv_ctas)
         # experts would run here; combine sends the rows back where they came from
         self.c.send(peer, self.got[peer], self.got_meta[peer])
         self.c.send(me, self.got[me], self.got_meta[me])
-        self.c.recv(peer, self.back[peer], self.back_meta[peer])
-        self.c.recv(me, self.back[me], self.back_meta[me])
+        self.c.recv(peer, self.back[peer], self.back_meta[peer], self.recv_ctas)
+        self.c.recv(me, self.back[me], self.back_meta[me], self.recv_ctas)
 
     def pair_view(self) -> None:
         me, peer = self.rank, self.peer
@@ -216,11 +218,13 @@ def main() -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 32, 128, 512, 4096])
     p.add_argument("--hidden", type=int, nargs="+", default=[2048, 7168])
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--ctas", type=int, default=24)
+    p.add_argument("--ctas", type=int, default=24, help="CTAs per send (puts)")
+    p.add_argument("--recv-ctas", type=int, default=128, help="CTAs per receive (copy-out)")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out")
     p.add_argument("--check", action="store_true",
                    help="first run tests/gpu/nvshmem_worker.py's checks (credits, CUDA graph)")
     args = p.parse_args()
+    Ours.recv_ctas = args.recv_ctas
     info = init_rank()
     rank, dev = info.rank, info.device
     assert info.world_size == 2, "run with --nproc-per-node 2"

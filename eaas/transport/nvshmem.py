@@ -58,7 +58,8 @@ __all__ = ["Fabric", "NvshmemFabric", "HostFabric", "join_fabric", "open_host_fa
 
 KIND_HELLO = 3  # both ends, first frame: "h": [rank, fabric id]
 ALIGN = 256
-_POLL_S = 5e-5
+_SPIN_S = 3e-4  # poll on every loop turn while the oldest wait is younger than this,
+_POLL_S = 2e-4  # then every _POLL_S (a timer: epoll rounds it up to 1 ms when idle)
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -320,6 +321,7 @@ class NvshmemConnection(StreamConnection):
             collections.deque())  # (put event, header parts, handle future) in send order
         self._releasing: list[tuple[Any, int, int]] = []  # (read event, first, count)
         self._poll: asyncio.TimerHandle | None = None
+        self._spin_since: float | None = None
         self._key = id(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -406,14 +408,24 @@ class NvshmemConnection(StreamConnection):
 
     # ---- polling CUDA events (never a synchronize on the loop) ------------------------
     def _schedule_poll(self) -> None:
-        if self._poll is None and (self._in_flight or self._releasing) and not self._closed:
-            self._poll = asyncio.get_running_loop().call_later(_POLL_S, self._on_poll)
+        """Poll the CUDA events soon: every loop turn for a short while (puts of a few MiB
+        finish in microseconds), then on a timer (the put waits behind long GPU work)."""
+        if self._poll is not None or not (self._in_flight or self._releasing) or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._spin_since is None:
+            self._spin_since = now
+        delay = 0.0 if now - self._spin_since < _SPIN_S else _POLL_S
+        self._poll = loop.call_at(now + delay, self._on_poll)
 
     def _on_poll(self) -> None:
         self._poll = None
+        progress = False
         while self._in_flight and self._in_flight[0][0].query():
             _, parts, future = self._in_flight.popleft()
             self._complete(future, self._write_parts(parts))
+            progress = True
         done: list[int] = []
         still = []
         for event, first, count in self._releasing:
@@ -424,6 +436,9 @@ class NvshmemConnection(StreamConnection):
         self._releasing = still
         if done:
             self._send_control(KIND_RELEASE, r=done)
+            progress = True
+        if progress:
+            self._spin_since = None  # a new wait starts: spin again
         self._schedule_poll()
 
     # ---- receiving --------------------------------------------------------------------
