@@ -58,13 +58,15 @@ def checks(rank: int, dev: str) -> None:
                   for i, n in enumerate(sizes)]
         backs = torch.empty(len(sizes), R, H, dtype=torch.bfloat16, device=dev)
         back_metas = torch.empty(len(sizes), R + 1, dtype=torch.int64, device=dev)
+        ready = torch.cuda.Event()
+        ready.record()  # staged rows and reply buffers exist; the sends come after this
         for x, m in staged:
             disp.send(1, x, m)
-        # Replies are received on a stream of their own: on the sending stream they would sit
-        # behind sends that wait for credit, which needs rank 1 to get past replies that wait
-        # for *our* credit (the deadlock the NvshmemPlane docstring warns about).
+        # Replies are received on a stream of their own that waits only for `ready`, not for
+        # the sends: a send past the S slots waits for credit, which needs rank 1 to get past
+        # its own reply sends, which wait for OUR credit — i.e. for these receives to run.
         side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_event(ready)
         with torch.cuda.stream(side):
             for i in range(len(sizes)):
                 comb.recv(1, backs[i], back_metas[i])
