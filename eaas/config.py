@@ -8,6 +8,7 @@ path), the value and what is allowed. Runtime state never lives here.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 PLACEMENTS = ("round_robin", "contiguous", "explicit")
 NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
-TRANSPORTS = ("tcp", "shm", "cudaipc")
+TRANSPORTS = ("tcp", "shm", "cudaipc", "nvshmem")
+NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.nvshmem.ALIGN)
 
 
 def _check(cond: bool, name: str, value: object, allowed: str) -> None:
@@ -47,6 +49,12 @@ class PlacementConfig:
     strategy: `round_robin` (expert e's first copy on server e % N), `contiguous` (experts
     split in N contiguous blocks), or `explicit` (`explicit_map`: server index -> expert ids,
     the same for every MoE layer). Each copy after the first goes to the next server.
+
+    transport "nvshmem": the engine (rank 0, on `device`) and the expert server processes that
+    exist at start-up (ranks 1..N) form one NVSHMEM job, one GPU each; a server restarted or
+    added later connects over cudaipc:// (NVSHMEM admits no process after start-up). Each rank's
+    symmetric heap holds W * nvshmem_slots * nvshmem_slot_bytes bytes (W = 1 + N); one message
+    may carry at most nvshmem_slots // 2 slots of CUDA tensors.
     """
 
     num_attention_shards: int = 1
@@ -55,16 +63,26 @@ class PlacementConfig:
     strategy: Literal["round_robin", "contiguous", "explicit"] = "round_robin"
     explicit_map: Mapping[int, tuple[int, ...]] | None = None
     server_mode: Literal["inproc", "process"] = "process"  # expert servers as OS processes
-    transport: str = "tcp"  # engine <-> server process (server_mode process): tcp | shm | cudaipc
+    transport: str = "tcp"  # engine <-> server process (server_mode process):
+                            # tcp | shm | cudaipc | nvshmem
     server_devices: tuple[str, ...] | None = None  # device of server i = server_devices[i % len];
                                                    # None: the engine's device
     shard_devices: tuple[str, ...] | None = None  # device of shard j = shard_devices[j % len];
                                                   # None: the engine's device
+    nvshmem_slot_bytes: int = 4 << 20  # transport nvshmem: bytes per slot (multiple of 256)
+    nvshmem_slots: int = 16  # transport nvshmem: slots per (sender, receiver) pair
 
     def __post_init__(self) -> None:
         p = "placement."
         _check(self.transport in TRANSPORTS, p + "transport", self.transport,
                f"one of {TRANSPORTS}")
+        _int(p + "nvshmem_slot_bytes", self.nvshmem_slot_bytes, 1)
+        _check(self.nvshmem_slot_bytes % NVSHMEM_ALIGN == 0, p + "nvshmem_slot_bytes",
+               self.nvshmem_slot_bytes, f"a multiple of {NVSHMEM_ALIGN} bytes")
+        _int(p + "nvshmem_slots", self.nvshmem_slots, 1)
+        if self.transport == "nvshmem":
+            _check(self.server_mode == "process", p + "server_mode", self.server_mode,
+                   "'process' when placement.transport is 'nvshmem' (servers are NVSHMEM ranks)")
         _int(p + "num_attention_shards", self.num_attention_shards, 1, 64)
         _int(p + "num_expert_servers", self.num_expert_servers, 1, 1024)
         _int(p + "expert_replicas", self.expert_replicas, 1)
@@ -207,6 +225,27 @@ class EngineConfig:
                           ("balance", BalanceConfig)):
             _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                    f"a {cls.__name__}")
+        if self.placement.transport == "nvshmem":
+            self._check_nvshmem_devices()
+
+    def _check_nvshmem_devices(self) -> None:
+        """One NVSHMEM rank per GPU: the engine on `device`, each start-up server on its own."""
+        pl, why = self.placement, "when placement.transport is 'nvshmem'"
+        _check(_is_cuda_n(self.device), "device", self.device,
+               f"an explicit 'cuda:N' {why} (the engine is NVSHMEM rank 0)")
+        _check(pl.server_devices is not None, "placement.server_devices", pl.server_devices,
+               f"a list of 'cuda:N' other than device ({self.device}) {why}")
+        assert pl.server_devices is not None
+        bad = [d for d in pl.server_devices if not _is_cuda_n(d)]
+        _check(not bad, "placement.server_devices", list(pl.server_devices),
+               f"explicit 'cuda:N' devices only {why}; not {bad}")
+        initial = [pl.server_devices[i % len(pl.server_devices)]
+                   for i in range(pl.num_expert_servers)]
+        _check(self.device not in initial and len(set(initial)) == len(initial),
+               "placement.server_devices", list(pl.server_devices),
+               f"one GPU per NVSHMEM rank {why}: the {pl.num_expert_servers} start-up servers "
+               f"(server i on server_devices[i % {len(pl.server_devices)}]) would use {initial}, "
+               f"the engine {self.device}; give each its own GPU")
 
     @property
     def model_name(self) -> str:
@@ -257,6 +296,10 @@ class EngineConfig:
     def replace(self, **overrides: Any) -> EngineConfig:
         """A copy with overrides; dotted keys reach nested sections (`placement.x`)."""
         return EngineConfig.from_dict(merge_overrides(self.to_dict(), overrides))
+
+
+def _is_cuda_n(device: object) -> bool:
+    return isinstance(device, str) and re.fullmatch(r"cuda:\d+", device) is not None
 
 
 def merge_overrides(data: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

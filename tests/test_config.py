@@ -72,3 +72,39 @@ def test_cli_flags_override_the_yaml_file(tmp_path, capsys):
 def test_cli_reports_bad_flags_without_a_traceback(capsys):
     assert main(["config", "/m", "--num-expert-servers", "1"]) == 2  # replicas 2 > 1 server
     assert "placement.expert_replicas" in capsys.readouterr().err
+
+
+NVSHMEM_OK = {"model": "/m", "device": "cuda:0", "placement": {
+    "transport": "nvshmem", "server_mode": "process", "num_expert_servers": 2,
+    "expert_replicas": 1, "server_devices": ["cuda:1", "cuda:2"]}}
+
+
+def test_nvshmem_transport_round_trips_with_its_slot_sizes():
+    cfg = EngineConfig.from_dict(NVSHMEM_OK)
+    assert (cfg.placement.nvshmem_slot_bytes, cfg.placement.nvshmem_slots) == (4 << 20, 16)
+    cfg = cfg.replace(**{"placement.nvshmem_slot_bytes": 1 << 20, "placement.nvshmem_slots": 4})
+    assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
+    assert (cfg.placement.nvshmem_slot_bytes, cfg.placement.nvshmem_slots) == (1 << 20, 4)
+
+
+@pytest.mark.parametrize("change,field,why", [
+    ({"placement.server_mode": "inproc"}, "placement.server_mode", "'process' when"),
+    ({"device": "cpu"}, "device", "explicit 'cuda:N'"),
+    ({"device": "cuda"}, "device", "explicit 'cuda:N'"),
+    ({"placement.server_devices": ["cpu", "cuda:1"]}, "placement.server_devices",
+     "not \\['cpu'\\]"),
+    ({"placement.server_devices": ["cuda:0", "cuda:1"]}, "placement.server_devices", "one GPU"),
+    ({"placement.server_devices": ["cuda:1"]}, "placement.server_devices", "one GPU"),
+    ({"placement.nvshmem_slot_bytes": 0}, "placement.nvshmem_slot_bytes", ">= 1"),
+    ({"placement.nvshmem_slot_bytes": 1000}, "placement.nvshmem_slot_bytes", "multiple of 256"),
+    ({"placement.nvshmem_slots": 0}, "placement.nvshmem_slots", ">= 1"),
+])
+def test_nvshmem_needs_process_servers_each_on_its_own_gpu(change, field, why):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*" + why):
+        EngineConfig.from_dict(NVSHMEM_OK).replace(**change)
+
+
+def test_nvshmem_needs_explicit_server_devices():
+    data = {**NVSHMEM_OK, "placement": {**NVSHMEM_OK["placement"], "server_devices": None}}
+    with pytest.raises(ConfigError, match=r"placement\.server_devices=None.*other than device"):
+        EngineConfig.from_dict(data)

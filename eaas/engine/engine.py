@@ -17,6 +17,13 @@ dataflow graph:
 
 A server whose restart intensity is exceeded escalates: it is marked dead in the routing table
 (a new generation), an event is emitted, and shards route around it.
+
+Transport nvshmem: the engine process (rank 0, on `config.device`) and the start-up expert
+server processes (ranks 1..N) form one NVSHMEM job. Joining is collective and a server reports
+ready only after its join, so the engine joins on a thread while all start-up servers start at
+once (one after the other would deadlock). Restarted and added servers use cudaipc://. The
+job cannot be re-formed in one process: one nvshmem engine per process, and since NVSHMEM's
+finalize is collective, a process whose peer died should leave with `os._exit`.
 """
 
 from __future__ import annotations
@@ -42,7 +49,8 @@ from eaas.engine.request import Request
 from eaas.engine.routing import RoutingTable
 from eaas.engine.sampling import SamplingParams
 from eaas.engine.shard import AttentionShard, ShardDeps
-from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
+from eaas.engine.server_proxy import FabricSeat, plan_fabric
+from eaas.errors import ActorStateError, EaasError, EngineOverloadedError, RequestError
 
 
 class AsyncEngine:
@@ -62,6 +70,7 @@ class AsyncEngine:
         self.load: LoadTracker | None = None
         self._gpu_monitor: Any = None  # eaas.gpu.health.HealthMonitor when devices are CUDA
         self._routing: Any = None
+        self._fabric_seat: FabricSeat | None = None  # transport nvshmem: the engine's rank 0
         self._ready = False
         self._closed = False
 
@@ -99,7 +108,11 @@ class AsyncEngine:
         routing0 = initial_routing(cfg.placement, moe_layers, mc.num_experts)
         self.routing = routing0  # the routing table actor's latest snapshot (it owns changes)
 
-        self._system = system = ActorSystem(name="eaas", on_escalation=self._on_escalation)
+        seat = self._fabric_seat = plan_fabric(cfg)
+        # a start-up server's on_start includes its fabric join (bounded by seat.timeout_s)
+        self._system = system = ActorSystem(
+            name="eaas", on_escalation=self._on_escalation,
+            start_timeout=30.0 if seat is None else seat.timeout_s + 60.0)
         await system.__aenter__()
         system.add_listener(self._on_system_event)
         root = await system.spawn_supervisor("engine", RestartPolicy("rest_for_one"))
@@ -110,9 +123,12 @@ class AsyncEngine:
                                                  parent=root)
         self.pool = ExpertPool(cfg, pool_sup, self._routing, lambda: self.routing,
                                self.events_bus.emit, self.counters)
-        for i in range(cfg.placement.num_expert_servers):
-            name = server_name(i)
-            await self.pool.start_server(name, routing0.hosted_by(name))
+        if seat is None:
+            for i in range(cfg.placement.num_expert_servers):
+                name = server_name(i)
+                await self.pool.start_server(name, routing0.hosted_by(name))
+        else:
+            await self._start_fabric(seat, routing0)
         self.load = LoadTracker(mc.num_hidden_layers, mc.num_experts,
                                 window_s=cfg.balance.window_s)
         deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
@@ -142,6 +158,70 @@ class AsyncEngine:
         self.events_bus.emit({"type": "engine_ready", "servers": sorted(self.pool.servers),
                               "shards": [s.name for s in self._shards]})
 
+    async def _start_fabric(self, seat: FabricSeat, routing0: Any) -> None:
+        """Join the NVSHMEM job as rank 0 while start-up server i starts as rank i + 1.
+
+        All at once: each join returns only when every rank has joined, and a server's ready
+        line comes after its join. Any failure (a join timing out after seat.timeout_s, a
+        server exiting) cancels the rest and raises one EaasError; `start` then stops every
+        server process.
+        """
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            raise EaasError("placement.transport 'nvshmem': torch.distributed is already "
+                            "initialised in this process (an earlier nvshmem engine?); NVSHMEM "
+                            "admits a process once, so run one nvshmem engine per process")
+        pool, n = self._pool(), seat.world_size - 1
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._join_fabric(seat), name="fabric-join")
+                for i in range(n):
+                    name = server_name(i)
+                    tg.create_task(pool.start_server(name, routing0.hosted_by(name),
+                                                     fabric=seat.for_rank(i + 1)),
+                                   name=f"start-{name}")
+        except ExceptionGroup as eg:
+            reasons = "; ".join(f"{type(e).__name__}: {e}" for e in eg.exceptions)
+            raise EaasError(f"placement.transport 'nvshmem': forming the NVSHMEM job of "
+                            f"{seat.world_size} ranks (engine on {self.config.device} + {n} "
+                            f"expert servers, rendezvous {seat.store}, timeout "
+                            f"{seat.timeout_s}s) failed: {reasons}") from eg
+        self.events_bus.emit({"type": "fabric_joined", "world_size": seat.world_size,
+                              "store": seat.store, "device": self.config.device})
+
+    async def _join_fabric(self, seat: FabricSeat) -> None:
+        """join_fabric(rank 0) on a daemon thread: it blocks until every rank joins, and a
+        start-up that fails meanwhile must neither wait for it nor be held at exit by it."""
+        from eaas.transport.nvshmem import join_fabric
+
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def run() -> None:
+            error: BaseException | None = None
+            try:
+                join_fabric(seat.store, 0, seat.world_size, self.config.device,
+                            slot_bytes=seat.slot_bytes, num_slots=seat.num_slots,
+                            timeout_s=seat.timeout_s)
+            except BaseException as e:  # reported to the loop, not lost on this thread
+                error = e
+            try:
+                loop.call_soon_threadsafe(settle, error)
+            except RuntimeError:
+                pass  # the loop is gone: the start-up that waited for us has ended
+
+        threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
+        await done
+
     def _load_shard_model(self, device: str) -> tuple[Any, Any]:
         from eaas.model import Checkpoint, ReferenceModel
 
@@ -168,6 +248,11 @@ class AsyncEngine:
             self.pool.close()
         if self._system is not None:
             await self._system.stop()
+        if self._fabric_seat is not None:
+            from eaas.transport.nvshmem import close_fabric
+
+            # local only; the process group stays: destroying it could wait on a dead peer
+            close_fabric()
 
     def _pool(self) -> ExpertPool:
         if self.pool is None:

@@ -44,7 +44,15 @@ class ExpertPool:
 
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
-                           timeout: float = 180.0, device: str | None = None) -> None:
+                           timeout: float = 180.0, device: str | None = None,
+                           fabric: Any = None) -> None:
+        """Start server `name` hosting `assignment` and wait until it has started.
+
+        fabric: its FabricSeat in the engine's NVSHMEM job (transport nvshmem, start-up servers
+        only); the server's first process then joins the job, which returns only once every
+        rank joins, so start-up servers must be started concurrently. Without a seat an
+        nvshmem engine's server connects over cudaipc://.
+        """
         cfg, fault = self.config, self.config.fault
         policy = RestartPolicy("one_for_all", max_restarts=fault.max_restarts,
                                within_s=fault.within_s, backoff_s=fault.backoff_s)
@@ -68,7 +76,8 @@ class ExpertPool:
                 slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
                 call_timeout_s=fault.unit_timeout_s,
-                heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready)
+                heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready,
+                fabric=fabric)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
                 name, cfg.model, assignment, dtype=cfg.dtype, device=device,

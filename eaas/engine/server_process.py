@@ -8,6 +8,12 @@ JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers RPC re
     {"op": "delay", "seconds": s}       (fault injection: extra latency per compute)
 
 It exits when its parent process goes away, so a killed engine leaves no orphans.
+
+With `--fabric STORE,RANK,WORLD` (the engine's first start of a server, transport nvshmem) it
+joins the engine's NVSHMEM job (`join_fabric`, collective: every rank must join) before it
+loads its experts, and listens on nvshmem://; `--fabric-slots SLOT_BYTES,NUM_SLOTS` and
+`--fabric-timeout SECONDS` size and bound the join. Such a process leaves with `os._exit`:
+NVSHMEM's finalize at interpreter exit is collective and would hang on a dead peer.
 """
 
 from __future__ import annotations
@@ -18,6 +24,33 @@ import json
 import os
 import sys
 from typing import Any
+
+
+def _join(args: argparse.Namespace) -> None:
+    from eaas.transport.nvshmem import join_fabric
+
+    store, rank, world = args.fabric
+    slot_bytes, num_slots = args.fabric_slots
+    join_fabric(store, rank, world, args.device, slot_bytes=slot_bytes, num_slots=num_slots,
+                timeout_s=args.fabric_timeout)
+
+
+def _fabric_arg(value: str) -> tuple[str, int, int]:
+    """Parse HOST:PORT,RANK,WORLD into (store, rank, world)."""
+    try:
+        store, rank, world = value.rsplit(",", 2)
+        return store, int(rank), int(world)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--fabric {value!r}: expected HOST:PORT,RANK,WORLD"
+                                         ) from None
+
+
+def _ints2(value: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in value.split(","))
+        return a, b
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected two integers A,B") from None
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -68,7 +101,9 @@ async def _serve(args: argparse.Namespace) -> None:
         await listener.aclose()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The server's flags (as ServerProcess.argv writes them); --fabric parses to
+    (store, rank, world), --fabric-slots to (slot_bytes, num_slots)."""
     p = argparse.ArgumentParser(prog="eaas-expert-server")
     p.add_argument("--model", required=True)
     p.add_argument("--assignment", required=True, help='JSON {"layer": [expert ids]}')
@@ -77,12 +112,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--listen", default="tcp://127.0.0.1:0")
     p.add_argument("--parent-pid", type=int, default=os.getppid())
-    args = p.parse_args(argv)
+    p.add_argument("--fabric", type=_fabric_arg, default=None,
+                   help="STORE_HOST:PORT,RANK,WORLD: join the engine's NVSHMEM job first "
+                   "(and listen on nvshmem://)")
+    p.add_argument("--fabric-slots", type=_ints2, default=(4 << 20, 16),
+                   help="SLOT_BYTES,NUM_SLOTS")
+    p.add_argument("--fabric-timeout", type=float, default=120.0)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     torch.set_num_threads(1)  # several servers share the host's cores
-    asyncio.run(_serve(args))
-    return 0
+    if args.fabric is None:
+        asyncio.run(_serve(args))
+        return 0
+    rc = 1
+    try:
+        _join(args)
+        asyncio.run(_serve(args))
+        rc = 0
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)  # NVSHMEM finalize is collective: with a dead peer it would wait forever
 
 
 if __name__ == "__main__":

@@ -4,6 +4,11 @@ It spawns the process (which loads only its experts), connects over the configur
 forwards `ComputeBatch` as RPC, and watches the process: an exit, or `heartbeat_misses`
 heartbeats unanswered (a hung process, e.g. SIGSTOP), crashes the actor, so its supervisor
 restarts it — which kills what is left of the old process and spawns a fresh one.
+
+Transport nvshmem: a slot's FIRST process joins the engine's NVSHMEM fabric as the rank its
+`FabricSeat` names and listens on nvshmem://; every later process of the slot (a restart), and
+a server added while serving (no seat), listens on cudaipc:// — NVSHMEM admits no process after
+start-up.
 """
 
 from __future__ import annotations
@@ -14,12 +19,63 @@ import os
 import signal
 import sys
 import tempfile
-from dataclasses import dataclass, field
+import socket
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 from eaas.actors import Actor
 from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
 from eaas.errors import EaasError
+
+
+FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
+
+
+@dataclass(frozen=True, slots=True)
+class FabricSeat:
+    """One rank's place in the engine's NVSHMEM job (eaas.transport.nvshmem.join_fabric).
+
+    store: "host:port" of the rendezvous, hosted by rank 0 (the engine); world_size: 1 + the
+    servers that exist at start-up; rank: 0 for the engine, i + 1 for start-up server i.
+    """
+
+    store: str
+    rank: int
+    world_size: int
+    slot_bytes: int
+    num_slots: int
+    timeout_s: float = 120.0
+
+    def for_rank(self, rank: int) -> FabricSeat:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in a fabric of {self.world_size} ranks")
+        return replace(self, rank=rank)
+
+    def argv(self) -> list[str]:
+        """The server-process flags that give it this seat (parsed by server_process)."""
+        return ["--fabric", f"{self.store},{self.rank},{self.world_size}",
+                "--fabric-slots", f"{self.slot_bytes},{self.num_slots}",
+                "--fabric-timeout", str(self.timeout_s)]
+
+
+def plan_fabric(config: Any, port: int | None = None) -> FabricSeat | None:
+    """The engine's seat (rank 0) when placement.transport is nvshmem, else None.
+
+    config: an EngineConfig; port: the rendezvous port (None: a free one on 127.0.0.1).
+    Start-up server i gets `seat.for_rank(i + 1)`.
+    """
+    pl = config.placement
+    if pl.transport != "nvshmem":
+        return None
+    return FabricSeat(f"127.0.0.1:{free_port() if port is None else port}", 0,
+                      1 + pl.num_expert_servers, pl.nvshmem_slot_bytes, pl.nvshmem_slots)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the rendezvous binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass(slots=True)
@@ -49,8 +105,8 @@ class ServerProcess(Actor):
     def __init__(self, slot: ProcessSlot, model_dir: str, assignment: Mapping[int, list[int]], *,
                  dtype: str, device: str, batch_invariant: bool, transport: str,
                  call_timeout_s: float, heartbeat_interval_s: float, heartbeat_misses: int = 3,
-                 start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None
-                 ) -> None:
+                 start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None,
+                 fabric: FabricSeat | None = None) -> None:
         self._on_ready = on_ready
         self.slot = slot
         self.assignment = {int(k): list(v) for k, v in assignment.items()}
@@ -60,8 +116,22 @@ class ServerProcess(Actor):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_misses = heartbeat_misses
         self.start_timeout_s = start_timeout_s
+        self.fabric = fabric  # used on the slot's first start only
         self.rpc: Any = None
         self._stopping = False
+
+    def argv(self) -> list[str]:
+        """The command line of the slot's next process (its first start joins the fabric)."""
+        transport = self.transport
+        seat = self.fabric if transport == "nvshmem" and self.slot.starts == 0 else None
+        if transport == "nvshmem" and seat is None:
+            transport = FALLBACK_TRANSPORT
+        return [sys.executable, "-m", "eaas.engine.server_process", "--model", self.model_dir,
+                "--assignment", json.dumps({str(k): v for k, v in self.assignment.items()}),
+                "--dtype", self.dtype, "--device", self.device,
+                "--batch-invariant" if self.batch_invariant else "--no-batch-invariant",
+                "--listen", f"{transport}://" + ("127.0.0.1:0" if transport == "tcp" else ""),
+                "--parent-pid", str(os.getpid()), *(seat.argv() if seat is not None else ())]
 
     async def on_start(self) -> None:
         from eaas.transport import RpcClient, connect
@@ -73,27 +143,24 @@ class ServerProcess(Actor):
         log = open(slot.log_path, "ab")  # noqa: ASYNC230 (opening a log file does not block)
         try:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "eaas.engine.server_process", "--model", self.model_dir,
-                "--assignment", json.dumps({str(k): v for k, v in self.assignment.items()}),
-                "--dtype", self.dtype, "--device", self.device,
-                "--batch-invariant" if self.batch_invariant else "--no-batch-invariant",
-                "--listen", f"{self.transport}://" + (
-                    "127.0.0.1:0" if self.transport == "tcp" else ""),
-                "--parent-pid", str(os.getpid()),
-                stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL)
+                *self.argv(), stdout=asyncio.subprocess.PIPE, stderr=log,
+                stdin=asyncio.subprocess.DEVNULL)
         finally:
             log.close()
-        slot.proc, slot.pid, slot.starts = proc, proc.pid, slot.starts + 1
+        slot.proc, slot.pid, slot.starts, slot.url = proc, proc.pid, slot.starts + 1, None
         assert proc.stdout is not None
         try:
-            line = await asyncio.wait_for(proc.stdout.readline(), self.start_timeout_s)
-            info = json.loads(line)
-        except (TimeoutError, ValueError) as e:
-            slot.kill()
-            raise EaasError(f"expert server {slot.name} (pid {proc.pid}) did not become ready: "
-                            f"{type(e).__name__}; see {slot.log_path}") from e
-        slot.url = info["url"]
-        self.rpc = RpcClient(await connect(info["url"], timeout=10.0))
+            try:
+                line = await asyncio.wait_for(proc.stdout.readline(), self.start_timeout_s)
+                info = json.loads(line)
+            except (TimeoutError, ValueError) as e:
+                raise EaasError(f"expert server {slot.name} (pid {proc.pid}) did not become "
+                                f"ready: {type(e).__name__}; see {slot.log_path}") from e
+            slot.url = info["url"]
+            self.rpc = RpcClient(await connect(info["url"], timeout=10.0))
+        except BaseException:  # also a cancelled start (a failed fabric join): no orphan
+            await self._reap_old()
+            raise
         self.context.create_task(self._watch_exit(proc), name=f"{slot.name}-exit")
         self.context.create_task(self._heartbeat(), name=f"{slot.name}-heartbeat")
         if self._on_ready is not None:
