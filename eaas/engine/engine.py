@@ -173,13 +173,15 @@ class AsyncEngine:
                             "initialised in this process (an earlier nvshmem engine?); NVSHMEM "
                             "admits a process once, so run one nvshmem engine per process")
         pool, n = self._pool(), seat.world_size - 1
+        joined = asyncio.Event()
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._join_fabric(seat), name="fabric-join")
+                tg.create_task(self._join_fabric(seat, joined), name="fabric-join")
                 for i in range(n):
                     name = server_name(i)
                     tg.create_task(pool.start_server(name, routing0.hosted_by(name),
-                                                     fabric=seat.for_rank(i + 1)),
+                                                     fabric=seat.for_rank(i + 1),
+                                                     fabric_joined=joined),
                                    name=f"start-{name}")
         except ExceptionGroup as eg:
             reasons = "; ".join(f"{type(e).__name__}: {e}" for e in eg.exceptions)
@@ -190,7 +192,7 @@ class AsyncEngine:
         self.events_bus.emit({"type": "fabric_joined", "world_size": seat.world_size,
                               "store": seat.store, "device": self.config.device})
 
-    async def _join_fabric(self, seat: FabricSeat) -> None:
+    async def _join_fabric(self, seat: FabricSeat, joined: asyncio.Event) -> None:
         """join_fabric(rank 0) on a daemon thread: it blocks until every rank joins, and a
         start-up that fails meanwhile must neither wait for it nor be held at exit by it."""
         from eaas.transport.nvshmem import join_fabric
@@ -221,6 +223,7 @@ class AsyncEngine:
 
         threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
         await done
+        joined.set()
 
     def _load_shard_model(self, device: str) -> tuple[Any, Any]:
         from eaas.model import Checkpoint, ReferenceModel

@@ -45,13 +45,15 @@ class ExpertPool:
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
                            timeout: float = 180.0, device: str | None = None,
-                           fabric: Any = None) -> None:
+                           fabric: Any = None, fabric_joined: asyncio.Event | None = None
+                           ) -> None:
         """Start server `name` hosting `assignment` and wait until it has started.
 
         fabric: its FabricSeat in the engine's NVSHMEM job (transport nvshmem, start-up servers
         only); the server's first process then joins the job, which returns only once every
-        rank joins, so start-up servers must be started concurrently. Without a seat an
-        nvshmem engine's server connects over cudaipc://.
+        rank joins, so start-up servers must be started concurrently. fabric_joined: set when
+        the engine's own join has returned (its nvshmem:// connect waits for it). Without a
+        seat an nvshmem engine's server connects over cudaipc://.
         """
         cfg, fault = self.config, self.config.fault
         policy = RestartPolicy("one_for_all", max_restarts=fault.max_restarts,
@@ -77,7 +79,7 @@ class ExpertPool:
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
                 call_timeout_s=fault.unit_timeout_s,
                 heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready,
-                fabric=fabric)
+                fabric=fabric, fabric_joined=fabric_joined)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
                 name, cfg.model, assignment, dtype=cfg.dtype, device=device,

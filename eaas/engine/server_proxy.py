@@ -106,7 +106,8 @@ class ServerProcess(Actor):
                  dtype: str, device: str, batch_invariant: bool, transport: str,
                  call_timeout_s: float, heartbeat_interval_s: float, heartbeat_misses: int = 3,
                  start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None,
-                 fabric: FabricSeat | None = None) -> None:
+                 fabric: FabricSeat | None = None,
+                 fabric_joined: asyncio.Event | None = None) -> None:
         self._on_ready = on_ready
         self.slot = slot
         self.assignment = {int(k): list(v) for k, v in assignment.items()}
@@ -117,6 +118,7 @@ class ServerProcess(Actor):
         self.heartbeat_misses = heartbeat_misses
         self.start_timeout_s = start_timeout_s
         self.fabric = fabric  # used on the slot's first start only
+        self.fabric_joined = fabric_joined  # set once this process's own join has returned
         self.rpc: Any = None
         self._stopping = False
 
@@ -150,21 +152,47 @@ class ServerProcess(Actor):
         slot.proc, slot.pid, slot.starts, slot.url = proc, proc.pid, slot.starts + 1, None
         assert proc.stdout is not None
         try:
-            try:
-                line = await asyncio.wait_for(proc.stdout.readline(), self.start_timeout_s)
-                info = json.loads(line)
-            except (TimeoutError, ValueError) as e:
-                raise EaasError(f"expert server {slot.name} (pid {proc.pid}) did not become "
-                                f"ready: {type(e).__name__}; see {slot.log_path}") from e
+            info = await self._read_ready(proc)
+            if info["url"].startswith("nvshmem://") and self.fabric_joined is not None:
+                # the server's join returned, so ours is returning: wait until it has
+                await asyncio.wait_for(self.fabric_joined.wait(), self.start_timeout_s)
             slot.url = info["url"]
             self.rpc = RpcClient(await connect(info["url"], timeout=10.0))
         except BaseException:  # also a cancelled start (a failed fabric join): no orphan
             await self._reap_old()
             raise
+        self.context.create_task(self._drain_stdout(proc), name=f"{slot.name}-stdout")
         self.context.create_task(self._watch_exit(proc), name=f"{slot.name}-exit")
         self.context.create_task(self._heartbeat(), name=f"{slot.name}-heartbeat")
         if self._on_ready is not None:
             self._on_ready()
+
+    async def _read_ready(self, proc: asyncio.subprocess.Process) -> dict:
+        """The ready line: the first stdout line that is a JSON object with a "url" (libraries
+        such as NCCL may print lines of their own first)."""
+        assert proc.stdout is not None
+        name = f"expert server {self.slot.name} (pid {proc.pid})"
+        try:
+            async with asyncio.timeout(self.start_timeout_s):
+                while line := await proc.stdout.readline():
+                    try:
+                        info = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(info, dict) and isinstance(info.get("url"), str):
+                        return info
+        except TimeoutError:
+            raise EaasError(f"{name} did not become ready within {self.start_timeout_s}s; "
+                            f"see {self.slot.log_path}") from None
+        raise EaasError(f"{name} did not become ready: it exited with code "
+                        f"{await proc.wait()}; see {self.slot.log_path}")
+
+    async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep reading the server's stdout so that library output never fills the pipe."""
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            with open(self.slot.log_path, "ab") as log:  # noqa: ASYNC230 (rare, small writes)
+                log.write(line)
 
     async def _reap_old(self) -> None:
         old = self.slot.proc
