@@ -50,7 +50,7 @@ from eaas.engine.routing import RoutingTable
 from eaas.engine.sampling import SamplingParams
 from eaas.engine.shard import AttentionShard, ShardDeps
 from eaas.engine.server_proxy import FabricSeat, plan_fabric
-from eaas.errors import ActorStateError, EaasError, EngineOverloadedError, RequestError
+from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
 
 
 class AsyncEngine:
@@ -128,7 +128,9 @@ class AsyncEngine:
                 name = server_name(i)
                 await self.pool.start_server(name, routing0.hosted_by(name))
         else:
-            await self._start_fabric(seat, routing0)
+            await self.pool.start_with_fabric(seat, cfg.device, routing0.hosted_by)
+            self.events_bus.emit({"type": "fabric_joined", "world_size": seat.world_size,
+                                  "store": seat.store, "device": cfg.device})
         self.load = LoadTracker(mc.num_hidden_layers, mc.num_experts,
                                 window_s=cfg.balance.window_s)
         deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
@@ -157,73 +159,6 @@ class AsyncEngine:
         self._ready = True
         self.events_bus.emit({"type": "engine_ready", "servers": sorted(self.pool.servers),
                               "shards": [s.name for s in self._shards]})
-
-    async def _start_fabric(self, seat: FabricSeat, routing0: Any) -> None:
-        """Join the NVSHMEM job as rank 0 while start-up server i starts as rank i + 1.
-
-        All at once: each join returns only when every rank has joined, and a server's ready
-        line comes after its join. Any failure (a join timing out after seat.timeout_s, a
-        server exiting) cancels the rest and raises one EaasError; `start` then stops every
-        server process.
-        """
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            raise EaasError("placement.transport 'nvshmem': torch.distributed is already "
-                            "initialised in this process (an earlier nvshmem engine?); NVSHMEM "
-                            "admits a process once, so run one nvshmem engine per process")
-        pool, n = self._pool(), seat.world_size - 1
-        joined = asyncio.Event()
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._join_fabric(seat, joined), name="fabric-join")
-                for i in range(n):
-                    name = server_name(i)
-                    tg.create_task(pool.start_server(name, routing0.hosted_by(name),
-                                                     fabric=seat.for_rank(i + 1),
-                                                     fabric_joined=joined),
-                                   name=f"start-{name}")
-        except ExceptionGroup as eg:
-            reasons = "; ".join(f"{type(e).__name__}: {e}" for e in eg.exceptions)
-            raise EaasError(f"placement.transport 'nvshmem': forming the NVSHMEM job of "
-                            f"{seat.world_size} ranks (engine on {self.config.device} + {n} "
-                            f"expert servers, rendezvous {seat.store}, timeout "
-                            f"{seat.timeout_s}s) failed: {reasons}") from eg
-        self.events_bus.emit({"type": "fabric_joined", "world_size": seat.world_size,
-                              "store": seat.store, "device": self.config.device})
-
-    async def _join_fabric(self, seat: FabricSeat, joined: asyncio.Event) -> None:
-        """join_fabric(rank 0) on a daemon thread: it blocks until every rank joins, and a
-        start-up that fails meanwhile must neither wait for it nor be held at exit by it."""
-        from eaas.transport.nvshmem import join_fabric
-
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def settle(error: BaseException | None) -> None:
-            if done.done():
-                return
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-        def run() -> None:
-            error: BaseException | None = None
-            try:
-                join_fabric(seat.store, 0, seat.world_size, self.config.device,
-                            slot_bytes=seat.slot_bytes, num_slots=seat.num_slots,
-                            timeout_s=seat.timeout_s)
-            except BaseException as e:  # reported to the loop, not lost on this thread
-                error = e
-            try:
-                loop.call_soon_threadsafe(settle, error)
-            except RuntimeError:
-                pass  # the loop is gone: the start-up that waited for us has ended
-
-        threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
-        await done
-        joined.set()
 
     def _load_shard_model(self, device: str) -> tuple[Any, Any]:
         from eaas.model import Checkpoint, ReferenceModel

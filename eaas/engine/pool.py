@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import signal
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from eaas.actors import Actor, ChildSpec, RestartPolicy, Supervisor
 from eaas.config import EngineConfig
@@ -24,6 +24,10 @@ from eaas.engine.expert_server import ExpertServer
 from eaas.engine.messages import (Crash, LoadExperts, SetServerState, SetTable, Stats,
                                   UnloadExperts)
 from eaas.engine.placement import RoutingSnapshot, server_name
+from eaas.errors import EaasError
+
+if TYPE_CHECKING:
+    from eaas.engine.server_proxy import FabricSeat
 
 
 class ExpertPool:
@@ -45,8 +49,8 @@ class ExpertPool:
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
                            timeout: float = 180.0, device: str | None = None,
-                           fabric: Any = None, fabric_joined: asyncio.Event | None = None
-                           ) -> None:
+                           fabric: FabricSeat | None = None,
+                           fabric_joined: asyncio.Event | None = None) -> None:
         """Start server `name` hosting `assignment` and wait until it has started.
 
         fabric: its FabricSeat in the engine's NVSHMEM job (transport nvshmem, start-up servers
@@ -88,6 +92,40 @@ class ExpertPool:
         entry["batcher"] = await sup.start_child(ChildSpec(
             f"batcher-{name}", lambda: Batcher(name, lambda: ref, cfg.batching,
                                                fault.unit_timeout_s), mailbox_size=1 << 16))
+
+    async def start_with_fabric(self, seat: FabricSeat, device: str,
+                                hosted_by: Callable[[str], dict[int, list[int]]]) -> None:
+        """Transport nvshmem: join the NVSHMEM job as rank 0 (`seat`, on `device`) while
+        start-up server i (hosting `hosted_by(name)`) starts as rank i + 1.
+
+        All at once: each join returns only when every rank has joined, and a server's ready
+        line comes after its join, so one after the other would deadlock. Any failure (a join
+        timing out after seat.timeout_s, a server exiting) cancels the rest and raises one
+        EaasError; the engine's start then stops every server process.
+        """
+        import torch.distributed as dist
+
+        from eaas.engine.server_proxy import join_fabric_in_thread
+
+        if dist.is_available() and dist.is_initialized():
+            raise EaasError("placement.transport 'nvshmem': torch.distributed is already "
+                            "initialised in this process (an earlier nvshmem engine?); NVSHMEM "
+                            "admits a process once, so run one nvshmem engine per process")
+        n, joined = seat.world_size - 1, asyncio.Event()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(join_fabric_in_thread(seat, device, joined), name="fabric-join")
+                for i in range(n):
+                    name = server_name(i)
+                    tg.create_task(self.start_server(name, hosted_by(name),
+                                                     fabric=seat.for_rank(i + 1),
+                                                     fabric_joined=joined), name=f"start-{name}")
+        except ExceptionGroup as eg:
+            reasons = "; ".join(f"{type(e).__name__}: {e}" for e in eg.exceptions)
+            raise EaasError(f"placement.transport 'nvshmem': forming the NVSHMEM job of "
+                            f"{seat.world_size} ranks (engine on {device} + {n} expert servers, "
+                            f"rendezvous {seat.store}, timeout {seat.timeout_s}s) failed: "
+                            f"{reasons}") from eg
 
     def _ready(self, name: str) -> None:
         entry = self.servers.get(name)

@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import socket
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
@@ -69,6 +70,43 @@ def plan_fabric(config: Any, port: int | None = None) -> FabricSeat | None:
         return None
     return FabricSeat(f"127.0.0.1:{free_port() if port is None else port}", 0,
                       1 + pl.num_expert_servers, pl.nvshmem_slot_bytes, pl.nvshmem_slots)
+
+
+async def join_fabric_in_thread(seat: FabricSeat, device: str, joined: asyncio.Event) -> None:
+    """`join_fabric` for `seat` on a daemon thread; sets `joined` once it returned.
+
+    It blocks until every rank joins (or seat.timeout_s passes); the event loop keeps running,
+    and a start-up that fails meanwhile neither waits for the thread nor is held by it at exit.
+    """
+    from eaas.transport.nvshmem import join_fabric
+
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            join_fabric(seat.store, seat.rank, seat.world_size, device,
+                        slot_bytes=seat.slot_bytes, num_slots=seat.num_slots,
+                        timeout_s=seat.timeout_s)
+        except BaseException as e:  # reported to the loop, not lost on this thread
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass  # the loop is gone: the start-up that waited for us has ended
+
+    threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
+    await done
+    joined.set()
 
 
 def free_port(host: str = "127.0.0.1") -> int:
