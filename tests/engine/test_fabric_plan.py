@@ -101,3 +101,21 @@ async def test_a_failed_join_fails_start_clearly_and_leaves_no_server_process(ti
         await engine.start()
     assert _server_children() == []
     assert not engine.is_ready
+
+
+@pytest.mark.timeout(60)
+async def test_a_second_job_in_one_process_is_refused_before_any_server_starts(tiny_dirs):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("this process already has a torch.distributed group")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        engine = AsyncEngine(_cfg(tiny_dirs["qwen3_moe"], num_expert_servers=1,
+                                  server_devices=["cuda:1"]))
+        with pytest.raises(EaasError, match="already initialised.*one nvshmem engine per process"):
+            await engine.start()
+        assert engine.pool is not None and engine.pool.servers == {}
+        assert _server_children() == []
+    finally:
+        dist.destroy_process_group()
