@@ -173,12 +173,15 @@ async def run_batch(engine: AsyncEngine, batch: list[list[int]], n_tokens: int,
 
 def eaas_config(model: str | Path, *, setup: str, batch_invariant: bool, smoke: bool,
                 servers: int, max_batch: int, dtype: str) -> EngineConfig:
-    """setup "a": shard on cuda:0, server processes on cuda:1 (cudaipc://); "b": all in-process
-    on cuda:0. On --smoke both run on CPU, "a" over tcp://."""
-    if setup == "a":
+    """setup "a": shard on cuda:0, server processes on cuda:1 (cudaipc://); "n": the same with
+    ONE server over nvshmem:// (one NVSHMEM rank per GPU); "b": all in-process on cuda:0.
+    On --smoke "a" and "b" run on CPU, "a" over tcp://."""
+    if setup in ("a", "n"):
         placement = {"server_mode": "process",
-                     "transport": "tcp" if smoke else "cudaipc",
+                     "transport": "tcp" if smoke else ("cudaipc" if setup == "a" else "nvshmem"),
                      "server_devices": None if smoke else ["cuda:1"]}
+        if setup == "n":
+            servers = 1
     else:
         placement = {"server_mode": "inproc"}
     return EngineConfig.from_dict({
@@ -277,8 +280,8 @@ async def main() -> None:
     ap.add_argument("--tokens", type=int, default=None, help="greedy tokens per request")
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--servers", type=int, default=2, help="expert servers per eaas setup")
-    ap.add_argument("--setups", default="a,b,c", help="a: 2-GPU eaas, b: 1-GPU eaas, "
-                    "c: transformers")
+    ap.add_argument("--setups", default="a,b,c", help="a: 2-GPU eaas over cudaipc, n: 2-GPU "
+                    "eaas over nvshmem (1 server), b: 1-GPU eaas, c: transformers")
     ap.add_argument("--invariant", default="false,true", help="batch_invariant modes for eaas")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="cap per timed batch; a capped row is marked partial")
@@ -297,9 +300,13 @@ async def main() -> None:
     if not smoke and gpus < 1:
         sys.exit("no CUDA GPU: run with --smoke on CPU")
     notes = []
-    if "a" in setups and not smoke and gpus < 2:
-        setups.remove("a")
-        notes.append(f"setup (a) skipped: it needs 2 GPUs, this machine has {gpus}")
+    for two in ("a", "n"):
+        if two in setups and not smoke and gpus < 2:
+            setups.remove(two)
+            notes.append(f"setup ({two}) skipped: it needs 2 GPUs, this machine has {gpus}")
+    if smoke and "n" in setups:
+        setups.remove("n")
+        notes.append("setup (n) skipped: nvshmem:// needs GPUs")
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -311,13 +318,14 @@ async def main() -> None:
         ps = prompts(max(batches), args.prompt_len, vocab)
         rows: list[tuple[str, str, int, dict]] = []
         names = {"a": "eaas 2 GPUs: shard cuda:0, servers cuda:1 over cudaipc://",
+                 "n": "eaas 2 GPUs: shard cuda:0, 1 server cuda:1 over nvshmem://",
                  "b": "eaas 1 GPU: shard + in-process servers on cuda:0"}
         if smoke:
             names = {"a": "eaas (smoke, CPU): server processes over tcp://",
                      "b": "eaas (smoke, CPU): in-process servers"}
         results: dict[str, Any] = {}
-        for setup in [s for s in setups if s in ("a", "b")]:
-            for inv in modes:
+        for setup in [s for s in setups if s in ("a", "n", "b")]:
+            for inv in modes if setup != "n" else modes[:1]:  # NVSHMEM: one job per process
                 cfg = eaas_config(model, setup=setup, batch_invariant=inv, smoke=smoke,
                                   servers=args.servers, max_batch=max(batches), dtype=dtype)
                 res = await bench_eaas(cfg, ps, batches, n_tokens, budget)
@@ -350,3 +358,5 @@ async def main() -> None:
 
 if __name__ == "__main__":
     asyncio.run(main())
+    sys.stdout.flush()
+    os._exit(0)  # after setup (n) NVSHMEM's collective finalize would wait on the dead server

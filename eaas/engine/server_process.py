@@ -126,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)  # several servers share the host's cores
+    if args.device.startswith("cuda"):
+        # this process's GPU is the current device: the default streams, the Triton launches
+        # and the transports' copies then all run on it (cuda:0 is only the default)
+        torch.cuda.set_device(args.device)
     if args.fabric is None:
         asyncio.run(_serve(args))
         return 0

@@ -58,8 +58,9 @@ class Router:
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K])."""
-        if x.is_cuda:
-            return self._route_cuda(x)
+        if x.is_cuda:  # Triton launches on the CURRENT device: make it x's (servers on cuda:N)
+            with torch.cuda.device(x.device):
+                return self._route_cuda(x)
         if self.batch_invariant:
             return ops.rowwise(self._route, x)
         return self._route(x)
@@ -217,7 +218,8 @@ class ExpertBank:
         if x.shape[0] != expert_ids.shape[0]:
             raise ValueError(f"x has {x.shape[0]} rows but expert_ids has {expert_ids.shape[0]}")
         if self._w13 is not None and x.is_cuda:
-            return self._forward_cuda(x, expert_ids)
+            with torch.cuda.device(x.device):  # Triton launches on the current device
+                return self._forward_cuda(x, expert_ids)
         out = x.new_empty(x.shape)
         present = torch.unique(expert_ids).tolist()
         missing = [e for e in present if e not in self._local]
