@@ -324,19 +324,27 @@ async def main() -> None:
             names = {"a": "eaas (smoke, CPU): server processes over tcp://",
                      "b": "eaas (smoke, CPU): in-process servers"}
         results: dict[str, Any] = {}
+        peer: dict[int, dict] = {}
+        if "c" in setups:  # the peer first: a run cut short still has it
+            peer = bench_transformers(model, ps, batches, n_tokens, device="cpu" if smoke
+                                      else "cuda:0", dtype=dtype)
+            results["transformers"] = peer
+            rows += [("transformers", "-", b, peer[b]) for b in batches]
+            for b in batches:
+                print(f"# measured: transformers | batch {b} | decode "
+                      f"{peer[b]['decode_tok_s']:.1f} tok/s | e2e {peer[b]['e2e_tok_s']:.1f}",
+                      flush=True)
         for setup in [s for s in setups if s in ("a", "n", "b")]:
             for inv in modes if setup != "n" else modes[:1]:  # NVSHMEM: one job per process
                 cfg = eaas_config(model, setup=setup, batch_invariant=inv, smoke=smoke,
                                   servers=args.servers, max_batch=max(batches), dtype=dtype)
                 res = await bench_eaas(cfg, ps, batches, n_tokens, budget)
                 results[f"{setup}-{inv}"] = res
+                for b in batches:  # as measured: a run cut short still reports these
+                    print(f"# measured: {names[setup]} | {inv} | batch {b} | decode "
+                          f"{res[b]['decode_tok_s']:.1f} tok/s | e2e {res[b]['e2e_tok_s']:.1f}",
+                          flush=True)
                 rows += [(names[setup], str(inv), b, res[b]) for b in batches]
-        peer: dict[int, dict] = {}
-        if "c" in setups:
-            peer = bench_transformers(model, ps, batches, n_tokens, device="cpu" if smoke
-                                      else "cuda:0", dtype=dtype)
-            results["transformers"] = peer
-            rows += [("transformers", "-", b, peer[b]) for b in batches]
     print_table([
         f"bench_e2e_gpu{' --smoke' if smoke else ''}  {machine_line()}",
         shape + f"; checkpoint made in {make_s:.0f} s",

@@ -61,6 +61,22 @@ async def _serve(args: argparse.Namespace) -> None:
     host = ExpertHost(args.model, assignment, dtype=args.dtype, device=args.device,
                       batch_invariant=args.batch_invariant)
     delay = 0.0
+    # On a GPU the first batch of a new size compiles Triton kernels for seconds: compute (and
+    # expert loading) then run on one worker thread, in order, so the loop keeps answering
+    # heartbeats. On CPU batches are short and run inline (no thread hand-off per batch).
+    worker = None
+    if args.device.startswith("cuda"):
+        import concurrent.futures
+
+        import torch
+
+        worker = concurrent.futures.ThreadPoolExecutor(
+            1, "expert-compute", initializer=torch.cuda.set_device, initargs=(args.device,))
+
+    async def blocking(fn: Any, *fn_args: Any) -> Any:
+        if worker is None:
+            return fn(*fn_args)
+        return await asyncio.get_running_loop().run_in_executor(worker, fn, *fn_args)
 
     async def handle(msg: Any) -> Any:
         nonlocal delay
@@ -68,7 +84,7 @@ async def _serve(args: argparse.Namespace) -> None:
         if op == "compute":
             if delay:
                 await asyncio.sleep(delay)
-            return host.compute(int(msg["layer"]), msg["x"], msg["expert_ids"])
+            return await blocking(host.compute, int(msg["layer"]), msg["x"], msg["expert_ids"])
         if op == "ping":
             return {"pid": os.getpid()}
         if op == "stats":
@@ -76,10 +92,10 @@ async def _serve(args: argparse.Namespace) -> None:
                     "experts": {str(k): v for k, v in host.assignment.items()},
                     "load_stats": host.load_stats}
         if op == "load":
-            host.add({int(k): v for k, v in msg["experts"].items()})
+            await blocking(host.add, {int(k): v for k, v in msg["experts"].items()})
             return {str(k): v for k, v in host.assignment.items()}
         if op == "unload":
-            host.remove({int(k): v for k, v in msg["experts"].items()})
+            await blocking(host.remove, {int(k): v for k, v in msg["experts"].items()})
             return {str(k): v for k, v in host.assignment.items()}
         if op == "delay":
             delay = float(msg["seconds"])
