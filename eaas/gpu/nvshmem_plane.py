@@ -13,6 +13,11 @@ be captured in a CUDA graph after one warm-up launch. A send waits on the GPU fo
 the receiver still holds all S slots of the pair; a receive waits on the GPU for the signal.
 Hazard: a send or receive whose partner never comes spins its kernel forever; put receives on
 a stream of their own when the same stream must also run the sends that feed them.
+Hazard: run every kernel once (e.g. a send to self and its receive, per channel) before any
+send can wait for credit. A kernel's first launch loads its module and runs
+`nvshmemx_cumodule_init`, whose synchronous copy waits for the kernels already running — a
+spinning send among them never finishes. (Our best explanation of the two-rank credit check's
+hang on the H200s; the warmed-up check has not run on a GPU yet.)
 
 `eaas.gpu.credits` holds the reference arithmetic; `eaas_kernels.nvshmem_p2p` the kernels.
 NVSHMEM cannot admit a process after start-up: a restarted server joins over cudaipc://.
