@@ -24,7 +24,7 @@ _FLAGS: dict[str, tuple[str, type | None, str]] = {
     "--expert-replicas": ("placement.expert_replicas", int, "copies of every expert"),
     "--placement": ("placement.strategy", str, "round_robin | contiguous | explicit"),
     "--server-mode": ("placement.server_mode", str, "inproc | process"),
-    "--transport": ("placement.transport", str, "tcp | shm (engine <-> server processes)"),
+    "--transport": ("placement.transport", str, "tcp | shm | cudaipc | nvshmem (engine <-> server processes)"),
     "--max-num-seqs": ("scheduler.max_num_seqs", int, "running requests per shard"),
     "--max-waiting": ("scheduler.max_waiting", int, "queued requests before 503"),
     "--max-model-len": ("scheduler.max_model_len", int, "prompt + output token limit"),
