@@ -61,8 +61,10 @@ class Dispatcher:
     """Per-shard ledger of work units in flight."""
 
     def __init__(self, shard_ref: Any, batcher_for: Callable[[str], Any], fault: FaultConfig,
-                 counters: dict[str, int], routing: RoutingSnapshot, load: Any = None) -> None:
+                 counters: dict[str, int], routing: RoutingSnapshot, load: Any = None, *,
+                 round_units: Callable[[], int] | None = None) -> None:
         self.load = load  # LoadTracker or None
+        self.round_units = round_units  # -> WorkUnit.round_units hint (None: unknown)
         self.shard_ref = shard_ref
         self.batcher_for = batcher_for
         self.fault = fault
@@ -164,7 +166,9 @@ class Dispatcher:
         if attempt:
             self.counters["reroutes"] += 1
         batcher = self.batcher_for(server)
-        msg = WorkUnit(uid, attempt, u.generation, layer, rows[idx], u.expert_ids, self.shard_ref)
+        hint = self.round_units() if self.round_units is not None else 0
+        msg = WorkUnit(uid, attempt, u.generation, layer, rows[idx], u.expert_ids, self.shard_ref,
+                       hint)
         try:
             if batcher is None:
                 raise ServerFailed(f"no batcher for {server}")

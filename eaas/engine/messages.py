@@ -33,6 +33,10 @@ class WorkUnit:
     x: torch.Tensor  # [N, H]
     expert_ids: torch.Tensor  # [N] int64
     reply_to: Any  # ActorRef of the dispatching shard
+    # at most how many units of this layer can reach a batcher this round, this one included
+    # (the lanes running a step in the whole engine); the batcher flushes once that many are
+    # there instead of waiting out max_wait_us. 0: unknown (the window decides)
+    round_units: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -26,9 +26,23 @@ from eaas.engine.sampling import sample
 from eaas.errors import EaasError
 
 
+class LaneBoard:
+    """How many lanes run a step right now, over every shard that shares it (one event loop).
+
+    Work units carry this count (`WorkUnit.round_units`) so a batcher knows when no other unit
+    can join a batch: with one request running, its rows are flushed at once.
+    """
+
+    __slots__ = ("running",)
+
+    def __init__(self) -> None:
+        self.running = 0
+
+
 @dataclass(frozen=True, slots=True)
 class ShardDeps:
-    """What a shard needs from the engine (in-process)."""
+    """What a shard needs from the engine (in-process). The engine makes one for all its shards,
+    so they share `lanes`."""
 
     config: EngineConfig
     graph: Any  # eaas.dataflow.ModelGraph
@@ -38,6 +52,7 @@ class ShardDeps:
     counters: dict[str, int]  # engine-wide counters (shared by all shards; one event loop)
     emit: Callable[[dict], None]
     load: Any  # LoadTracker (routed tokens per expert / server)
+    lanes: LaneBoard = field(default_factory=LaneBoard)  # shared by the shards of one engine
 
 
 class AttentionShard(Actor):
@@ -60,7 +75,7 @@ class AttentionShard(Actor):
         snap = await self.deps.routing.ask(Subscribe(self.context.self_ref), timeout=10.0)
         self.dispatcher = Dispatcher(self.context.self_ref, self.deps.batcher_for,
                                      self.deps.config.fault, self.deps.counters, snap,
-                                     self.deps.load)
+                                     self.deps.load, round_units=self._round_units)
         for i in range(len(self.lanes)):
             self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
 
@@ -132,6 +147,8 @@ class AttentionShard(Actor):
                 await self._wake[i].wait()
                 continue
             reqs = list(lane)
+            board = self.deps.lanes
+            board.running += 1
             try:
                 await self._step(reqs, i)
             except StepCancelled:
@@ -144,7 +161,12 @@ class AttentionShard(Actor):
                 self.deps.emit({"type": "step_failed", "shard": self.name, "error": repr(e),
                                 "time": time.time()})
             finally:
+                board.running -= 1
                 self._calls[i] = None
+
+    def _round_units(self) -> int:
+        """Units of one layer that can reach a batcher this round: one per running lane."""
+        return self.deps.lanes.running
 
     # ---- one step of one micro-batch ----------------------------------------------------------
     async def _step(self, reqs: list[Request], lane: int) -> None:

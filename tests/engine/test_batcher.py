@@ -1,5 +1,6 @@
-"""The batcher coalesces work from several shards into one expert call, and flushes on both
-triggers (rows reach max_batch_tokens; the oldest unit waited max_wait_us)."""
+"""The batcher coalesces work from several shards into one expert call, and flushes on its three
+triggers (rows reach max_batch_tokens; every unit of the round is there; the oldest unit waited
+max_wait_us)."""
 
 from __future__ import annotations
 
@@ -41,10 +42,10 @@ async def _setup(system, model_dir, batching):
     return mc, layer, server, batcher, sink, shards, host
 
 
-def _unit(uid, layer, mc, n, reply_to, g):
+def _unit(uid, layer, mc, n, reply_to, g, round_units=0):
     x = torch.randn(n, mc.hidden_size, generator=g)
     ids = torch.randint(0, mc.num_experts, (n,), generator=g)
-    return WorkUnit(uid, 0, 1, layer, x, ids, reply_to)
+    return WorkUnit(uid, 0, 1, layer, x, ids, reply_to, round_units)
 
 
 async def test_coalesces_units_from_two_shards_into_one_call(tiny_dirs):
@@ -95,3 +96,49 @@ async def test_full_batch_flushes_without_waiting_for_the_timer(tiny_dirs):
         _, msg = await asyncio.wait_for(sink.get(), 5)  # a 100 s timer would time this out
         stats = await batcher.ask(Stats(), timeout=5)
     assert isinstance(msg, UnitResult) and stats["full_flushes"] == 1
+
+
+async def test_lone_unit_of_its_round_flushes_at_once(tiny_dirs):
+    # round_units=1: nothing else can join, so a 100 s window must not be waited out
+    async with ActorSystem() as system:
+        mc, layer, server, batcher, sink, shards, host = await _setup(
+            system, tiny_dirs["qwen3_moe"], BatchingConfig(max_batch_tokens=10**6,
+                                                           max_wait_us=10**8))
+        g = torch.Generator().manual_seed(3)
+        u = _unit(1, layer, mc, 3, shards[0], g, round_units=1)
+        await batcher.tell(u)
+        _, msg = await asyncio.wait_for(sink.get(), 5)
+        stats = await batcher.ask(Stats(), timeout=5)
+    assert isinstance(msg, UnitResult) and stats["complete_flushes"] == 1
+    assert stats["timer_flushes"] == 0 and stats["full_flushes"] == 0
+    torch.testing.assert_close(msg.y, host.compute(layer, u.x, u.expert_ids), rtol=0, atol=0)
+
+
+async def test_round_of_two_waits_for_the_second_unit_then_flushes_both(tiny_dirs):
+    async with ActorSystem() as system:
+        mc, layer, server, batcher, sink, shards, _ = await _setup(
+            system, tiny_dirs["qwen3_moe"], BatchingConfig(max_batch_tokens=10**6,
+                                                           max_wait_us=10**8))
+        g = torch.Generator().manual_seed(4)
+        await batcher.tell(_unit(1, layer, mc, 2, shards[0], g, round_units=2))
+        await batcher.tell(_unit(2, layer, mc, 3, shards[1], g, round_units=2))
+        results = [await asyncio.wait_for(sink.get(), 5) for _ in range(2)]
+        server_stats = await server.ask(Stats(), timeout=5)
+        stats = await batcher.ask(Stats(), timeout=5)
+    assert {who for who, _ in results} == {"shard-0", "shard-1"}
+    assert server_stats["calls"] == 1 and server_stats["rows"] == 5  # one call: it waited
+    assert stats["complete_flushes"] == 1 and stats["multi_shard_flushes"] == 1
+
+
+async def test_units_of_another_layer_do_not_complete_a_round(tiny_dirs):
+    async with ActorSystem() as system:
+        mc, layer, server, batcher, sink, shards, _ = await _setup(
+            system, tiny_dirs["qwen3_moe"], BatchingConfig(max_batch_tokens=10**6,
+                                                           max_wait_us=30_000))
+        g = torch.Generator().manual_seed(5)
+        await batcher.tell(_unit(1, layer, mc, 2, shards[0], g, round_units=2))
+        await batcher.tell(_unit(2, layer + 1, mc, 2, shards[1], g, round_units=2))
+        results = [await asyncio.wait_for(sink.get(), 5) for _ in range(2)]
+        stats = await batcher.ask(Stats(), timeout=5)
+    # layer+1 is not hosted: that call fails, which is fine; neither round was complete
+    assert len(results) == 2 and stats["complete_flushes"] == 0 and stats["timer_flushes"] == 2
