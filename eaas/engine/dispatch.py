@@ -47,6 +47,7 @@ class _Unit:
     sent_at: float
     future: asyncio.Future
     tried: set[str] = field(default_factory=set)
+    notify: Callable[[], None] | None = None  # wakes the ExpertCall waiting on this unit
 
 
 @dataclass(slots=True)
@@ -90,6 +91,7 @@ class Dispatcher:
         for u in list(self.units.values()):
             if u.server in snap.dead and not u.future.done():
                 u.future.set_exception(ServerFailed(f"{u.server} marked dead"))
+                _notify(u)
 
     def on_result(self, msg: UnitResult) -> None:
         u = self.units.get(msg.unit_id)
@@ -102,11 +104,13 @@ class Dispatcher:
             self.counters["stale_results" if stale else "dropped_duplicates"] += 1
             return
         u.future.set_result(msg.y)
+        _notify(u)
 
     def on_failed(self, msg: UnitFailed) -> None:
         u = self.units.get(msg.unit_id)
         if u is not None and msg.attempt == u.attempt and not u.future.done():
             u.future.set_exception(ServerFailed(f"{msg.server}: {msg.reason}"))
+            _notify(u)
 
     # ---- the layer call (split phase: start() sends, ExpertCall.wait() combines) -----------
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -128,31 +132,36 @@ class Dispatcher:
         """Choose a server per expert among live replicas, least loaded first.
 
         Returns ({server: pair indices}, orphan pair indices with no live replica).
+        Example: pairs [0, 1, 2, 3] routed to experts [5, 2, 5, 7], expert 5 on s0 and 2, 7 on s1
+        -> ({"s0": [0, 2], "s1": [1, 3]}, []).
         """
         experts = flat_ids[pair_idx]  # [N]
         uniq, inverse, counts = torch.unique(experts, return_inverse=True, return_counts=True)
         table, dead = self.routing.table[layer], self.routing.dead
         planned: dict[str, int] = defaultdict(int)
-        choice: list[str | None] = []
+        servers: list[str] = []  # distinct choices, in first-chosen order
+        code: list[int] = []  # per unique expert: index into servers, -1 for no live replica
         for e, n in zip(uniq.tolist(), counts.tolist()):
             alive = [s for s in table.get(e, ()) if s not in dead]
             fresh = [s for s in alive if s not in tried] or alive  # all tried: retry the live ones
             if not fresh:
-                choice.append(None)
+                code.append(-1)
                 continue
-            best = min(fresh, key=lambda s: (self.outstanding[s] + planned[s], s in tried))
+            best = fresh[0] if len(fresh) == 1 else \
+                min(fresh, key=lambda s: (self.outstanding[s] + planned[s], s in tried))
             planned[best] += n
-            choice.append(best)
-        groups: dict[str, list[int]] = defaultdict(list)
-        orphans: list[int] = []
-        for pos, slot in zip(pair_idx.tolist(), inverse.tolist()):
-            server = choice[slot]
-            (orphans if server is None else groups[server]).append(pos)
-        return ({s: torch.tensor(p, dtype=torch.long) for s, p in groups.items()},
-                torch.tensor(orphans, dtype=torch.long))
+            if best not in servers:
+                servers.append(best)
+            code.append(servers.index(best))
+        if len(servers) == 1 and -1 not in code:  # one server takes every pair (batch-1 decode)
+            return {servers[0]: pair_idx}, pair_idx[:0]
+        per_pair = torch.tensor(code, dtype=torch.long)[inverse]  # [N] server index per pair
+        groups = {s: pair_idx[per_pair == j] for j, s in enumerate(servers)}
+        return groups, pair_idx[per_pair < 0]
 
     def _send(self, layer: int, rows: torch.Tensor, flat_ids: torch.Tensor, idx: torch.Tensor,
               server: str, attempt: int, tried: set[str]) -> _Unit:
+        """rows: [N, H], row n = the token of pair idx[n] (what the unit carries)."""
         uid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
         u = _Unit(uid, layer, idx, flat_ids[idx], server, attempt, self.routing.generation,
@@ -167,7 +176,7 @@ class Dispatcher:
             self.counters["reroutes"] += 1
         batcher = self.batcher_for(server)
         hint = self.round_units() if self.round_units is not None else 0
-        msg = WorkUnit(uid, attempt, u.generation, layer, rows[idx], u.expert_ids, self.shard_ref,
+        msg = WorkUnit(uid, attempt, u.generation, layer, rows, u.expert_ids, self.shard_ref,
                        hint)
         try:
             if batcher is None:
@@ -195,6 +204,16 @@ class Dispatcher:
         return len(self.units)
 
 
+def _notify(u: _Unit) -> None:
+    if u.notify is not None:
+        u.notify()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class StepCancelled(Exception):
     """Every request of the step was aborted; its work units were retired."""
 
@@ -209,8 +228,8 @@ class ExpertCall:
         self.T, self.K = topk_ids.shape
         self.topk_weights = topk_weights
         self.flat_ids = topk_ids.reshape(-1).cpu()  # [T*K]: routing bookkeeping lives on the host
-        self.rows = x.repeat_interleave(self.K, dim=0)  # [T*K, H]: pair p = (t, k) reads x[t]
-        self.out = torch.zeros_like(self.rows)  # [T*K, H]
+        self.x = x  # [T, H]: pair p = (t, k) reads x[t], t = p // K
+        self.out = x.new_zeros((self.T * self.K, x.shape[1]))  # [T*K, H]
         self.skipped = torch.zeros(self.T * self.K, dtype=torch.bool)  # pairs not contributing
         self.filled = torch.zeros(self.T * self.K, dtype=torch.int32)  # times each pair combined
         self.failed_tokens: set[int] = set()
@@ -218,6 +237,11 @@ class ExpertCall:
         self.live: dict[asyncio.Future, _Unit] = {}
         self.parked: list[torch.Tensor] = []
         self.wait_started: float | None = None
+        self._waiter: asyncio.Future | None = None  # wait() sleeps on it; a unit's end wakes it
+
+    def _notify(self) -> None:
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
@@ -227,7 +251,8 @@ class ExpertCall:
         else:
             groups, orphans = d._assign(self.layer, self.flat_ids, pair_idx, tried)
         for server, idx in groups.items():
-            u = d._send(self.layer, self.rows, self.flat_ids, idx, server, attempt, tried)
+            u = d._send(self.layer, self._rows(idx), self.flat_ids, idx, server, attempt, tried)
+            u.notify = self._notify
             self.live[u.future] = u
         if orphans.numel() == 0:
             return
@@ -247,6 +272,15 @@ class ExpertCall:
             d.counters["failed_pairs"] += int(orphans.numel())
             self.failed_tokens.update(tokens)
 
+    def _on_device(self, idx: torch.Tensor) -> torch.Tensor:
+        """A host index tensor copied to x's device without a host sync (a blocking copy would
+        wait for all the GPU work queued so far)."""
+        return idx if self.x.device.type == "cpu" else idx.to(self.x.device, non_blocking=True)
+
+    def _rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """[N, H]: the token row of each pair in idx (pair p reads x[p // K])."""
+        return self.x.index_select(0, self._on_device(idx // self.K))
+
     def cancel(self) -> None:
         """Retire every unit in flight now (late results are dropped); wait() raises."""
         self.cancelled = True
@@ -255,6 +289,7 @@ class ExpertCall:
             self.d._close(u)
             self.d._retire(u)
         self.live.clear()
+        self._notify()  # a wait() in progress ends now
 
     async def wait(self) -> ExpertsOutput:
         d, timeout = self.d, self.d.fault.unit_timeout_s
@@ -270,20 +305,29 @@ class ExpertCall:
                     for idx in todo:
                         self.send(idx, set(), 0)
                     continue
-                now = time.monotonic()
-                deadline = min(u.sent_at for u in self.live.values()) + timeout
-                done, _ = await asyncio.wait(list(self.live), timeout=max(0.0, deadline - now),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                if not any(fut.done() for fut in self.live):
+                    # sleep until a unit ends (its result, failure or death notice pokes the
+                    # waiter directly: no per-future callbacks) or the oldest unit's deadline
+                    deadline = min(u.sent_at for u in self.live.values()) + timeout
+                    loop = asyncio.get_running_loop()
+                    self._waiter = waiter = loop.create_future()
+                    timer = loop.call_later(max(0.0, deadline - time.monotonic()), _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        self._waiter = None
                 if self.cancelled:
                     break
                 now = time.monotonic()
                 for fut in list(self.live):
                     u = self.live[fut]
-                    if fut in done:
+                    if fut.done():
                         del self.live[fut]
                         d._close(u)
                         if fut.exception() is None:
-                            self.out[u.pair_idx] = fut.result().to(self.out.device, self.out.dtype)
+                            y = fut.result().to(self.out.device, self.out.dtype)  # [N, H]
+                            self.out.index_copy_(0, self._on_device(u.pair_idx), y)
                             self.filled[u.pair_idx] += 1
                             d.counters["units_combined"] += 1
                             d._finished[u.unit_id] = "done"
