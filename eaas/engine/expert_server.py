@@ -72,8 +72,11 @@ class ExpertHost:
                             f"(it hosts layers {sorted(self.banks)})")
         self.calls += 1
         self.rows += int(x.shape[0])
-        with torch.no_grad():  # rows may arrive from another device (a shard on another GPU)
-            return bank.forward(x.to(self.device), expert_ids.to(self.device))
+        # rows may arrive from another device (a shard on another GPU); expert ids stay where
+        # they are: host ids are checked and mapped on the host (no device sync, see ExpertBank)
+        with torch.no_grad():
+            ids = expert_ids if self.device.type != "cpu" else expert_ids.to(self.device)
+            return bank.forward(x.to(self.device), ids)
 
 
 class ExpertServer(Actor):

@@ -186,6 +186,7 @@ class ExpertBank:
             self._w2 = down.contiguous()  # [E_local, H, F]
             lut = torch.full((max(expert_ids) + 1,), -1, dtype=torch.long)
             lut[list(expert_ids)] = torch.arange(len(expert_ids))
+            self._lut_host = lut  # checks and maps host expert ids without a device sync
             self._lut = lut.to(gate.device)
             self._kernel_cfg = None  # batch-invariant: one block config for every batch size
 
@@ -248,18 +249,33 @@ class ExpertBank:
         from eaas_kernels.grouped_gemm import expert_rows_triton, moe_config_for
 
         assert self._lut is not None and self._w13 is not None and self._w2 is not None
-        ids = expert_ids.to(x.device)
-        if ids.numel() == 0:
+        if expert_ids.numel() == 0:
             return x.new_empty(x.shape)
-        if int(ids.max()) >= self._lut.numel() or bool((self._lut[ids] < 0).any()):
-            bad = sorted({e for e in ids.tolist() if e not in self._local})
-            raise ValueError(f"layer {self.layer_idx}: experts {bad} are not hosted here "
-                             f"(hosted: {list(self.expert_ids)})")
+        if expert_ids.device.type == "cpu":
+            # ids from a work unit live on the host: check and map them there, then copy the
+            # local slots over without a sync (each sync would wait for all queued GPU work)
+            ids = expert_ids.to(torch.long)
+            lut = self._lut_host
+            if int(ids.max()) >= lut.numel() or int(ids.min()) < 0 or bool((lut[ids] < 0).any()):
+                self._not_hosted(ids)
+            local = lut[ids].to(x.device, non_blocking=True)  # [N]
+        else:
+            ids = expert_ids.to(x.device)
+            lut = self._lut
+            safe = ids.clamp(0, lut.numel() - 1)  # [N]
+            if bool(((ids != safe) | (lut[safe] < 0)).any()):  # the one sync of this path
+                self._not_hosted(ids)
+            local = lut[safe]
         cfg = None
         if self.batch_invariant:
             if self._kernel_cfg is None:
                 self._kernel_cfg = moe_config_for(x, self._w13, 1, 1)
             cfg = self._kernel_cfg
-        return expert_rows_triton(x, self._lut[ids], self._w13, self._w2, config=cfg)
+        return expert_rows_triton(x, local, self._w13, self._w2, config=cfg)
+
+    def _not_hosted(self, ids: torch.Tensor) -> None:
+        bad = sorted({e for e in ids.tolist() if e not in self._local})
+        raise ValueError(f"layer {self.layer_idx}: experts {bad} are not hosted here "
+                         f"(hosted: {list(self.expert_ids)})")
 
     __call__ = forward

@@ -65,3 +65,24 @@ def test_cuda_attention_batch_equals_per_request(tiny_dir, arch, batch_invariant
     )
     caches = _run_schedule(model, SCHEDULE, exact=batch_invariant, device="cuda")
     assert caches[2].capacity(0) == 32
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_cuda_bank_host_ids_equal_device_ids(tiny_dir, arch):
+    """Expert ids on the host (as work units carry them) are checked and mapped without a device
+    sync; the rows are bitwise those of device ids, and an id not hosted is refused either way."""
+    ckpt = Checkpoint.open(tiny_dir(arch))
+    cfg = ckpt.config
+    layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
+    hosted = list(range(1, cfg.num_experts, 2))
+    bank = ExpertBank.load(ckpt, layer, hosted, torch.float32, "cuda")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(33, cfg.hidden_size, generator=gen).cuda()
+    ids = torch.tensor(hosted)[torch.randint(0, len(hosted), (33,), generator=gen)]  # [33] host
+    assert torch.equal(bank.forward(x, ids), bank.forward(x, ids.cuda()))
+    for bad in (0, cfg.num_experts + 3, -1):
+        wrong = ids.clone()
+        wrong[5] = bad
+        for where in ("cpu", "cuda"):
+            with pytest.raises(ValueError, match="not hosted"):
+                bank.forward(x, wrong.to(where))
