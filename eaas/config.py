@@ -117,7 +117,10 @@ class PlacementConfig:
 
 @dataclass(frozen=True, slots=True)
 class BatchingConfig:
-    """Expert-side batching: flush at max_batch_tokens rows or after max_wait_us."""
+    """Expert-side batching: a layer's pending rows are flushed at max_batch_tokens rows, once
+    every unit that can come this round is there (one per lane running a step in the engine: a
+    lone request never waits), or after max_wait_us (kept to the microsecond: the last
+    millisecond is polled, since asyncio's epoll timers round up to whole milliseconds)."""
 
     max_batch_tokens: int = 512
     max_wait_us: int = 200

@@ -245,6 +245,7 @@ class ExpertCall:
 
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
+        groups: dict[str, torch.Tensor]
         if attempt >= d.fault.max_unit_attempts:  # a livelock guard: it keeps failing everywhere
             groups, orphans = {}, pair_idx
             d.counters["attempts_exhausted"] += 1
