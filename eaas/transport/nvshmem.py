@@ -400,12 +400,6 @@ class NvshmemConnection(StreamConnection):
         else:
             self._drain_waiters.append(future)
 
-    def _send_control(self, kind: int, **extra: Any) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            return
-        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
-        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
-
     # ---- polling CUDA events (never a synchronize on the loop) ------------------------
     def _schedule_poll(self) -> None:
         """Poll the CUDA events soon: every loop turn for a short while (puts of a few MiB

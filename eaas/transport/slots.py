@@ -29,7 +29,7 @@ import torch
 
 from eaas.errors import FrameError, TransportError
 from eaas.transport.base import SendHandle
-from eaas.transport.codec import KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage
+from eaas.transport.codec import KIND_MESSAGE
 from eaas.transport.limits import TransportLimits
 from eaas.transport.stream import _NOTHING, StreamConnection
 
@@ -136,12 +136,6 @@ class SlotConnection(StreamConnection, Generic[SlotT]):
         self._pool_bytes[self._slot_pool.pop(slot_id)] -= slot.size
         self._destroy(slot)
         self._send_control(KIND_DROP, d=slot_id)
-
-    def _send_control(self, kind: int, **extra: Any) -> None:
-        if self._closed or self._transport is None or self._transport.is_closing():
-            return
-        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
-        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
 
     def _flush_pending(self) -> None:
         while self._pending and not self._closed:

@@ -22,8 +22,8 @@ import torch
 
 from eaas.errors import FrameError, TransportError
 from eaas.transport.base import Connection, Handler, Inbox, Listener, SendHandle
-from eaas.transport.codec import (KIND_MESSAGE, PREFIX_BYTES, build_tensors, check_prefix,
-                                  flatten, parse_header, unflatten)
+from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, PREFIX_BYTES, EncodedMessage,
+                                  build_tensors, check_prefix, flatten, parse_header, unflatten)
 from eaas.transport.limits import TransportLimits
 
 __all__ = ["StreamConnection", "StreamListener"]
@@ -104,6 +104,13 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         future = asyncio.get_running_loop().create_future()
         self._drain_waiters.append(future)
         return SendHandle(future)
+
+    def _send_control(self, kind: int, **extra: Any) -> None:
+        """Write a body-less control frame of `kind` with header fields `extra` (if open)."""
+        if self._closed or self._transport is None or self._transport.is_closing():
+            return
+        header = EncodedMessage(tree=b"\xc0").header(kind, **extra)
+        self._write_parts([PREFIX.pack(MAGIC, len(header), 0) + header])
 
     def pause_writing(self) -> None:
         self._write_paused = True
