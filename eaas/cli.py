@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -135,6 +136,10 @@ def _run(args: argparse.Namespace) -> int:
 
         asyncio.run(serve(cfg, host=args.host, port=args.port, admin_token=args.admin_token,
                           ready_file=args.ready_file))
+        if cfg.placement.transport == "nvshmem":  # NVSHMEM's finalize at exit is collective:
+            sys.stdout.flush()  # with a server killed earlier it would wait forever
+            sys.stderr.flush()
+            os._exit(0)
         return 0
     if args.cmd == "bench":
         return asyncio.run(_bench(cfg, args.num_prompts, args.max_tokens, args.prompt_len))
