@@ -240,7 +240,7 @@ def main() -> int:
 
         checks(rank, dev)
     if "nvshmem_tr" not in args.skip:  # the transport's fabric: windows of 8 x 8 MiB
-        from eaas.transport.nvshmem import join_fabric
+        from eaas.transport.fabric import join_fabric
 
         join_fabric("unused:0", rank, 2, dev, slot_bytes=8 << 20, num_slots=16)
     bw = p2p_bandwidth(dev, rank)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from eaas.gpu import init_rank  # noqa: E402
 from eaas.transport import connect, listen  # noqa: E402
-from eaas.transport.nvshmem import join_fabric  # noqa: E402
+from eaas.transport.fabric import join_fabric  # noqa: E402
 
 PAYLOADS = {"control": None, "rows 128x2048": (128, 2048), "rows 512x7168": (512, 7168)}
 

@@ -22,7 +22,7 @@ PLACEMENTS = ("round_robin", "contiguous", "explicit")
 NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
 TRANSPORTS = ("tcp", "shm", "cudaipc", "nvshmem")
-NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.nvshmem.ALIGN)
+NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.fabric.ALIGN)
 
 
 def _check(cond: bool, name: str, value: object, allowed: str) -> None:

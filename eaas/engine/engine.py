@@ -187,7 +187,7 @@ class AsyncEngine:
         if self._system is not None:
             await self._system.stop()
         if self._fabric_seat is not None:
-            from eaas.transport.nvshmem import close_fabric
+            from eaas.transport.fabric import close_fabric
 
             # local only; the process group stays: destroying it could wait on a dead peer
             close_fabric()

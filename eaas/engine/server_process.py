@@ -27,7 +27,7 @@ from typing import Any
 
 
 def _join(args: argparse.Namespace) -> None:
-    from eaas.transport.nvshmem import join_fabric
+    from eaas.transport.fabric import join_fabric
 
     store, rank, world = args.fabric
     slot_bytes, num_slots = args.fabric_slots

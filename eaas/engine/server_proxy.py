@@ -34,7 +34,7 @@ FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
 
 @dataclass(frozen=True, slots=True)
 class FabricSeat:
-    """One rank's place in the engine's NVSHMEM job (eaas.transport.nvshmem.join_fabric).
+    """One rank's place in the engine's NVSHMEM job (eaas.transport.fabric.join_fabric).
 
     store: "host:port" of the rendezvous, hosted by rank 0 (the engine); world_size: 1 + the
     servers that exist at start-up; rank: 0 for the engine, i + 1 for start-up server i.
@@ -78,7 +78,7 @@ async def join_fabric_in_thread(seat: FabricSeat, device: str, joined: asyncio.E
     It blocks until every rank joins (or seat.timeout_s passes); the event loop keeps running,
     and a start-up that fails meanwhile neither waits for the thread nor is held by it at exit.
     """
-    from eaas.transport.nvshmem import join_fabric
+    from eaas.transport.fabric import join_fabric
 
     loop = asyncio.get_running_loop()
     done: asyncio.Future[None] = loop.create_future()

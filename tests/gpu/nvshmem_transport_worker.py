@@ -23,7 +23,7 @@ import torch.distributed as dist
 from eaas.errors import TransportError
 from eaas.gpu import init_rank
 from eaas.transport import DTYPES, connect, listen
-from eaas.transport.nvshmem import join_fabric
+from eaas.transport.fabric import join_fabric
 
 SLOT, SLOTS = 1 << 20, 8  # window: 4 slots = 4 MiB per connection end
 

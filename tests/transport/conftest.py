@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from eaas.transport import Connection, Listener, listen
-from eaas.transport.nvshmem import close_fabric, current_fabric, open_host_fabric
+from eaas.transport.fabric import close_fabric, current_fabric, open_host_fabric
 
 LISTEN_URLS = {"inproc": "inproc://", "tcp": "tcp://127.0.0.1:0", "shm": "shm://",
                "cudaipc": "cudaipc://",  # cudaipc: CPU tensors inline; CUDA ones in tests/gpu

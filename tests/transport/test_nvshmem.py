@@ -13,7 +13,7 @@ import torch
 
 from eaas.errors import TransportError
 from eaas.transport import TransportLimits, connect, listen
-from eaas.transport.nvshmem import HostFabric, close_fabric, current_fabric, open_host_fabric
+from eaas.transport.fabric import HostFabric, close_fabric, current_fabric, open_host_fabric
 
 pytestmark = pytest.mark.timeout(30)
 
