@@ -19,8 +19,13 @@ arrive in send order. Different pairs are independent: no rank waits for a third
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Sequence
 
-__all__ = ["ChannelLayout", "slot_of", "credit_needed", "arrival_target", "PairState"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ChannelLayout", "slot_of", "credit_needed", "arrival_target", "PairState",
+           "exchange_reference"]
 
 
 def slot_of(seq: int, num_slots: int) -> int:
@@ -141,3 +146,35 @@ class PairState:
         self.recvd += 1
         self.credit = self.recvd  # signal_op SET on the sender
         return payload
+
+
+def exchange_reference(puts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                       max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What one round of the direct path computes: every rank puts, then every rank gathers.
+
+    puts[s] = (rows [N_s, H], offsets [W + 1], tags [N_s] or None) of rank s, as given to
+    `NvshmemChannel.put`. Returns per rank d (out [W, R, H], out_meta [W, R + 1]) as
+    `NvshmemChannel.gather` leaves them: out[s, :n] = rank s's rows for d and
+    out_meta[s] = [n, tags...] with n = min(group size, R); entries past n are zero here (the
+    kernels leave them untouched). Pure torch on any device.
+    """
+    import torch
+
+    world = len(puts)
+    hidden = puts[0][0].shape[1]
+    outs = []
+    for d in range(world):
+        out = torch.zeros(world, max_rows, hidden, dtype=puts[0][0].dtype)
+        meta = torch.zeros(world, max_rows + 1, dtype=torch.int64)
+        for s, (rows, offsets, tags) in enumerate(puts):
+            if offsets.shape != (world + 1,):
+                raise ValueError(f"rank {s}: offsets must have {world + 1} entries, got "
+                                 f"{tuple(offsets.shape)}")
+            a, b = int(offsets[d]), int(offsets[d + 1])
+            n = min(b - a, max_rows)
+            out[s, :n] = rows[a:a + n].cpu()
+            meta[s, 0] = n
+            if tags is not None:
+                meta[s, 1:1 + n] = tags[a:a + n].cpu()
+        outs.append((out, meta))
+    return outs

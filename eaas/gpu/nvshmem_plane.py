@@ -8,6 +8,10 @@ IBGDA NICs, across hosts). Every rank creates the same channels in the same orde
     ch.send(peer, rows, meta)            # rows [>=n, H] on this GPU; meta [R+1] int64 [n, tags..]
     ch.recv(src, out, out_meta)          # waits on the GPU, copies the n rows into out [R, H]
 
+    # the direct path (every peer in this NVLink domain): one launch to all ranks / from all
+    ch.put(rows, offsets, tags)          # rows [N, H] grouped by destination, offsets [W+1]
+    ch.gather(out, out_meta)             # out [W, R, H], out_meta [W, R+1]
+
 Both calls only enqueue kernels on the current stream (no host sync, no allocation), so they can
 be captured in a CUDA graph after one warm-up launch. A send waits on the GPU for credit when
 the receiver still holds all S slots of the pair; a receive waits on the GPU for the signal.
@@ -19,7 +23,14 @@ send can wait for credit. A kernel's first launch loads its module and runs
 spinning send among them never finishes. (Our best explanation of the two-rank credit check's
 hang on the H200s; the warmed-up check has not run on a GPU yet.)
 
-`eaas.gpu.credits` holds the reference arithmetic; `eaas_kernels.nvshmem_p2p` the kernels.
+`put`/`gather` (`eaas_kernels.nvlink_p2p`) store straight into peers' heaps through NVSHMEM's
+peer mappings (`nvshmem_ptr`, i.e. NVLink loads/stores): plain Triton, so none of the hazards of
+NVSHMEM device code apply, and one launch serves every destination. `send`/`recv`
+(`eaas_kernels.nvshmem_p2p`, `putmem_signal_block`) are the path for peers without a mapping
+(IBGDA across hosts). Both keep the same slots, counts and credit words, but a channel must use
+one path or the other for its whole life.
+
+`eaas.gpu.credits` holds the reference arithmetic and `exchange_reference` the reference result.
 NVSHMEM cannot admit a process after start-up: a restarted server joins over cudaipc://.
 """
 
@@ -33,6 +44,8 @@ import torch
 from eaas.gpu.credits import ChannelLayout
 
 __all__ = ["NvshmemChannel", "NvshmemPlane", "nvshmem_available"]
+
+DIRECT_BLOCK = 4096  # elements per copy step of the direct path (8 KiB of bf16 per CTA)
 
 
 def nvshmem_available() -> bool:
@@ -53,6 +66,12 @@ def _kernels() -> Any:
     return nvshmem_p2p
 
 
+def _direct() -> Any:
+    from eaas_kernels import nvlink_p2p  # noqa: PLC0415
+
+    return nvlink_p2p
+
+
 @dataclass(slots=True)
 class NvshmemChannel:
     """The symmetric mailboxes of one channel on this rank, plus its local counters.
@@ -62,6 +81,11 @@ class NvshmemChannel:
     sig    [W]          int64 symmetric: arrivals from each source (C per message).
     credit [W]          int64 symmetric: messages each destination consumed from me.
     sent, recvd [W]     int64 local counters (device), so launches need no host values.
+    delta  [4, W]       int64: element offset from this rank's recv/meta/sig/credit to rank d's
+                        (NVSHMEM's peer mapping); None when some peer has no mapping.
+    done   [2, W]       int64: CTAs finished per put / gather (the last one bumps the counter).
+    nvshmem             the buffers are NVSHMEM's (send/recv work); False: torch's CUDA
+                        symmetric memory (CUDA IPC mappings), where only the direct path runs.
     """
 
     layout: ChannelLayout
@@ -72,6 +96,9 @@ class NvshmemChannel:
     credit: torch.Tensor
     sent: torch.Tensor
     recvd: torch.Tensor
+    delta: torch.Tensor | None = None
+    done: torch.Tensor | None = None
+    nvshmem: bool = True
     _host_recvd: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -85,7 +112,7 @@ class NvshmemChannel:
         meta: [R + 1] int64 on the GPU: meta[0] = n (0 <= n <= R), meta[1:1+n] tags.
         `rows` and `meta` must not change until the send has executed (stream order).
         """
-        k, lay = _kernels(), self.layout
+        k, lay = self._need_nvshmem("send"), self.layout
         lay_check(lay, peer, rows, meta)
         k.send_kernel[(lay.ctas_per_send,)](
             self.recv_buf, self.meta, self.sig, self.credit, self.sent, rows, meta,
@@ -100,7 +127,7 @@ class NvshmemChannel:
         out_meta: [R + 1] int64: [n, tags...] written (n on the device; read it without a
                   host sync by launching work sized R with a mask, or copy it back async).
         """
-        k, lay = _kernels(), self.layout
+        k, lay = self._need_nvshmem("recv"), self.layout
         if out.shape != (lay.max_rows, lay.hidden) or out_meta.shape != (lay.max_rows + 1,):
             raise ValueError(f"recv: out must be [{lay.max_rows}, {lay.hidden}] and out_meta "
                              f"[{lay.max_rows + 1}], got {tuple(out.shape)}, "
@@ -119,7 +146,7 @@ class NvshmemChannel:
         released. The slot index comes from a host-side mirror of the counter, so unlike
         `recv` this is not replayable from a CUDA graph (a replay would reuse one slot).
         """
-        k, lay = _kernels(), self.layout
+        k, lay = self._need_nvshmem("recv_view"), self.layout
         slot = self._host_recvd[src] % lay.num_slots
         k.recv_kernel[(1,)](
             self.recv_buf, self.meta, self.sig, self.recvd, self.recv_buf, self.meta,
@@ -129,9 +156,112 @@ class NvshmemChannel:
 
     def release(self, src: int) -> None:
         """Enqueue: the current message from `src` is consumed; give its slot back (credit)."""
-        k = _kernels()
+        k = self._need_nvshmem("release")
         self._host_recvd[src] += 1
         k.ack_kernel[(1,)](self.recvd, self.credit, src, self.rank, k.SIGNAL_SET, num_warps=1)
+
+    # -- direct path: NVLink loads/stores through the peer mappings, all ranks in one launch --
+
+    def put(self, rows: torch.Tensor, offsets: torch.Tensor, tags: torch.Tensor | None = None
+            ) -> None:
+        """Enqueue one message to every rank: rows[offsets[d]:offsets[d+1]] go to rank d.
+
+        rows:    [N, H] contiguous, this channel's dtype, on this GPU, grouped by destination.
+        offsets: [W + 1] int64 on the GPU, non-decreasing, offsets[0] = 0; a group longer than
+                 R rows is cut to R (split it over several puts).
+        tags:    [N] int64 on the GPU (e.g. token index or expert id), delivered beside the rows.
+        Rank d's slot is written only after d handed it back (credit): a put may wait on the GPU.
+        """
+        lay = self.layout
+        if offsets.dtype != torch.int64 or offsets.shape != (lay.world_size + 1,):
+            raise ValueError(f"put: offsets must be int64 [{lay.world_size + 1}], got "
+                             f"{offsets.dtype} {tuple(offsets.shape)}")
+        self._put(rows, offsets, 1, offsets, 1, tags, grouped=True)
+
+    def put_spans(self, rows: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor,
+                  tags: torch.Tensor | None = None) -> None:
+        """Like `put`, but rank d gets rows[starts[d] : starts[d] + counts[d]].
+
+        starts, counts: [W] int64 on the GPU, any stride (e.g. counts = out_meta[:, 0] of a
+        gather, to send each source's rows back from where they landed). Counts past R are cut.
+        """
+        lay = self.layout
+        for name, t in (("starts", starts), ("counts", counts)):
+            if t.dtype != torch.int64 or t.shape != (lay.world_size,):
+                raise ValueError(f"put_spans: {name} must be int64 [{lay.world_size}], got "
+                                 f"{t.dtype} {tuple(t.shape)}")
+        self._put(rows, starts, starts.stride(0), counts, counts.stride(0), tags, grouped=False)
+
+    def _put(self, rows: torch.Tensor, a: torch.Tensor, a_stride: int, n: torch.Tensor,
+             n_stride: int, tags: torch.Tensor | None, grouped: bool) -> None:
+        lay, delta = self.layout, self._need_direct("put")
+        if rows.dim() != 2 or rows.shape[1] != lay.hidden or not rows.is_contiguous():
+            raise ValueError(f"put: rows must be contiguous [N, {lay.hidden}], got "
+                             f"{tuple(rows.shape)}")
+        if tags is not None and (tags.dtype != torch.int64 or tags.shape != rows.shape[:1]):
+            raise ValueError(f"put: tags must be int64 [{rows.shape[0]}], got "
+                             f"{tags.dtype} {tuple(tags.shape)}")
+        _direct().put_kernel[(lay.ctas_per_send, lay.world_size)](
+            self.recv_buf, self.meta, self.sig, self.credit, delta, self.sent, self.done[0],
+            rows, a, a_stride, n, n_stride, a if tags is None else tags,
+            self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden,
+            BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, num_warps=8)
+
+    def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 32) -> None:
+        """Enqueue: wait for the next message from every rank, copy each out, give slots back.
+
+        out:      [W, R, H]: out[s, :n_s] = the rows rank s put for this rank.
+        out_meta: [W, R + 1] int64: out_meta[s] = [n_s, tags...].
+        """
+        lay, delta = self.layout, self._need_direct("gather")
+        w, r, h = lay.world_size, lay.max_rows, lay.hidden
+        if out.shape != (w, r, h) or out_meta.shape != (w, r + 1) or not out.is_contiguous():
+            raise ValueError(f"gather: out must be contiguous [{w}, {r}, {h}] and out_meta "
+                             f"[{w}, {r + 1}], got {tuple(out.shape)}, {tuple(out_meta.shape)}")
+        _direct().gather_kernel[(ctas, w)](
+            self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
+            out, out_meta, self.rank, w, lay.num_slots, r, h, lay.ctas_per_send,
+            BLOCK=DIRECT_BLOCK, COPY=True, num_warps=8)
+        self._host_recvd = [n + 1 for n in self._host_recvd]  # eager mirror (see wait_all)
+
+    def wait_all(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Enqueue a wait for the next message from every rank; return views of their slots.
+
+        Returns (rows, meta): per source s, rows [R, H] and meta [R+1] ALIASING the mailboxes
+        (zero copy), valid for work enqueued after this call until `release_all()`. Slots come
+        from a host-side mirror of the counters: a CUDA graph may capture wait_all/release_all
+        only as S rounds in a row, starting from a count that is a multiple of S (each replay
+        then sees the same slots in the same order).
+        """
+        lay, delta = self.layout, self._need_direct("wait_all")
+        w = lay.world_size
+        _direct().gather_kernel[(1, w)](
+            self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
+            self.recv_buf, self.meta, self.rank, w, lay.num_slots, lay.max_rows, lay.hidden,
+            lay.ctas_per_send, BLOCK=DIRECT_BLOCK, COPY=False, num_warps=1)
+        slots = [n % lay.num_slots for n in self._host_recvd]
+        return ([self.recv_buf[s, slot] for s, slot in enumerate(slots)],
+                [self.meta[s, slot] for s, slot in enumerate(slots)])
+
+    def release_all(self) -> None:
+        """Enqueue: every slot returned by `wait_all` is consumed; hand them back (credit)."""
+        lay, delta = self.layout, self._need_direct("release_all")
+        self._host_recvd = [n + 1 for n in self._host_recvd]
+        _direct().release_kernel[(lay.world_size,)](self.credit, delta, self.recvd, self.rank,
+                                                    lay.world_size, num_warps=1)
+
+    def _need_nvshmem(self, what: str) -> Any:
+        if not self.nvshmem:
+            raise RuntimeError(f"{what}: this channel's buffers are CUDA symmetric memory, not "
+                               "NVSHMEM; use put/gather (the direct path)")
+        return _kernels()
+
+    def _need_direct(self, what: str) -> torch.Tensor:
+        if self.delta is None:
+            raise RuntimeError(f"{what}: no direct path on this channel: some peer has no NVLink "
+                               "mapping (NVSHMEM's nvshmem_ptr is NULL, e.g. another host) or "
+                               "hidden is not a multiple of 8; use send/recv (putmem_signal)")
+        return self.delta
 
 
 def lay_check(lay: ChannelLayout, peer: int, rows: torch.Tensor, meta: torch.Tensor) -> None:
@@ -143,6 +273,25 @@ def lay_check(lay: ChannelLayout, peer: int, rows: torch.Tensor, meta: torch.Ten
         raise ValueError("meta must be int64 [R + 1] with meta[0] = row count")
 
 
+def _peer_deltas(handles: list[Any], bufs: tuple[torch.Tensor, ...], rank: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """[4, W] int64: element offset from each local buffer to the same buffer on rank d.
+
+    NVSHMEM maps every peer's heap reachable by loads/stores (NVLink) into this process
+    (`buffer_ptrs[d]`, from nvshmem_ptr); an unmapped peer (0), or rows / offsets that are not
+    multiples of 8 elements, means no direct path.
+    """
+    rows = []
+    if bufs[0].shape[-1] % 8:  # the copy loop's 16-byte vector hints need 8-element rows
+        return None
+    for hdl, buf in zip(handles, bufs):
+        ptrs = [int(p) for p in hdl.buffer_ptrs]
+        if not all(ptrs) or any((p - ptrs[rank]) % (8 * buf.element_size()) for p in ptrs):
+            return None
+        rows.append([(p - ptrs[rank]) // buf.element_size() for p in ptrs])
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
 class NvshmemPlane:
     """Channels on one rank; create collectively (same layouts, same order) on every rank."""
 
@@ -152,13 +301,15 @@ class NvshmemPlane:
 
     @classmethod
     def create(cls, group: Any, device: torch.device | str,
-               layouts: Mapping[str, ChannelLayout]) -> NvshmemPlane:
+               layouts: Mapping[str, ChannelLayout], backend: str = "NVSHMEM") -> NvshmemPlane:
         """Allocate every channel's symmetric buffers (collective) and zero the words.
 
         group:   a torch.distributed ProcessGroup (NCCL) whose ranks are this plane's PEs.
         device:  this rank's GPU, e.g. "cuda:1" (explicit index: NVSHMEM wants one device).
-        Sets torch's symmetric-memory backend to NVSHMEM (must precede any other symmetric
-        allocation in this process); warm the kernels up before timing or capturing.
+        backend: torch symmetric-memory backend: "NVSHMEM" (both paths) or "CUDA" (CUDA IPC
+                 mappings, same host only: the direct path alone, the cudaipc:// flavour).
+        Sets torch's symmetric-memory backend (must precede any other symmetric allocation in
+        this process); warm the kernels up before timing or capturing.
         """
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
@@ -166,8 +317,10 @@ class NvshmemPlane:
         device = torch.device(device)
         if device.type != "cuda" or device.index is None:
             raise ValueError(f"device must be an explicit cuda:N, got {device}")
-        if symm_mem.get_backend(device) != "NVSHMEM":
-            symm_mem.set_backend("NVSHMEM")
+        if backend not in ("NVSHMEM", "CUDA"):
+            raise ValueError(f"backend {backend!r}: must be 'NVSHMEM' or 'CUDA'")
+        if symm_mem.get_backend(device) != backend:
+            symm_mem.set_backend(backend)
         rank = dist.get_rank(group)
         name = group.group_name
         channels = {}
@@ -180,11 +333,13 @@ class NvshmemPlane:
             meta = symm_mem.empty(lay.meta_shape, dtype=torch.int64, device=device)
             sig = symm_mem.empty(lay.world_size, dtype=torch.int64, device=device).zero_()
             credit = symm_mem.empty(lay.world_size, dtype=torch.int64, device=device).zero_()
-            for t in (recv, meta, sig, credit):
-                symm_mem.rendezvous(t, name)
+            handles = [symm_mem.rendezvous(t, name) for t in (recv, meta, sig, credit)]
             zeros = torch.zeros(lay.world_size, dtype=torch.int64, device=device)
-            channels[key] = NvshmemChannel(lay, rank, recv, meta, sig, credit,
-                                           zeros, zeros.clone())
+            channels[key] = NvshmemChannel(
+                lay, rank, recv, meta, sig, credit, zeros, zeros.clone(),
+                _peer_deltas(handles, (recv, meta, sig, credit), rank, device),
+                torch.zeros(2, lay.world_size, dtype=torch.int64, device=device),
+                backend == "NVSHMEM")
         torch.cuda.synchronize(device)  # start-up only: words are zero before anyone signals
         dist.barrier(group)
         return cls(channels, name)

@@ -1,4 +1,5 @@
-"""nvshmem:// mailboxes on two GPUs: round trips under credit pressure, and a CUDA graph."""
+"""nvshmem:// mailboxes on two GPUs: round trips under credit pressure, and a CUDA graph;
+the direct path (put / gather) over NVSHMEM's heap and over CUDA IPC mappings."""
 
 from __future__ import annotations
 
@@ -25,4 +26,16 @@ def test_two_rank_round_trip_credits_and_graph_replay() -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     for check in ("credits_round_trip_and_self_send", "cuda_graph_replay_20"):
+        assert log.count(f"PASS {check}") == 2, log[-4000:]
+
+
+@pytest.mark.parametrize("backend", ["NVSHMEM", "CUDA"])
+def test_direct_path_rounds_credits_graph_and_views(backend: str) -> None:
+    proc = subprocess.run(
+        [PYTHON, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29519",
+         os.path.join(ROOT, "tests", "gpu", "nvshmem_direct_worker.py"), backend],
+        env=child_env(), capture_output=True, text=True, timeout=240, cwd=ROOT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for check in ("rounds", "credits", "graph_replay_20", "view"):
         assert log.count(f"PASS {check}") == 2, log[-4000:]

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-KERNEL_MODULES = ("eaas_kernels.topk_gating", "eaas_kernels.moe_align", "eaas_kernels.grouped_gemm")
+KERNEL_MODULES = ("eaas_kernels.topk_gating", "eaas_kernels.moe_align", "eaas_kernels.grouped_gemm",
+                  "eaas_kernels.nvlink_p2p")
 
 
 INTERPRET = not HAS_CUDA

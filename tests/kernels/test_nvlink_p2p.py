@@ -1,0 +1,139 @@
+"""The nvshmem:// direct path's kernels (put / gather / release) in Triton's CPU interpreter.
+
+W "ranks" live in this one process: each has its own buffers, and the deltas the kernels add to
+reach a peer are plain address differences, as NVSHMEM's peer mappings are on a GPU. Launches
+run one after another here, so a put that would wait for credit is not exercised (the two-GPU
+worker, tests/gpu/nvshmem_direct_worker.py, does that); everything else is: rows, tags, counts,
+slots, signals, credits, spans, the zero-copy view, against `exchange_reference`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eaas.gpu import ChannelLayout
+from eaas.gpu.credits import exchange_reference
+from eaas.gpu.nvshmem_plane import NvshmemChannel
+
+from .conftest import interpreter_only
+
+pytestmark = interpreter_only
+W, S, R, H = 3, 2, 6, 16
+
+
+def host_plane(dtype: torch.dtype = torch.float32, ctas: int = 2) -> list[NvshmemChannel]:
+    lay = ChannelLayout(world_size=W, num_slots=S, max_rows=R, hidden=H,
+                        dtype=str(dtype).removeprefix("torch."), ctas_per_send=ctas)
+    i64 = torch.int64
+    bufs = [(torch.zeros(lay.recv_shape, dtype=dtype), torch.zeros(lay.meta_shape, dtype=i64),
+             torch.zeros(W, dtype=i64), torch.zeros(W, dtype=i64)) for _ in range(W)]
+    chans = []
+    for me in range(W):
+        delta = torch.tensor([[(bufs[d][k].data_ptr() - bufs[me][k].data_ptr())
+                               // bufs[me][k].element_size() for d in range(W)]
+                              for k in range(4)], dtype=torch.int64)
+        chans.append(NvshmemChannel(lay, me, *bufs[me], torch.zeros(W, dtype=torch.int64),
+                                    torch.zeros(W, dtype=torch.int64), delta,
+                                    torch.zeros(2, W, dtype=torch.int64)))
+    return chans
+
+
+def inputs(rank: int, rnd: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(31 * rnd + rank)
+    sizes = torch.randint(0, R + 3, (W,), generator=g)  # some past R: cut to R
+    sizes[rnd % W] = 0
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    n = int(offsets[-1])
+    return (torch.randn(n, H, generator=g).to(dtype), offsets,
+            torch.randint(0, 1 << 40, (n,), generator=g))
+
+
+def check(out, meta, want) -> None:
+    w_out, w_meta = want
+    for s in range(W):
+        n = int(w_meta[s, 0])
+        assert int(meta[s, 0]) == n
+        assert torch.equal(meta[s, :1 + n], w_meta[s, :1 + n])
+        assert torch.equal(out[s, :n], w_out[s, :n])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rounds_through_every_slot_match_the_reference(dtype) -> None:
+    chans = host_plane(dtype)
+    out = torch.zeros(W, R, H, dtype=dtype)
+    meta = torch.zeros(W, R + 1, dtype=torch.int64)
+    for rnd in range(2 * S + 1):  # every slot used twice: credits must have come back
+        puts = [inputs(r, rnd, dtype) for r in range(W)]
+        for ch, p in zip(chans, puts):
+            ch.put(*p)
+        for ch in chans:
+            assert ch.sig.tolist() == [(rnd + 1) * ch.layout.ctas_per_send] * W
+        want = exchange_reference(puts, R)
+        for ch, w in zip(chans, want):
+            ch.gather(out, meta, ctas=3)
+            check(out, meta, w)
+        for ch in chans:  # every destination consumed rnd + 1 of my messages
+            assert ch.sent.tolist() == ch.recvd.tolist() == [rnd + 1] * W
+            assert ch.credit.tolist() == [rnd + 1] * W
+            assert ch.done.tolist() == [[0] * W, [0] * W]
+
+
+def test_spans_send_rows_back_from_where_they_landed() -> None:
+    chans = host_plane()
+    puts = [inputs(r, 0, torch.float32) for r in range(W)]
+    for ch, p in zip(chans, puts):
+        ch.put(*p)
+    mids = []
+    for ch in chans:
+        out, meta = torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int64)
+        ch.gather(out, meta)
+        mids.append((out, meta))
+    starts = torch.arange(W, dtype=torch.int64) * R
+    for ch, (out, meta) in zip(chans, mids):
+        ch.put_spans((out * 2).view(W * R, H), starts, meta[:, 0],
+                     meta[:, 1:].reshape(-1).contiguous())
+    for me, ch in enumerate(chans):
+        back, back_meta = torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int64)
+        ch.gather(back, back_meta)
+        rows, offsets, tags = puts[me]
+        for d in range(W):
+            a = int(offsets[d])
+            n = min(int(offsets[d + 1]) - a, R)
+            assert int(back_meta[d, 0]) == n
+            assert torch.equal(back[d, :n], rows[a:a + n] * 2)
+            assert torch.equal(back_meta[d, 1:1 + n], tags[a:a + n])
+
+
+def test_wait_all_views_alias_the_slots_until_release() -> None:
+    chans = host_plane()
+    for rnd in range(S + 1):
+        puts = [inputs(r, rnd, torch.float32) for r in range(W)]
+        for ch, p in zip(chans, puts):
+            ch.put(*p)
+        for ch, (w_out, w_meta) in zip(chans, exchange_reference(puts, R)):
+            views, metas = ch.wait_all()
+            assert all(v.data_ptr() == ch.recv_buf[s, rnd % S].data_ptr()
+                       for s, v in enumerate(views))
+            check(torch.stack(views), torch.stack(metas), (w_out, w_meta))
+            assert ch.recvd.tolist() == [rnd] * W  # not consumed until released
+            ch.release_all()
+        assert all(ch.credit.tolist() == [rnd + 1] * W for ch in chans)
+
+
+def test_bad_arguments_are_named() -> None:
+    ch = host_plane()[0]
+    rows = torch.zeros(4, H)
+    with pytest.raises(ValueError, match=r"offsets must be int64 \[4\]"):
+        ch.put(rows, torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"rows must be contiguous \[N, 16\]"):
+        ch.put(torch.zeros(4, 8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"tags must be int64 \[4\]"):
+        ch.put(rows, torch.zeros(4, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"counts must be int64 \[3\]"):
+        ch.put_spans(rows, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"gather: out must be contiguous \[3, 6, 16\]"):
+        ch.gather(torch.zeros(W, R, 8), torch.zeros(W, R + 1, dtype=torch.int64))
+    ch.delta = None
+    with pytest.raises(RuntimeError, match="no direct path"):
+        ch.put(rows, torch.zeros(4, dtype=torch.int64))
