@@ -32,29 +32,29 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["put_kernel", "gather_kernel", "release_kernel"]
+__all__ = ["put_kernel", "gather_kernel", "release_kernel", "copy_kernel"]
 
 
 @triton.jit
 def _copy(dst_ptr, dst0, src_ptr, src0, total, pid, nprog, BLOCK: tl.constexpr,
-          SRC_CG: tl.constexpr):
+          SRC_CG: tl.constexpr, VEC: tl.constexpr = 8):
     """Copy `total` elements src[src0:] -> dst[dst0:] with nprog CTAs (pid is this one's share).
 
-    dst0/src0/total are multiples of 8 elements (16 bytes for 2-byte dtypes), which the hints
-    tell the compiler, so unmasked full blocks vectorise; the tail block is masked.
+    dst0/src0 are multiples of VEC elements (16 bytes: 8 for 2-byte dtypes, 16 for bytes),
+    which the hints tell the compiler, so unmasked full blocks vectorise; the tail is masked.
     """
     offs = tl.arange(0, BLOCK)
     nfull = total // BLOCK
     for b in range(pid, nfull, nprog):
-        e = b.to(tl.int64) * BLOCK
-        si = tl.max_contiguous(tl.multiple_of(src0 + e + offs, 8), BLOCK)
-        di = tl.max_contiguous(tl.multiple_of(dst0 + e + offs, 8), BLOCK)
+        e = tl.cast(b, tl.int64) * BLOCK
+        si = tl.max_contiguous(tl.multiple_of(src0 + e + offs, VEC), BLOCK)
+        di = tl.max_contiguous(tl.multiple_of(dst0 + e + offs, VEC), BLOCK)
         if SRC_CG:
             v = tl.load(src_ptr + si, cache_modifier=".cg")
         else:
             v = tl.load(src_ptr + si)
         tl.store(dst_ptr + di, v)
-    tail = nfull.to(tl.int64) * BLOCK
+    tail = tl.cast(nfull, tl.int64) * BLOCK
     if pid == nprog - 1:
         if tail < total:
             m = tail + offs < total
@@ -147,3 +147,15 @@ def release_kernel(credit_ptr, delta_ptr, recvd_ptr, me, W):
     tl.store(recvd_ptr + s, r)
     tl.atomic_xchg(credit_ptr + tl.load(delta_ptr + 3 * W + s) + me, r, sem="release",
                    scope="sys")
+
+
+@triton.jit(do_not_specialize=["dst_off", "nbytes"])
+def copy_kernel(dst_ptr, dst_off, src_ptr, nbytes, BLOCK: tl.constexpr):
+    """nvshmem:// transport's put to a mapped peer: bytes src[:nbytes] -> dst[dst_off:].
+
+    dst_ptr: this rank's symmetric heap (uint8); dst_off: the peer's delta + the slot's offset,
+    a multiple of 16. Visibility to the peer: the transport sends the header only after a CUDA
+    event recorded behind this kernel completed.
+    """
+    _copy(dst_ptr, dst_off, src_ptr, 0, nbytes, tl.program_id(0), tl.num_programs(0), BLOCK,
+          False, 16)

@@ -45,7 +45,7 @@ from eaas.gpu.credits import ChannelLayout
 
 __all__ = ["NvshmemChannel", "NvshmemPlane", "nvshmem_available"]
 
-DIRECT_BLOCK = 4096  # elements per copy step of the direct path (8 KiB of bf16 per CTA)
+DIRECT_BLOCK = 8192  # elements per copy step of the direct path (16 KiB of bf16 per CTA)
 
 
 def nvshmem_available() -> bool:
@@ -207,7 +207,7 @@ class NvshmemChannel:
             self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden,
             BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, num_warps=8)
 
-    def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 32) -> None:
+    def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 64) -> None:
         """Enqueue: wait for the next message from every rank, copy each out, give slots back.
 
         out:      [W, R, H]: out[s, :n_s] = the rows rank s put for this rank.

@@ -116,10 +116,15 @@ class Fabric:
 
 
 class NvshmemFabric(Fabric):
-    """The real fabric: a symmetric NVSHMEM heap on this rank's GPU; puts are Triton kernels."""
+    """The real fabric: a symmetric NVSHMEM heap on this rank's GPU; puts are Triton kernels.
+
+    A peer whose heap NVSHMEM maps into this process (same NVLink domain) is written with plain
+    vectorised stores (`eaas_kernels.nvlink_p2p.copy_kernel`); any other peer (another host,
+    IBGDA) with NVSHMEM's own put (`eaas_kernels.nvshmem_p2p.put_bytes_kernel`).
+    """
 
     def __init__(self, group: Any, device: torch.device, slot_bytes: int, num_slots: int,
-                 ctas: int = 16) -> None:
+                 ctas: int = 32) -> None:
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -134,25 +139,42 @@ class NvshmemFabric(Fabric):
         with torch.cuda.device(device):
             self.heap = symm_mem.empty(world * num_slots * slot_bytes, dtype=torch.uint8,
                                        device=device)  # [W * S * slot_bytes]
-            symm_mem.rendezvous(self.heap, group.group_name)
+            hdl = symm_mem.rendezvous(self.heap, group.group_name)
         self.ctas = ctas
-        from eaas_kernels import nvshmem_p2p  # noqa: PLC0415 (device code: import only here)
+        ptrs = [int(p) for p in hdl.buffer_ptrs]
+        # byte offset from my heap to peer d's mapping of its heap; None: not mapped
+        self.delta = [p - ptrs[rank] if p and (p - ptrs[rank]) % 16 == 0 else None
+                      for p in ptrs]
+        from eaas_kernels import nvlink_p2p  # noqa: PLC0415 (device code: import only here)
 
-        self._kernels = nvshmem_p2p
+        self._direct = nvlink_p2p
+        self._kernels: Any = None  # eaas_kernels.nvshmem_p2p, imported at the first such put
         dist.barrier(group)
 
     def carries(self, t: torch.Tensor) -> bool:
         return t.is_cuda
 
-    def put(self, peer: int, offset: int, src: torch.Tensor) -> None:
+    def put(self, peer: int, offset: int, src: torch.Tensor, nvshmem: bool = False) -> None:
+        """Enqueue a put of src's bytes into `peer`'s heap; `nvshmem` forces NVSHMEM's put."""
         nbytes = src.numel() * src.element_size()
         if nbytes == 0:
             return
-        ctas = max(1, min(self.ctas, nbytes // (64 << 10)))
+        flat = src.reshape(-1).view(torch.uint8)
+        dst = self.slot_offset(self.rank, 0) + offset
+        delta = self.delta[peer]
         with torch.cuda.device(self.device):
-            self._kernels.put_bytes_kernel[(ctas,)](
-                self.heap, src.reshape(-1).view(torch.uint8), self.slot_offset(self.rank, 0)
-                + offset, nbytes, peer, C=ctas, num_warps=16)
+            if delta is not None and not nvshmem:  # NVLink: stores through the peer mapping
+                ctas = max(1, min(self.ctas, nbytes // (32 << 10)))
+                self._direct.copy_kernel[(ctas,)](self.heap, delta + dst, flat, nbytes,
+                                                  BLOCK=16384, num_warps=8)
+                return
+            if self._kernels is None:
+                from eaas_kernels import nvshmem_p2p  # noqa: PLC0415
+
+                self._kernels = nvshmem_p2p
+            ctas = max(1, min(self.ctas, nbytes // (64 << 10)))
+            self._kernels.put_bytes_kernel[(ctas,)](self.heap, flat, dst, nbytes, peer, C=ctas,
+                                                    num_warps=16)
 
     def view(self, src_rank: int, offset: int, nbytes: int) -> torch.Tensor:
         start = self.slot_offset(src_rank, 0) + offset
@@ -262,7 +284,9 @@ def join_fabric(store: str, rank: int, world_size: int, device: str, *,
     close_fabric()
     fabric = NvshmemFabric(dist.group.WORLD, dev, slot_bytes, num_slots)
     warm = torch.zeros(ALIGN, dtype=torch.uint8, device=dev)
-    fabric.put(rank, 0, warm)  # compile + load the kernel (seconds) before anyone times it
+    fabric.put(rank, 0, warm)  # compile + load the kernels (seconds) before anyone times them
+    if None in fabric.delta:  # some peer is written by NVSHMEM's put: its module too
+        fabric.put(rank, 0, warm, nvshmem=True)
     torch.cuda.synchronize(dev)  # start-up only, never on a serving loop
     dist.barrier()
     _FABRIC = fabric

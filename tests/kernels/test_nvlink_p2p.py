@@ -137,3 +137,16 @@ def test_bad_arguments_are_named() -> None:
     ch.delta = None
     with pytest.raises(RuntimeError, match="no direct path"):
         ch.put(rows, torch.zeros(4, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("nbytes", [1, 16, 4096, 70001])
+def test_copy_kernel_puts_bytes_at_a_delta(nbytes: int) -> None:
+    """The nvshmem:// transport's put to a mapped peer: bytes land at my heap + delta + offset."""
+    from eaas_kernels.nvlink_p2p import copy_kernel
+
+    mine, peer = torch.zeros(1 << 17, dtype=torch.uint8), torch.zeros(1 << 17, dtype=torch.uint8)
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8)
+    delta, offset = peer.data_ptr() - mine.data_ptr(), 512
+    copy_kernel[(3,)](mine, delta + offset, src, nbytes, BLOCK=1024)
+    assert torch.equal(peer[offset:offset + nbytes], src)
+    assert not peer[:offset].any() and not peer[offset + nbytes:].any() and not mine.any()
