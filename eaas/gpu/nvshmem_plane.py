@@ -231,7 +231,8 @@ class NvshmemChannel:
         (zero copy), valid for work enqueued after this call until `release_all()`. Slots come
         from a host-side mirror of the counters: a CUDA graph may capture wait_all/release_all
         only as S rounds in a row, starting from a count that is a multiple of S (each replay
-        then sees the same slots in the same order).
+        then sees the same slots in the same order); after replays of `gather`, call
+        `sync_counters()` first.
         """
         lay, delta = self.layout, self._need_direct("wait_all")
         w = lay.world_size
@@ -242,6 +243,14 @@ class NvshmemChannel:
         slots = [n % lay.num_slots for n in self._host_recvd]
         return ([self.recv_buf[s, slot] for s, slot in enumerate(slots)],
                 [self.meta[s, slot] for s, slot in enumerate(slots)])
+
+    def sync_counters(self) -> None:
+        """Re-read the device's receive counters into the host mirror `wait_all` uses.
+
+        Needed after CUDA-graph replays of `gather` (they advance the device counters behind
+        the host's back). Synchronises the device: start-up / between phases only.
+        """
+        self._host_recvd = [int(n) for n in self.recvd.tolist()]
 
     def release_all(self) -> None:
         """Enqueue: every slot returned by `wait_all` is consumed; hand them back (credit)."""

@@ -146,6 +146,7 @@ def main() -> int:
         dist.barrier()
     print(f"[rank{rank}] PASS graph_replay_20", flush=True)
 
+    disp.sync_counters()  # the replays advanced the device counters behind the host mirror
     for rnd in range(3):  # 4. zero-copy view
         disp.put(*puts_of(rank, 500 + rnd, dev))
         views, view_metas = disp.wait_all()
