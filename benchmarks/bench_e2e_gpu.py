@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -273,6 +275,7 @@ def print_table(title: list[str], rows: list[tuple[str, str, int, dict]],
 
 
 async def main() -> None:
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>`: every thread's stack (a hang)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shape, tcp://, < 30 s")
     ap.add_argument("--layers", type=int, default=8, help="decoder layers of the Qwen3 shape")

@@ -24,6 +24,7 @@ from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate
 from eaas.engine.request import Request
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError
+from eaas.gpu.waiter import stream_done
 
 
 class LaneBoard:
@@ -188,6 +189,7 @@ class AttentionShard(Actor):
         with torch.no_grad():
             last = h[torch.tensor([e - 1 for _, e in spans])]  # [B, H]
             logits = model.lm_head(model.final_norm(last))  # [B, V] float32
+        await stream_done(self.device)  # sampling reads logits on the host
         self.steps += 1
         for b, r in enumerate(reqs):
             if r.finished:
@@ -231,6 +233,9 @@ class AttentionShard(Actor):
                     vals[(n, "routing")] = layer.router(arg(n, "x"))
                 elif kind == "experts":
                     topk_ids, topk_weights = arg(n, "routing")
+                    # routing bookkeeping reads the ids on the host: let the GPU get there
+                    # without stalling the loop (other lanes run meanwhile)
+                    await stream_done(self.device)
                     call = self.dispatcher.start(layer.layer_idx, arg(n, "x"), topk_ids,
                                                  topk_weights)
                     vals[(n, "y")] = self._calls[lane] = call

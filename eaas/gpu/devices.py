@@ -7,7 +7,7 @@
 - `assign_devices(...)`: attention shards and expert servers, each pinned to one GPU.
 - `init_rank()`: one process per GPU, started by torchrun (or spawned with the same env
   variables), rendezvousing through torch.distributed's TCPStore (env://).
-- `wait_event(event)`: await a CUDA event by polling `query()`; never
+- `wait_event(event)`: await a CUDA event (on `eaas.gpu.waiter`'s thread); never
   `torch.cuda.synchronize()` on the asyncio loop.
 """
 
@@ -118,10 +118,16 @@ def init_rank(backend: str = "nccl", environ: Mapping[str, str] | None = None) -
 
 
 async def wait_event(event: Any, poll_s: float = 5e-5, timeout: float | None = None) -> None:
-    """Wait until a recorded CUDA event (anything with `.query()`) completes, polling.
+    """Wait until a recorded CUDA event completes; TimeoutError past `timeout`.
 
-    Backs off from `poll_s` to 1 ms so long waits cost little CPU; TimeoutError past `timeout`.
+    An event with `.synchronize()` (torch.cuda.Event) is waited on by `eaas.gpu.waiter`'s
+    thread; anything with only `.query()` is polled, backing off from `poll_s` to 1 ms.
     """
+    if hasattr(event, "synchronize"):
+        from eaas.gpu.waiter import wait_done
+
+        await wait_done(event, timeout)
+        return
     async with asyncio.timeout(timeout):
         delay = poll_s
         while not event.query():

@@ -29,13 +29,13 @@ Both processes must see the same devices (same CUDA_VISIBLE_DEVICES) and share a
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from eaas.errors import FrameError
+from eaas.gpu.waiter import when_done
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
                                   build_tensors, check_frame_size, flatten, unflatten)
@@ -46,8 +46,21 @@ from eaas.transport.unix import UnixListener, unix_connect, unix_listen
 __all__ = ["CudaIpcConnection", "cudaipc_connect", "cudaipc_listen"]
 
 ALIGN = 256
-_POLL_S = 2e-4
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class _All:
+    """Several CUDA events as one (a read may span slots of several devices)."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    def query(self) -> bool:
+        return all(e.query() for e in self.events)
+
+    def synchronize(self) -> None:
+        for e in self.events:
+            e.synchronize()
 
 
 def _align(n: int) -> int:
@@ -98,7 +111,7 @@ class CudaIpcConnection(SlotConnection[_Slot]):
     def __init__(self, url: str, limits: TransportLimits, on_made: Any = None) -> None:
         super().__init__(url, limits, on_made)
         self._releasing: list[tuple[Any, list[int]]] = []  # (event, slot ids) awaiting the GPU
-        self._poll: asyncio.TimerHandle | None = None
+        self._waiting = False  # a read's events are with eaas.gpu.waiter's thread
 
     # ---- sending ----------------------------------------------------------------------
     def send_start(self, msg: Any) -> SendHandle:
@@ -242,11 +255,17 @@ class CudaIpcConnection(SlotConnection[_Slot]):
         self._schedule_poll()
 
     def _schedule_poll(self) -> None:
-        if self._poll is None and self._releasing and not self._closed:
-            self._poll = asyncio.get_running_loop().call_later(_POLL_S, self._poll_releases)
+        """Have the oldest read's events wake us when done (eaas.gpu.waiter's thread)."""
+        if not self._waiting and self._releasing and not self._closed:
+            self._waiting = True
+            when_done(_All(self._releasing[0][0]), self._woken)
+
+    def _woken(self) -> None:
+        self._waiting = False
+        if not self._closed:
+            self._poll_releases()
 
     def _poll_releases(self) -> None:
-        self._poll = None
         still = []
         done: list[int] = []
         for events, ids in self._releasing:
@@ -279,9 +298,6 @@ class CudaIpcConnection(SlotConnection[_Slot]):
 
     # ---- teardown ---------------------------------------------------------------------
     def _on_closed(self) -> None:
-        if self._poll is not None:
-            self._poll.cancel()
-            self._poll = None
         self._releasing.clear()
         # Our own slots: torch's IPC ref counting keeps their memory out of reuse until the
         # peer has dropped its mapping, so the plain dropping in super() is safe here.

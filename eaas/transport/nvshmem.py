@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 import torch
 
 from eaas.errors import FrameError, TransportError
+from eaas.gpu.waiter import when_done
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
                                   build_tensors, check_frame_size, flatten, unflatten)
@@ -52,8 +53,6 @@ from eaas.transport.unix import UnixListener, unix_connect, unix_listen
 __all__ = ["NvshmemConnection", "nvshmem_listen", "nvshmem_connect"]
 
 KIND_HELLO = 3  # both ends, first frame: "h": [rank, fabric id]
-_SPIN_S = 3e-4  # poll on every loop turn while the oldest wait is younger than this,
-_POLL_S = 2e-4  # then every _POLL_S (a timer: epoll rounds it up to 1 ms when idle)
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
@@ -71,8 +70,7 @@ class NvshmemConnection(StreamConnection):
         self._in_flight: collections.deque[tuple[Any, list[Any], asyncio.Future[None]]] = (
             collections.deque())  # (put event, header parts, handle future) in send order
         self._releasing: list[tuple[Any, int, int]] = []  # (read event, first, count)
-        self._poll: asyncio.TimerHandle | None = None
-        self._spin_since: float | None = None
+        self._waiting = False  # an event of ours is with eaas.gpu.waiter's thread
         self._key = id(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,26 +149,30 @@ class NvshmemConnection(StreamConnection):
         else:
             self._drain_waiters.append(future)
 
-    # ---- polling CUDA events (never a synchronize on the loop) ------------------------
+    # ---- waiting for CUDA events (never a synchronize on the loop) ---------------------
     def _schedule_poll(self) -> None:
-        """Poll the CUDA events soon: every loop turn for a short while (puts of a few MiB
-        finish in microseconds), then on a timer (the put waits behind long GPU work)."""
-        if self._poll is not None or not (self._in_flight or self._releasing) or self._closed:
+        """Have the oldest pending event (a put, or a read of received slots) wake us when it
+        completes (eaas.gpu.waiter's thread); `_on_poll` then takes whatever is done."""
+        if self._waiting or self._closed:
             return
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        if self._spin_since is None:
-            self._spin_since = now
-        delay = 0.0 if now - self._spin_since < _SPIN_S else _POLL_S
-        self._poll = loop.call_at(now + delay, self._on_poll)
+        if self._in_flight:
+            event = self._in_flight[0][0]
+        elif self._releasing:
+            event = self._releasing[0][0]
+        else:
+            return
+        self._waiting = True
+        when_done(event, self._woken)
+
+    def _woken(self) -> None:
+        self._waiting = False
+        if not self._closed:
+            self._on_poll()
 
     def _on_poll(self) -> None:
-        self._poll = None
-        progress = False
         while self._in_flight and self._in_flight[0][0].query():
             _, parts, future = self._in_flight.popleft()
             self._complete(future, self._write_parts(parts))
-            progress = True
         done: list[int] = []
         still = []
         for event, first, count in self._releasing:
@@ -181,9 +183,6 @@ class NvshmemConnection(StreamConnection):
         self._releasing = still
         if done:
             self._send_control(KIND_RELEASE, r=done)
-            progress = True
-        if progress:
-            self._spin_since = None  # a new wait starts: spin again
         self._schedule_poll()
 
     # ---- receiving --------------------------------------------------------------------
@@ -279,9 +278,6 @@ class NvshmemConnection(StreamConnection):
 
     # ---- teardown ---------------------------------------------------------------------
     def _on_closed(self) -> None:
-        if self._poll is not None:
-            self._poll.cancel()
-            self._poll = None
         pending, self._pending = self._pending, collections.deque()
         in_flight, self._in_flight = self._in_flight, collections.deque()
         for future in [f for _, f in pending] + [f for _, _, f in in_flight]:
