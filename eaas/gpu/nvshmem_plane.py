@@ -17,11 +17,12 @@ be captured in a CUDA graph after one warm-up launch. A send waits on the GPU fo
 the receiver still holds all S slots of the pair; a receive waits on the GPU for the signal.
 Hazard: a send or receive whose partner never comes spins its kernel forever; put receives on
 a stream of their own when the same stream must also run the sends that feed them.
-Hazard: run every kernel once (e.g. a send to self and its receive, per channel) before any
-send can wait for credit. A kernel's first launch loads its module and runs
-`nvshmemx_cumodule_init`, whose synchronous copy waits for the kernels already running — a
-spinning send among them never finishes. (Our best explanation of the two-rank credit check's
-hang on the H200s; the warmed-up check has not run on a GPU yet.)
+Hazard (send/recv only): run every kernel once (e.g. a send to self and its receive, per
+channel) before any send can wait for credit: a kernel's first launch loads its module and runs
+`nvshmemx_cumodule_init`, whose synchronous copy waits for the kernels already running.
+Open defect (send/recv only): the two-rank credit check (tests/gpu/nvshmem_worker.py) still
+hangs on 2x H200 with every kernel warmed up; a send that really has to wait for credit is not
+known to work on this path. The direct path passes the same scenario.
 
 `put`/`gather` (`eaas_kernels.nvlink_p2p`) store straight into peers' heaps through NVSHMEM's
 peer mappings (`nvshmem_ptr`, i.e. NVLink loads/stores): plain Triton, so none of the hazards of
