@@ -20,9 +20,11 @@ a stream of their own when the same stream must also run the sends that feed the
 Hazard (send/recv only): run every kernel once (e.g. a send to self and its receive, per
 channel) before any send can wait for credit: a kernel's first launch loads its module and runs
 `nvshmemx_cumodule_init`, whose synchronous copy waits for the kernels already running.
-Open defect (send/recv only): the two-rank credit check (tests/gpu/nvshmem_worker.py) still
-hangs on 2x H200 with every kernel warmed up; a send that really has to wait for credit is not
-known to work on this path. The direct path passes the same scenario.
+Open defect (send/recv only): the two-rank credit check (tests/gpu/nvshmem_worker.py) hung on
+2x H200 with every kernel warmed up, its sends spinning on the legacy default stream; a send
+that really has to wait for credit is not known to work on this path. Untested remedy: keep
+spinning kernels off the default stream (the worker now runs on a pool stream). The direct
+path passes the same scenario on the default stream.
 
 `put`/`gather` (`eaas_kernels.nvlink_p2p`) store straight into peers' heaps through NVSHMEM's
 peer mappings (`nvshmem_ptr`, i.e. NVLink loads/stores): plain Triton, so none of the hazards of

@@ -44,7 +44,19 @@ def main() -> int:
 
 
 def checks(rank: int, dev: str) -> None:
-    """Both checks on an initialised 2-rank group (also run by benchmarks/bench_dispatch.py)."""
+    """Both checks on an initialised 2-rank group, on a non-default stream.
+
+    Hypothesis under test (written after the last GPU run, NOT yet run on a GPU): the hang seen
+    on the default stream comes from something synchronous on the legacy default stream
+    (a pageable copy, a driver call of the NVSHMEM launch path) waiting for a kernel that spins
+    there for credit; torch's pool streams are non-blocking, so a spinner on one cannot hold up
+    the launches that would free it.
+    """
+    with torch.cuda.stream(torch.cuda.Stream(device=dev)):
+        _checks(rank, dev)
+
+
+def _checks(rank: int, dev: str) -> None:
     lay = ChannelLayout(world_size=2, num_slots=S, max_rows=R, hidden=H, ctas_per_send=4)
     plane = NvshmemPlane.create(dist.group.WORLD, dev, {"dispatch": lay, "combine": lay})
     disp, comb = plane.channels["dispatch"], plane.channels["combine"]
@@ -78,7 +90,7 @@ def checks(rank: int, dev: str) -> None:
         # the sends: a send past the S slots waits for credit, which needs rank 1 to get past
         # its own reply sends, which wait for OUR credit — i.e. for these receives to run.
         side = torch.cuda.Stream(device=dev)
-        side.wait_event(ready)
+        side.wait_event(ready)  # (both streams non-default)
         with torch.cuda.stream(side):
             for i in range(len(sizes)):
                 comb.recv(1, backs[i], back_metas[i])
