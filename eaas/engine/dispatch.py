@@ -27,6 +27,7 @@ import torch
 from eaas.config import FaultConfig
 from eaas.engine.messages import UnitFailed, UnitResult, WorkUnit
 from eaas.engine.placement import RoutingSnapshot
+from eaas.model.ops import upload
 
 _FINISHED_MEMORY = 65536  # how many finished unit ids are remembered to classify late results
 
@@ -276,7 +277,7 @@ class ExpertCall:
     def _on_device(self, idx: torch.Tensor) -> torch.Tensor:
         """A host index tensor copied to x's device without a host sync (a blocking copy would
         wait for all the GPU work queued so far)."""
-        return idx if self.x.device.type == "cpu" else idx.to(self.x.device, non_blocking=True)
+        return idx if self.x.device.type == "cpu" else upload(idx, self.x.device)
 
     def _rows(self, idx: torch.Tensor) -> torch.Tensor:
         """[N, H]: the token row of each pair in idx (pair p reads x[p // K])."""

@@ -25,6 +25,7 @@ from eaas.engine.request import Request
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError
 from eaas.gpu.waiter import stream_done
+from eaas.model.ops import upload
 
 
 class LaneBoard:
@@ -178,8 +179,7 @@ class AttentionShard(Actor):
             spans.append((start, start + len(ids)))
             start += len(ids)
         with torch.no_grad():
-            h = model.embed(torch.tensor([t for ids in inputs for t in ids], dtype=torch.long,
-                                         device=self.device))
+            h = model.embed(upload([t for ids in inputs for t in ids], self.device))
         bad_tokens: set[int] = set()
         degraded_tokens: set[int] = set()
         for layer in model.layers:
@@ -187,7 +187,7 @@ class AttentionShard(Actor):
                 raise StepCancelled()
             h = await self._layer(layer, h, reqs, spans, lane, bad_tokens, degraded_tokens)
         with torch.no_grad():
-            last = h[torch.tensor([e - 1 for _, e in spans])]  # [B, H]
+            last = h[upload([e - 1 for _, e in spans], h.device)]  # [B, H]
             logits = model.lm_head(model.final_norm(last))  # [B, V] float32
         await stream_done(self.device)  # sampling reads logits on the host
         self.steps += 1

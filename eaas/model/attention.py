@@ -207,7 +207,7 @@ def _positions(
     for c, (s, e) in zip(caches, spans):
         p0 = c.layer_len(layer_idx)
         pos.extend(range(p0, p0 + e - s))
-    return torch.tensor(pos, dtype=torch.long, device=device)
+    return ops.upload(pos, device)
 
 
 def _groups(spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
@@ -303,7 +303,7 @@ class GQAAttention(_Base):
         one, many = _groups(spans)
         out = x.new_empty(t, nh * d)  # [T, nh*d]
         if one:
-            rows = torch.tensor([spans[i][0] for i in one], device=x.device)  # [B]
+            rows = ops.upload([spans[i][0] for i in one], x.device)  # [B]
             k_pad = _pad([kv_all[i][0] for i in one]).transpose(1, 2)  # [B, nkv, S, d]
             v_pad = _pad([kv_all[i][1] for i in one]).transpose(1, 2)
             o = _attend(q[rows, None], k_pad, v_pad, d**-0.5, pos[rows, None], window)
@@ -399,7 +399,7 @@ class MLAAttention(_Base):
         one, many = _groups(spans)
         out = x.new_empty(t, nh * dv)  # [T, nh*dv]
         if one:
-            rows = torch.tensor([spans[i][0] for i in one], device=x.device)  # [B]
+            rows = ops.upload([spans[i][0] for i in one], x.device)  # [B]
             k, v = self._expand(_pad([lat[i][0] for i in one]), _pad([lat[i][1] for i in one]))
             out[rows] = _attend(q[rows, None], k, v, self.scale, pos[rows, None])[:, 0]
         for i in many:

@@ -258,7 +258,7 @@ class ExpertBank:
             lut = self._lut_host
             if int(ids.max()) >= lut.numel() or int(ids.min()) < 0 or bool((lut[ids] < 0).any()):
                 self._not_hosted(ids)
-            local = lut[ids].to(x.device, non_blocking=True)  # [N]
+            local = ops.upload(lut[ids], x.device)  # [N]
         else:
             ids = expert_ids.to(x.device)
             lut = self._lut

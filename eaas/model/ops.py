@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "upload",
     "apply_rope",
     "linear",
     "rms_norm",
@@ -18,6 +19,21 @@ __all__ = [
     "rowwise",
     "silu_mul",
 ]
+
+
+def upload(values: Any, device: torch.device | str, dtype: torch.dtype = torch.long
+           ) -> torch.Tensor:
+    """A small host list or tensor on `device`, without waiting for the GPU.
+
+    `torch.tensor(values, device="cuda")` and `.to("cuda")` copy from pageable memory, and CUDA
+    synchronises the stream before such a copy: the caller (the asyncio loop) would wait for all
+    the work already queued. From pinned memory with non_blocking=True the copy is just queued.
+    """
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def linear(

@@ -86,3 +86,20 @@ def test_cuda_bank_host_ids_equal_device_ids(tiny_dir, arch):
         for where in ("cpu", "cuda"):
             with pytest.raises(ValueError, match="not hosted"):
                 bank.forward(x, wrong.to(where))
+
+
+def test_upload_does_not_wait_for_queued_gpu_work():
+    """ops.upload queues its copy (pinned memory); a pageable upload would wait ~1 s here."""
+    import time
+
+    from eaas.model.ops import upload
+
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued on the stream
+    t0 = time.perf_counter()
+    t = upload([5, 6, 7], "cuda")
+    dt = time.perf_counter() - t0
+    assert not torch.cuda.current_stream().query()  # the sleep is still running
+    assert dt < 0.2, f"upload took {dt:.3f} s: it waited for the queued work"
+    torch.cuda.synchronize()
+    assert t.tolist() == [5, 6, 7] and t.device.type == "cuda"

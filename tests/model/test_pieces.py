@@ -165,3 +165,12 @@ def test_generate_greedy_stops_at_stop_token(tiny_dir):
     )
     with pytest.raises(ValueError, match="empty"):
         model.generate_greedy([], 3)
+
+
+def test_upload_builds_the_same_tensor_on_the_host() -> None:
+    from eaas.model.ops import upload
+
+    t = upload([3, 1, 2], "cpu")
+    assert t.dtype == torch.long and t.tolist() == [3, 1, 2] and t.device.type == "cpu"
+    src = torch.tensor([1.5, 2.5])
+    assert torch.equal(upload(src, torch.device("cpu")), src)
