@@ -15,7 +15,8 @@ Buffers (`eaas.gpu.nvshmem_plane.NvshmemChannel`, symmetric on every rank, same 
     sig   [W]            int64: arrivals from each source (+1 per CTA of a put)
     credit[W]            int64: messages each destination consumed from me
     delta [4, W]         int64 (local): element offset from my recv/meta/sig/credit to rank d's
-    sent, recvd, done_put, done_gather [W]  int64 (local counters)
+    sent, recvd, done_put, done_gather, cut [W]  int64 (local counters; cut: rows left out
+                                                  of puts whose group exceeded R)
 
 put (grid [C, W], program (c, d)): wait until d gave back slot seq % S (credit[d] >= seq+1-S);
 copy rows x[a_d : a_d + n_d] (grouped offsets, or start/count spans) flat into d's
@@ -71,7 +72,7 @@ def _spin_until(word_ptr, target):
 
 @triton.jit(do_not_specialize=["me", "W", "S", "R", "H"])
 def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
-               sent_ptr, done_ptr,
+               sent_ptr, done_ptr, cut_ptr,
                x_ptr, a_ptr, a_stride, n_ptr, n_stride, tag_ptr,
                me, W, S, R, H,
                BLOCK: tl.constexpr, GROUPED: tl.constexpr, HAS_TAGS: tl.constexpr):
@@ -88,7 +89,10 @@ def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
     else:  # spans: start row a_ptr[d * a_stride], count n_ptr[d * n_stride]
         a = tl.load(a_ptr + d * a_stride)
         n = tl.load(n_ptr + d * n_stride)
-    n = tl.maximum(tl.minimum(n, R), 0)  # a longer group is cut to R (documented)
+    if pid == 0:
+        if n > R:  # a longer group is cut to R: count the rows left out, per destination
+            tl.atomic_add(cut_ptr + d, n - R)
+    n = tl.maximum(tl.minimum(n, R), 0)
     box = me.to(tl.int64) * S + slot
     d_rows = tl.load(delta_ptr + d)
     _copy(recv_ptr, d_rows + box * R * H, x_ptr, a * H, n * H, pid, nprog, BLOCK, False)

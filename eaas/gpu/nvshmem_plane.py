@@ -86,7 +86,8 @@ class NvshmemChannel:
     sent, recvd [W]     int64 local counters (device), so launches need no host values.
     delta  [4, W]       int64: element offset from this rank's recv/meta/sig/credit to rank d's
                         (NVSHMEM's peer mapping); None when some peer has no mapping.
-    done   [2, W]       int64: CTAs finished per put / gather (the last one bumps the counter).
+    done   [3, W]       int64: CTAs finished per put / gather (the last one bumps the counter);
+                        row 2: rows cut from puts whose group exceeded R, per destination.
     nvshmem             the buffers are NVSHMEM's (send/recv work); False: torch's CUDA
                         symmetric memory (CUDA IPC mappings), where only the direct path runs.
     """
@@ -171,7 +172,7 @@ class NvshmemChannel:
 
         rows:    [N, H] contiguous, this channel's dtype, on this GPU, grouped by destination.
         offsets: [W + 1] int64 on the GPU, non-decreasing, offsets[0] = 0; a group longer than
-                 R rows is cut to R (split it over several puts).
+                 R rows is cut to R (split it over several puts); `rows_cut()` counts the loss.
         tags:    [N] int64 on the GPU (e.g. token index or expert id), delivered beside the rows.
         Rank d's slot is written only after d handed it back (credit): a put may wait on the GPU.
         """
@@ -206,7 +207,7 @@ class NvshmemChannel:
                              f"{tags.dtype} {tuple(tags.shape)}")
         _direct().put_kernel[(lay.ctas_per_send, lay.world_size)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.sent, self.done[0],
-            rows, a, a_stride, n, n_stride, a if tags is None else tags,
+            self.done[2], rows, a, a_stride, n, n_stride, a if tags is None else tags,
             self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden,
             BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, num_warps=8)
 
@@ -246,6 +247,14 @@ class NvshmemChannel:
         slots = [n % lay.num_slots for n in self._host_recvd]
         return ([self.recv_buf[s, slot] for s, slot in enumerate(slots)],
                 [self.meta[s, slot] for s, slot in enumerate(slots)])
+
+    def rows_cut(self) -> list[int]:
+        """Rows left out so far, per destination, by puts whose group exceeded R (host sync).
+
+        Nonzero means the caller's R (`ChannelLayout.max_rows`) is too small for its traffic:
+        the kernels cannot raise, so check this in tests and health probes.
+        """
+        return [int(n) for n in self.done[2].tolist()]
 
     def sync_counters(self) -> None:
         """Re-read the device's receive counters into the host mirror `wait_all` uses.
@@ -350,7 +359,7 @@ class NvshmemPlane:
             channels[key] = NvshmemChannel(
                 lay, rank, recv, meta, sig, credit, zeros, zeros.clone(),
                 _peer_deltas(handles, (recv, meta, sig, credit), rank, device),
-                torch.zeros(2, lay.world_size, dtype=torch.int64, device=device),
+                torch.zeros(3, lay.world_size, dtype=torch.int64, device=device),
                 backend == "NVSHMEM")
         torch.cuda.synchronize(device)  # start-up only: words are zero before anyone signals
         dist.barrier(group)

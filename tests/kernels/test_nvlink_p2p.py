@@ -35,7 +35,7 @@ def host_plane(dtype: torch.dtype = torch.float32, ctas: int = 2) -> list[Nvshme
                               for k in range(4)], dtype=torch.int64)
         chans.append(NvshmemChannel(lay, me, *bufs[me], torch.zeros(W, dtype=torch.int64),
                                     torch.zeros(W, dtype=torch.int64), delta,
-                                    torch.zeros(2, W, dtype=torch.int64)))
+                                    torch.zeros(3, W, dtype=torch.int64)))
     return chans
 
 
@@ -63,6 +63,7 @@ def test_rounds_through_every_slot_match_the_reference(dtype) -> None:
     chans = host_plane(dtype)
     out = torch.zeros(W, R, H, dtype=dtype)
     meta = torch.zeros(W, R + 1, dtype=torch.int64)
+    cut = torch.zeros(W, W, dtype=torch.int64)
     for rnd in range(2 * S + 1):  # every slot used twice: credits must have come back
         puts = [inputs(r, rnd, dtype) for r in range(W)]
         for ch, p in zip(chans, puts):
@@ -73,10 +74,13 @@ def test_rounds_through_every_slot_match_the_reference(dtype) -> None:
         for ch, w in zip(chans, want):
             ch.gather(out, meta, ctas=3)
             check(out, meta, w)
-        for ch in chans:  # every destination consumed rnd + 1 of my messages
+        for ch, (_, offsets, _) in zip(chans, puts):  # every destination consumed my message
             assert ch.sent.tolist() == ch.recvd.tolist() == [rnd + 1] * W
             assert ch.credit.tolist() == [rnd + 1] * W
-            assert ch.done.tolist() == [[0] * W, [0] * W]
+            assert ch.done[:2].tolist() == [[0] * W, [0] * W]
+            cut[ch.rank] += (offsets.diff() - R).clamp(min=0)
+            assert ch.rows_cut() == cut[ch.rank].tolist()  # groups past R, counted per dest
+    assert int(cut.sum()) > 0  # the inputs did exceed R somewhere
 
 
 def test_spans_send_rows_back_from_where_they_landed() -> None:
