@@ -24,7 +24,7 @@ from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate
 from eaas.engine.request import Request
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError
-from eaas.gpu.waiter import stream_done
+from eaas.gpu.waiter import download
 from eaas.model.ops import upload
 
 
@@ -189,7 +189,13 @@ class AttentionShard(Actor):
         with torch.no_grad():
             last = h[upload([e - 1 for _, e in spans], h.device)]  # [B, H]
             logits = model.lm_head(model.final_norm(last))  # [B, V] float32
-        await stream_done(self.device)  # sampling reads logits on the host
+            picks = logits.argmax(dim=-1)  # [B]: greedy rows need only their id on the host
+            sampled = {b: j for j, b in enumerate(
+                b for b, r in enumerate(reqs) if not r.params.greedy)}  # row -> logits row
+            rows = logits[upload(list(sampled), logits.device)] if sampled else logits[:0]
+        # sampling runs on the host (request generators are CPU generators): bring back the
+        # greedy ids and the sampled rows' logits, waiting only for them
+        picks, rows = await download(picks, rows)
         self.steps += 1
         for b, r in enumerate(reqs):
             if r.finished:
@@ -205,7 +211,9 @@ class AttentionShard(Actor):
                     self.deps.counters["degraded_requests"] = \
                         self.deps.counters.get("degraded_requests", 0) + 1
                 r.degraded = True
-            self._append(r, sample(logits[b], r.params, r.generator))
+            token = int(picks[b]) if b not in sampled else \
+                sample(rows[sampled[b]], r.params, r.generator)
+            self._append(r, token)
 
     async def _layer(self, layer: Any, h: torch.Tensor, reqs: list[Request], spans: list,
                      lane: int, bad: set[int], degraded: set[int]) -> torch.Tensor:
@@ -233,9 +241,9 @@ class AttentionShard(Actor):
                     vals[(n, "routing")] = layer.router(arg(n, "x"))
                 elif kind == "experts":
                     topk_ids, topk_weights = arg(n, "routing")
-                    # routing bookkeeping reads the ids on the host: let the GPU get there
-                    # without stalling the loop (other lanes run meanwhile)
-                    await stream_done(self.device)
+                    # routing bookkeeping reads the ids on the host: fetch them without
+                    # stalling the loop (other lanes run meanwhile)
+                    (topk_ids,) = await download(topk_ids)
                     call = self.dispatcher.start(layer.layer_idx, arg(n, "x"), topk_ids,
                                                  topk_weights)
                     vals[(n, "y")] = self._calls[lane] = call

@@ -173,7 +173,8 @@ class NvshmemChannel:
         rows:    [N, H] contiguous, this channel's dtype, on this GPU, grouped by destination.
         offsets: [W + 1] int64 on the GPU, non-decreasing, offsets[0] = 0; a group longer than
                  R rows is cut to R (split it over several puts); `rows_cut()` counts the loss.
-        tags:    [N] int64 on the GPU (e.g. token index or expert id), delivered beside the rows.
+        tags:    [N] int64 on the GPU (e.g. token index or expert id), delivered beside the rows;
+                 without tags the receiver's tag entries are undefined (whatever the slot held).
         Rank d's slot is written only after d handed it back (credit): a put may wait on the GPU.
         """
         lay = self.layout
@@ -202,6 +203,7 @@ class NvshmemChannel:
         if rows.dim() != 2 or rows.shape[1] != lay.hidden or not rows.is_contiguous():
             raise ValueError(f"put: rows must be contiguous [N, {lay.hidden}], got "
                              f"{tuple(rows.shape)}")
+        self._check_on_gpu("put", rows=rows, index=a, counts=n, tags=tags)
         if tags is not None and (tags.dtype != torch.int64 or tags.shape != rows.shape[:1]):
             raise ValueError(f"put: tags must be int64 [{rows.shape[0]}], got "
                              f"{tags.dtype} {tuple(tags.shape)}")
@@ -219,9 +221,12 @@ class NvshmemChannel:
         """
         lay, delta = self.layout, self._need_direct("gather")
         w, r, h = lay.world_size, lay.max_rows, lay.hidden
-        if out.shape != (w, r, h) or out_meta.shape != (w, r + 1) or not out.is_contiguous():
+        if out.shape != (w, r, h) or out_meta.shape != (w, r + 1) or not out.is_contiguous() \
+                or not out_meta.is_contiguous() or out_meta.dtype != torch.int64:
             raise ValueError(f"gather: out must be contiguous [{w}, {r}, {h}] and out_meta "
-                             f"[{w}, {r + 1}], got {tuple(out.shape)}, {tuple(out_meta.shape)}")
+                             f"contiguous int64 [{w}, {r + 1}], got {tuple(out.shape)}, "
+                             f"{out_meta.dtype} {tuple(out_meta.shape)}")
+        self._check_on_gpu("gather", out=out, out_meta=out_meta)
         _direct().gather_kernel[(ctas, w)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
             out, out_meta, self.rank, w, lay.num_slots, r, h, lay.ctas_per_send,
@@ -270,6 +275,18 @@ class NvshmemChannel:
         self._host_recvd = [n + 1 for n in self._host_recvd]
         _direct().release_kernel[(lay.world_size,)](self.credit, delta, self.recvd, self.rank,
                                                     lay.world_size, num_warps=1)
+
+    def _check_on_gpu(self, what: str, **tensors: torch.Tensor | None) -> None:
+        """Row tensors in the channel's dtype, everything on this rank's device."""
+        dtype = getattr(torch, self.layout.dtype)
+        for name, t in tensors.items():
+            if t is None:
+                continue
+            if t.device != self.recv_buf.device:
+                raise ValueError(f"{what}: {name} is on {t.device}, the channel on "
+                                 f"{self.recv_buf.device}")
+            if name in ("rows", "out") and t.dtype != dtype:
+                raise ValueError(f"{what}: {name} is {t.dtype}, the channel carries {dtype}")
 
     def _need_nvshmem(self, what: str) -> Any:
         if not self.nvshmem:

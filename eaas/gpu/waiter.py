@@ -1,19 +1,23 @@
 """Waiting for the GPU from asyncio without blocking the loop and without timer polling.
 
-One daemon thread per process blocks in `event.synchronize()` (torch releases the GIL there)
-and wakes the waiting loop with `call_soon_threadsafe`: the loop keeps serving other work, and
-the wake-up costs tens of microseconds instead of a timer's ~1 ms (epoll rounds short timeouts
-up). Events are served in submission order; an event that is already complete is answered on
-the loop without the thread.
+One daemon thread per GPU waits in `event.synchronize()` (torch releases the GIL there; with
+default event flags the driver spins, i.e. the thread keeps one CPU core busy while anything
+is pending) and wakes the waiting loop with `call_soon_threadsafe`: the loop keeps serving
+other work, and the wake-up costs tens of microseconds instead of a timer's ~1 ms (epoll rounds
+short timeouts up). The thread makes its GPU current first, so it creates no context on
+another GPU. A GPU's events are served in submission order; an event that is already complete
+is answered on the loop without the thread.
 
     await wait_done(event)               # a recorded torch.cuda.Event (or anything with
                                          # query() and synchronize())
     await stream_done(device)            # everything enqueued so far on device's stream
-    when_done(event, callback)           # callback() on the loop once the event completed
-                                         # (for protocol state machines, e.g. nvshmem://)
+    a, b = await download(a, b)          # GPU tensors -> host (pinned), waiting only for them
+    when_done(event, callback)           # callback(error) on the loop once the event completed
+                                         # (error: None, or what synchronize raised)
 
-Hazard: a submitted event whose work never completes (a hung kernel) holds the thread, so
-every later wait stalls too; `wait_done(timeout=...)` gives up on its own wait only.
+Hazard: a submitted event whose work never completes (a hung kernel, a mailbox receive whose
+peer died) holds its GPU's thread, so every later wait on that GPU stalls too;
+`wait_done(timeout=...)` gives up on its own wait only. Never await such kernels here.
 """
 
 from __future__ import annotations
@@ -25,26 +29,33 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["wait_done", "stream_done", "when_done"]
+__all__ = ["wait_done", "stream_done", "when_done", "download"]
+
+
+Callback = Callable[[BaseException | None], None]
 
 
 class _Waiter:
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[Any, asyncio.AbstractEventLoop, Callable]] = (
+    """The thread of one GPU (index None: events that carry no device, e.g. test doubles)."""
+
+    def __init__(self, index: int | None) -> None:
+        self.index = index
+        self._queue: queue.SimpleQueue[tuple[Any, asyncio.AbstractEventLoop, Callback]] = (
             queue.SimpleQueue())
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def submit(self, event: Any, loop: asyncio.AbstractEventLoop,
-               callback: Callable[[BaseException | None], None]) -> None:
+    def submit(self, event: Any, loop: asyncio.AbstractEventLoop, callback: Callback) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="eaas-gpu-waiter",
-                                                daemon=True)
+                name = "eaas-gpu-waiter" + ("" if self.index is None else f"-{self.index}")
+                self._thread = threading.Thread(target=self._run, name=name, daemon=True)
                 self._thread.start()
         self._queue.put((event, loop, callback))
 
     def _run(self) -> None:
+        if self.index is not None:
+            torch.cuda.set_device(self.index)  # else the runtime would open a context on GPU 0
         while True:
             event, loop, callback = self._queue.get()
             error: BaseException | None = None
@@ -58,16 +69,33 @@ class _Waiter:
                 pass
 
 
-_WAITER = _Waiter()
+_WAITERS: dict[int | None, _Waiter] = {}
+_WAITERS_LOCK = threading.Lock()
 
 
-def when_done(event: Any, callback: Callable[[], None]) -> None:
-    """Call `callback()` on the running loop once `event` completed (never synchronously)."""
+def _submit(event: Any, loop: asyncio.AbstractEventLoop, callback: Callback) -> None:
+    device = getattr(event, "device", None)  # torch.cuda.Event: set once recorded
+    index = device.index if isinstance(device, torch.device) and device.type == "cuda" else None
+    with _WAITERS_LOCK:
+        waiter = _WAITERS.get(index)
+        if waiter is None:
+            waiter = _WAITERS[index] = _Waiter(index)
+    waiter.submit(event, loop, callback)
+
+
+def when_done(event: Any, callback: Callback) -> None:
+    """Call `callback(error)` on the running loop once `event` completed (never synchronously);
+    error is None, or the exception its synchronize raised (a CUDA error)."""
     loop = asyncio.get_running_loop()
-    if event.query():
-        loop.call_soon(callback)
+    try:
+        ready = event.query()
+    except Exception as exc:  # noqa: BLE001 (a sticky CUDA error: hand it over)
+        loop.call_soon(callback, exc)
+        return
+    if ready:
+        loop.call_soon(callback, None)
     else:
-        _WAITER.submit(event, loop, lambda _error: callback())
+        _submit(event, loop, callback)
 
 
 async def wait_done(event: Any, timeout: float | None = None) -> None:
@@ -85,7 +113,7 @@ async def wait_done(event: Any, timeout: float | None = None) -> None:
         else:
             future.set_exception(error)
 
-    _WAITER.submit(event, loop, resolve)
+    _submit(event, loop, resolve)
     async with asyncio.timeout(timeout):
         await future
 
@@ -102,3 +130,27 @@ async def stream_done(device: torch.device | str, timeout: float | None = None) 
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(device))
     await wait_done(event, timeout)
+
+
+async def download(*tensors: torch.Tensor, timeout: float | None = None
+                   ) -> tuple[torch.Tensor, ...]:
+    """Host copies of `tensors`, awaited without stalling the loop (CPU tensors pass through).
+
+    Each CUDA tensor is copied into pinned memory with non_blocking=True and one event is
+    awaited: the wait covers the work that produces these tensors, not work other coroutines
+    queue on the stream later (a `.cpu()` after `stream_done` would wait for that too).
+    """
+    out, last = [], None
+    for t in tensors:
+        if t.device.type != "cuda":
+            out.append(t)
+            continue
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        out.append(host)
+        last = t.device
+    if last is not None:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(last))
+        await wait_done(event, timeout)
+    return tuple(out)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from eaas.errors import FrameError
+from eaas.errors import FrameError, TransportError
 from eaas.gpu.waiter import when_done
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
@@ -61,6 +61,10 @@ class _All:
     def synchronize(self) -> None:
         for e in self.events:
             e.synchronize()
+
+    @property
+    def device(self) -> Any:
+        return getattr(self.events[0], "device", None)
 
 
 def _align(n: int) -> int:
@@ -260,10 +264,16 @@ class CudaIpcConnection(SlotConnection[_Slot]):
             self._waiting = True
             when_done(_All(self._releasing[0][0]), self._woken)
 
-    def _woken(self) -> None:
+    def _woken(self, error: BaseException | None) -> None:
         self._waiting = False
-        if not self._closed:
+        if self._closed:
+            return
+        try:
+            if error is not None:
+                raise error
             self._poll_releases()
+        except Exception as exc:  # noqa: BLE001 (a CUDA error: this connection cannot go on)
+            self._fail(TransportError(f"CUDA error while waiting for the GPU: {exc!r}"))
 
     def _poll_releases(self) -> None:
         still = []

@@ -284,7 +284,12 @@ def join_fabric(store: str, rank: int, world_size: int, device: str, *,
     close_fabric()
     fabric = NvshmemFabric(dist.group.WORLD, dev, slot_bytes, num_slots)
     warm = torch.zeros(ALIGN, dtype=torch.uint8, device=dev)
-    fabric.put(rank, 0, warm)  # compile + load the kernels (seconds) before anyone times them
+    # compile + load the kernels (seconds) before anyone times them: the put to self has
+    # offset 0 (a 32-bit argument), a put to a mapped peer a large delta (64-bit), a distinct
+    # Triton specialisation; no connection exists yet, so writing my slot 0 on a peer is safe
+    for peer in dict.fromkeys([rank] + [d for d, delta in enumerate(fabric.delta)
+                                        if delta is not None]):
+        fabric.put(peer, 0, warm)
     if None in fabric.delta:  # some peer is written by NVSHMEM's put: its module too
         fabric.put(rank, 0, warm, nvshmem=True)
     torch.cuda.synchronize(dev)  # start-up only, never on a serving loop

@@ -164,10 +164,16 @@ class NvshmemConnection(StreamConnection):
         self._waiting = True
         when_done(event, self._woken)
 
-    def _woken(self) -> None:
+    def _woken(self, error: BaseException | None) -> None:
         self._waiting = False
-        if not self._closed:
+        if self._closed:
+            return
+        try:
+            if error is not None:
+                raise error
             self._on_poll()
+        except Exception as exc:  # noqa: BLE001 (a CUDA error: this connection cannot go on)
+            self._fail(TransportError(f"CUDA error while waiting for the GPU: {exc!r}"))
 
     def _on_poll(self) -> None:
         while self._in_flight and self._in_flight[0][0].query():

@@ -69,19 +69,39 @@ def _done() -> _Event:
 
 
 async def test_when_done_calls_back_on_the_loop_never_synchronously() -> None:
-    calls: list[str] = []
-    when_done(_done(), lambda: calls.append("ready"))
+    calls: list[tuple[str, object]] = []
+    when_done(_done(), lambda error: calls.append(("ready", error)))
     assert calls == []  # scheduled, not called inside when_done
     pending = _Event()
-    when_done(pending, lambda: calls.append("later"))
+    when_done(pending, lambda error: calls.append(("later", error)))
     await asyncio.sleep(0.01)
-    assert calls == ["ready"]
+    assert calls == [("ready", None)]
     pending.done.set()
     for _ in range(200):
         if len(calls) == 2:
             break
         await asyncio.sleep(0.005)
-    assert calls == ["ready", "later"]
+    assert calls == [("ready", None), ("later", None)]
+
+
+async def test_when_done_hands_over_a_cuda_error() -> None:
+    failing = _Event(RuntimeError("CUDA error: unspecified launch failure"))
+    got: list[BaseException | None] = []
+    when_done(failing, got.append)
+    failing.done.set()
+    for _ in range(200):
+        if got:
+            break
+        await asyncio.sleep(0.005)
+    assert len(got) == 1 and "launch failure" in str(got[0])
+
+    class Sticky:
+        def query(self) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access")
+
+    when_done(Sticky(), got.append)
+    await asyncio.sleep(0)
+    assert "illegal memory access" in str(got[1])
 
 
 async def test_wait_event_uses_the_waiter_for_events_that_synchronize() -> None:

@@ -144,6 +144,10 @@ def test_bad_arguments_are_named() -> None:
         ch.put_spans(rows, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"gather: out must be contiguous \[3, 6, 16\]"):
         ch.gather(torch.zeros(W, R, 8), torch.zeros(W, R + 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"rows is torch.float64, the channel carries"):
+        ch.put(rows.double(), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"out_meta contiguous int64"):
+        ch.gather(torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int32))
     ch.delta = None
     with pytest.raises(RuntimeError, match="no direct path"):
         ch.put(rows, torch.zeros(4, dtype=torch.int64))
