@@ -136,7 +136,10 @@ class ProcessSlot:
 
     def signal(self, sig: int) -> None:
         if self.pid is not None and self.proc is not None and self.proc.returncode is None:
-            os.kill(self.pid, sig)
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it died and was reaped before asyncio noticed
+                pass
 
 
 class ServerProcess(Actor):
