@@ -46,7 +46,7 @@ import torch
 
 from eaas.gpu.credits import ChannelLayout
 
-__all__ = ["NvshmemChannel", "NvshmemPlane", "nvshmem_available"]
+__all__ = ["NvshmemChannel", "NvshmemPlane", "nvshmem_available", "peer_offsets"]
 
 DIRECT_BLOCK = 8192  # elements per copy step of the direct path (16 KiB of bf16 per CTA)
 
@@ -311,22 +311,31 @@ def lay_check(lay: ChannelLayout, peer: int, rows: torch.Tensor, meta: torch.Ten
         raise ValueError("meta must be int64 [R + 1] with meta[0] = row count")
 
 
+def peer_offsets(handle: Any, rank: int, align: int) -> list[int | None]:
+    """Byte offset from this rank's symmetric buffer to each rank's, as mapped here.
+
+    `handle` is a symmetric-memory rendezvous handle: NVSHMEM (or CUDA IPC) maps every peer
+    reachable by loads/stores (NVLink) into this process (`buffer_ptrs[d]`). None for a peer
+    that is not mapped (0) or whose offset is not a multiple of `align` bytes.
+    """
+    ptrs = [int(p) for p in handle.buffer_ptrs]
+    return [p - ptrs[rank] if p and (p - ptrs[rank]) % align == 0 else None for p in ptrs]
+
+
 def _peer_deltas(handles: list[Any], bufs: tuple[torch.Tensor, ...], rank: int,
                  device: torch.device) -> torch.Tensor | None:
-    """[4, W] int64: element offset from each local buffer to the same buffer on rank d.
-
-    NVSHMEM maps every peer's heap reachable by loads/stores (NVLink) into this process
-    (`buffer_ptrs[d]`, from nvshmem_ptr); an unmapped peer (0), or rows / offsets that are not
-    multiples of 8 elements, means no direct path.
-    """
-    rows = []
-    if bufs[0].shape[-1] % 8:  # the copy loop's 16-byte vector hints need 8-element rows
+    """[4, W] int64: element offset from each local buffer to the same buffer on rank d, or
+    None (no direct path) if a peer is unmapped or rows are not multiples of 8 elements (the
+    copy loop's 16-byte vector hints)."""
+    if bufs[0].shape[-1] % 8:
         return None
+    rows = []
     for hdl, buf in zip(handles, bufs):
-        ptrs = [int(p) for p in hdl.buffer_ptrs]
-        if not all(ptrs) or any((p - ptrs[rank]) % (8 * buf.element_size()) for p in ptrs):
+        size = buf.element_size()
+        offsets = peer_offsets(hdl, rank, 8 * size)
+        if None in offsets:
             return None
-        rows.append([(p - ptrs[rank]) // buf.element_size() for p in ptrs])
+        rows.append([o // size for o in offsets])
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 

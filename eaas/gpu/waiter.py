@@ -10,7 +10,6 @@ is answered on the loop without the thread.
 
     await wait_done(event)               # a recorded torch.cuda.Event (or anything with
                                          # query() and synchronize())
-    await stream_done(device)            # everything enqueued so far on device's stream
     a, b = await download(a, b)          # GPU tensors -> host (pinned), waiting only for them
     when_done(event, callback)           # callback(error) on the loop once the event completed
                                          # (error: None, or what synchronize raised)
@@ -29,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["wait_done", "stream_done", "when_done", "download"]
+__all__ = ["wait_done", "when_done", "download"]
 
 
 Callback = Callable[[BaseException | None], None]
@@ -118,27 +117,14 @@ async def wait_done(event: Any, timeout: float | None = None) -> None:
         await future
 
 
-async def stream_done(device: torch.device | str, timeout: float | None = None) -> None:
-    """Await the work enqueued so far on `device`'s current stream (no-op off CUDA).
-
-    Call before reading GPU results on the host (`.cpu()`, `.item()`, `.tolist()`): those
-    then find the data ready and no longer stall the loop while the GPU computes.
-    """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    await wait_done(event, timeout)
-
-
 async def download(*tensors: torch.Tensor, timeout: float | None = None
                    ) -> tuple[torch.Tensor, ...]:
     """Host copies of `tensors`, awaited without stalling the loop (CPU tensors pass through).
 
     Each CUDA tensor is copied into pinned memory with non_blocking=True and one event is
     awaited: the wait covers the work that produces these tensors, not work other coroutines
-    queue on the stream later (a `.cpu()` after `stream_done` would wait for that too).
+    queue on the stream later (a `.cpu()`, even after awaiting the whole stream, would wait for
+    that too).
     """
     out, last = [], None
     for t in tensors:

@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from eaas.errors import FrameError, TransportError
-from eaas.gpu.waiter import when_done
+from eaas.errors import FrameError
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
                                   build_tensors, check_frame_size, flatten, unflatten)
@@ -115,7 +114,6 @@ class CudaIpcConnection(SlotConnection[_Slot]):
     def __init__(self, url: str, limits: TransportLimits, on_made: Any = None) -> None:
         super().__init__(url, limits, on_made)
         self._releasing: list[tuple[Any, list[int]]] = []  # (event, slot ids) awaiting the GPU
-        self._waiting = False  # a read's events are with eaas.gpu.waiter's thread
 
     # ---- sending ----------------------------------------------------------------------
     def send_start(self, msg: Any) -> SendHandle:
@@ -259,21 +257,9 @@ class CudaIpcConnection(SlotConnection[_Slot]):
         self._schedule_poll()
 
     def _schedule_poll(self) -> None:
-        """Have the oldest read's events wake us when done (eaas.gpu.waiter's thread)."""
-        if not self._waiting and self._releasing and not self._closed:
-            self._waiting = True
-            when_done(_All(self._releasing[0][0]), self._woken)
-
-    def _woken(self, error: BaseException | None) -> None:
-        self._waiting = False
-        if self._closed:
-            return
-        try:
-            if error is not None:
-                raise error
-            self._poll_releases()
-        except Exception as exc:  # noqa: BLE001 (a CUDA error: this connection cannot go on)
-            self._fail(TransportError(f"CUDA error while waiting for the GPU: {exc!r}"))
+        """Have the oldest read's events wake us when done; `_poll_releases` takes the rest."""
+        if self._releasing:
+            self._after_gpu(_All(self._releasing[0][0]), self._poll_releases)
 
     def _poll_releases(self) -> None:
         still = []

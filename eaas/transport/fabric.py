@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from eaas.errors import FrameError, TransportError
+from eaas.gpu.nvshmem_plane import peer_offsets
 from eaas.transport.codec import clone_tensor, copy_bytes
 
 __all__ = ["ALIGN", "Fabric", "NvshmemFabric", "HostFabric", "join_fabric",
@@ -141,10 +142,8 @@ class NvshmemFabric(Fabric):
                                        device=device)  # [W * S * slot_bytes]
             hdl = symm_mem.rendezvous(self.heap, group.group_name)
         self.ctas = ctas
-        ptrs = [int(p) for p in hdl.buffer_ptrs]
         # byte offset from my heap to peer d's mapping of its heap; None: not mapped
-        self.delta = [p - ptrs[rank] if p and (p - ptrs[rank]) % 16 == 0 else None
-                      for p in ptrs]
+        self.delta = peer_offsets(hdl, rank, 16)
         from eaas_kernels import nvlink_p2p  # noqa: PLC0415 (device code: import only here)
 
         self._direct = nvlink_p2p

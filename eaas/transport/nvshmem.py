@@ -40,7 +40,6 @@ from urllib.parse import urlsplit
 import torch
 
 from eaas.errors import FrameError, TransportError
-from eaas.gpu.waiter import when_done
 from eaas.transport.base import Handler, Lease, SendHandle
 from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage,
                                   build_tensors, check_frame_size, flatten, unflatten)
@@ -70,7 +69,6 @@ class NvshmemConnection(StreamConnection):
         self._in_flight: collections.deque[tuple[Any, list[Any], asyncio.Future[None]]] = (
             collections.deque())  # (put event, header parts, handle future) in send order
         self._releasing: list[tuple[Any, int, int]] = []  # (read event, first, count)
-        self._waiting = False  # an event of ours is with eaas.gpu.waiter's thread
         self._key = id(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -152,28 +150,11 @@ class NvshmemConnection(StreamConnection):
     # ---- waiting for CUDA events (never a synchronize on the loop) ---------------------
     def _schedule_poll(self) -> None:
         """Have the oldest pending event (a put, or a read of received slots) wake us when it
-        completes (eaas.gpu.waiter's thread); `_on_poll` then takes whatever is done."""
-        if self._waiting or self._closed:
-            return
+        completes; `_on_poll` then takes whatever is done."""
         if self._in_flight:
-            event = self._in_flight[0][0]
+            self._after_gpu(self._in_flight[0][0], self._on_poll)
         elif self._releasing:
-            event = self._releasing[0][0]
-        else:
-            return
-        self._waiting = True
-        when_done(event, self._woken)
-
-    def _woken(self, error: BaseException | None) -> None:
-        self._waiting = False
-        if self._closed:
-            return
-        try:
-            if error is not None:
-                raise error
-            self._on_poll()
-        except Exception as exc:  # noqa: BLE001 (a CUDA error: this connection cannot go on)
-            self._fail(TransportError(f"CUDA error while waiting for the GPU: {exc!r}"))
+            self._after_gpu(self._releasing[0][0], self._on_poll)
 
     def _on_poll(self) -> None:
         while self._in_flight and self._in_flight[0][0].query():

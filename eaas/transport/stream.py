@@ -51,6 +51,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed_event = asyncio.Event()
+        self._gpu_waiting = False  # an event of ours is with eaas.gpu.waiter's thread
         # receive state
         self._stage = bytearray(STAGE_BYTES)
         self._start = 0
@@ -159,7 +160,29 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
     def _on_closed(self) -> None:
         """Hook for subclasses: release resources once the socket is gone."""
 
-    def _fail(self, error: FrameError) -> None:
+    def _after_gpu(self, event: Any, then: Callable[[], None]) -> None:
+        """Run `then()` on the loop once CUDA `event` completed (eaas.gpu.waiter; one wait per
+        connection at a time, so `then` should take every completed item and call back here for
+        the rest). A CUDA error closes the connection: nothing it holds can be trusted."""
+        if self._gpu_waiting or self._closed:
+            return
+        from eaas.gpu.waiter import when_done  # noqa: PLC0415 (GPU transports only)
+
+        def woken(error: BaseException | None) -> None:
+            self._gpu_waiting = False
+            if self._closed:
+                return
+            try:
+                if error is not None:
+                    raise error
+                then()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(TransportError(f"CUDA error while waiting for the GPU: {exc!r}"))
+
+        self._gpu_waiting = True
+        when_done(event, woken)
+
+    def _fail(self, error: TransportError) -> None:
         log.warning("closing connection to %s: %s", self.url, error)
         self._inbox.fail(error)
         self._closed = True

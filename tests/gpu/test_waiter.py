@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from eaas.gpu import wait_event
-from eaas.gpu.waiter import stream_done, wait_done, when_done
+from eaas.gpu.waiter import download, wait_done, when_done
 
 from .conftest import cuda_only
 
@@ -111,18 +111,19 @@ async def test_wait_event_uses_the_waiter_for_events_that_synchronize() -> None:
     assert event.synchronized_on == "eaas-gpu-waiter"
 
 
-async def test_stream_done_is_a_no_op_off_cuda() -> None:
-    await stream_done("cpu")
-    await stream_done(torch.device("cpu"))
+async def test_download_passes_host_tensors_through() -> None:
+    a, b = torch.arange(3), torch.zeros(2, 2)
+    got = await download(a, b)
+    assert got[0] is a and got[1] is b
 
 
 @cuda_only
-async def test_stream_done_waits_for_real_gpu_work_without_blocking_the_loop() -> None:
+async def test_download_waits_for_real_gpu_work_without_blocking_the_loop() -> None:
     a = torch.randn(4096, 4096, device="cuda")
-    ticks = 0
     for _ in range(20):
         a = a @ a / 64
-    done = False
+    want = a.sum(dim=0)  # [4096], computed after the matmuls
+    ticks, done = 0, False
 
     async def ticker() -> None:
         nonlocal ticks
@@ -131,8 +132,9 @@ async def test_stream_done_waits_for_real_gpu_work_without_blocking_the_loop() -
             await asyncio.sleep(0)
 
     task = asyncio.create_task(ticker())
-    await stream_done("cuda:0")
+    (got,) = await download(want)
     done = True
     await task
-    assert torch.cuda.current_stream().query()  # everything enqueued before has finished
+    assert got.device.type == "cpu" and got.is_pinned()
+    assert torch.equal(got, want.cpu())
     assert ticks > 0

@@ -164,3 +164,13 @@ def test_copy_kernel_puts_bytes_at_a_delta(nbytes: int) -> None:
     copy_kernel[(3,)](mine, delta + offset, src, nbytes, BLOCK=1024)
     assert torch.equal(peer[offset:offset + nbytes], src)
     assert not peer[:offset].any() and not peer[offset + nbytes:].any() and not mine.any()
+
+
+def test_peer_offsets_skip_unmapped_and_misaligned_peers() -> None:
+    from types import SimpleNamespace
+
+    from eaas.gpu.nvshmem_plane import peer_offsets
+
+    hdl = SimpleNamespace(buffer_ptrs=[4096, 0, 4096 + 48, 4096 - 512])
+    assert peer_offsets(hdl, 0, 16) == [0, None, 48, -512]
+    assert peer_offsets(hdl, 0, 32) == [0, None, None, -512]
