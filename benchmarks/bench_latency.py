@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import statistics
 import sys
@@ -132,7 +133,7 @@ async def run_setup(setup: str, model: Path, args: argparse.Namespace) -> dict:
     cfg = e2e.eaas_config(model, setup=setup, batch_invariant=args.batch_invariant,
                           smoke=args.smoke, servers=args.servers, max_batch=1,
                           dtype="float32" if args.smoke else "bfloat16")
-    prompt = e2e.prompts(1, 16, 384 if args.smoke else 1000)[0]
+    prompt = e2e.prompts(1, 16, vocab_of(model))[0]
     async with AsyncEngine(cfg) as engine:
         await decode(engine, prompt, 8)  # warm-up (kernels compile per shape)
         STAMPS.clear()
@@ -147,11 +148,15 @@ async def run_setup(setup: str, model: Path, args: argparse.Namespace) -> dict:
     return {"ms": ms, "hops": h, "flushes": dict(flushes), "sites": sites}
 
 
+def vocab_of(model: Path) -> int:
+    return json.loads((model / "config.json").read_text())["vocab_size"]
+
+
 def reference_ms(model: Path, args: argparse.Namespace) -> float:
     device = "cpu" if args.smoke else "cuda:0"
     ref = ReferenceModel.load(Checkpoint.open(model), torch.float32 if args.smoke else
                               torch.bfloat16, device=device, batch_invariant=args.batch_invariant)
-    prompt = e2e.prompts(1, 16, 384 if args.smoke else 1000)[0]
+    prompt = e2e.prompts(1, 16, vocab_of(model))[0]
     ref.generate_greedy(prompt, 4)
     t0 = time.perf_counter()
     ref.generate_greedy(prompt, args.tokens)

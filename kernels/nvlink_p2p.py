@@ -25,7 +25,11 @@ CTA 0 also writes [n, tags]; barrier; add 1 to d's sig[me] (release, system scop
 CTA to finish bumps sent[d].
 gather (grid [C, W], program (c, s)): wait sig[s] >= (recvd[s] + 1) * C_put (acquire); copy slot
 recvd[s] % S out flat; the last CTA bumps recvd[s] and sets s's credit[me] (release).
-Every count lives on the device: both kernels are CUDA-graph capturable.
+Every count lives on the device: both kernels are CUDA-graph capturable. Row tensors must be
+16-byte aligned (the plane checks; the copies are vectorised); index, count, tag and meta
+tensors are alignment-generic and sizes are runtime values, so each (GROUPED, HAS_TAGS, COPY)
+variant compiles once and a warm-up covers every later launch: a first launch loads a module,
+which may synchronise the context, and a put or gather spinning meanwhile would never end.
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def _spin_until(word_ptr, target):
         v = tl.atomic_add(word_ptr, 0, sem="acquire", scope="sys")
 
 
-@triton.jit(do_not_specialize=["me", "W", "S", "R", "H"])
+@triton.jit(do_not_specialize=["a_stride", "n_stride", "me", "W", "S", "R", "H"],
+            do_not_specialize_on_alignment=["a_ptr", "n_ptr", "tag_ptr"])
 def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
                sent_ptr, done_ptr, cut_ptr,
                x_ptr, a_ptr, a_stride, n_ptr, n_stride, tag_ptr,
@@ -111,7 +116,8 @@ def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
         tl.store(sent_ptr + d, seq + 1)
 
 
-@triton.jit(do_not_specialize=["me", "W", "S", "R", "H", "C_put"])
+@triton.jit(do_not_specialize=["me", "W", "S", "R", "H", "C_put"],
+            do_not_specialize_on_alignment=["out_meta_ptr"])
 def gather_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
                   recvd_ptr, done_ptr,
                   out_ptr, out_meta_ptr,

@@ -20,6 +20,9 @@ reference of the same arithmetic and is what the CPU tests check):
                 then recvd[src] += 1 and signal_op SET credit[me] = r + 1 on `src`.
 
 Counters live on the device and every size is fixed, so send/recv are CUDA-graph capturable.
+Caller tensors are alignment-generic (`do_not_specialize_on_alignment`) and every size is a
+runtime value: one compiled variant per kernel, so a warm-up covers every later launch (a
+first launch loads a module, which may synchronise the context: deadly while a send spins).
 Signal/compare constants are NVSHMEM 3.4.5's (SET=9, ADD=10, GE=5; torch's docstrings are wrong).
 """
 
@@ -38,7 +41,8 @@ __all__ = ["send_kernel", "recv_kernel", "ack_kernel", "bump_kernel", "put_bytes
 
 
 @requires_nvshmem
-@triton.jit(do_not_specialize=["me", "peer", "S", "R", "H", "row_bytes"])
+@triton.jit(do_not_specialize=["me", "peer", "S", "R", "H", "row_bytes"],
+            do_not_specialize_on_alignment=["x_ptr", "xmeta_ptr"])
 def send_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr,  # symmetric
                 sent_ptr, x_ptr, xmeta_ptr,  # local: counters [W], rows [>=n, H], [count, tags]
                 me, peer, S, R, H, row_bytes,  # sizes
@@ -61,7 +65,8 @@ def send_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr,  # symmetric
 
 
 @requires_nvshmem
-@triton.jit(do_not_specialize=["src", "S", "R", "H", "C_send"])
+@triton.jit(do_not_specialize=["src", "S", "R", "H", "C_send"],
+            do_not_specialize_on_alignment=["out_ptr", "out_meta_ptr"])
 def recv_kernel(recv_ptr, meta_ptr, sig_ptr,  # symmetric
                 recvd_ptr, out_ptr, out_meta_ptr,  # local: [W], [R, H], [R+1]
                 src, S, R, H, C_send, cmp_ge, BLOCK: tl.constexpr, COPY: tl.constexpr):
@@ -101,7 +106,8 @@ def bump_kernel(counter_ptr, index):
 
 
 @requires_nvshmem
-@triton.jit(do_not_specialize=["dst_off", "nbytes", "peer"])
+@triton.jit(do_not_specialize=["dst_off", "nbytes", "peer"],
+            do_not_specialize_on_alignment=["src_ptr"])
 def put_bytes_kernel(heap_ptr, src_ptr, dst_off, nbytes, peer, C: tl.constexpr):
     """nvshmem:// transport: put `nbytes` of src into `peer`'s heap at byte dst_off, then quiet.
 

@@ -179,7 +179,8 @@ class AttentionShard(Actor):
             spans.append((start, start + len(ids)))
             start += len(ids)
         with torch.no_grad():
-            h = model.embed(upload([t for ids in inputs for t in ids], self.device))
+            flat = [t for ids in inputs for t in ids]
+            h = model.embed(upload(flat, self.device), host_ids=flat)
         bad_tokens: set[int] = set()
         degraded_tokens: set[int] = set()
         for layer in model.layers:

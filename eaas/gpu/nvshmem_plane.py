@@ -17,14 +17,13 @@ be captured in a CUDA graph after one warm-up launch. A send waits on the GPU fo
 the receiver still holds all S slots of the pair; a receive waits on the GPU for the signal.
 Hazard: a send or receive whose partner never comes spins its kernel forever; put receives on
 a stream of their own when the same stream must also run the sends that feed them.
-Hazard (send/recv only): run every kernel once (e.g. a send to self and its receive, per
-channel) before any send can wait for credit: a kernel's first launch loads its module and runs
-`nvshmemx_cumodule_init`, whose synchronous copy waits for the kernels already running.
-Open defect (send/recv only): the two-rank credit check (tests/gpu/nvshmem_worker.py) hung on
-2x H200 with every kernel warmed up, its sends spinning on the legacy default stream; a send
-that really has to wait for credit is not known to work on this path. Untested remedy: keep
-spinning kernels off the default stream (the worker now runs on a pool stream). The direct
-path passes the same scenario on the default stream.
+Hazard: a kernel's first launch loads its module, which may synchronise the whole context
+(CUDA lazy loading; NVSHMEM kernels also run `nvshmemx_cumodule_init`'s synchronous copy): if a
+send or put of this process spins for credit meanwhile, the load never returns and both ranks
+hang. `create` therefore runs every kernel variant once (`NvshmemPlane.warm_up`), and the
+kernels take every size and caller pointer as a runtime value (no alignment or value
+specialisation), so no later launch loads a module. Row tensors of put/gather must be 16-byte
+aligned (checked).
 
 `put`/`gather` (`eaas_kernels.nvlink_p2p`) store straight into peers' heaps through NVSHMEM's
 peer mappings (`nvshmem_ptr`, i.e. NVLink loads/stores): plain Triton, so none of the hazards of
@@ -131,11 +130,16 @@ class NvshmemChannel:
         out_meta: [R + 1] int64: [n, tags...] written (n on the device; read it without a
                   host sync by launching work sized R with a mask, or copy it back async).
         """
-        k, lay = self._need_nvshmem("recv"), self.layout
+        self._need_nvshmem("recv")
+        lay = self.layout
         if out.shape != (lay.max_rows, lay.hidden) or out_meta.shape != (lay.max_rows + 1,):
             raise ValueError(f"recv: out must be [{lay.max_rows}, {lay.hidden}] and out_meta "
                              f"[{lay.max_rows + 1}], got {tuple(out.shape)}, "
                              f"{tuple(out_meta.shape)}")
+        self._recv(src, out, out_meta, ctas)
+
+    def _recv(self, src: int, out: torch.Tensor, out_meta: torch.Tensor, ctas: int) -> None:
+        k, lay = _kernels(), self.layout
         k.recv_kernel[(ctas,)](
             self.recv_buf, self.meta, self.sig, self.recvd, out, out_meta,
             src, lay.num_slots, lay.max_rows, lay.hidden, lay.ctas_per_send, k.CMP_GE,
@@ -219,7 +223,8 @@ class NvshmemChannel:
         out:      [W, R, H]: out[s, :n_s] = the rows rank s put for this rank.
         out_meta: [W, R + 1] int64: out_meta[s] = [n_s, tags...].
         """
-        lay, delta = self.layout, self._need_direct("gather")
+        self._need_direct("gather")
+        lay = self.layout
         w, r, h = lay.world_size, lay.max_rows, lay.hidden
         if out.shape != (w, r, h) or out_meta.shape != (w, r + 1) or not out.is_contiguous() \
                 or not out_meta.is_contiguous() or out_meta.dtype != torch.int64:
@@ -227,10 +232,15 @@ class NvshmemChannel:
                              f"contiguous int64 [{w}, {r + 1}], got {tuple(out.shape)}, "
                              f"{out_meta.dtype} {tuple(out_meta.shape)}")
         self._check_on_gpu("gather", out=out, out_meta=out_meta)
-        _direct().gather_kernel[(ctas, w)](
-            self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
-            out, out_meta, self.rank, w, lay.num_slots, r, h, lay.ctas_per_send,
-            BLOCK=DIRECT_BLOCK, COPY=True, num_warps=8)
+        self._gather(out, out_meta, ctas)
+
+    def _gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int) -> None:
+        lay = self.layout
+        _direct().gather_kernel[(ctas, lay.world_size)](
+            self.recv_buf, self.meta, self.sig, self.credit, self.delta, self.recvd,
+            self.done[1], out, out_meta, self.rank, lay.world_size, lay.num_slots,
+            lay.max_rows, lay.hidden, lay.ctas_per_send, BLOCK=DIRECT_BLOCK, COPY=True,
+            num_warps=8)
         self._host_recvd = [n + 1 for n in self._host_recvd]  # eager mirror (see wait_all)
 
     def wait_all(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -276,6 +286,53 @@ class NvshmemChannel:
         _direct().release_kernel[(lay.world_size,)](self.credit, delta, self.recvd, self.rank,
                                                     lay.world_size, num_warps=1)
 
+    # -- warm-up (see NvshmemPlane.warm_up): step i of every channel, all ranks in lockstep --
+
+    def warm_up_steps(self) -> list[int]:
+        """The warm-up steps this channel has: 0-3 the direct path's put/put_spans x tags, each
+        taken by gather or wait_all/release_all; 4-5 send/recv and send/recv_view to self."""
+        return ([0, 1, 2, 3] if self.delta is not None else []) + ([4, 5] if self.nvshmem else [])
+
+    def warm_up_send(self, step: int) -> None:
+        """Send side of a warm-up step: zero rows to every rank (direct) or one row to self."""
+        lay, dev = self.layout, self.recv_buf.device
+        w, i64 = lay.world_size, torch.int64
+        rows = torch.zeros(1, lay.hidden, dtype=self.recv_buf.dtype, device=dev)
+        tags = torch.zeros(1, dtype=i64, device=dev) if step in (1, 3) else None
+        if step in (0, 1):
+            self.put(rows, torch.zeros(w + 1, dtype=i64, device=dev), tags)
+        elif step in (2, 3):
+            zeros = torch.zeros(w, dtype=i64, device=dev)
+            self.put_spans(rows, zeros, zeros, tags)
+        else:
+            meta = torch.zeros(lay.max_rows + 1, dtype=i64, device=dev)
+            meta[0] = 1
+            self.send(self.rank, rows, meta)
+
+    def warm_up_take(self, step: int) -> None:
+        """Receive side of a warm-up step (the messages of `warm_up_send`)."""
+        lay, dev = self.layout, self.recv_buf.device
+        out = torch.zeros(1, lay.hidden, dtype=self.recv_buf.dtype, device=dev)  # n <= 1 rows
+        out_meta = torch.zeros(lay.world_size, lay.max_rows + 1, dtype=torch.int64, device=dev)
+        if step == 1:
+            self.wait_all()
+            self.release_all()
+        elif step in (0, 2, 3):
+            self._gather(out, out_meta, 1)
+        elif step == 4:
+            self._recv(self.rank, out, out_meta[0], 1)
+        else:
+            self.recv_view(self.rank)
+            self.release(self.rank)
+
+    def reset_counters(self) -> None:
+        """Zero this rank's signal, credit and counter words (start-up only: no message may be
+        in flight to or from this rank, on any rank)."""
+        for t in (self.sig, self.credit, self.sent, self.recvd, self.done):
+            if t is not None:
+                t.zero_()
+        self._host_recvd = [0] * self.layout.world_size
+
     def _check_on_gpu(self, what: str, **tensors: torch.Tensor | None) -> None:
         """Row tensors in the channel's dtype, everything on this rank's device."""
         dtype = getattr(torch, self.layout.dtype)
@@ -287,6 +344,10 @@ class NvshmemChannel:
                                  f"{self.recv_buf.device}")
             if name in ("rows", "out") and t.dtype != dtype:
                 raise ValueError(f"{what}: {name} is {t.dtype}, the channel carries {dtype}")
+            if name in ("rows", "out") and t.data_ptr() % 16:
+                raise ValueError(f"{what}: {name} must start on a 16-byte boundary (the copies "
+                                 f"are 16-byte vectors), got address {t.data_ptr():#x}: pass "
+                                 "a fresh tensor or a view at a row offset that keeps it")
 
     def _need_nvshmem(self, what: str) -> Any:
         if not self.nvshmem:
@@ -348,15 +409,17 @@ class NvshmemPlane:
 
     @classmethod
     def create(cls, group: Any, device: torch.device | str,
-               layouts: Mapping[str, ChannelLayout], backend: str = "NVSHMEM") -> NvshmemPlane:
+               layouts: Mapping[str, ChannelLayout], backend: str = "NVSHMEM",
+               warm_up: bool = True) -> NvshmemPlane:
         """Allocate every channel's symmetric buffers (collective) and zero the words.
 
         group:   a torch.distributed ProcessGroup (NCCL) whose ranks are this plane's PEs.
         device:  this rank's GPU, e.g. "cuda:1" (explicit index: NVSHMEM wants one device).
         backend: torch symmetric-memory backend: "NVSHMEM" (both paths) or "CUDA" (CUDA IPC
                  mappings, same host only: the direct path alone, the cudaipc:// flavour).
+        warm_up: run every kernel once (`warm_up`; compiles on a fresh machine take seconds).
         Sets torch's symmetric-memory backend (must precede any other symmetric allocation in
-        this process); warm the kernels up before timing or capturing.
+        this process).
         """
         import torch.distributed as dist
         import torch.distributed._symmetric_memory as symm_mem
@@ -389,4 +452,33 @@ class NvshmemPlane:
                 backend == "NVSHMEM")
         torch.cuda.synchronize(device)  # start-up only: words are zero before anyone signals
         dist.barrier(group)
-        return cls(channels, name)
+        plane = cls(channels, name)
+        if warm_up:
+            plane.warm_up(group, device)
+        return plane
+
+    def warm_up(self, group: Any, device: torch.device) -> None:
+        """Collective, start-up only: run every kernel variant of every channel once, then zero
+        every counter again (the planes look freshly created).
+
+        A kernel's first launch compiles and loads its module, and loading may synchronise the
+        whole context (CUDA lazy loading; for NVSHMEM kernels also `nvshmemx_cumodule_init`'s
+        synchronous copy). If a put or send of this process is spinning for credit meanwhile,
+        that load never returns. Every size and caller pointer is a runtime value of the
+        kernels (one variant each), so after this no launch loads a module.
+        """
+        import torch.distributed as dist
+
+        steps = sorted({i for ch in self.channels.values() for i in ch.warm_up_steps()})
+        for step in steps:  # one message per pair and step: S = 1 never waits for credit
+            chans = [ch for ch in self.channels.values() if step in ch.warm_up_steps()]
+            for ch in chans:
+                ch.warm_up_send(step)
+            for ch in chans:
+                ch.warm_up_take(step)
+            torch.cuda.synchronize(device)
+            dist.barrier(group)  # every rank's messages of this step were consumed
+        for ch in self.channels.values():
+            ch.reset_counters()
+        torch.cuda.synchronize(device)
+        dist.barrier(group)

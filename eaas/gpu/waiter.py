@@ -124,7 +124,9 @@ async def download(*tensors: torch.Tensor, timeout: float | None = None
     Each CUDA tensor is copied into pinned memory with non_blocking=True and one event is
     awaited: the wait covers the work that produces these tensors, not work other coroutines
     queue on the stream later (a `.cpu()`, even after awaiting the whole stream, would wait for
-    that too).
+    that too). The pinned buffers come from torch's caching host allocator: the first buffer
+    of a size class is a cudaHostAlloc, which may wait for the device; repeated downloads of the
+    same sizes (a decode step's) reuse freed buffers and never block.
     """
     out, last = [], None
     for t in tensors:

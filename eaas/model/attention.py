@@ -237,6 +237,8 @@ class _Base:
         self.inv_freq, self.rope_factor = ops.rope_inv_freq(
             rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings
         )
+        # on the weights' device once: a per-step copy from host memory syncs the stream
+        self.inv_freq = self.inv_freq.to(next(iter(w.values())).device)
 
     def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return ops.linear(

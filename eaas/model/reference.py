@@ -262,11 +262,15 @@ class ReferenceModel:
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_hidden_layers)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids: int64 [T] -> [T, H]."""
-        if input_ids.numel() and (
-            int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size
-        ):
+    def embed(self, input_ids: torch.Tensor, host_ids: list[int] | None = None) -> torch.Tensor:
+        """input_ids: int64 [T] -> [T, H]. host_ids: the same ids as a host list, checked there
+        instead (no device sync to read min/max of a GPU tensor)."""
+        if host_ids is not None:
+            bad = bool(host_ids) and (min(host_ids) < 0 or max(host_ids) >= self.config.vocab_size)
+        else:
+            bad = bool(input_ids.numel()) and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)
+        if bad:
             raise ValueError(f"token ids must be in 0..{self.config.vocab_size - 1}")
         return self.embed_weight[input_ids.to(self.embed_weight.device)]
 

@@ -119,9 +119,13 @@ async def test_download_passes_host_tensors_through() -> None:
 
 @cuda_only
 async def test_download_waits_for_real_gpu_work_without_blocking_the_loop() -> None:
+    # Steady state first: every kernel below loaded (a module's first load may synchronise the
+    # context, i.e. wait for the queued matmuls) and a pinned block of this size cached (the
+    # first cudaHostAlloc of a size class may wait for the device; see download's docstring).
     a = torch.randn(4096, 4096, device="cuda")
+    await download(torch.tanh(a @ a / 64).sum(dim=0))
     for _ in range(20):
-        a = a @ a / 64
+        a = torch.tanh(a @ a / 64)  # bounded: the result must be comparable, not NaN
     want = a.sum(dim=0)  # [4096], computed after the matmuls
     ticks, done = 0, False
 

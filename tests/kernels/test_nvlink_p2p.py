@@ -148,9 +148,41 @@ def test_bad_arguments_are_named() -> None:
         ch.put(rows.double(), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"out_meta contiguous int64"):
         ch.gather(torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int32))
+    odd = torch.zeros(4 * H + 1)[1:].view(4, H)  # 4 bytes past a 16-byte boundary
+    with pytest.raises(ValueError, match="rows must start on a 16-byte boundary"):
+        ch.put(odd, torch.zeros(4, dtype=torch.int64))
     ch.delta = None
     with pytest.raises(RuntimeError, match="no direct path"):
         ch.put(rows, torch.zeros(4, dtype=torch.int64))
+
+
+def test_warm_up_runs_every_variant_and_leaves_fresh_counters() -> None:
+    """NvshmemPlane.warm_up's steps (direct path) in lockstep over W ranks: every put and
+    receive variant once, every message consumed, then counters zero, and a real round after
+    it still matches the reference from slot 0."""
+    chans = host_plane()
+    for ch in chans:
+        ch.nvshmem = False  # no NVSHMEM device library here: the direct path's steps only
+    steps = chans[0].warm_up_steps()
+    assert steps == [0, 1, 2, 3]
+    for step in steps:
+        for ch in chans:
+            ch.warm_up_send(step)
+        for ch in chans:
+            ch.warm_up_take(step)
+    for ch in chans:
+        assert ch.sent.tolist() == ch.recvd.tolist() == ch.credit.tolist() == [4] * W
+        assert ch.sig.tolist() == [4 * ch.layout.ctas_per_send] * W
+        assert ch.rows_cut() == [0] * W
+        ch.reset_counters()
+        assert ch.sig.tolist() == ch.credit.tolist() == ch.sent.tolist() == [0] * W
+    puts = [inputs(r, 0, torch.float32) for r in range(W)]
+    for ch, p in zip(chans, puts):
+        ch.put(*p)
+    out, meta = torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int64)
+    for ch, want in zip(chans, exchange_reference(puts, R)):
+        ch.gather(out, meta)
+        check(out, meta, want)
 
 
 @pytest.mark.parametrize("nbytes", [1, 16, 4096, 70001])

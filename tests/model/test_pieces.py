@@ -167,6 +167,18 @@ def test_generate_greedy_stops_at_stop_token(tiny_dir):
         model.generate_greedy([], 3)
 
 
+def test_embed_checks_ids_on_the_host_list_when_given(tiny_dir):
+    model = ReferenceModel.load(Checkpoint.open(tiny_dir("mixtral")))
+    v = model.config.vocab_size
+    ids = [0, 5, v - 1]
+    t = torch.tensor(ids)
+    assert torch.equal(model.embed(t, host_ids=ids), model.embed(t))
+    for bad in ([v], [-1, 3]):
+        for kw in ({"host_ids": bad}, {}):
+            with pytest.raises(ValueError, match=rf"token ids must be in 0..{v - 1}"):
+                model.embed(torch.tensor(bad) if not kw else t, **kw)
+
+
 def test_upload_builds_the_same_tensor_on_the_host() -> None:
     from eaas.model.ops import upload
 
