@@ -20,7 +20,7 @@ import time
 import torch
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from eaas.model import Checkpoint, ReferenceModel, make_tiny
+from eaas.model import Checkpoint, DecoderModel, make_tiny
 
 
 def prompts(tokenizer, n: int) -> list[list[int]]:
@@ -30,7 +30,7 @@ def prompts(tokenizer, n: int) -> list[list[int]]:
 
 
 def bench_reference(model_dir: str, ps: list[list[int]], n: int, batch_invariant: bool) -> float:
-    model = ReferenceModel.load(Checkpoint.open(model_dir), torch.float32,
+    model = DecoderModel.load(Checkpoint.open(model_dir), torch.float32,
                                 batch_invariant=batch_invariant)
     t0 = time.perf_counter()
     for p in ps:  # the reference runs one sequence at a time

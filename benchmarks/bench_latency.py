@@ -11,7 +11,7 @@ the engine's methods (nothing in the engine changes):
 
 plus the batchers' flush reasons (complete / timer / full) and, on CUDA, the host syncs per
 decode step in the engine process with the code lines that cause them
-(torch.cuda.set_sync_debug_mode). Peer in the same run: the monolithic ReferenceModel's greedy
+(torch.cuda.set_sync_debug_mode). Peer in the same run: the monolithic DecoderModel's greedy
 decode on the same device, ms/token.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_latency.py --smoke            # CPU, tiny shape
@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 from eaas import AsyncEngine, SamplingParams  # noqa: E402
 from eaas.engine import dispatch, shard  # noqa: E402
-from eaas.model import Checkpoint, ReferenceModel  # noqa: E402
+from eaas.model import Checkpoint, DecoderModel  # noqa: E402
 
 STAMPS: dict[str, list[float]] = collections.defaultdict(list)
 
@@ -154,7 +154,7 @@ def vocab_of(model: Path) -> int:
 
 def reference_ms(model: Path, args: argparse.Namespace) -> float:
     device = "cpu" if args.smoke else "cuda:0"
-    ref = ReferenceModel.load(Checkpoint.open(model), torch.float32 if args.smoke else
+    ref = DecoderModel.load(Checkpoint.open(model), torch.float32 if args.smoke else
                               torch.bfloat16, device=device, batch_invariant=args.batch_invariant)
     prompt = e2e.prompts(1, 16, vocab_of(model))[0]
     ref.generate_greedy(prompt, 4)
@@ -187,7 +187,7 @@ async def main() -> None:
           f"batch_invariant={args.batch_invariant}, {args.servers} expert servers")
     print("# ms/token: median gap between streamed tokens; hops: median us per MoE layer "
           "(before = attention+norm+router, experts = units told -> combined)")
-    print(f"# peer in the same run: ReferenceModel.generate_greedy {peer:.2f} ms/token "
+    print(f"# peer in the same run: DecoderModel.generate_greedy {peer:.2f} ms/token "
           "(prefill included)")
     print("| setup | ms/token | layer us | before | dispatch | experts | after | flushes "
           "complete/timer/full |")

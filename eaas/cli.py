@@ -28,9 +28,18 @@ _FLAGS: dict[str, tuple[str, type | None, str]] = {
     "--transport": ("placement.transport", str,
                     "tcp | shm | cudaipc | nvshmem (engine <-> server processes)"),
     "--max-num-seqs": ("scheduler.max_num_seqs", int, "running requests per shard"),
+    "--max-num-batched-tokens": ("scheduler.max_num_batched_tokens", int,
+                                 "tokens per step of a lane (longer prompts are chunked)"),
     "--max-waiting": ("scheduler.max_waiting", int, "queued requests before 503"),
     "--max-model-len": ("scheduler.max_model_len", int, "prompt + output token limit"),
     "--micro-batches": ("scheduler.micro_batches", int, "ping-pong lanes per shard"),
+    "--block-size": ("cache.block_size", int, "KV cache block size in tokens (1, 2, 4, ..., 256)"),
+    "--num-gpu-blocks-override": ("cache.num_blocks", int,
+                                  "KV cache blocks per shard (default: sized from memory)"),
+    "--gpu-memory-utilization": ("cache.gpu_memory_utilization", float,
+                                 "share of each GPU's total memory this instance may use"),
+    "--cpu-kv-cache-space-gib": ("cache.cpu_kv_cache_space_gib", float,
+                                 "KV cache space on CPU (GiB, split among CPU shards)"),
     "--max-batch-tokens": ("batching.max_batch_tokens", int, "expert batch flush size (rows)"),
     "--max-wait-us": ("batching.max_wait_us", int, "expert batch flush timer"),
     "--no-replica-policy": ("fault.no_replica_policy", str, "fail | wait | degrade"),
@@ -47,6 +56,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=typ, default=None, help=help_)
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=None,
                    help="row results independent of batching (default on)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="no CUDA graphs: run every step eagerly (default off)")
 
 
 def engine_config(args: argparse.Namespace) -> Any:
@@ -55,6 +66,7 @@ def engine_config(args: argparse.Namespace) -> Any:
     overrides = {dotted: getattr(args, flag[2:].replace("-", "_"))
                  for flag, (dotted, _, _) in _FLAGS.items()}
     overrides["batch_invariant"] = args.batch_invariant
+    overrides["enforce_eager"] = args.enforce_eager
     overrides["model"] = args.model
     if args.config:
         return EngineConfig.from_yaml_file(args.config, **overrides)

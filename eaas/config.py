@@ -23,6 +23,7 @@ NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
 TRANSPORTS = ("tcp", "shm", "cudaipc", "nvshmem")
 NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.fabric.ALIGN)
+BLOCK_SIZES = tuple(1 << i for i in range(9))  # KV cache block sizes: 1, 2, 4, ..., 256
 
 
 def _check(cond: bool, name: str, value: object, allowed: str) -> None:
@@ -138,13 +139,46 @@ class SchedulerConfig:
     max_waiting: int = 1024  # queued requests (all shards) before EngineOverloadedError
     max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
     micro_batches: int = 2  # ping-pong lanes per shard
+    max_num_batched_tokens: int = 2048  # tokens per step of a lane; longer prompts are chunked
 
     def __post_init__(self) -> None:
         _int("scheduler.max_num_seqs", self.max_num_seqs, 1)
+        _int("scheduler.max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _int("scheduler.max_waiting", self.max_waiting, 1)
         if self.max_model_len is not None:
             _int("scheduler.max_model_len", self.max_model_len, 2)
         _int("scheduler.micro_batches", self.micro_batches, 1, 8)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """The paged KV cache of each attention shard (eaas.engine.blocks): a pool of num_blocks
+    blocks of block_size tokens, sized at start.
+
+    num_blocks: None sizes the pool from memory: on CUDA, gpu_memory_utilization is the share
+    of the GPU's total memory this instance may use (weights, activations and cache; vLLM's
+    meaning), the cache getting what is left of it once the weights are loaded; on CPU the
+    cache gets cpu_kv_cache_space_gib GiB (vLLM's VLLM_CPU_KVCACHE_SPACE; default as vLLM's).
+    Shards sharing a device split its budget evenly.
+    Either way never more than max_num_seqs full-length (max_model_len) sequences could use.
+    """
+
+    block_size: int = 16  # tokens per block
+    num_blocks: int | None = None  # per shard; None: from memory (vLLM --num-gpu-blocks-override)
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_space_gib: float = 4.0
+
+    def __post_init__(self) -> None:
+        p = "cache."
+        bs = self.block_size
+        _check(isinstance(bs, int) and not isinstance(bs, bool) and bs in BLOCK_SIZES,
+               p + "block_size", self.block_size, f"a power of two in {BLOCK_SIZES}")
+        if self.num_blocks is not None:
+            _int(p + "num_blocks", self.num_blocks, 1)
+        u = self.gpu_memory_utilization
+        _check(isinstance(u, (int, float)) and not isinstance(u, bool) and 0 < u <= 1,
+               p + "gpu_memory_utilization", u, "a number > 0 and <= 1")
+        _num(p + "cpu_kv_cache_space_gib", self.cpu_kv_cache_space_gib, 0, strict=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,11 +239,13 @@ class EngineConfig:
     device: str = "cpu"
     seed: int = 0
     batch_invariant: bool = True  # row results independent of batching (exact failover/equality)
+    enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly (vLLM's name)
     served_model_name: str | None = None
     graph: str | None = None  # YAML file of the dataflow graph; None: the architecture's default
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
 
@@ -223,9 +259,11 @@ class EngineConfig:
         _int("seed", self.seed, 0)
         _check(isinstance(self.batch_invariant, bool), "batch_invariant", self.batch_invariant,
                "true or false")
+        _check(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager,
+               "true or false")
         for name, cls in (("placement", PlacementConfig), ("batching", BatchingConfig),
-                          ("scheduler", SchedulerConfig), ("fault", FaultConfig),
-                          ("balance", BalanceConfig)):
+                          ("scheduler", SchedulerConfig), ("cache", CacheConfig),
+                          ("fault", FaultConfig), ("balance", BalanceConfig)):
             _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                    f"a {cls.__name__}")
         if self.placement.transport == "nvshmem":

@@ -13,7 +13,14 @@ import torch
 from . import reference
 from .reference import Routing
 
-__all__ = ["topk_softmax", "topk_grouped_sigmoid", "fused_moe", "expert_rows"]
+__all__ = [
+    "topk_softmax",
+    "topk_grouped_sigmoid",
+    "fused_moe",
+    "expert_rows",
+    "paged_decode_gqa",
+    "paged_decode_mla",
+]
 
 
 def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool) -> Routing:
@@ -95,3 +102,65 @@ def expert_rows(
 
         return expert_rows_triton(x, expert_ids, w_gate_up, w_down)
     return reference.expert_rows_ref(x, expert_ids, w_gate_up, w_down)
+
+
+def paged_decode_gqa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    window: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Decode attention (one query token per sequence) over a paged KV cache, GQA.
+
+    q: [B, num_heads, head_dim] float32/float16/bfloat16; query head h reads kv head h // rep
+    (num_heads = num_kv_heads * rep). k_cache, v_cache: [num_blocks, block_size, num_kv_heads,
+    head_dim], q's dtype; token j of sequence b at [block_tables[b, j // block_size],
+    j % block_size]. block_tables: int32 [B, max_blocks] (entries past a row's blocks are never
+    read). seq_lens: int32 [B], tokens cached per row including the query's own (the query sits
+    at seq_lens[b] - 1); 0 marks a padding row, whose output is zeros. scale: multiplies q.k.
+    max_seq_len: host int >= every seq_lens[b] (sizes the grid; no device read). window: sliding
+    window, the query at p sees p - window < j <= p (None: all j <= p). out: optional
+    [B, num_heads, head_dim] q.dtype result buffer. Returns [B, num_heads, head_dim] in q.dtype;
+    float32 softmax. On CUDA: batch-invariant (bitwise) and CUDA-graph capturable.
+    """
+    if q.is_cuda:
+        from .paged_attention import paged_decode_gqa_triton
+
+        return paged_decode_gqa_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                       max_seq_len, window, out)
+    return reference.paged_decode_gqa_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                          max_seq_len, window, out)
+
+
+def paged_decode_mla(
+    q_lat: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    rope_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    max_seq_len: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """DeepSeek MLA decode in the weight-absorbed form over a paged latent cache.
+
+    q_lat: [B, nh, L] (q_nope absorbed through W_UK, L = kv_lora_rank) and q_rope: [B, nh, R]
+    (rotated), float32/float16/bfloat16. kv_cache: [num_blocks, block_size, L] compressed
+    latents; rope_cache: [num_blocks, block_size, R] rotated k_rope; q_lat's dtype.
+    block_tables, seq_lens, max_seq_len, out: as `paged_decode_gqa` (out: [B, nh, L]).
+    score_j = scale * (q_lat . kv_j + q_rope . rope_j); returns softmax(score) @ kv, [B, nh, L]
+    in q_lat.dtype (apply W_UV after). On CUDA: batch-invariant and CUDA-graph capturable.
+    """
+    if q_lat.is_cuda:
+        from .paged_attention import paged_decode_mla_triton
+
+        return paged_decode_mla_triton(q_lat, q_rope, kv_cache, rope_cache, block_tables,
+                                       seq_lens, scale, max_seq_len, out)
+    return reference.paged_decode_mla_ref(q_lat, q_rope, kv_cache, rope_cache, block_tables,
+                                          seq_lens, scale, max_seq_len, out)

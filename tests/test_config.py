@@ -18,10 +18,13 @@ def test_yaml_and_dict_round_trip():
                       "server_devices": ["cuda:1", "cuda:2"],
                       "shard_devices": ["cuda:0"]},
         "batching": {"max_batch_tokens": 7, "max_wait_us": 0},
+        "cache": {"block_size": 32, "num_blocks": 100, "gpu_memory_utilization": 0.5,
+                  "cpu_kv_cache_space_gib": 0.25}, "enforce_eager": True,
         "fault": {"no_replica_policy": "degrade"}, "balance": {"auto": True}})
     assert EngineConfig.from_yaml(cfg.to_yaml()) == cfg
     assert EngineConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.placement.explicit_map == {0: (0, 1), 3: (2,)}
+    assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.enforce_eager) == (32, 100, True)
     assert cfg.replace(**{"placement.num_expert_servers": 5}).placement.num_expert_servers == 5
 
 
@@ -39,6 +42,15 @@ def test_yaml_and_dict_round_trip():
     ({"batching": {"max_batch_tokens": 0}}, "batching.max_batch_tokens"),
     ({"batching": {"max_wait_us": -1}}, "batching.max_wait_us"),
     ({"scheduler": {"micro_batches": 0}}, "scheduler.micro_batches"),
+    ({"cache": {"block_size": 24}}, "cache.block_size=24 is not allowed: a power of two"),
+    ({"cache": {"block_size": 512}}, "cache.block_size"),
+    ({"cache": {"block_size": 16.0}}, "cache.block_size"),
+    ({"cache": {"num_blocks": 0}}, "cache.num_blocks"),
+    ({"cache": {"gpu_memory_utilization": 0}}, "cache.gpu_memory_utilization=0 is not allowed: "
+                                               "a number > 0 and <= 1"),
+    ({"cache": {"gpu_memory_utilization": 1.01}}, "cache.gpu_memory_utilization"),
+    ({"cache": {"cpu_kv_cache_space_gib": 0}}, "cache.cpu_kv_cache_space_gib"),
+    ({"enforce_eager": "yes"}, "enforce_eager"),
     ({"fault": {"unit_timeout_s": 0}}, "fault.unit_timeout_s"),
     ({"fault": {"no_replica_policy": "retry"}}, "fault.no_replica_policy"),
     ({"balance": {"max_experts_per_server": 0}}, "balance.max_experts_per_server"),
@@ -67,6 +79,29 @@ def test_cli_flags_override_the_yaml_file(tmp_path, capsys):
     assert cfg.model == "/m" and cfg.batch_invariant is False
     assert (cfg.placement.num_expert_servers, cfg.placement.expert_replicas) == (5, 2)
     assert cfg.placement.server_mode == "inproc"
+
+
+def test_cache_defaults_follow_vllm():
+    cfg = EngineConfig(model="/m")
+    assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.cache.gpu_memory_utilization,
+            cfg.cache.cpu_kv_cache_space_gib, cfg.enforce_eager) == (16, None, 0.9, 4.0, False)
+
+
+def test_cli_cache_and_eager_flags(tmp_path, capsys):
+    assert main(["config", "/m", "--block-size", "32", "--num-gpu-blocks-override", "100",
+                 "--gpu-memory-utilization", "0.5", "--cpu-kv-cache-space-gib", "2",
+                 "--enforce-eager"]) == 0
+    cfg = EngineConfig.from_yaml(capsys.readouterr().out)
+    assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.cache.gpu_memory_utilization,
+            cfg.cache.cpu_kv_cache_space_gib, cfg.enforce_eager) == (32, 100, 0.5, 2.0, True)
+    path = tmp_path / "eaas.yaml"
+    path.write_text(cfg.to_yaml())
+    assert main(["config", "/m", "--config", str(path), "--no-enforce-eager",
+                 "--block-size", "8"]) == 0
+    cfg = EngineConfig.from_yaml(capsys.readouterr().out)
+    assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.enforce_eager) == (8, 100, False)
+    assert main(["config", "/m", "--block-size", "24"]) == 2
+    assert "cache.block_size=24" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_flags_without_a_traceback(capsys):

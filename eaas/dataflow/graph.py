@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from eaas.dataflow.kinds import NodeKind, kind_spec, parse_kind
+from eaas.dataflow.kinds import NodeKind, check_params, kind_spec, parse_kind
 from eaas.errors import GraphError
 
 __all__ = ["Node", "Edge", "LayerGraph", "GraphBuilder", "parse_edge", "where"]
@@ -109,6 +109,9 @@ class LayerGraph:
                 node = Node(node.name, kind, node.params, node.line)
             if node.name in table:
                 raise GraphError(f"{where(name, node.name, node.line)}: duplicate node name")
+            bad = check_params(kind, dict(node.params))
+            if bad:
+                raise GraphError(f"{where(name, node.name, node.line)}: {bad}")
             if not _NAME.match(node.name):
                 raise GraphError(f"{where(name, node.name, node.line)}: node names must be "
                                  "identifiers (letters, digits, '_')")

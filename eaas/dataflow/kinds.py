@@ -14,6 +14,12 @@ to an input port of the same :class:`PortType`:
 
 ``combine.parts`` is the only multi-input port: its edges are summed in edge order. Every
 other input port takes exactly one edge.
+
+Node params (checked when a graph is built; anything else is an error):
+
+    kind      param               meaning
+    experts   timeout_s           this layer's work-unit deadline (default fault.unit_timeout_s)
+    experts   no_replica_policy   fail | wait | degrade for this layer (default fault's)
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-__all__ = ["PortType", "NodeKind", "PortSpec", "KindSpec", "kind_spec", "parse_kind"]
+__all__ = ["PortType", "NodeKind", "PortSpec", "KindSpec", "ParamSpec", "kind_spec", "parse_kind",
+           "check_params"]
 
 
 class PortType(enum.Enum):
@@ -87,6 +94,40 @@ _SPECS: dict[NodeKind, KindSpec] = {
         (PortSpec("residual", _H), PortSpec("parts", _P, multi=True)), (PortSpec("hidden", _H),)
     ),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    """One node param: a check of its value and what is allowed (for the error)."""
+
+    name: str
+    allowed: str
+
+    def ok(self, value: object) -> bool:
+        if self.name == "timeout_s":
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+        if self.name == "no_replica_policy":
+            return value in ("fail", "wait", "degrade")
+        return False
+
+
+_PARAMS: dict[NodeKind, tuple[ParamSpec, ...]] = {
+    NodeKind.EXPERTS: (ParamSpec("timeout_s", "a number of seconds > 0"),
+                       ParamSpec("no_replica_policy", "one of fail, wait, degrade")),
+}
+
+
+def check_params(kind: NodeKind, params: dict) -> str | None:
+    """None if ``params`` fit ``kind``; else what is wrong and what is allowed."""
+    specs = {p.name: p for p in _PARAMS.get(kind, ())}
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            allowed = ", ".join(specs) or "none"
+            return f"unknown param {name!r} for a {kind} node (allowed: {allowed})"
+        if not spec.ok(value):
+            return f"param {name!r} is {value!r}; allowed: {spec.allowed}"
+    return None
 
 
 def kind_spec(kind: NodeKind) -> KindSpec:

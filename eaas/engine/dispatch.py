@@ -16,6 +16,7 @@ requests error), `wait` (until a routing change brings a server back, up to wait
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections import OrderedDict, defaultdict
@@ -115,13 +116,21 @@ class Dispatcher:
 
     # ---- the layer call (split phase: start() sends, ExpertCall.wait() combines) -----------
     def start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-              topk_weights: torch.Tensor) -> ExpertCall:
+              topk_weights: torch.Tensor, *, timeout_s: float | None = None,
+              policy: str | None = None) -> ExpertCall:
         """Send x [T, H]'s rows to the experts topk_ids [T, K] names; returns a call to await.
+        timeout_s / policy: this call's unit deadline and no-replica policy (the layer graph's
+        experts-node params), instead of the fault config's.
 
         The sends happen now, so the caller can compute its shared expert while they are out.
         `call.cancel()` (every request of the step aborted) retires its units at once.
         """
-        call = ExpertCall(self, layer, x, topk_ids, topk_weights)
+        fault = self.fault
+        if timeout_s is not None or policy is not None:
+            fault = dataclasses.replace(
+                fault, unit_timeout_s=fault.unit_timeout_s if timeout_s is None else timeout_s,
+                no_replica_policy=policy or fault.no_replica_policy)
+        call = ExpertCall(self, layer, x, topk_ids, topk_weights, fault)
         if self.load is not None:
             self.load.record_experts(layer, call.flat_ids)
         call.send(torch.arange(call.T * call.K), set(), 0)
@@ -223,8 +232,9 @@ class ExpertCall:
     """One layer's dispatch for one micro-batch step, from send to combine."""
 
     def __init__(self, d: Dispatcher, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
-                 topk_weights: torch.Tensor) -> None:
+                 topk_weights: torch.Tensor, fault: FaultConfig | None = None) -> None:
         self.d, self.layer = d, layer
+        self.fault = fault or d.fault  # this call's deadlines and no-replica policy
         self.cancelled = False
         self.T, self.K = topk_ids.shape
         self.topk_weights = topk_weights
@@ -247,7 +257,7 @@ class ExpertCall:
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
         groups: dict[str, torch.Tensor]
-        if attempt >= d.fault.max_unit_attempts:  # a livelock guard: it keeps failing everywhere
+        if attempt >= self.fault.max_unit_attempts:  # a livelock guard: it keeps failing everywhere
             groups, orphans = {}, pair_idx
             d.counters["attempts_exhausted"] += 1
         else:
@@ -258,10 +268,10 @@ class ExpertCall:
             self.live[u.future] = u
         if orphans.numel() == 0:
             return
-        policy = d.fault.no_replica_policy
+        policy = self.fault.no_replica_policy
         if policy == "wait":
             self.wait_started = self.wait_started or time.monotonic()
-            if time.monotonic() - self.wait_started < d.fault.wait_timeout_s:
+            if time.monotonic() - self.wait_started < self.fault.wait_timeout_s:
                 self.parked.append(orphans)
                 return
             policy = "fail"
@@ -294,7 +304,7 @@ class ExpertCall:
         self._notify()  # a wait() in progress ends now
 
     async def wait(self) -> ExpertsOutput:
-        d, timeout = self.d, self.d.fault.unit_timeout_s
+        d, timeout = self.d, self.fault.unit_timeout_s
         try:
             while self.live or self.parked:
                 if self.parked and not self.live:

@@ -47,7 +47,7 @@ from eaas.engine.outputs import RequestOutput
 from eaas.engine.placement import initial_routing, server_name
 from eaas.engine.request import Request
 from eaas.engine.routing import RoutingTable
-from eaas.engine.sampling import SamplingParams
+from eaas.engine.sampling import SamplingParams, fold_seed
 from eaas.engine.shard import AttentionShard, ShardDeps
 from eaas.engine.server_proxy import FabricSeat, plan_fabric
 from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
@@ -71,6 +71,7 @@ class AsyncEngine:
         self._gpu_monitor: Any = None  # eaas.gpu.health.HealthMonitor when devices are CUDA
         self._routing: Any = None
         self._fabric_seat: FabricSeat | None = None  # transport nvshmem: the engine's rank 0
+        self._shard_deps: ShardDeps | None = None
         self._ready = False
         self._closed = False
 
@@ -133,10 +134,16 @@ class AsyncEngine:
                                   "store": seat.store, "device": cfg.device})
         self.load = LoadTracker(mc.num_hidden_layers, mc.num_experts,
                                 window_s=cfg.balance.window_s)
-        deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
-                         self._load_shard_model, self.counters, self.events_bus.emit, self.load)
-        attn = await system.spawn_supervisor("attention", RestartPolicy("one_for_one"), parent=root)
         shard_devices = cfg.placement.shard_devices or (cfg.device,)
+        on_device = [shard_devices[j % len(shard_devices)]
+                     for j in range(cfg.placement.num_attention_shards)]
+        deps = ShardDeps(cfg, self.graph, self._routing, self.pool.batcher_for,
+                         self._load_shard_model, self.counters, self.events_bus.emit, self.load,
+                         pools_on=on_device.count, store=self.pool.store,
+                         server_devices=lambda: {n: s["device"]
+                                                 for n, s in self.pool.servers.items()})
+        self._shard_deps = deps
+        attn = await system.spawn_supervisor("attention", RestartPolicy("one_for_one"), parent=root)
         for j in range(cfg.placement.num_attention_shards):
             name, device = f"shard-{j}", shard_devices[j % len(shard_devices)]
             ref = await attn.start_child(ChildSpec(
@@ -161,12 +168,13 @@ class AsyncEngine:
                               "shards": [s.name for s in self._shards]})
 
     def _load_shard_model(self, device: str) -> tuple[Any, Any]:
-        from eaas.model import Checkpoint, ReferenceModel
+        from eaas.model import Checkpoint, DecoderModel
 
         cfg = self.config
         ckpt = Checkpoint.open(cfg.model)
-        model = ReferenceModel.load(ckpt, dtype=getattr(torch, cfg.dtype), device=device,
-                                    load_experts=False, batch_invariant=cfg.batch_invariant)
+        model = DecoderModel.load(ckpt, dtype=getattr(torch, cfg.dtype), device=device,
+                                  load_experts=False, batch_invariant=cfg.batch_invariant,
+                                  graph=self.graph)
         return model, ckpt.tokenizer
 
     def _on_system_event(self, event: dict) -> None:
@@ -238,20 +246,20 @@ class AsyncEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._requests:
             raise RequestError(f"request_id {rid!r} is already running")
-        waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
+        waiting = sum(1 for r, _ in self._requests.values() if r.blocks is None and not r.finished)
         if waiting >= self.config.scheduler.max_waiting:
             raise EngineOverloadedError(f"{waiting} requests are waiting (scheduler.max_waiting="
                                         f"{self.config.scheduler.max_waiting}); retry later")
-        gen = None
-        if not params.greedy:
-            seed = params.seed
-            if seed is None:  # stable across processes (str hash() is salted per process)
-                seed = self.config.seed * 1_000_003 + zlib.crc32(rid.encode())
-            gen = torch.Generator().manual_seed(seed & 0xFFFF_FFFF_FFFF)
+        seed = params.seed
+        if seed is None:  # stable across processes (str hash() is salted per process)
+            seed = self.config.seed * 1_000_003 + zlib.crc32(rid.encode())
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos
                                              else set(self.checkpoint.eos_token_ids))
         req = Request(rid, text, ids, params, frozenset(stop), self.max_model_len, asyncio.Queue(),
-                      gen)
+                      fold_seed(seed))
+        if self._shard_deps is not None:  # larger than a whole KV pool: refuse it now
+            for shard in self._shard_deps.shards.values():
+                shard.blocks.check_fits(req.max_positions())
         shard = min(self._shards,
                     key=lambda s: sum(1 for _, sh in self._requests.values() if sh is s))
         self._requests[rid] = (req, shard)
@@ -317,8 +325,12 @@ class AsyncEngine:
             srv["inflight_tokens"] = self.load.inflight.get(srv["name"], 0) if self.load else 0
         c = dict(self.counters)
         c["dead_letters"] = system.get("dead_letters", 0)
-        waiting = sum(1 for r, _ in self._requests.values() if r.cache is None and not r.finished)
+        waiting = sum(1 for r, _ in self._requests.values() if r.blocks is None and not r.finished)
+        deps = self._shard_deps
+        shards = [] if deps is None else \
+            [{"name": n, **s.stats()} for n, s in sorted(deps.shards.items())]
         return {"model": self.model_name, "actors": system.get("actors", []), "servers": servers,
+                "shards": shards,
                 "routing": routing, "counters": c, "num_running": len(self._requests) - waiting,
                 "num_waiting": waiting, "load": self.load_snapshot(),
                 "gpu": self._gpu_monitor.snapshot() if self._gpu_monitor is not None else

@@ -23,7 +23,7 @@ class ExpertHost:
     """The experts of one server: layer -> ExpertBank. Compute is a pure function of the rows."""
 
     def __init__(self, model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str,
-                 device: str = "cpu", batch_invariant: bool = True) -> None:
+                 device: str = "cpu", batch_invariant: bool = True, store: Any = None) -> None:
         from eaas.model import Checkpoint
 
         self.assignment = {int(layer): sorted(ids) for layer, ids in assignment.items()}
@@ -31,6 +31,9 @@ class ExpertHost:
         self._ckpt = Checkpoint.open(model_dir)
         self._load_args = dict(dtype=getattr(torch, dtype), device=device,
                                batch_invariant=batch_invariant)
+        # eaas.engine.expert_store.ExpertStore (in-process servers) or None; used on CUDA only
+        # (on CPU each server reads its own experts, so a restart re-reads exactly those)
+        self._store = store
         self.banks = {layer: self._bank(layer, ids) for layer, ids in self.assignment.items()}
         self.load_stats = dict(self._ckpt.stats)
         self.calls = 0
@@ -40,6 +43,8 @@ class ExpertHost:
         from eaas.model import ExpertBank
 
         a = self._load_args
+        if self._store is not None and self.device.type == "cuda":  # one copy per GPU
+            return self._store.bank(a["device"], layer, ids)
         return ExpertBank.load(self._ckpt, layer, ids, a["dtype"], device=a["device"],
                                batch_invariant=a["batch_invariant"])
 
@@ -53,7 +58,8 @@ class ExpertHost:
         self.load_stats = dict(self._ckpt.stats)
 
     def remove(self, experts: Mapping[int, Any]) -> None:
-        """Stop hosting these experts ({layer: ids}); their weights are freed."""
+        """Stop hosting these experts ({layer: ids}); their weights are freed (unless they live in
+        the device's shared store, which keeps whole layers)."""
         for layer, ids in experts.items():
             layer = int(layer)
             keep = sorted(set(self.assignment.get(layer, [])) - {int(e) for e in ids})
@@ -84,11 +90,12 @@ class ExpertServer(Actor):
 
     def __init__(self, name: str, model_dir: str, assignment: Mapping[int, list[int]], *,
                  dtype: str, device: str, batch_invariant: bool,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, store: Any = None) -> None:
         self.name = name
         self._on_ready = on_ready
         self._load = functools.partial(ExpertHost, model_dir, dict(assignment), dtype=dtype,
-                                       device=device, batch_invariant=batch_invariant)
+                                       device=device, batch_invariant=batch_invariant,
+                                       store=store)
         self.host: ExpertHost | None = None
         self.delay_s = 0.0  # fault injection: extra latency per batch
 

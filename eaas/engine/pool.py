@@ -21,6 +21,7 @@ from eaas.actors import Actor, ChildSpec, RestartPolicy, Supervisor
 from eaas.config import EngineConfig
 from eaas.engine.batcher import Batcher
 from eaas.engine.expert_server import ExpertServer
+from eaas.engine.expert_store import ExpertStore
 from eaas.engine.messages import (Crash, LoadExperts, SetServerState, SetTable, Stats,
                                   UnloadExperts)
 from eaas.engine.placement import RoutingSnapshot, server_name
@@ -45,6 +46,9 @@ class ExpertPool:
         self._timers: list[asyncio.TimerHandle] = []
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
+        # in-process servers share one copy of each layer's experts per device
+        self.store = ExpertStore(config.model, dtype=config.dtype,
+                                 batch_invariant=config.batch_invariant)
 
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
@@ -87,7 +91,7 @@ class ExpertPool:
         else:
             factory = lambda: ExpertServer(  # noqa: E731
                 name, cfg.model, assignment, dtype=cfg.dtype, device=device,
-                batch_invariant=cfg.batch_invariant, on_ready=on_ready)
+                batch_invariant=cfg.batch_invariant, on_ready=on_ready, store=self.store)
         ref = entry["ref"] = await sup.start_child(ChildSpec(name, factory), timeout=timeout)
         entry["batcher"] = await sup.start_child(ChildSpec(
             f"batcher-{name}", lambda: Batcher(name, lambda: ref, cfg.batching,

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 from eaas.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from eaas.engine.sampling import SamplingParams
@@ -22,19 +21,26 @@ class Request:
     stop_ids: frozenset[int]  # eos ids (unless ignore_eos) + params.stop_token_ids
     max_len: int  # prompt + output tokens allowed (max_model_len)
     queue: asyncio.Queue  # RequestOutput snapshots for the caller
-    generator: torch.Generator | None
+    noise_key: int  # sampler noise key (eaas.engine.sampling.fold_seed of its seed)
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.time()))
     output_ids: list[int] = field(default_factory=list)
-    cache: Any = None  # the model's KVCache, created when scheduled, dropped when finished
+    blocks: Any = None  # its eaas.engine.blocks.BlockTable while it holds KV blocks
+    num_computed: int = 0  # positions in the KV cache (prompt chunks done + tokens fed back)
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     error: str | None = None
     degraded: bool = False
 
-    def next_input(self) -> list[int]:
-        """Token ids this step feeds: the whole prompt first, then the last sampled token."""
-        return self.prompt_ids if not self.output_ids else self.output_ids[-1:]
+    @property
+    def prefilled(self) -> bool:
+        """The whole prompt is in the KV cache: each step now feeds the last sampled token."""
+        return self.num_computed >= len(self.prompt_ids)
+
+    def max_positions(self) -> int:
+        """KV positions it may ever hold: prompt + max_tokens - 1 (the last sampled token is
+        never fed back), within max_len."""
+        return min(len(self.prompt_ids) + self.params.max_tokens - 1, self.max_len)
 
     def snapshot(self, text: str) -> RequestOutput:
         out = CompletionOutput(0, text, list(self.output_ids), self.finish_reason,

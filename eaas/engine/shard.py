@@ -9,6 +9,7 @@ expert rows, the other computes attention. Shards never wait for each other.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import EngineConfig
+from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate,
                                   Stats, Subscribe, UnitFailed, UnitResult)
@@ -25,7 +27,26 @@ from eaas.engine.request import Request
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError
 from eaas.gpu.waiter import download
+from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
+from eaas.model import bank_experts, combine_experts
+from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SeqSpan
 from eaas.model.ops import upload
+
+
+class _Combine:
+    """The deferred result of one layer's dispatch (executor `Deferred`): waits for the rows,
+    notes tokens that failed or were degraded, and combines."""
+
+    __slots__ = ("call", "bad", "degraded")
+
+    def __init__(self, call: ExpertCall, bad: set[int], degraded: set[int]) -> None:
+        self.call, self.bad, self.degraded = call, bad, degraded
+
+    async def wait(self) -> torch.Tensor:
+        eo = await self.call.wait()
+        self.bad |= eo.failed_tokens
+        self.degraded |= eo.degraded_tokens
+        return combine_experts(eo.y, eo.weights)
 
 
 class LaneBoard:
@@ -55,6 +76,10 @@ class ShardDeps:
     emit: Callable[[dict], None]
     load: Any  # LoadTracker (routed tokens per expert / server)
     lanes: LaneBoard = field(default_factory=LaneBoard)  # shared by the shards of one engine
+    pools_on: Callable[[str], int] = lambda device: 1  # shards with a KV pool on a device
+    shards: dict[str, Any] = field(default_factory=dict)  # name -> running AttentionShard
+    store: Any = None  # eaas.engine.expert_store.ExpertStore of the in-process servers
+    server_devices: Callable[[], dict[str, str]] = dict  # server name -> its device
 
 
 class AttentionShard(Actor):
@@ -69,6 +94,7 @@ class AttentionShard(Actor):
         self.by_id: dict[str, Request] = {}
         self._wake = [asyncio.Event() for _ in self.lanes]
         self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
+        self._stepping: set[str] = set()  # requests of the steps in flight (their blocks stay)
         self.steps = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -78,10 +104,69 @@ class AttentionShard(Actor):
         self.dispatcher = Dispatcher(self.context.self_ref, self.deps.batcher_for,
                                      self.deps.config.fault, self.deps.counters, snap,
                                      self.deps.load, round_units=self._round_units)
+        self.graphs: DecodeGraphs | None = None
+        self.local = False  # every expert computed here, on this shard's device (see _colocate)
+        if self._colocated(snap):
+            await asyncio.to_thread(self._colocate)
+        self.cache, self.blocks = await asyncio.to_thread(self._new_cache)
+        if self.local:
+            await asyncio.to_thread(self._capture)
+        self.deps.shards[self.name] = self  # the engine's snapshot reads stats() of each
         for i in range(len(self.lanes)):
             self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
 
+    # ---- co-located experts: the GPU-resident fast path --------------------------------------
+    def _colocated(self, snap: Any) -> bool:
+        """Whether every routed expert has a live in-process server on this shard's GPU: then the
+        shard computes them itself from the device's shared expert store (the fused kernel, in
+        the captured decode graph) instead of dispatching rows to its own process's servers."""
+        cfg = self.deps.config
+        if cfg.placement.server_mode != "inproc" or not self.device.startswith("cuda"):
+            return False
+        here = str(torch.device(self.device))
+        local = {n for n, d in self.deps.server_devices().items()
+                 if n not in snap.dead and str(torch.device(d)) == here}
+        return all(any(s in local for s in servers)
+                   for experts in snap.table.values() for servers in experts.values())
+
+    def data_path(self) -> str:
+        """How this shard's steps run: "captured" (decode steps replay CUDA graphs, experts
+        computed here), "local" (experts computed here, eagerly), or "dispatch" (rows sent to the
+        expert servers through the dispatcher)."""
+        if not getattr(self, "local", False):
+            return "dispatch"
+        g = getattr(self, "graphs", None)
+        return "captured" if g is not None and g.captured else "local"
+
+    def _colocate(self) -> None:
+        store = self.deps.store
+        for layer in self.model.layers:
+            if layer.is_moe:
+                layer.experts = store.layer(self.device, layer.layer_idx)
+        self.local = True
+
+    def _capture(self) -> None:
+        cfg, mc = self.deps.config, self.model.config
+        max_len = cfg.scheduler.max_model_len or mc.max_position_embeddings
+        self.graphs = DecodeGraphs(self.model, self.cache, max_num_seqs=cfg.scheduler.max_num_seqs,
+                                   max_blocks=-(-max_len // cfg.cache.block_size),
+                                   experts=bank_experts, captured=not cfg.enforce_eager)
+        self.graphs.capture()
+
+    def _new_cache(self) -> tuple[PagedKVCache, BlockAllocator]:
+        """The shard's paged KV cache, sized now (after the weights are loaded); the allocator
+        hands out blocks 1..n (cache block 0 is the scratch block)."""
+        cfg, mc = self.deps.config, self.model.config
+        max_len = cfg.scheduler.max_model_len or mc.max_position_embeddings
+        n = num_blocks_for(cfg.cache, mc, self.model.dtype, self.device,
+                           cfg.scheduler.max_num_seqs, max_len,
+                           pools_on_device=self.deps.pools_on(self.device))
+        cache = PagedKVCache(mc, n + 1, cfg.cache.block_size, self.model.dtype, self.device)
+        return cache, BlockAllocator(n, cfg.cache.block_size, first_block_id=1)
+
     async def on_stop(self) -> None:
+        if self.deps.shards.get(self.name) is self:
+            del self.deps.shards[self.name]
         # crash or shutdown: every request this shard holds ends now, with the reason
         for r in list(self.by_id.values()):
             self._finish(r, "abort", error=f"attention shard {self.name} stopped "
@@ -94,6 +179,8 @@ class AttentionShard(Actor):
             self.dispatcher.on_failed(msg)
         elif isinstance(msg, RoutingUpdate):
             self.dispatcher.on_routing(msg.snapshot)
+            if self.graphs is not None:  # a local expert lost its last live server: dispatch
+                self.local = self._colocated(msg.snapshot)
         elif isinstance(msg, AddRequest):
             r: Request = msg.request
             self.by_id[r.request_id] = r
@@ -111,23 +198,47 @@ class AttentionShard(Actor):
 
     def stats(self) -> dict:
         running = [r for lane in self.lanes for r in lane]
+        blocks = getattr(self, "blocks", None)
         return {"running": len(running), "waiting": len(self.waiting), "steps": self.steps,
-                "kv_tokens": sum(r.cache.seq_len for r in running if r.cache is not None),
-                "kv_caches": sum(1 for r in running if r.cache is not None),
+                "kv_tokens": sum(r.num_computed for r in running if r.blocks is not None),
+                "kv_caches": sum(1 for r in running if r.blocks is not None),
+                "kv_blocks_used": blocks.num_used if blocks else 0,
+                "kv_blocks_total": blocks.num_blocks if blocks else 0,
+                "data_path": self.data_path(),
+                "graph_replays": self.graphs.replays if getattr(self, "graphs", None) else 0,
                 "inflight_units": self.dispatcher.inflight() if hasattr(self, "dispatcher") else 0,
                 "lanes": [len(lane) for lane in self.lanes]}
 
     # ---- scheduling -------------------------------------------------------------------------
     def _admit(self) -> None:
+        """Start waiting requests, oldest first, while a lane seat and KV blocks are free. A
+        request reserves blocks for its prompt and every token it may generate, so a running
+        request never runs out; one that cannot get them now waits (never over-commits)."""
         while self.waiting and sum(len(l) for l in self.lanes) < self.max_num_seqs:
-            r = self.waiting.popleft()
+            r = self.waiting[0]
             if r.finished:
+                self.waiting.popleft()
                 continue
+            try:
+                table = self.blocks.allocate(r.request_id, r.max_positions())
+            except EaasError as e:  # larger than the whole pool: it would wait forever
+                self.waiting.popleft()
+                self._finish(r, "error", error=str(e))
+                continue
+            if table is None:
+                return  # blocks busy: wait for a running request to free its own
+            self.waiting.popleft()
+            r.blocks = table
             i = min(range(len(self.lanes)), key=lambda j: len(self.lanes[j]))
-            r.cache = self.model.new_cache()
             r.metrics.first_scheduled_time = time.time()
             self.lanes[i].append(r)
             self._wake[i].set()
+
+    def _release(self, r: Request) -> None:
+        """Give r's KV blocks back unless a step in flight still writes them."""
+        if r.blocks is not None and r.request_id not in self._stepping:
+            self.blocks.free(r.request_id)
+            r.blocks = None
 
     def _abort(self, request_id: str, reason: str) -> None:
         r = self.by_id.get(request_id)
@@ -151,6 +262,7 @@ class AttentionShard(Actor):
             reqs = list(lane)
             board = self.deps.lanes
             board.running += 1
+            self._stepping.update(r.request_id for r in reqs)
             try:
                 await self._step(reqs, i)
             except StepCancelled:
@@ -165,111 +277,125 @@ class AttentionShard(Actor):
             finally:
                 board.running -= 1
                 self._calls[i] = None
+                self._stepping.difference_update(r.request_id for r in reqs)
+                for r in reqs:
+                    if r.finished:
+                        self._release(r)
+                self._admit()
 
     def _round_units(self) -> int:
         """Units of one layer that can reach a batcher this round: one per running lane."""
         return self.deps.lanes.running
 
     # ---- one step of one micro-batch ----------------------------------------------------------
+    def _chunks(self, reqs: list[Request]) -> list[list[int]]:
+        """Each request's tokens this step: the next prefill chunk (prompts share the step's
+        budget of scheduler.max_num_batched_tokens; a prompt over it is split across steps, so a
+        long prompt never stalls the decodes beside it) or its last sampled token."""
+        budget = self.deps.config.scheduler.max_num_batched_tokens
+        budget -= sum(1 for r in reqs if r.prefilled)  # decodes first: one token each
+        chunks = []
+        for r in reqs:
+            if r.prefilled:
+                chunks.append(r.output_ids[-1:])
+                continue
+            n = max(1, min(len(r.prompt_ids) - r.num_computed, budget))
+            budget -= n
+            chunks.append(r.prompt_ids[r.num_computed:r.num_computed + n])
+        return chunks
+
     async def _step(self, reqs: list[Request], lane: int) -> None:
+        if self.local and self.graphs is not None and all(r.prefilled for r in reqs):
+            return await self._decode_step(reqs)
         model = self.model
-        inputs = [r.next_input() for r in reqs]
-        spans, start = [], 0
-        for ids in inputs:
-            spans.append((start, start + len(ids)))
-            start += len(ids)
-        with torch.no_grad():
-            flat = [t for ids in inputs for t in ids]
-            h = model.embed(upload(flat, self.device), host_ids=flat)
+        chunks = self._chunks(reqs)
+        spans = [SeqSpan(self._table(r), r.num_computed, len(c)) for r, c in zip(reqs, chunks)]
+        rows, start = [], 0
+        for c in chunks:
+            rows.append((start, start + len(c)))
+            start += len(c)
         bad_tokens: set[int] = set()
         degraded_tokens: set[int] = set()
-        for layer in model.layers:
+        experts = bank_experts if self.local else functools.partial(
+            self._remote_experts, lane=lane, bad=bad_tokens, degraded=degraded_tokens)
+
+        def check_abort(layer_idx: int) -> None:
             if all(r.finished for r in reqs):
                 raise StepCancelled()
-            h = await self._layer(layer, h, reqs, spans, lane, bad_tokens, degraded_tokens)
+
         with torch.no_grad():
-            last = h[upload([e - 1 for _, e in spans], h.device)]  # [B, H]
-            logits = model.lm_head(model.final_norm(last))  # [B, V] float32
-            picks = logits.argmax(dim=-1)  # [B]: greedy rows need only their id on the host
+            flat = [t for c in chunks for t in c]
+            h = model.embed(upload(flat, self.device), host_ids=flat)
+            batch = AttentionBatch.build(spans, self.cache.block_size, self.device)
+            h = await model.run_layers(h, self.cache, batch, experts, check_abort)
+            emit = [b for b, r in enumerate(reqs)
+                    if r.num_computed + len(chunks[b]) >= len(r.prompt_ids)]  # rows that sample
+            last = h[upload([rows[b][1] - 1 for b in emit], h.device)]  # [B', H]
+            logits = model.lm_head(model.final_norm(last))  # [B', V] float32
+            picks = logits.argmax(dim=-1)  # [B']: greedy rows need only their id on the host
             sampled = {b: j for j, b in enumerate(
-                b for b, r in enumerate(reqs) if not r.params.greedy)}  # row -> logits row
-            rows = logits[upload(list(sampled), logits.device)] if sampled else logits[:0]
-        # sampling runs on the host (request generators are CPU generators): bring back the
-        # greedy ids and the sampled rows' logits, waiting only for them
-        picks, rows = await download(picks, rows)
+                b for b in emit if not reqs[b].params.greedy)}  # row -> logits row
+            pos = {b: j for j, b in enumerate(emit)}
+            want = [pos[b] for b in sampled]
+            sel = logits[upload(want, logits.device)] if want else logits[:0]
+        # the eager path samples on the host: bring back the greedy ids and the sampled rows'
+        # logits, waiting only for them
+        picks, sel = await download(picks, sel)
         self.steps += 1
         for b, r in enumerate(reqs):
             if r.finished:
                 continue
-            s, e = spans[b]
+            r.num_computed += len(chunks[b])
+            s, e = rows[b]
             if any(s <= t < e for t in bad_tokens):
                 self._finish(r, "error", error="no live server could compute an expert this "
                              "request needs (no live replica, or every attempt failed; "
-                             "no_replica_policy=fail)")
+                             f"no_replica_policy={self.deps.config.fault.no_replica_policy})")
                 continue
             if any(s <= t < e for t in degraded_tokens):
                 if not r.degraded:
                     self.deps.counters["degraded_requests"] = \
                         self.deps.counters.get("degraded_requests", 0) + 1
                 r.degraded = True
-            token = int(picks[b]) if b not in sampled else \
-                sample(rows[sampled[b]], r.params, r.generator)
+            if b not in pos:
+                continue  # a prefill chunk short of the prompt's end: no token yet
+            token = int(picks[pos[b]]) if b not in sampled else \
+                sample(sel[sampled[b]], r.params, r.noise_key, len(r.output_ids))
             self._append(r, token)
 
-    async def _layer(self, layer: Any, h: torch.Tensor, reqs: list[Request], spans: list,
-                     lane: int, bad: set[int], degraded: set[int]) -> torch.Tensor:
-        """Run one layer's dataflow graph over h [T, H] (the micro-batch's tokens)."""
-        from eaas.model import combine_experts
+    async def _decode_step(self, reqs: list[Request]) -> None:
+        """A decode-only step on the co-located fast path: one graph replay (or the same step
+        eagerly under enforce_eager), one device->host copy of the new token ids."""
+        rows = [DecodeRow(r.output_ids[-1], r.num_computed, r.blocks.block_ids,
+                          float(r.params.temperature), r.params.top_k, float(r.params.top_p),
+                          r.noise_key, len(r.output_ids)) for r in reqs]
+        (ids,) = await download(self.graphs.step(rows))
+        self.steps += 1
+        for r, token in zip(reqs, ids.tolist()):
+            if r.finished:
+                continue
+            r.num_computed += 1
+            self._append(r, token)
 
-        g = self.deps.graph.layer(layer.layer_idx)
-        vals: dict[tuple[str, str], Any] = {}
+    def _table(self, r: Request) -> list[int] | None:
+        """r's cache block ids, None once finished: its rows then write the scratch block and
+        attend to nothing."""
+        if r.finished or r.blocks is None:
+            return None
+        return list(r.blocks.block_ids)
 
-        def arg(node: str, port: str) -> Any:
-            src, sport = g.inputs(node)[port][0]
-            return vals[(src, sport)]
-
-        with torch.no_grad():
-            for node in g.order:
-                n, kind = node.name, str(getattr(node.kind, "value", node.kind))
-                if kind == "attention":
-                    # one call for the micro-batch (an aborted request's cache is None: its rows
-                    # pass through untouched); per-request attention inside in invariant mode
-                    vals[(n, "hidden")] = layer.attention_block_batch(
-                        h, [r.cache for r in reqs], spans)
-                elif kind == "ffn_norm":
-                    vals[(n, "x")] = layer.ffn_input(arg(n, "hidden"))
-                elif kind == "router":
-                    vals[(n, "routing")] = layer.router(arg(n, "x"))
-                elif kind == "experts":
-                    topk_ids, topk_weights = arg(n, "routing")
-                    # routing bookkeeping reads the ids on the host: fetch them without
-                    # stalling the loop (other lanes run meanwhile)
-                    (topk_ids,) = await download(topk_ids)
-                    call = self.dispatcher.start(layer.layer_idx, arg(n, "x"), topk_ids,
-                                                 topk_weights)
-                    vals[(n, "y")] = self._calls[lane] = call
-                elif kind == "shared_expert":
-                    vals[(n, "y")] = layer.shared_expert(arg(n, "x"))
-                elif kind == "dense_mlp":
-                    vals[(n, "y")] = layer.dense_mlp(arg(n, "x"))
-                elif kind == "combine":
-                    parts = []
-                    for src, sport in g.inputs(n)["parts"]:
-                        v = vals[(src, sport)]
-                        if isinstance(v, ExpertCall):
-                            eo = await v.wait()
-                            bad |= eo.failed_tokens
-                            degraded |= eo.degraded_tokens
-                            v = combine_experts(eo.y, eo.weights)
-                        parts.append(v)
-                    out = parts[0]
-                    for p in parts[1:]:
-                        out = out + p
-                    return arg(n, "residual") + out
-                else:
-                    raise EaasError(f"layer {layer.layer_idx}: node {n!r} has kind {kind!r}, "
-                                    "which the attention shard cannot execute")
-        raise EaasError(f"layer {layer.layer_idx}: graph has no combine node")
+    async def _remote_experts(self, layer: Any, x: torch.Tensor, topk_ids: torch.Tensor,
+                              topk_weights: torch.Tensor, params: dict, *, lane: int,
+                              bad: set[int], degraded: set[int]) -> _Combine:
+        """The experts step through the expert servers (executor `ExpertsStep`): sends the rows
+        now, returns the deferred combine. Node params override the fault config per layer."""
+        # routing bookkeeping reads the ids on the host: fetch them without stalling the loop
+        (topk_ids,) = await download(topk_ids)
+        call = self.dispatcher.start(layer.layer_idx, x, topk_ids, topk_weights,
+                                     timeout_s=params.get("timeout_s"),
+                                     policy=params.get("no_replica_policy"))
+        self._calls[lane] = call
+        return _Combine(call, bad, degraded)
 
     # ---- outputs ----------------------------------------------------------------------------
     def _append(self, r: Request, token: int) -> None:
@@ -293,7 +419,7 @@ class AttentionShard(Actor):
             return
         r.finished, r.finish_reason, r.error = True, reason, error
         r.metrics.finished_time = time.time()
-        r.cache = None  # free the KV cache now
+        self._release(r)  # free the KV blocks now (or when its step in flight ends)
         self.by_id.pop(r.request_id, None)
         key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
         self.deps.counters[key] = self.deps.counters.get(key, 0) + 1

@@ -1,14 +1,15 @@
 """eaas.model: Hugging Face MoE checkpoints (qwen3_moe, qwen2_moe, mixtral, deepseek_v3), read
-lazily, and a plain pure-torch reference forward built from separately callable pieces."""
+lazily; the decoder model the shards run (its layers run through the dataflow executor) and
+its paged KV cache."""
 
 from __future__ import annotations
 
-from eaas.model.attention import KVCache
 from eaas.model.checkpoint import Checkpoint
 from eaas.model.config import ARCHS, ModelConfig
 from eaas.model.moe import MLP, ExpertBank, Router, combine_experts
 from eaas.model.ops import linear
-from eaas.model.reference import DecoderLayer, ReferenceModel
+from eaas.model.decoder import DecoderLayer, DecoderModel, bank_experts
+from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SeqSpan, SequenceCache
 from eaas.model.tiny import make_random, make_tiny
 from eaas.model.tokenizer import Tokenizer
 
@@ -18,9 +19,13 @@ __all__ = [
     "Checkpoint",
     "DecoderLayer",
     "ExpertBank",
-    "KVCache",
+    "AttentionBatch",
+    "PagedKVCache",
+    "SeqSpan",
+    "SequenceCache",
+    "bank_experts",
     "ModelConfig",
-    "ReferenceModel",
+    "DecoderModel",
     "Router",
     "Tokenizer",
     "combine_experts",

@@ -1,34 +1,59 @@
 """Tensor names and shapes of each architecture, as the Hugging Face Hub checkpoints spell them.
 
-One place knows that mixtral calls its experts `block_sparse_moe.experts.{e}.w1/w3/w2` while the
-others say `mlp.experts.{e}.gate_proj/up_proj/down_proj`, and that some writers fuse a layer's
-experts into `experts.gate_up_proj` [E, 2F, H] + `experts.down_proj` [E, H, F].
+The per-architecture parts come from `cfg.arch` (eaas.model.archs): that mixtral calls its
+experts `block_sparse_moe.experts.{e}.w1/w3/w2` while the others say
+`mlp.experts.{e}.gate_proj/up_proj/down_proj`, the shared expert's name and gate, and whether
+attention is GQA or MLA. This module knows what they share: the decoder layer's norms, dense MLPs,
+the attention kinds' tensors, and that some writers fuse a layer's experts into
+`experts.gate_up_proj` [E, 2F, H] + `experts.down_proj` [E, H, F].
 """
 
 from __future__ import annotations
 
 from eaas.model.config import ModelConfig
 
-__all__ = ["expert_names", "fused_expert_names", "moe_prefix", "non_expert_shapes"]
+__all__ = [
+    "attention_shapes",
+    "expert_names",
+    "fused_expert_names",
+    "layer_shapes",
+    "moe_prefix",
+    "non_expert_shapes",
+    "shared_expert_gate_name",
+    "shared_expert_prefix",
+]
 
 Shapes = dict[str, tuple[int, ...]]
 
 
 def moe_prefix(cfg: ModelConfig, layer_idx: int) -> str:
-    block = "block_sparse_moe" if cfg.model_type == "mixtral" else "mlp"
-    return f"model.layers.{layer_idx}.{block}"
+    """The MoE block of a layer: router `.gate`, `.experts`, shared expert (Hub layout)."""
+    return f"model.layers.{layer_idx}.{cfg.arch.moe_block}"
 
 
 def expert_names(cfg: ModelConfig, layer_idx: int, expert: int) -> dict[str, str]:
     """{"gate", "up", "down"} -> per-expert tensor name (Hub layout)."""
     p = f"{moe_prefix(cfg, layer_idx)}.experts.{expert}"
-    if cfg.model_type == "mixtral":
-        return {"gate": f"{p}.w1.weight", "up": f"{p}.w3.weight", "down": f"{p}.w2.weight"}
-    return {
-        "gate": f"{p}.gate_proj.weight",
-        "up": f"{p}.up_proj.weight",
-        "down": f"{p}.down_proj.weight",
-    }
+    gate, up, down = cfg.arch.expert_proj
+    return {"gate": f"{p}.{gate}.weight", "up": f"{p}.{up}.weight", "down": f"{p}.{down}.weight"}
+
+
+def shared_expert_prefix(cfg: ModelConfig, layer_idx: int) -> str:
+    """The shared expert MLP of a layer (`.gate_proj/.up_proj/.down_proj.weight`).
+
+    ValueError if the model has none (`cfg.has_shared_expert` false).
+    """
+    if not cfg.has_shared_expert or cfg.arch.shared_expert is None:
+        raise ValueError(f"{cfg.model_type} model has no shared expert")
+    return f"{moe_prefix(cfg, layer_idx)}.{cfg.arch.shared_expert}"
+
+
+def shared_expert_gate_name(cfg: ModelConfig, layer_idx: int) -> str | None:
+    """The [1, H] sigmoid gate of a layer's shared expert, or None when it is ungated or absent."""
+    if not cfg.shared_expert_gate:
+        return None
+    assert cfg.arch.shared_expert_gate is not None, cfg.model_type
+    return f"{moe_prefix(cfg, layer_idx)}.{cfg.arch.shared_expert_gate}.weight"
 
 
 def fused_expert_names(cfg: ModelConfig, layer_idx: int) -> tuple[list[str], list[str]]:
@@ -47,6 +72,7 @@ def _mlp(prefix: str, hidden: int, inter: int) -> Shapes:
 
 
 def attention_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
+    """Every tensor of one layer's attention, by `cfg.arch.attention` ("gqa" or "mla")."""
     p = f"model.layers.{layer_idx}.self_attn"
     h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if cfg.is_mla:
@@ -108,10 +134,10 @@ def layer_shapes(cfg: ModelConfig, layer_idx: int) -> Shapes:
     if cfg.scoring == "sigmoid":
         s[f"{p}.gate.e_score_correction_bias"] = (cfg.num_experts,)
     if cfg.has_shared_expert:
-        name = "shared_experts" if cfg.is_mla else "shared_expert"
-        s.update(_mlp(f"{p}.{name}", h, cfg.shared_expert_intermediate_size))
-    if cfg.shared_expert_gate:
-        s[f"{p}.shared_expert_gate.weight"] = (1, h)
+        s.update(_mlp(shared_expert_prefix(cfg, layer_idx), h, cfg.shared_expert_intermediate_size))
+    gate = shared_expert_gate_name(cfg, layer_idx)
+    if gate is not None:
+        s[gate] = (1, h)
     return s
 
 

@@ -189,6 +189,30 @@ class ExpertBank:
             self._lut_host = lut  # checks and maps host expert ids without a device sync
             self._lut = lut.to(gate.device)
             self._kernel_cfg = None  # batch-invariant: one block config for every batch size
+            self._fused_cfg = None
+
+    def view(self, expert_ids: Iterable[int]) -> ExpertBank:
+        """A bank hosting only `expert_ids` over this whole-layer bank's weights (no copy): what
+        an in-process server gets from the device's shared store."""
+        ids = tuple(sorted({int(e) for e in expert_ids}))
+        if not self._whole_layer():
+            raise ValueError("ExpertBank.view needs a whole-layer bank (experts 0..E-1)")
+        bad = [e for e in ids if not 0 <= e < self.gate.shape[0]]
+        if not ids or bad:
+            raise ValueError(f"layer {self.layer_idx}: cannot host experts {bad or '[]'} "
+                             f"(the layer has {len(self.expert_ids)})")
+        out = ExpertBank.__new__(ExpertBank)
+        out.layer_idx, out.expert_ids = self.layer_idx, ids
+        out.batch_invariant = self.batch_invariant
+        out.gate, out.up, out.down = self.gate, self.up, self.down
+        out._local = {e: e for e in ids}  # rows of the shared tensors are global expert ids
+        out._w13, out._w2, out._lut = self._w13, self._w2, None
+        if self._w13 is not None:
+            lut = torch.full((len(self.expert_ids),), -1, dtype=torch.long)
+            lut[list(ids)] = torch.tensor(ids)
+            out._lut_host, out._lut = lut, lut.to(self.gate.device)
+            out._kernel_cfg = out._fused_cfg = None
+        return out
 
     @classmethod
     def load(
@@ -272,6 +296,35 @@ class ExpertBank:
                 self._kernel_cfg = moe_config_for(x, self._w13, 1, 1)
             cfg = self._kernel_cfg
         return expert_rows_triton(x, local, self._w13, self._w2, config=cfg)
+
+    def routed(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+               ) -> torch.Tensor:
+        """The layer's routed output with every expert in this bank: x [T, H], topk_ids int64
+        [T, K], topk_weights float32 [T, K] -> [T, H] (weighted sum over k).
+
+        On CUDA with the whole layer hosted: the fused Triton MoE kernel (no host sync, CUDA-graph
+        capturable; one pinned block config when batch_invariant). Elsewhere: each (token, k) row
+        through `forward`, then `combine_experts`.
+        """
+        t, k = topk_ids.shape
+        if self._w13 is not None and x.is_cuda and self._whole_layer():
+            from eaas_kernels.grouped_gemm import fused_moe_triton, moe_config_for
+
+            with torch.cuda.device(x.device):
+                cfg = None
+                if self.batch_invariant:
+                    if self._fused_cfg is None:
+                        self._fused_cfg = moe_config_for(x, self._w13, 1, k)
+                    cfg = self._fused_cfg
+                return fused_moe_triton(x, self._w13, self._w2, topk_ids, topk_weights,
+                                        config=cfg)
+        rows = x.repeat_interleave(k, dim=0)  # [T*K, H]: row t*K + j is token t for slot j
+        expert_out = self.forward(rows, topk_ids.reshape(-1)).view(t, k, -1)  # [T, K, H]
+        return combine_experts(expert_out, topk_weights)
+
+    def _whole_layer(self) -> bool:
+        """Hosts every row of its weight tensors, expert e at row e (global id = local slot)."""
+        return self.expert_ids == tuple(range(self.gate.shape[0]))
 
     def _not_hosted(self, ids: torch.Tensor) -> None:
         bad = sorted({e for e in ids.tolist() if e not in self._local})

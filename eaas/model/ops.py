@@ -44,13 +44,20 @@ def linear(
 ) -> torch.Tensor:
     """y = x @ w.T (+ bias).
 
-    x: [N, I] rows; w: [O, I]; bias: [O] or None. Returns [N, O] in x's dtype.
-    batch_invariant=True computes each row alone (a [1, I] x [I, O] product, bias included), so a
-    row's result is bitwise the same whatever other rows share the call: every row runs the same
-    kernel on the same shape.
+    x: [N, I] rows (CUDA: [..., I]); w: [O, I]; bias: [O] or None. Returns [N, O] in x's dtype.
+    batch_invariant=True makes a row's result bitwise the same whatever other rows share the
+    call. On CUDA: the Triton matmul of `eaas_kernels.invariant` (tiles and split-K fixed by
+    w's shape and dtype, never by N; CUDA-graph capturable). Elsewhere: each row alone (a
+    [1, I] x [I, O] product, bias included), every row the same kernel on the same shape.
     """
     if not batch_invariant:
         return torch.nn.functional.linear(x, w, bias)
+    if x.is_cuda:
+        from eaas_kernels.invariant import matmul
+
+        with torch.cuda.device(x.device):  # Triton launches on the current device
+            y = matmul(x.reshape(-1, x.shape[-1]), w, bias)  # [rows, O]
+        return y.view(*x.shape[:-1], w.shape[0])
     return rowwise(lambda row: torch.nn.functional.linear(row, w, bias), x)
 
 
@@ -71,9 +78,25 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool = False
+) -> torch.Tensor:
     """RMSNorm over the last dim, statistics in float32 (as transformers computes it).
-    x: [..., D]."""
+
+    x: [..., D]; weight: [D]. Returns x's shape in the promoted dtype of weight and x.
+    batch_invariant=True makes each row's bits independent of the other rows: on CUDA the Triton
+    kernel of `eaas_kernels.invariant` (one program per row), elsewhere row by row (`rowwise`).
+    """
+    if batch_invariant:
+        rows = x.reshape(-1, x.shape[-1])  # [R, D]
+        if x.is_cuda:
+            from eaas_kernels.invariant import rms_norm as rms_norm_triton
+
+            with torch.cuda.device(x.device):
+                y = rms_norm_triton(rows, weight, eps)
+        else:
+            y = rowwise(lambda row: rms_norm(row, weight, eps), rows)
+        return y.view(x.shape)
     xf = x.to(torch.float32)
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)

@@ -5,11 +5,13 @@ Writes config.json (Hub-style field names), model.safetensors (per-expert tensor
 checkpoints have them), a byte-level BPE tokenizer.json trained offline on a small built-in text,
 and generation_config.json. Needs neither transformers nor the network. `make_tiny` has one fixed
 tiny shape per architecture (the tests' checkpoints); `make_random` takes any shape (presets such
-as `QWEN3_30B_A3B` for the GPU benchmarks) and writes large models layer by layer, sharded.
+as `QWEN3_30B_A3B` for the GPU benchmarks; each architecture's tiny shape and presets live in its
+module under eaas.model.archs) and writes large models layer by layer, sharded.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -19,6 +21,8 @@ import torch
 
 from eaas.errors import ConfigError
 from eaas.model import layout
+from eaas.model.archs import get_arch
+from eaas.model.archs.qwen3_moe import QWEN3_30B_A3B
 from eaas.model.config import ARCHS, ModelConfig
 
 __all__ = ["QWEN3_30B_A3B", "make_random", "make_tiny", "tiny_config", "train_tokenizer"]
@@ -59,7 +63,10 @@ def train_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> Any:
 
 
 def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> dict[str, Any]:
-    """The config.json dict of a tiny `arch` model (Hub field names)."""
+    """The config.json dict of a tiny `arch` model (Hub field names): the fields below, shared by
+    every architecture, overridden by the architecture's own (`Arch.tiny` in eaas.model.archs)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
     common: dict[str, Any] = {
         "model_type": arch,
         "vocab_size": vocab_size,
@@ -78,89 +85,7 @@ def tiny_config(arch: str, vocab_size: int, eos_token_id: int) -> dict[str, Any]
         "attention_dropout": 0.0,
         "use_cache": True,
     }
-    if arch == "qwen3_moe":
-        return {
-            **common,
-            "architectures": ["Qwen3MoeForCausalLM"],
-            "num_hidden_layers": 3,
-            "head_dim": 16,
-            "num_experts": 8,
-            "moe_intermediate_size": 32,
-            "intermediate_size": 64,
-            "norm_topk_prob": True,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [1],
-            "rope_theta": 1000000.0,
-            "rope_scaling": None,
-            "attention_bias": False,
-            "sliding_window": None,
-            "use_sliding_window": False,
-        }
-    if arch == "qwen2_moe":
-        return {
-            **common,
-            "architectures": ["Qwen2MoeForCausalLM"],
-            "num_hidden_layers": 2,
-            "num_experts": 8,
-            "moe_intermediate_size": 32,
-            "intermediate_size": 64,
-            "shared_expert_intermediate_size": 64,
-            "norm_topk_prob": False,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "rope_theta": 10000.0,
-            "rope_scaling": None,
-            "qkv_bias": True,
-            "sliding_window": None,
-            "use_sliding_window": False,
-            "max_window_layers": 2,
-        }
-    if arch == "mixtral":
-        return {
-            **common,
-            "architectures": ["MixtralForCausalLM"],
-            "num_hidden_layers": 2,
-            "num_local_experts": 8,
-            "intermediate_size": 48,
-            "rope_theta": 1000000.0,
-            "sliding_window": None,
-            "router_jitter_noise": 0.0,
-        }
-    if arch == "deepseek_v3":
-        return {
-            **common,
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "num_hidden_layers": 3,
-            "num_key_value_heads": 4,
-            "n_routed_experts": 8,
-            "n_shared_experts": 1,
-            "moe_intermediate_size": 32,
-            "intermediate_size": 96,
-            "n_group": 2,
-            "topk_group": 1,
-            "first_k_dense_replace": 1,
-            "routed_scaling_factor": 2.5,
-            "norm_topk_prob": True,
-            "kv_lora_rank": 32,
-            "q_lora_rank": 48,
-            "qk_nope_head_dim": 16,
-            "qk_rope_head_dim": 8,
-            "v_head_dim": 16,
-            "rope_theta": 10000.0,
-            "rope_scaling": {
-                "type": "yarn",
-                "factor": 4.0,
-                "original_max_position_embeddings": 128,
-                "beta_fast": 32,
-                "beta_slow": 1,
-                "mscale": 1.0,
-                "mscale_all_dim": 1.0,
-            },
-            "attention_bias": False,
-            "scoring_func": "sigmoid",
-            "topk_method": "noaux_tc",
-        }
-    raise ValueError(f"arch {arch!r} is not one of {ARCHS}")
+    return {**common, **copy.deepcopy(dict(get_arch(arch).tiny))}
 
 
 def _tensors(cfg: ModelConfig, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -241,21 +166,12 @@ def _write_side_files(out: Path, raw: dict[str, Any], tok: Any, eos: int) -> Non
 
 # ---- make_random: any shape, for benchmarks ------------------------------------------------
 
-# Qwen3-30B-A3B's shape (Hub config.json), every layer MoE. Pass num_hidden_layers=4..8 to fit
-# one GPU's memory: a layer holds 128 experts x 3 x 2048 x 768 bf16 = 1.2 GB.
-QWEN3_30B_A3B: dict[str, Any] = dict(
-    hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-    num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, intermediate_size=6144,
-    num_hidden_layers=48, mlp_only_layers=[], decoder_sparse_step=1,
-    max_position_embeddings=4096,
-)
-
-
-def _random_init(name: str, shape: tuple[int, ...], gen: torch.Generator,
-                 device: str) -> torch.Tensor:
+def _random_init(name: str, shape: tuple[int, ...], gen: torch.Generator, device: str,
+                 out_proj: tuple[str, ...]) -> torch.Tensor:
     """Fan-in scaled N(0, gain^2 / fan_in) so every projection keeps ~unit rms at any width
     (finite in bf16 at H = 2048, 48 layers); output projections get gain 0.5 so the residual
-    stream grows slowly; routers gain 2.4 (well separated expert choices, as make_tiny's)."""
+    stream grows slowly; routers gain 2.4 (well separated expert choices, as make_tiny's).
+    `out_proj`: name suffixes of the output projections."""
     def randn(std: float) -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=device).mul_(std)
 
@@ -268,7 +184,7 @@ def _random_init(name: str, shape: tuple[int, ...], gen: torch.Generator,
     fan_in = shape[-1]
     if name.endswith("gate.weight"):
         gain = 2.4
-    elif name.endswith(("o_proj.weight", "down_proj.weight", ".w2.weight")):
+    elif name.endswith(out_proj):
         gain = 0.5
     else:
         gain = 1.0
@@ -314,6 +230,7 @@ def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "
            **config_overrides, "torch_dtype": dtype}
     cfg = ModelConfig.from_dict(raw)
     tdtype = getattr(torch, dtype)
+    out_proj = ("o_proj.weight", "down_proj.weight", f".{cfg.arch.expert_proj[2]}.weight")
     top = {n: s for n, s in layout.non_expert_shapes(cfg).items()
            if not n.startswith("model.layers.")}  # embeddings, final norm, lm_head
     groups = [top] + [_layer_specs(cfg, layer) for layer in range(cfg.num_hidden_layers)]
@@ -326,7 +243,7 @@ def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "
         gen = torch.Generator(device=init_device).manual_seed(seed * 1_000_003 + i)
         tensors: dict[str, torch.Tensor] = {}
         for n, s in sorted(specs.items()):  # cast at once: host memory ~ one layer in `dtype`
-            t = _random_init(n, s, gen, init_device)
+            t = _random_init(n, s, gen, init_device, out_proj)
             tensors[n] = t if i == 0 else t.to(tdtype).cpu().contiguous()
         if i == 0:
             if "lm_head.weight" in tensors:  # as make_tiny: no greedy lock on one token

@@ -8,7 +8,11 @@ Request metrics are named as vLLM names them, with the `eaas_` prefix and base u
 `engine.snapshot()` at scrape time (`SnapshotCollector`): `eaas_actor_restarts_total{actor}`,
 `eaas_actor_mailbox_depth{actor}`, `eaas_actor_state{actor,state}`, every engine counter as
 `eaas_<name>_total` (reroutes, dead_letters, ...), running/waiting requests, per-server
-in-flight tokens and up/down, and the routing generation. The snapshot callable must return
+in-flight tokens and up/down, the routing generation, and the paged KV cache:
+`eaas_kv_cache_usage_ratio` (blocks in use / blocks in all shards' pools, 0..1; vLLM's
+`vllm:kv_cache_usage_perc`) with `eaas_kv_cache_used_blocks{shard}` /
+`eaas_kv_cache_total_blocks{shard}`, read from the snapshot's `shards` (each shard's stats:
+`kv_blocks_used`, `kv_blocks_total`; missing keys count 0). The snapshot callable must return
 a normalized snapshot (`snapshot.normalize`: flat actor list, per-server `up`).
 
 `Timeline` keeps per-second buckets (tokens, finished requests, latencies) for the admin
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from eaas.serving.snapshot import kv_cache_usage
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServingMetrics", "SnapshotCollector", "Timeline"]
 
@@ -101,7 +107,8 @@ _OWN = frozenset({"eaas_prompt_tokens", "eaas_generation_tokens", "eaas_request_
                   "eaas_http_requests", "eaas_actor_restarts", "eaas_actor_mailbox_depth",
                   "eaas_actor_state", "eaas_num_requests_running", "eaas_num_requests_waiting",
                   "eaas_server_inflight_tokens", "eaas_server_up", "eaas_routing_generation",
-                  "eaas_routing_dead_servers"})
+                  "eaas_routing_dead_servers", "eaas_kv_cache_usage_ratio",
+                  "eaas_kv_cache_used_blocks", "eaas_kv_cache_total_blocks"})
 
 
 class SnapshotCollector:
@@ -154,6 +161,7 @@ class SnapshotCollector:
             inflight.add_metric([str(s.get("name"))], float(s.get("inflight_tokens") or 0))
             up.add_metric([str(s.get("name"))], 1.0 if s.get("up") else 0.0)
         yield from (inflight, up)
+        yield from self._kv_cache(snap.get("shards") or [])
         dead = GaugeMetricFamily("eaas_routing_dead_servers",
                                  "Servers the routing table has marked dead.")
         dead.add_metric([], float(len((snap.get("routing") or {}).get("dead") or [])))
@@ -178,6 +186,25 @@ class SnapshotCollector:
         if isinstance(gen, int):
             yield GaugeMetricFamily("eaas_routing_generation",
                                     "Generation number of the routing table.", value=float(gen))
+
+    @staticmethod
+    def _kv_cache(shards: list[dict]) -> Iterator[Metric]:
+        used = GaugeMetricFamily("eaas_kv_cache_used_blocks",
+                                 "KV cache blocks reserved by requests, per attention shard.",
+                                 labels=["shard"])
+        total = GaugeMetricFamily("eaas_kv_cache_total_blocks",
+                                  "KV cache blocks in each attention shard's pool.",
+                                  labels=["shard"])
+        shards = [s for s in shards if isinstance(s, dict)]
+        for s in shards:
+            one = kv_cache_usage([s])
+            used.add_metric([str(s.get("name"))], float(one["used_blocks"]))
+            total.add_metric([str(s.get("name"))], float(one["total_blocks"]))
+        yield from (used, total)
+        yield GaugeMetricFamily("eaas_kv_cache_usage_ratio",
+                                "Fraction of KV cache blocks in use over all attention shards "
+                                "(0 when no pool is reported).",
+                                value=kv_cache_usage(shards)["usage_ratio"])
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from eaas.errors import ConfigError
-from eaas.model import Checkpoint, ReferenceModel
+from eaas.model import Checkpoint, DecoderModel
 from eaas.model.tiny import QWEN3_30B_A3B, make_random
 
 SMALL = dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -41,7 +41,7 @@ def test_sharded_small_override_matches_transformers(tmp_path):
     ckpt = Checkpoint.open(path)
     assert (ckpt.config.hidden_size, ckpt.config.num_experts) == (96, 16)
     ids = list(range(5, 17))
-    model = ReferenceModel.load(ckpt)
+    model = DecoderModel.load(ckpt)
     ours = model.forward(torch.tensor(ids), model.new_cache())  # [L, V]
     ref = _hf_logits(path, ids)
     assert _rel(ours, ref) < 1e-4, "eaas and transformers logits differ"
@@ -68,11 +68,11 @@ def test_qwen3_width_bf16_is_finite_and_matches_transformers(tmp_path):
     ckpt = Checkpoint.open(path)
     assert ckpt.config.hidden_size == 2048 and ckpt.config.moe_intermediate_size == 768
     ids = list(range(20, 36))
-    low = ReferenceModel.load(ckpt, torch.bfloat16)
+    low = DecoderModel.load(ckpt, torch.bfloat16)
     bf16 = low.forward(torch.tensor(ids), low.new_cache())  # float32 logits of a bf16 forward
     assert torch.isfinite(bf16).all()
     assert 1e-2 < float(bf16.std()) < 1e3, "logits collapsed or exploded in bf16"
-    full = ReferenceModel.load(ckpt, torch.float32)
+    full = DecoderModel.load(ckpt, torch.float32)
     ours = full.forward(torch.tensor(ids), full.new_cache())
     assert _rel(ours, _hf_logits(path, ids)) < 1e-3
     assert _rel(bf16, ours) < 0.1, "bf16 drifts far from float32 on the same weights"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaas.model import ARCHS, Checkpoint, ReferenceModel, make_tiny
+from eaas.model import ARCHS, Checkpoint, DecoderModel, make_tiny
 
 
 @pytest.fixture(scope="session")
@@ -17,11 +17,11 @@ def tiny_dirs(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def reference_greedy():
     """(model_dir, prompt ids, n) -> greedy ids from the monolithic pure-torch reference."""
-    models: dict[str, ReferenceModel] = {}
+    models: dict[str, DecoderModel] = {}
 
     def run(model_dir: str, prompt: list[int], n: int) -> list[int]:
         if model_dir not in models:
-            models[model_dir] = ReferenceModel.load(Checkpoint.open(model_dir), torch.float32,
+            models[model_dir] = DecoderModel.load(Checkpoint.open(model_dir), torch.float32,
                                                     batch_invariant=True)
         return models[model_dir].generate_greedy(prompt, n)
 

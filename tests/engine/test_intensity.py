@@ -9,7 +9,7 @@ import asyncio
 import torch
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from eaas.model import Checkpoint, ReferenceModel
+from eaas.model import Checkpoint, DecoderModel
 from tests.engine.conftest import final, prompts_of
 
 N_TOKENS = 6
@@ -36,7 +36,7 @@ def _cfg(d: str, explicit: dict, replicas_policy: str = "fail") -> EngineConfig:
                   "no_replica_policy": replicas_policy, "unit_timeout_s": 2.0}})
 
 
-def _uses_expert(model: ReferenceModel, prompt: list[int], n: int, expert: int) -> bool:
+def _uses_expert(model: DecoderModel, prompt: list[int], n: int, expert: int) -> bool:
     """Does greedy decoding of `prompt` route any token to `expert` in any MoE layer?"""
     hit = False
     for layer in model.layers:
@@ -76,7 +76,7 @@ async def test_single_copy_policy_fail_errors_only_affected_requests(tiny_dirs, 
     d = tiny_dirs["qwen3_moe"]
     lone = 7  # expert 7 lives only on expert-0
     explicit = {0: [lone], 1: list(range(7)), 2: list(range(7))}
-    ref = ReferenceModel.load(Checkpoint.open(d), torch.float32, batch_invariant=True)
+    ref = DecoderModel.load(Checkpoint.open(d), torch.float32, batch_invariant=True)
     async with AsyncEngine(_cfg(d, explicit)) as engine:
         await _crash_until_dead(engine, "expert-0")
         prompts = prompts_of(engine.tokenizer, 24, seed=9)
@@ -97,7 +97,7 @@ async def test_single_copy_policy_degrade_flags_and_completes(tiny_dirs, referen
     d = tiny_dirs["qwen3_moe"]
     lone = 7
     explicit = {0: [lone], 1: list(range(7)), 2: list(range(7))}
-    ref = ReferenceModel.load(Checkpoint.open(d), torch.float32, batch_invariant=True)
+    ref = DecoderModel.load(Checkpoint.open(d), torch.float32, batch_invariant=True)
     async with AsyncEngine(_cfg(d, explicit, "degrade")) as engine:
         await _crash_until_dead(engine, "expert-0")
         prompts = prompts_of(engine.tokenizer, 12, seed=9)

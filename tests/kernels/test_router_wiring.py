@@ -8,12 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaas.model import ARCHS, Checkpoint, ReferenceModel, make_tiny
+from eaas.model import ARCHS, Checkpoint, DecoderModel, make_tiny
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_router_branch_matches_the_model_router(arch, tmp_path):
-    model = ReferenceModel.load(Checkpoint.open(make_tiny(tmp_path / arch, arch, seed=3)))
+    model = DecoderModel.load(Checkpoint.open(make_tiny(tmp_path / arch, arch, seed=3)))
     g = torch.Generator().manual_seed(0)
     for layer in model.layers:
         if not layer.is_moe:

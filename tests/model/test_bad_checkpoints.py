@@ -1,4 +1,5 @@
-"""Every kind of bad checkpoint gives one CheckpointError naming the file and the field or tensor."""
+"""Every kind of bad checkpoint gives one CheckpointError naming the file and the field or
+tensor."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eaas.errors import CheckpointError
-from eaas.model import Checkpoint, ReferenceModel
+from eaas.model import Checkpoint, DecoderModel
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def test_file_truncated_after_open(ckpt_dir):
     data = (ckpt_dir / "model.safetensors").read_bytes()
     (ckpt_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        ReferenceModel.load(ckpt)
+        DecoderModel.load(ckpt)
 
 
 def test_missing_tokenizer(ckpt_dir):

@@ -10,7 +10,7 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from eaas.model import Checkpoint, ExpertBank, ReferenceModel
+from eaas.model import Checkpoint, ExpertBank, DecoderModel
 from eaas.model.layout import expert_names
 
 
@@ -128,11 +128,11 @@ def test_fused_experts_are_read_by_slice(tiny_dir, tmp_path, read_spy):
 def test_fused_and_sharded_checkpoints_give_identical_logits(tiny_dir, tmp_path):
     src = tiny_dir("qwen2_moe")
     ids = torch.arange(3, 15)
-    want = ReferenceModel.load(Checkpoint.open(src)).forward(
-        ids, ReferenceModel.load(Checkpoint.open(src)).new_cache()
+    want = DecoderModel.load(Checkpoint.open(src)).forward(
+        ids, DecoderModel.load(Checkpoint.open(src)).new_cache()
     )
     for variant in (_fuse_experts(src, tmp_path / "fused"), _shard(src, tmp_path / "sharded")):
-        model = ReferenceModel.load(Checkpoint.open(variant))
+        model = DecoderModel.load(Checkpoint.open(variant))
         assert torch.equal(model.forward(ids, model.new_cache()), want), variant.name
 
 
@@ -145,7 +145,7 @@ def test_sharded_checkpoint_reads_from_the_right_shard(tiny_dir, tmp_path):
 
 def test_attention_shard_skips_routed_experts(tiny_dir):
     ckpt = Checkpoint.open(tiny_dir("mixtral"))
-    model = ReferenceModel.load(ckpt, load_experts=False)
+    model = DecoderModel.load(ckpt, load_experts=False)
     cfg = ckpt.config
     assert all(layer.experts is None for layer in model.layers)
     expert_bytes = 0
@@ -160,12 +160,12 @@ def test_attention_shard_skips_routed_experts(tiny_dir):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtype_is_selectable(tiny_dir, dtype):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir("deepseek_v3")), dtype=dtype)
+    model = DecoderModel.load(Checkpoint.open(tiny_dir("deepseek_v3")), dtype=dtype)
     assert model.layers[1].experts.gate.dtype == dtype
     assert model.embed_weight.dtype == dtype
     logits = model.forward(torch.tensor([5, 6, 7]), model.new_cache())
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
-    ref = ReferenceModel.load(Checkpoint.open(tiny_dir("deepseek_v3")))
+    ref = DecoderModel.load(Checkpoint.open(tiny_dir("deepseek_v3")))
     want = ref.forward(torch.tensor([5, 6, 7]), ref.new_cache())
     tol = {torch.float32: 1e-6, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
     assert float((logits - want).abs().max() / want.abs().max()) < tol

@@ -1,12 +1,12 @@
-"""The reference path on a CUDA device: same logits/tokens as on CPU; batch-invariant rows on GPU."""
+"""The model on a CUDA device: same logits/tokens as on CPU; batch-invariant rows on the GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eaas.model import ARCHS, Checkpoint, ExpertBank, ReferenceModel
-from tests.model.test_attention_batch import SCHEDULE, _run_schedule
+from eaas.model import ARCHS, Checkpoint, ExpertBank, DecoderModel
+from tests.model.test_paged_batch import SCHEDULE, _run
 
 pytestmark = [
     pytest.mark.cuda,
@@ -17,14 +17,14 @@ pytestmark = [
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_matches_cpu(tiny_dir, arch):
     ckpt = Checkpoint.open(tiny_dir(arch))
-    cpu = ReferenceModel.load(ckpt)
-    gpu = ReferenceModel.load(ckpt, device="cuda")
+    cpu = DecoderModel.load(ckpt)
+    gpu = DecoderModel.load(ckpt, device="cuda")
     ids = torch.arange(5, 25)
     want = cpu.forward(ids, cpu.new_cache())
     got = gpu.forward(ids.cuda(), gpu.new_cache()).cpu()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-4
     assert gpu.generate_greedy(ids.tolist(), 16) == cpu.generate_greedy(ids.tolist(), 16)
-    half = ReferenceModel.load(ckpt, dtype=torch.bfloat16, device="cuda")
+    half = DecoderModel.load(ckpt, dtype=torch.bfloat16, device="cuda")
     logits = half.forward(ids.cuda(), half.new_cache()).cpu()
     assert float((logits - want).abs().max() / want.abs().max()) < 0.1
 
@@ -36,7 +36,7 @@ def test_cuda_batch_invariant_rows(tiny_dir, arch, dtype):
     cfg = ckpt.config
     layer = next(i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i))
     bank = ExpertBank.load(ckpt, layer, range(cfg.num_experts), dtype, "cuda", batch_invariant=True)
-    model = ReferenceModel.load(
+    model = DecoderModel.load(
         ckpt, dtype=dtype, device="cuda", load_experts=False, batch_invariant=True
     )
     gen = torch.Generator().manual_seed(0)
@@ -56,15 +56,12 @@ def test_cuda_batch_invariant_rows(tiny_dir, arch, dtype):
 
 @pytest.mark.parametrize("batch_invariant", [False, True], ids=["fast", "invariant"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_cuda_attention_batch_equals_per_request(tiny_dir, arch, batch_invariant):
-    """attention_block_batch on the GPU (float32): bitwise the per-request loop when
-    batch_invariant, else within 1e-5 (cuBLAS picks kernels by shape; TF32 stays off)."""
-    model = ReferenceModel.load(
-        Checkpoint.open(tiny_dir(arch)), device="cuda", load_experts=False,
-        batch_invariant=batch_invariant,
-    )
-    caches = _run_schedule(model, SCHEDULE, exact=batch_invariant, device="cuda")
-    assert caches[2].capacity(0) == 32
+def test_cuda_batch_equals_each_sequence_alone(tiny_dir, arch, batch_invariant):
+    """Batched steps over one paged cache on the GPU (float32; paged decode kernel, fused MoE):
+    bitwise each sequence alone when batch_invariant, else within 1e-4."""
+    model = DecoderModel.load(Checkpoint.open(tiny_dir(arch)), device="cuda",
+                              batch_invariant=batch_invariant)
+    _run(model, SCHEDULE, exact=batch_invariant, tol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])

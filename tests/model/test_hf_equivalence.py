@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from eaas.model import ARCHS, Checkpoint, ReferenceModel
+from eaas.model import ARCHS, Checkpoint, DecoderModel
 from tests.model.conftest import save_hf_tiny
 
 REL_TOL = 1e-4
@@ -37,7 +37,7 @@ def _hf(path):
 def test_logits_and_greedy_match_transformers(tiny_dir, arch, source, seed, prompt_len):
     path = tiny_dir(arch, seed, source)
     ckpt = Checkpoint.open(path)
-    model = ReferenceModel.load(ckpt)
+    model = DecoderModel.load(ckpt)
     hf = _hf(path)
     gen = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, ckpt.config.vocab_size, (prompt_len,), generator=gen).tolist()
@@ -63,7 +63,7 @@ def test_logits_and_greedy_match_transformers(tiny_dir, arch, source, seed, prom
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_make_tiny_greedy_has_margins_and_does_not_collapse(tiny_dir, arch):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch, 0)))
+    model = DecoderModel.load(Checkpoint.open(tiny_dir(arch, 0)))
     prompt = list(range(10, 22))
     tokens = model.generate_greedy(prompt, 32)
     logits = model.forward(torch.tensor(prompt + tokens), model.new_cache())[len(prompt) - 1 : -1]
@@ -86,7 +86,7 @@ def test_make_tiny_greedy_has_margins_and_does_not_collapse(tiny_dir, arch):
 )
 def test_sliding_window_matches_transformers(tmp_path, arch, extra):
     path = save_hf_tiny(tmp_path / arch, arch, seed=3, vocab_size=320, **extra)
-    model = ReferenceModel.load(Checkpoint.open(path))
+    model = DecoderModel.load(Checkpoint.open(path))
     assert any(model.config.sliding_window(i) for i in range(model.config.num_hidden_layers))
     ids = torch.randint(0, 320, (13,), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

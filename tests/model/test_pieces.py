@@ -1,14 +1,16 @@
-"""The separately callable units: ExpertBank, router, combine_experts, attention block, batch invariance."""
+"""The separately callable units: ExpertBank, router, combine_experts, attention block, batch
+invariance."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from eaas.model import ARCHS, Checkpoint, ExpertBank, ReferenceModel, combine_experts, linear
+from eaas.model import (ARCHS, AttentionBatch, Checkpoint, DecoderModel, ExpertBank,
+                        combine_experts, linear)
 
 
-def _moe_layer(model: ReferenceModel):
+def _moe_layer(model: DecoderModel):
     return next(layer for layer in model.layers if layer.is_moe)
 
 
@@ -33,7 +35,7 @@ def test_expert_bank_rows_are_batch_invariant(tiny_dir, arch, dtype):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_router_rows_are_batch_invariant(tiny_dir, arch):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
+    model = DecoderModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
     layer = _moe_layer(model)
     x = torch.randn(33, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
     ids, weights = layer.router(x)
@@ -45,7 +47,7 @@ def test_router_rows_are_batch_invariant(tiny_dir, arch):
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "deepseek_v3"])
 def test_norms_shared_expert_and_lm_head_rows_are_batch_invariant(tiny_dir, arch):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
+    model = DecoderModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
     layer = _moe_layer(model)
     x = torch.randn(33, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     shared, logits = layer.shared_expert(x), model.lm_head(x)
@@ -100,13 +102,14 @@ def test_combine_experts_weights_and_sums_in_fixed_order():
 def test_layer_forward_equals_its_pieces(tiny_dir, arch):
     """The engine's piecewise path (attention, router, rows to experts, combine, shared) is the
     monolithic forward, bit for bit."""
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
+    model = DecoderModel.load(Checkpoint.open(tiny_dir(arch)), batch_invariant=True)
     ids = torch.arange(4, 13)
     want = model.forward(ids, model.new_cache())
     cache = model.new_cache()
+    batch = AttentionBatch.build([cache.span(ids.numel())], cache.pool.block_size, "cpu")
     h = model.embed(ids)
     for layer in model.layers:
-        h = layer.attention_block(h, cache)
+        h = layer.attention_block(h, cache.pool, batch)
         x = layer.ffn_input(h)
         if not layer.is_moe:
             h = h + layer.dense_mlp(x)
@@ -123,13 +126,12 @@ def test_layer_forward_equals_its_pieces(tiny_dir, arch):
         routed = combine_experts(out.view(t, k, -1), topk_weights)
         shared = layer.shared_expert(x)
         h = h + (routed if shared is None else routed + shared)
-    assert cache.seq_len == ids.numel()
     assert torch.equal(model.lm_head(model.final_norm(h)), want)
 
 
 def test_dense_and_moe_layers_follow_config(tiny_dir):
     for arch, dense in (("qwen3_moe", [1]), ("deepseek_v3", [0]), ("mixtral", [])):
-        model = ReferenceModel.load(Checkpoint.open(tiny_dir(arch)), load_experts=False)
+        model = DecoderModel.load(Checkpoint.open(tiny_dir(arch)), load_experts=False)
         assert [i for i, layer in enumerate(model.layers) if not layer.is_moe] == dense, arch
         with pytest.raises(ValueError):
             model.layers[-1].dense_mlp(torch.zeros(1, 64))
@@ -144,7 +146,7 @@ def test_expert_bank_empty_batch_and_length_mismatch(tiny_dir):
 
 
 def test_cache_truncate_replays_identically(tiny_dir):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir("deepseek_v3")))
+    model = DecoderModel.load(Checkpoint.open(tiny_dir("deepseek_v3")))
     ids = torch.arange(30, 40)
     cache = model.new_cache()
     model.forward(ids, cache)
@@ -156,7 +158,7 @@ def test_cache_truncate_replays_identically(tiny_dir):
 
 
 def test_generate_greedy_stops_at_stop_token(tiny_dir):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir("mixtral")))
+    model = DecoderModel.load(Checkpoint.open(tiny_dir("mixtral")))
     tokens = model.generate_greedy([5, 6, 7], 12)
     stop = tokens[3]
     assert (
@@ -168,7 +170,7 @@ def test_generate_greedy_stops_at_stop_token(tiny_dir):
 
 
 def test_embed_checks_ids_on_the_host_list_when_given(tiny_dir):
-    model = ReferenceModel.load(Checkpoint.open(tiny_dir("mixtral")))
+    model = DecoderModel.load(Checkpoint.open(tiny_dir("mixtral")))
     v = model.config.vocab_size
     ids = [0, 5, v - 1]
     t = torch.tensor(ids)

@@ -1,4 +1,4 @@
-"""make_tiny (deterministic, offline, Hub layout), the tokenizer, and ModelConfig's field mapping."""
+"""make_tiny (deterministic, offline, Hub layout), the tokenizer, ModelConfig's field mapping."""
 
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ def test_model_package_needs_no_transformers(tmp_path):
     code = f"""
 import sys
 sys.modules["transformers"] = None  # any import of it now fails
-from eaas.model import Checkpoint, ReferenceModel, make_tiny
+from eaas.model import Checkpoint, DecoderModel, make_tiny
 ckpt = Checkpoint.open(make_tiny({str(tmp_path / "t")!r}, "qwen2_moe", 0))
-model = ReferenceModel.load(ckpt)
+model = DecoderModel.load(ckpt)
 print(len(model.generate_greedy(ckpt.tokenizer.encode("Hello"), 4)))
 """
     out = subprocess.run(

@@ -6,6 +6,8 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from eaas.serving import ENGINE, STATE, create_app
+from eaas.serving.metrics import ServingMetrics
+from eaas.serving.snapshot import normalize
 from tests.serving.conftest import ADMIN_TOKEN, engine_config, serving_client
 
 REQUIRED = {
@@ -23,6 +25,7 @@ REQUIRED = {
     "eaas_num_requests_running": "gauge",
     "eaas_num_requests_waiting": "gauge",
     "eaas_server_up": "gauge",
+    "eaas_kv_cache_usage_ratio": "gauge",
 }
 
 
@@ -72,6 +75,7 @@ async def test_metrics_parse_follow_conventions_and_count_requests(tiny_dir):
     actors = {s.labels["actor"] for s in fams["eaas_actor_mailbox_depth"].samples}
     assert {"engine", "expert-0", "expert-1", "shard-0"} <= actors  # the whole tree, flattened
     assert value(fams, "eaas_server_up", "eaas_server_up", server="expert-0") == 1
+    assert 0 <= value(fams, "eaas_kv_cache_usage_ratio", "eaas_kv_cache_usage_ratio") <= 1
 
 
 async def test_each_app_has_its_own_registry(tiny_dir):
@@ -99,3 +103,29 @@ async def test_layer_imbalance_always_and_expert_tokens_only_when_asked(tiny_dir
         if opt_in:
             total = sum(s.value for s in fams["eaas_expert_tokens"].samples)
             assert total == float(routed.sum()) > 0
+
+
+def scrape(snapshot: dict) -> dict:
+    """The engine families of one scrape over a fixed (fake) engine snapshot."""
+    return families(ServingMetrics("m", snapshot=lambda: normalize(snapshot)).render().decode())
+
+
+def test_kv_cache_usage_sums_blocks_over_shards():
+    fams = scrape({"shards": [
+        {"name": "shard-0", "running": 2, "kv_blocks_used": 30, "kv_blocks_total": 100},
+        {"name": "shard-1", "kv_blocks_used": 10, "kv_blocks_total": 60},
+        {"name": "shard-2", "running": 0}]})  # a shard that reports no pool counts 0
+    assert fams["eaas_kv_cache_usage_ratio"].type == "gauge"
+    assert value(fams, "eaas_kv_cache_usage_ratio", "eaas_kv_cache_usage_ratio") == 40 / 160
+    used = {s.labels["shard"]: s.value for s in fams["eaas_kv_cache_used_blocks"].samples}
+    total = {s.labels["shard"]: s.value for s in fams["eaas_kv_cache_total_blocks"].samples}
+    assert used == {"shard-0": 30, "shard-1": 10, "shard-2": 0}
+    assert total == {"shard-0": 100, "shard-1": 60, "shard-2": 0}
+
+
+def test_kv_cache_usage_is_zero_without_pools():
+    for snap in ({}, {"shards": []}, {"shards": [{"name": "shard-0", "running": 1}]}):
+        fams = scrape(snap)
+        assert value(fams, "eaas_kv_cache_usage_ratio", "eaas_kv_cache_usage_ratio") == 0
+    assert normalize({"shards": [{"name": "s", "kv_blocks_used": 3, "kv_blocks_total": 4}]})[
+        "kv_cache"] == {"used_blocks": 3, "total_blocks": 4, "usage_ratio": 0.75}

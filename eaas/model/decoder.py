@@ -1,51 +1,42 @@
-"""ReferenceModel: the plain monolithic pure-torch forward, built from separately callable pieces.
+"""The decoder model the shards run: embedding, decoder layers, final norm, LM head.
 
-The engine's actors call the same pieces (attention_block, router, ExpertBank.forward,
-combine_experts, shared_expert) piecewise; `DecoderLayer.forward` chains them the same way, routing
-the [T*K] expert rows through ExpertBank.forward exactly as the engine dispatches them.
+A layer is a set of separately callable pieces (attention_block, ffn_input, router, the expert
+bank, shared_expert, dense_mlp); how they connect is the layer's dataflow graph, run by the
+executor (eaas.dataflow.executor) — the same program here, in the shard's eager step and in the
+captured step. `DecoderModel.forward(ids, cache)` is the plain one-sequence forward the tests
+compare with transformers; `forward_hidden(ids, cache, batch, experts)` runs a whole batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from eaas.dataflow.executor import ModelProgram, StepContext, run_sync
 from eaas.model import ops
-from eaas.model.attention import GQAAttention, KVCache, MLAAttention, load_attention
+from eaas.model.attention import GQAAttention, MLAAttention, load_attention
 from eaas.model.checkpoint import Checkpoint
 from eaas.model.config import ModelConfig
-from eaas.model.layout import moe_prefix
-from eaas.model.moe import MLP, ExpertBank, Router, combine_experts
+from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SequenceCache
+from eaas.model.layout import moe_prefix, shared_expert_gate_name, shared_expert_prefix
+from eaas.model.moe import MLP, ExpertBank, Router
 
-__all__ = ["DecoderLayer", "ReferenceModel"]
+__all__ = ["DecoderLayer", "DecoderModel", "bank_experts"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _norm(h: torch.Tensor, weight: torch.Tensor, eps: float, batch_invariant: bool) -> torch.Tensor:
-    """RMSNorm of h: [T, H]; computed row by row when batch_invariant (a GPU reduction may pick
-    its strategy by the number of rows)."""
-    if batch_invariant:
-        return ops.rowwise(lambda row: ops.rms_norm(row, weight, eps), h)
-    return ops.rms_norm(h, weight, eps)
-
-
-def _check_spans(spans: Sequence[tuple[int, int]], num_caches: int, num_rows: int) -> None:
-    """spans must be non-empty, contiguous and cover rows 0..num_rows in order, one per cache."""
-    if len(spans) != num_caches:
-        raise ValueError(f"got {len(spans)} spans for {num_caches} caches; need one per request")
-    at = 0
-    for i, (s, e) in enumerate(spans):
-        if s != at or e <= s:
-            raise ValueError(
-                f"span {i} is ({s}, {e}); spans must be non-empty and tile rows 0..{num_rows} in "
-                f"order (this one must start at {at})"
-            )
-        at = e
-    if at != num_rows:
-        raise ValueError(f"spans cover rows 0..{at} but h has {num_rows} rows")
+def bank_experts(layer: DecoderLayer, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, params: Mapping[str, Any]) -> torch.Tensor:
+    """The experts step of a model that holds its routed experts (executor `ExpertsStep`):
+    x [T, H], topk_ids/topk_weights [T, K] -> combined routed output [T, H]."""
+    if layer.experts is None:
+        raise ValueError(f"layer {layer.layer_idx}: routed experts were not loaded "
+                         "(load_experts=False); this model needs an experts step")
+    return layer.experts.routed(x, topk_ids, topk_weights)
 
 
 class DecoderLayer:
@@ -97,9 +88,8 @@ class DecoderLayer:
                 gate_w = rd(f"{p}.gate.weight")
             router = Router(cfg, gate_w, bias, batch_invariant)
             if cfg.has_shared_expert:
-                name = "shared_experts" if cfg.is_mla else "shared_expert"
-                gname = f"{p}.shared_expert_gate.weight" if cfg.shared_expert_gate else None
-                shared = MLP.load(ckpt, f"{p}.{name}", dtype, device, gname, batch_invariant)
+                shared = MLP.load(ckpt, shared_expert_prefix(cfg, layer_idx), dtype, device,
+                                  shared_expert_gate_name(cfg, layer_idx), batch_invariant)
             if load_experts:
                 experts = ExpertBank.load(
                     ckpt, layer_idx, range(cfg.num_experts), dtype, device, batch_invariant
@@ -119,61 +109,16 @@ class DecoderLayer:
             batch_invariant,
         )
 
-    def attention_block(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """h: [T, H] of one sequence -> h + attention(norm(h)); appends this layer's K/V to
-        cache."""
-        return h + self.attention.forward(
-            ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps), cache
-        )
-
-    def attention_block_batch(
-        self,
-        h: torch.Tensor,
-        caches: Sequence[KVCache | None],
-        spans: Sequence[tuple[int, int]],
-    ) -> torch.Tensor:
-        """Attention blocks of several sequences in one call.
-
-        h: [T, H], request i's rows are h[s_i:e_i] (spans tile 0..T in order; a prefill request
-        owns several rows, a decode request one); caches[i] is its KVCache, or None for a request
-        whose rows pass through untouched (aborted, cache dropped). Returns [T, H], the same as
-        `torch.cat([attention_block(h[s:e], c) for c, (s, e) in ...])`: bitwise when
-        batch_invariant (it then IS that loop: a batched kernel would change rows' bits), within
-        float rounding otherwise (row-wise work runs once over all rows, decode attention in one
-        padded batched call). Appends this layer's K/V to every live cache.
-        """
-        _check_spans(spans, len(caches), h.shape[0])
-        if self.batch_invariant:
-            parts = [
-                h[s:e] if c is None else self.attention_block(h[s:e], c)
-                for c, (s, e) in zip(caches, spans)
-            ]
-            return torch.cat(parts) if parts else h
-        live = [i for i, c in enumerate(caches) if c is not None]
-        if not live:
-            return h
-        live_caches = [c for c in caches if c is not None]
-        if len(live) == len(caches):
-            x = ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps)  # [T, H]
-            return h + self.attention.forward_batch(x, live_caches, spans)
-        rows: list[int] = []
-        live_spans: list[tuple[int, int]] = []
-        n = 0
-        for i in live:
-            s, e = spans[i]
-            rows.extend(range(s, e))
-            live_spans.append((n, n + e - s))
-            n += e - s
-        idx = torch.tensor(rows, dtype=torch.long, device=h.device)  # [T_live]
-        h_live = h[idx]  # [T_live, H]
-        x = ops.rms_norm(h_live, self.input_norm, self.cfg.rms_norm_eps)
-        out = h.clone()
-        out[idx] = h_live + self.attention.forward_batch(x, live_caches, live_spans)
-        return out
+    def attention_block(self, h: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch
+                        ) -> torch.Tensor:
+        """h: [T, H] (every row of the step) -> h + attention(norm(h)); writes this layer's K/V
+        of every row to `cache` at `batch.slots`."""
+        x = ops.rms_norm(h, self.input_norm, self.cfg.rms_norm_eps, self.batch_invariant)
+        return h + self.attention.forward(x, cache, batch)
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         """Post-attention RMSNorm. h: [T, H] -> x: [T, H] (row by row when batch_invariant)."""
-        return _norm(h, self.post_norm, self.cfg.rms_norm_eps, self.batch_invariant)
+        return ops.rms_norm(h, self.post_norm, self.cfg.rms_norm_eps, self.batch_invariant)
 
     def router(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [T, H] -> (topk_ids int64 [T, K], topk_weights float32 [T, K]); final weights."""
@@ -191,30 +136,10 @@ class DecoderLayer:
             raise ValueError(f"layer {self.layer_idx} is an MoE layer; it has no dense MLP")
         return self._dense(x)
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole FFN part on normed x: [T, H] -> [T, H] (routed + shared, or dense)."""
-        if not self.is_moe:
-            return self.dense_mlp(x)
-        if self.experts is None:
-            raise ValueError(
-                f"layer {self.layer_idx}: routed experts were not loaded (load_experts=False)"
-            )
-        topk_ids, topk_weights = self.router(x)  # [T, K]
-        t, k = topk_ids.shape
-        rows = x.repeat_interleave(k, dim=0)  # [T*K, H]: row t*K + j is token t for slot j
-        expert_out = self.experts.forward(rows, topk_ids.reshape(-1)).view(t, k, -1)  # [T, K, H]
-        out = combine_experts(expert_out, topk_weights)
-        shared = self.shared_expert(x)
-        return out if shared is None else out + shared
 
-    def forward(self, h: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Monolithic layer: h: [T, H] -> [T, H]."""
-        h = self.attention_block(h, cache)
-        return h + self.ffn(self.ffn_input(h))
-
-
-class ReferenceModel:
-    """The whole model in plain torch, one sequence at a time. Use `ReferenceModel.load(ckpt)`."""
+class DecoderModel:
+    """The whole model. Use `DecoderModel.load(ckpt)`; `forward(ids, cache)` runs one sequence,
+    `forward_hidden` / `run_layers` a batch of them over a shared paged cache."""
 
     def __init__(
         self,
@@ -224,10 +149,14 @@ class ReferenceModel:
         norm: torch.Tensor,
         lm_head_weight: torch.Tensor,
         batch_invariant: bool,
+        graph: Any = None,
     ) -> None:
+        from eaas.dataflow import default_model_graph
+
         self.config, self.layers = cfg, layers
         self.embed_weight, self.norm_weight, self.lm_head_weight = embed, norm, lm_head_weight
         self.batch_invariant = batch_invariant
+        self.program = ModelProgram(graph or default_model_graph(cfg), cfg.num_hidden_layers)
 
     @classmethod
     def load(
@@ -237,9 +166,11 @@ class ReferenceModel:
         device: str | torch.device = "cpu",
         load_experts: bool = True,
         batch_invariant: bool = False,
-    ) -> ReferenceModel:
+        graph: Any = None,
+    ) -> DecoderModel:
         """Read the model from `ckpt`. load_experts=False skips routed experts (what an attention
-        shard loads)."""
+        shard loads when its experts live on servers). graph: the ModelGraph to run (default:
+        the architecture's)."""
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype}")
         cfg = ckpt.config
@@ -255,12 +186,21 @@ class ReferenceModel:
             )
         ]
         head = embed if cfg.tie_word_embeddings else ckpt.read("lm_head.weight", dtype, device)
-        return cls(
-            cfg, embed, layers, ckpt.read("model.norm.weight", dtype, device), head, batch_invariant
-        )
+        norm = ckpt.read("model.norm.weight", dtype, device)
+        return cls(cfg, embed, layers, norm, head, batch_invariant, graph)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_hidden_layers)
+    @property
+    def device(self) -> torch.device:
+        return self.embed_weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_weight.dtype
+
+    def new_cache(self, max_len: int | None = None) -> SequenceCache:
+        """A one-sequence cache of `max_len` positions (default: the model's context length)."""
+        n = max_len or self.config.max_position_embeddings
+        return SequenceCache(self.config, n, self.dtype, self.device)
 
     def embed(self, input_ids: torch.Tensor, host_ids: list[int] | None = None) -> torch.Tensor:
         """input_ids: int64 [T] -> [T, H]. host_ids: the same ids as a host list, checked there
@@ -275,19 +215,39 @@ class ReferenceModel:
         return self.embed_weight[input_ids.to(self.embed_weight.device)]
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
-        """Final RMSNorm. h: [T, H] -> [T, H] (row by row when batch_invariant)."""
-        return _norm(h, self.norm_weight, self.config.rms_norm_eps, self.batch_invariant)
+        """Final RMSNorm. h: [T, H] -> [T, H]."""
+        return ops.rms_norm(h, self.norm_weight, self.config.rms_norm_eps, self.batch_invariant)
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """h: [T, H] (final-normed) -> logits float32 [T, V]."""
         return ops.linear(h, self.lm_head_weight, None, self.batch_invariant).to(torch.float32)
 
+    async def run_layers(self, h: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch,
+                         experts: Any = bank_experts, before_layer: Any = None) -> torch.Tensor:
+        """Every layer's program over h: [T, H] -> [T, H]. `before_layer(i)` runs before layer i
+        (the shard's abort check)."""
+        step = StepContext(cache, batch, experts)
+        for layer, prog in zip(self.layers, self.program.layers):
+            if before_layer is not None:
+                before_layer(layer.layer_idx)
+            h = await prog.run(layer, h, step)
+        return h
+
+    def forward_hidden(self, input_ids: torch.Tensor, cache: PagedKVCache,
+                       batch: AttentionBatch, experts: Any = bank_experts) -> torch.Tensor:
+        """Embedding and every layer, synchronously (experts steps that never wait):
+        input_ids int64 [T] -> hidden [T, H] before the final norm."""
+        return run_sync(self.run_layers(self.embed_weight[input_ids], cache, batch, experts))
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
         """input_ids: int64 [T] at positions cache.seq_len + arange(T) -> logits float32 [T, V]."""
-        h = self.embed(input_ids)
-        for layer in self.layers:
-            h = layer.forward(h, cache)
+        ids = input_ids.to(self.device)
+        self.embed(ids)  # checks the ids
+        span = cache.span(int(ids.shape[0]))
+        batch = AttentionBatch.build([span], cache.pool.block_size, self.device)
+        h = self.forward_hidden(ids, cache.pool, batch)
+        cache.seq_len += int(ids.shape[0])
         return self.lm_head(self.final_norm(h))
 
     def generate_greedy(
@@ -296,8 +256,8 @@ class ReferenceModel:
         """Prefill `prompt_ids`, then decode token by token; returns the new tokens only."""
         if not prompt_ids:
             raise ValueError("prompt_ids is empty")
-        cache = self.new_cache()
-        device = self.embed_weight.device
+        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
+        device = self.device
         logits = self.forward(
             torch.tensor(list(prompt_ids), dtype=torch.long, device=device), cache
         )
