@@ -28,6 +28,7 @@ _FLAGS: dict[str, tuple[str, type | None, str]] = {
     "--transport": ("placement.transport", str,
                     "tcp | shm | cudaipc | nvshmem (engine <-> server processes)"),
     "--max-num-seqs": ("scheduler.max_num_seqs", int, "running requests per shard"),
+    "--load-format": ("load_format", str, "auto (safetensors) | dummy (random weights)"),
     "--max-num-batched-tokens": ("scheduler.max_num_batched_tokens", int,
                                  "tokens per step of a lane (longer prompts are chunked)"),
     "--max-waiting": ("scheduler.max_waiting", int, "queued requests before 503"),

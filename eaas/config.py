@@ -240,6 +240,8 @@ class EngineConfig:
     seed: int = 0
     batch_invariant: bool = True  # row results independent of batching (exact failover/equality)
     enforce_eager: bool = False  # True: no CUDA graphs, every step runs eagerly (vLLM's name)
+    load_format: str = "auto"  # "auto": the safetensors files; "dummy": seeded random weights
+    # made in memory from config.json alone (vLLM's name; benchmarks of full-size shapes)
     served_model_name: str | None = None
     graph: str | None = None  # YAML file of the dataflow graph; None: the architecture's default
     placement: PlacementConfig = field(default_factory=PlacementConfig)
@@ -261,6 +263,8 @@ class EngineConfig:
                "true or false")
         _check(isinstance(self.enforce_eager, bool), "enforce_eager", self.enforce_eager,
                "true or false")
+        _check(self.load_format in ("auto", "dummy"), "load_format", self.load_format,
+               "auto or dummy")
         for name, cls in (("placement", PlacementConfig), ("batching", BatchingConfig),
                           ("scheduler", SchedulerConfig), ("cache", CacheConfig),
                           ("fault", FaultConfig), ("balance", BalanceConfig)):

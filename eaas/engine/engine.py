@@ -98,7 +98,7 @@ class AsyncEngine:
         from eaas.model import Checkpoint
 
         cfg = self.config
-        ckpt = await asyncio.to_thread(Checkpoint.open, cfg.model)
+        ckpt = await asyncio.to_thread(Checkpoint.open, cfg.model, cfg.load_format)
         self.checkpoint, mc = ckpt, ckpt.config
         self.model_config = mc
         self.tokenizer = ckpt.tokenizer
@@ -171,7 +171,7 @@ class AsyncEngine:
         from eaas.model import Checkpoint, DecoderModel
 
         cfg = self.config
-        ckpt = Checkpoint.open(cfg.model)
+        ckpt = Checkpoint.open(cfg.model, cfg.load_format)
         model = DecoderModel.load(ckpt, dtype=getattr(torch, cfg.dtype), device=device,
                                   load_experts=False, batch_invariant=cfg.batch_invariant,
                                   graph=self.graph)

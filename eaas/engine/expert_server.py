@@ -23,12 +23,13 @@ class ExpertHost:
     """The experts of one server: layer -> ExpertBank. Compute is a pure function of the rows."""
 
     def __init__(self, model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str,
-                 device: str = "cpu", batch_invariant: bool = True, store: Any = None) -> None:
+                 device: str = "cpu", batch_invariant: bool = True, store: Any = None,
+                 load_format: str = "auto") -> None:
         from eaas.model import Checkpoint
 
         self.assignment = {int(layer): sorted(ids) for layer, ids in assignment.items()}
         self.device = torch.device(device)
-        self._ckpt = Checkpoint.open(model_dir)
+        self._ckpt = Checkpoint.open(model_dir, load_format)
         self._load_args = dict(dtype=getattr(torch, dtype), device=device,
                                batch_invariant=batch_invariant)
         # eaas.engine.expert_store.ExpertStore (in-process servers) or None; used on CUDA only
@@ -90,12 +91,13 @@ class ExpertServer(Actor):
 
     def __init__(self, name: str, model_dir: str, assignment: Mapping[int, list[int]], *,
                  dtype: str, device: str, batch_invariant: bool,
-                 on_ready: Callable[[], None] | None = None, store: Any = None) -> None:
+                 on_ready: Callable[[], None] | None = None, store: Any = None,
+                 load_format: str = "auto") -> None:
         self.name = name
         self._on_ready = on_ready
         self._load = functools.partial(ExpertHost, model_dir, dict(assignment), dtype=dtype,
                                        device=device, batch_invariant=batch_invariant,
-                                       store=store)
+                                       store=store, load_format=load_format)
         self.host: ExpertHost | None = None
         self.delay_s = 0.0  # fault injection: extra latency per batch
 

@@ -21,8 +21,10 @@ __all__ = ["ExpertStore"]
 class ExpertStore:
     """Whole-layer ExpertBanks by (device, layer). Thread-safe: servers load on threads."""
 
-    def __init__(self, model_dir: str, *, dtype: str, batch_invariant: bool) -> None:
+    def __init__(self, model_dir: str, *, dtype: str, batch_invariant: bool,
+                 load_format: str = "auto") -> None:
         self.model_dir, self.dtype, self.batch_invariant = model_dir, dtype, batch_invariant
+        self.load_format = load_format
         self._banks: dict[tuple[str, int], Any] = {}
         self._lock = threading.Lock()
         self._ckpt: Any = None
@@ -36,7 +38,7 @@ class ExpertStore:
                 from eaas.model import Checkpoint, ExpertBank
 
                 if self._ckpt is None:
-                    self._ckpt = Checkpoint.open(self.model_dir)
+                    self._ckpt = Checkpoint.open(self.model_dir, self.load_format)
                 n = self._ckpt.config.num_experts
                 bank = self._banks[key] = ExpertBank.load(
                     self._ckpt, layer, range(n), getattr(torch, self.dtype), device,

@@ -48,7 +48,8 @@ class ExpertPool:
         self._next_index = itertools.count(config.placement.num_expert_servers)
         # in-process servers share one copy of each layer's experts per device
         self.store = ExpertStore(config.model, dtype=config.dtype,
-                                 batch_invariant=config.batch_invariant)
+                                 batch_invariant=config.batch_invariant,
+                                 load_format=config.load_format)
 
     # ---- start / readiness -----------------------------------------------------------------
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
@@ -85,13 +86,15 @@ class ExpertPool:
             factory = lambda: ServerProcess(  # noqa: E731
                 slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
+                load_format=cfg.load_format,
                 call_timeout_s=fault.unit_timeout_s,
                 heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready,
                 fabric=fabric, fabric_joined=fabric_joined)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
                 name, cfg.model, assignment, dtype=cfg.dtype, device=device,
-                batch_invariant=cfg.batch_invariant, on_ready=on_ready, store=self.store)
+                batch_invariant=cfg.batch_invariant, on_ready=on_ready, store=self.store,
+                load_format=cfg.load_format)
         ref = entry["ref"] = await sup.start_child(ChildSpec(name, factory), timeout=timeout)
         entry["batcher"] = await sup.start_child(ChildSpec(
             f"batcher-{name}", lambda: Batcher(name, lambda: ref, cfg.batching,

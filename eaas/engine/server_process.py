@@ -59,7 +59,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     assignment = {int(k): v for k, v in json.loads(args.assignment).items()}
     host = ExpertHost(args.model, assignment, dtype=args.dtype, device=args.device,
-                      batch_invariant=args.batch_invariant)
+                      batch_invariant=args.batch_invariant, load_format=args.load_format)
     delay = 0.0
     # On a GPU the first batch of a new size compiles Triton kernels for seconds: compute (and
     # expert loading) then run on one worker thread, in order, so the loop keeps answering
@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--assignment", required=True, help='JSON {"layer": [expert ids]}')
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--listen", default="tcp://127.0.0.1:0")
     p.add_argument("--parent-pid", type=int, default=os.getppid())

@@ -148,8 +148,9 @@ class ServerProcess(Actor):
                  call_timeout_s: float, heartbeat_interval_s: float, heartbeat_misses: int = 3,
                  start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None,
                  fabric: FabricSeat | None = None,
-                 fabric_joined: asyncio.Event | None = None) -> None:
+                 fabric_joined: asyncio.Event | None = None, load_format: str = "auto") -> None:
         self._on_ready = on_ready
+        self.load_format = load_format
         self.slot = slot
         self.assignment = {int(k): list(v) for k, v in assignment.items()}
         self.model_dir, self.dtype, self.device = model_dir, dtype, device
@@ -171,7 +172,7 @@ class ServerProcess(Actor):
             transport = FALLBACK_TRANSPORT
         return [sys.executable, "-m", "eaas.engine.server_process", "--model", self.model_dir,
                 "--assignment", json.dumps({str(k): v for k, v in self.assignment.items()}),
-                "--dtype", self.dtype, "--device", self.device,
+                "--dtype", self.dtype, "--device", self.device, "--load-format", self.load_format,
                 "--batch-invariant" if self.batch_invariant else "--no-batch-invariant",
                 "--listen", f"{transport}://" + ("127.0.0.1:0" if transport == "tcp" else ""),
                 "--parent-pid", str(os.getpid()), *(seat.argv() if seat is not None else ())]

@@ -25,7 +25,8 @@ from eaas.model.archs import get_arch
 from eaas.model.archs.qwen3_moe import QWEN3_30B_A3B
 from eaas.model.config import ARCHS, ModelConfig
 
-__all__ = ["QWEN3_30B_A3B", "make_random", "make_tiny", "tiny_config", "train_tokenizer"]
+__all__ = ["QWEN3_30B_A3B", "make_config_only", "make_random", "make_tiny", "tiny_config",
+           "train_tokenizer"]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>")
 TOKENIZER_VOCAB = 384
@@ -200,6 +201,24 @@ def _layer_specs(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
             for key, name in layout.expert_names(cfg, layer, e).items():
                 specs[name] = (h, f) if key == "down" else (f, h)
     return specs
+
+
+def make_config_only(out_dir: str | Path, arch: str, *, dtype: str = "bfloat16",
+                     **config_overrides: Any) -> Path:
+    """Write only config.json and the tokenizer of an `arch` model of any shape (fields as
+    `make_random` takes them): a folder to open with `load_format="dummy"`, whose weights are
+    made in memory (a full-size shape without writing it to disk)."""
+    if arch not in ARCHS:
+        raise ConfigError(f"make_config_only: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer()
+    eos = tok.token_to_id("<|endoftext|>")
+    raw = {**tiny_config(arch, tok.get_vocab_size(with_added_tokens=True), eos),
+           **config_overrides, "torch_dtype": dtype}
+    ModelConfig.from_dict(raw)  # a bad override fails here, not when the engine opens it
+    _write_side_files(out, raw, tok, eos)
+    return out
 
 
 def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "bfloat16",
