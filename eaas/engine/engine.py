@@ -53,6 +53,9 @@ from eaas.engine.server_proxy import FabricSeat, plan_fabric
 from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
 
 
+SHARD_START_TIMEOUT_S = 900.0  # on a GPU: weights + KV pool + every bucket's decode graphs
+
+
 class AsyncEngine:
     """The engine on the caller's event loop. `async with AsyncEngine(cfg) as eng: ...`"""
 
@@ -110,10 +113,15 @@ class AsyncEngine:
         self.routing = routing0  # the routing table actor's latest snapshot (it owns changes)
 
         seat = self._fabric_seat = plan_fabric(cfg)
-        # a start-up server's on_start includes its fabric join (bounded by seat.timeout_s)
+        # a start-up server's on_start includes its fabric join (bounded by seat.timeout_s); a
+        # shard on a GPU loads its weights and captures its decode graphs in on_start
+        devices = {cfg.device, *(cfg.placement.server_devices or ()),
+                   *(cfg.placement.shard_devices or ())}
+        start_s = SHARD_START_TIMEOUT_S if any(d.startswith("cuda") for d in devices) else 30.0
+        if seat is not None:
+            start_s = max(start_s, seat.timeout_s + 60.0)
         self._system = system = ActorSystem(
-            name="eaas", on_escalation=self._on_escalation,
-            start_timeout=30.0 if seat is None else seat.timeout_s + 60.0)
+            name="eaas", on_escalation=self._on_escalation, start_timeout=start_s)
         await system.__aenter__()
         system.add_listener(self._on_system_event)
         root = await system.spawn_supervisor("engine", RestartPolicy("rest_for_one"))
@@ -147,7 +155,8 @@ class AsyncEngine:
         for j in range(cfg.placement.num_attention_shards):
             name, device = f"shard-{j}", shard_devices[j % len(shard_devices)]
             ref = await attn.start_child(ChildSpec(
-                name, lambda n=name, d=device: AttentionShard(n, deps, d), mailbox_size=1 << 16))
+                name, lambda n=name, d=device: AttentionShard(n, deps, d), mailbox_size=1 << 16),
+                timeout=start_s + 5.0)
             self._shards.append(ref)
         self.planner_progress: dict = {}
         bal = cfg.balance
@@ -159,8 +168,6 @@ class AsyncEngine:
         self._monitor = await root.start_child(ChildSpec("health", lambda: HealthMonitor(
             self.events_bus.emit, self.counters, planner_progress=self.planner_progress,
             stall_timeout_s=bal.stall_timeout_s)))
-        devices = {cfg.device, *(cfg.placement.server_devices or ()),
-                   *(cfg.placement.shard_devices or ())}
         if any(d.startswith("cuda") for d in devices):
             await root.start_child(ChildSpec("gpu-health", self._new_gpu_monitor))
         self._ready = True

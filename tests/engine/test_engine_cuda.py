@@ -31,7 +31,8 @@ def test_engine_on_cuda_equals_cpu_reference(arch, tiny_dirs, reference_greedy):
     # every expert has an in-process server on the shards' GPU: decode steps replay graphs
     assert [s["data_path"] for s in snap["shards"]] == ["captured", "captured"]
     assert sum(s["graph_replays"] for s in snap["shards"]) >= 11
-    assert all(s["kv_blocks_used"] == 0 and s["kv_blocks_total"] > 0 for s in snap["shards"])
+    assert all(0 <= s["kv_blocks_used"] <= s["kv_blocks_total"] for s in snap["shards"])
+    assert all(s["kv_blocks_total"] > 0 for s in snap["shards"])
 
 
 @pytest.mark.parametrize(("enforce_eager", "mode", "path"), [
