@@ -56,6 +56,20 @@ def test_bench_e2e_gpu_smoke_prints_every_row():
     print(f"bench_e2e_gpu --smoke took {wall:.1f} s")
 
 
+def test_bench_decode_smoke_prints_every_path():
+    out, wall = _run("bench_decode.py")
+    assert "# bench_decode" in out and "# command:" in out
+    rows = {r[0]: r[1:] for r in _table(out, "path")}
+    labels = [l for l in rows if l.startswith("eaas co-located")]
+    assert len(labels) == 2 and all("[dispatch]" in l for l in labels)  # CPU: no fast path
+    for want in ("plain PyTorch step, one CUDA graph (eager_ms)", "transformers generate",
+                 "weight-read floor", "fast / peer tok/s"):
+        assert want in rows, want
+    for label, cells in rows.items():
+        assert all(c != "-" for c in cells), (label, cells)
+    print(f"bench_decode --smoke took {wall:.1f} s")
+
+
 def test_bench_scale_smoke_three_phases_no_lost_requests(tmp_path):
     out, wall = _run("bench_scale.py", "--out", str(tmp_path))
     rates = _table(out, "setup")
