@@ -47,6 +47,7 @@ async def test_abort_frees_kv_cache_and_inflight_units(tiny_dirs):
         counters = dict(engine.counters)
     assert outs[-1].finished and outs[-1].finish_reason == "abort"
     assert idle["kv_caches"] == 0 and idle["kv_tokens"] == 0 and idle["inflight_units"] == 0
+    assert busy["kv_blocks_used"] > 0 and idle["kv_blocks_used"] == 0
     assert idle["running"] == 0 and counters["units_retired"] >= 1
 
 
@@ -60,6 +61,7 @@ async def test_deadline_aborts_and_frees(tiny_dirs):
     assert last.finished and last.finish_reason == "abort" and "deadline" in last.error
     assert len(last.outputs[0].token_ids) < 500
     assert idle["kv_caches"] == 0 and idle["inflight_units"] == 0 and idle["running"] == 0
+    assert idle["kv_blocks_used"] == 0
 
 
 async def test_other_requests_unaffected_by_an_abort(tiny_dirs, reference_greedy):
@@ -135,3 +137,37 @@ async def test_start_failure_inside_a_server_stops_everything(tiny_dirs):
     assert len(asyncio.all_tasks()) == before
     assert not engine.is_ready
     assert all(a["state"] in ("stopped", "crashed") for a in engine.snapshot()["actors"])
+
+
+async def test_experts_node_timeout_param_is_this_layers_unit_deadline(tiny_dirs, tmp_path,
+                                                                       reference_greedy):
+    """`experts: {params: {timeout_s: 0.3}}` in the graph: a server hung for 3 s has its units
+    timed out and resent (with the fault config's 30 s none would time out), and the request
+    keeps its tokens."""
+    from eaas.dataflow import LayerSpan, ModelGraph, moe_graph
+    from eaas.dataflow.graph import LayerGraph, Node
+    from eaas.model import Checkpoint
+
+    d = tiny_dirs["mixtral"]
+    mc = Checkpoint.open(d).config
+    g = moe_graph(shared_expert=False)
+    nodes = [Node(n.name, n.kind, {"timeout_s": 0.3} if n.name == "experts" else n.params)
+             for n in g.order]
+    graph = ModelGraph({"moe": LayerGraph("moe", nodes, g.edges)},
+                       [LayerSpan(0, mc.num_hidden_layers - 1, "moe")])
+    path = tmp_path / "graph.yaml"
+    path.write_text(graph.to_yaml())
+    cfg = EngineConfig.from_dict({"model": d, "graph": str(path), "placement": {
+        "num_expert_servers": 2, "expert_replicas": 2, "server_mode": "inproc"},
+        "fault": {"unit_timeout_s": 30.0}})
+    async with AsyncEngine(cfg) as engine:
+        assert engine.graph.layer(0).nodes["experts"].params == {"timeout_s": 0.3}
+        await final(engine, [1, 2], SamplingParams(max_tokens=2, temperature=0))  # warm
+        hang = asyncio.create_task(engine.inject_fault("expert-0", "hang", seconds=3.0))
+        await asyncio.sleep(0.05)
+        out = await final(engine, [9, 8, 7], SamplingParams(max_tokens=6, temperature=0,
+                                                           ignore_eos=True))
+        timeouts = engine.counters["unit_timeouts"]
+        await hang
+    assert out.outputs[0].token_ids == reference_greedy(d, [9, 8, 7], 6)
+    assert timeouts >= 1
