@@ -203,20 +203,28 @@ def _layer_specs(cfg: ModelConfig, layer: int) -> dict[str, tuple[int, ...]]:
     return specs
 
 
-def make_config_only(out_dir: str | Path, arch: str, *, dtype: str = "bfloat16",
-                     **config_overrides: Any) -> Path:
-    """Write only config.json and the tokenizer of an `arch` model of any shape (fields as
-    `make_random` takes them): a folder to open with `load_format="dummy"`, whose weights are
-    made in memory (a full-size shape without writing it to disk)."""
+def _start(out_dir: str | Path, arch: str, dtype: str, overrides: dict[str, Any], who: str
+           ) -> tuple[Path, dict[str, Any], Any, int, ModelConfig]:
+    """Check arch/dtype, create out_dir; (out, raw config.json, tokenizer, eos id, config)."""
     if arch not in ARCHS:
-        raise ConfigError(f"make_config_only: arch {arch!r} is not one of {', '.join(ARCHS)}")
+        raise ConfigError(f"{who}: arch {arch!r} is not one of {', '.join(ARCHS)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{who}: dtype {dtype!r} is not float32, bfloat16 or float16")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer()
     eos = tok.token_to_id("<|endoftext|>")
     raw = {**tiny_config(arch, tok.get_vocab_size(with_added_tokens=True), eos),
-           **config_overrides, "torch_dtype": dtype}
-    ModelConfig.from_dict(raw)  # a bad override fails here, not when the engine opens it
+           **overrides, "torch_dtype": dtype}
+    return out, raw, tok, eos, ModelConfig.from_dict(raw)
+
+
+def make_config_only(out_dir: str | Path, arch: str, *, dtype: str = "bfloat16",
+                     **config_overrides: Any) -> Path:
+    """Write only config.json and the tokenizer of an `arch` model of any shape (fields as
+    `make_random` takes them): a folder to open with `load_format="dummy"`, whose weights are
+    made in memory (a full-size shape without writing it to disk)."""
+    out, raw, tok, eos, _ = _start(out_dir, arch, dtype, config_overrides, "make_config_only")
     _write_side_files(out, raw, tok, eos)
     return out
 
@@ -237,17 +245,7 @@ def make_random(out_dir: str | Path, arch: str, *, seed: int = 0, dtype: str = "
     """
     from safetensors.torch import save_file
 
-    if arch not in ARCHS:
-        raise ConfigError(f"make_random: arch {arch!r} is not one of {', '.join(ARCHS)}")
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"make_random: dtype {dtype!r} is not float32, bfloat16 or float16")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer()
-    eos = tok.token_to_id("<|endoftext|>")
-    raw = {**tiny_config(arch, tok.get_vocab_size(with_added_tokens=True), eos),
-           **config_overrides, "torch_dtype": dtype}
-    cfg = ModelConfig.from_dict(raw)
+    out, raw, tok, eos, cfg = _start(out_dir, arch, dtype, config_overrides, "make_random")
     tdtype = getattr(torch, dtype)
     out_proj = ("o_proj.weight", "down_proj.weight", f".{cfg.arch.expert_proj[2]}.weight")
     top = {n: s for n, s in layout.non_expert_shapes(cfg).items()
