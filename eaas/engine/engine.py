@@ -201,6 +201,10 @@ class AsyncEngine:
             self.pool.close()
         if self._system is not None:
             await self._system.stop()
+        if self.pool is not None:  # the actors are gone: let the experts' GPU memory go
+            self.pool.store.clear()
+        if self._shard_deps is not None:
+            self._shard_deps.shards.clear()
         if self._fabric_seat is not None:
             from eaas.transport.fabric import close_fabric
 

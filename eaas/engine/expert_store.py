@@ -49,6 +49,11 @@ class ExpertStore:
         """A server's bank: `expert_ids` of `layer` on `device`, a view of the shared weights."""
         return self.layer(device, layer).view(expert_ids)
 
+    def clear(self) -> None:
+        """Drop every layer (the engine is closing: give the GPU memory back)."""
+        with self._lock:
+            self._banks.clear()
+
     def loaded(self) -> list[tuple[str, int]]:
         with self._lock:
             return sorted(self._banks)

@@ -142,11 +142,12 @@ class AttentionBatch:
         table_rows = [t[:width] + [SCRATCH_BLOCK] * (width - len(t[:width])) for t in tables]
         all_single = len(singles) == row
         up = ops.upload
+        tables_t = torch.tensor(table_rows, dtype=torch.int32) if table_rows else \
+            torch.zeros((0, width), dtype=torch.int32)  # [B, width]
         return cls(
             positions=up(positions, device), slots=up(slots, device),
             single_rows=None if all_single else up(singles, device),
-            block_tables=up(table_rows or [[SCRATCH_BLOCK] * width], device, torch.int32)
-            [: len(tables)],
+            block_tables=up(tables_t, device),
             seq_lens=up(lens, device, torch.int32),
             max_seq_len=width * block_size,
             multi=[(s, e, p0, up(sl, device)) for s, e, p0, sl in multi_host],

@@ -63,7 +63,7 @@ def test_bench_decode_smoke_prints_every_path():
     labels = [l for l in rows if l.startswith("eaas co-located")]
     assert len(labels) == 2 and all("[dispatch]" in l for l in labels)  # CPU: no fast path
     for want in ("plain PyTorch step, one CUDA graph (eager_ms)", "transformers generate",
-                 "weight-read floor", "fast / peer tok/s"):
+                 "weight-read floor", "fast / peer tok/s", "invariant / peer tok/s"):
         assert want in rows, want
     for label, cells in rows.items():
         assert all(c != "-" for c in cells), (label, cells)
