@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 # flag -> dotted EngineConfig field
@@ -80,6 +81,19 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return merge_overrides({}, flat)
 
 
+def _read_token(path: str | None) -> str | None:
+    """The admin token from --admin-token-file (first line, stripped), or None."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as e:
+        raise SystemExit(f"eaas serve: cannot read --admin-token-file {path}: {e.strerror}")
+    if not token:
+        raise SystemExit(f"eaas serve: --admin-token-file {path} is empty")
+    return token
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eaas", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -88,8 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_engine_flags(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--admin-token", default=None, help="bearer token for mutating admin routes "
-                   "(default: $EAAS_ADMIN_TOKEN, else generated and printed)")
+    p.add_argument("--admin-token-file", default=None, metavar="PATH",
+                   help="file holding the bearer token for mutating admin routes (default: "
+                   "$EAAS_ADMIN_TOKEN, else generated and printed); never pass the token itself "
+                   "on the command line, where `ps` shows it")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("generate", help="generate text for one prompt")
@@ -147,7 +163,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.cmd == "serve":
         from eaas.serving.server import serve
 
-        asyncio.run(serve(cfg, host=args.host, port=args.port, admin_token=args.admin_token,
+        asyncio.run(serve(cfg, host=args.host, port=args.port,
+                          admin_token=_read_token(args.admin_token_file),
                           ready_file=args.ready_file))
         if cfg.placement.transport == "nvshmem":  # NVSHMEM's finalize at exit is collective:
             sys.stdout.flush()  # with a server killed earlier it would wait forever

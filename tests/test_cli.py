@@ -53,3 +53,44 @@ def test_status_reads_a_running_server(tmp_path):
         assert server.wait(timeout=30) == 0
     gone = run("status", "--url", url)
     assert gone.returncode == 2 and "no eaas server" in gone.stderr
+
+
+def test_admin_token_never_on_a_command_line_nor_in_a_childs_environment(tmp_path):
+    """The token comes from --admin-token-file (or EAAS_ADMIN_TOKEN); neither `ps` of `eaas
+    serve` nor an expert-server process's environment holds it, and mutating routes take it."""
+    import urllib.request
+
+    model = tmp_path / "m"
+    assert run("make-tiny", str(model)).returncode == 0
+    token = "file-admin-token-0123456789"
+    (tmp_path / "token").write_text(token + "\n")
+    ready = tmp_path / "ready.json"
+    server = subprocess.Popen([*EAAS, "serve", str(model), "--port", "0", "--ready-file",
+                               str(ready), "--admin-token-file", str(tmp_path / "token"),
+                               "--num-expert-servers", "2", "--expert-replicas", "1"],
+                              env={**ENV, "EAAS_ADMIN_TOKEN": "env-token-should-not-leak-9"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 90
+        while not ready.exists():
+            assert server.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        url = json.loads(ready.read_text())["url"]
+        topo = json.loads(urllib.request.urlopen(f"{url}/admin/api/topology").read())
+        pids = [s["pid"] for s in topo["servers"] if s.get("pid")]
+        assert len(pids) == 2
+        assert token not in Path(f"/proc/{server.pid}/cmdline").read_text()
+        for pid in pids:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            assert b"EAAS_ADMIN_TOKEN" not in env and b"should-not-leak" not in env
+        req = urllib.request.Request(f"{url}/admin/api/rebalance", method="POST", data=b"{}",
+                                     headers={"Authorization": f"Bearer {token}",
+                                              "Content-Type": "application/json"})
+        assert urllib.request.urlopen(req).status == 200
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    bad = run("serve", str(model), "--admin-token-file", str(empty))
+    assert bad.returncode != 0 and "is empty" in bad.stderr

@@ -70,6 +70,7 @@ class DecodeGraphs:
         self._floats = torch.zeros(bmax, 2, dtype=torch.float32, device=dev)  # temp, top_p
         self._steps = torch.zeros(bmax, dtype=torch.long, device=dev)
         self._out = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self._finite = torch.zeros(bmax, dtype=torch.bool, device=dev)  # rows' logits finite
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self._pinned = dev.type == "cuda"
         self._stage: list[tuple[torch.Tensor, torch.Tensor, Any]] = [
@@ -95,6 +96,7 @@ class DecodeGraphs:
         else:
             ids = logits.argmax(dim=-1)
         self._out[:b].copy_(ids)
+        self._finite[:b].copy_(torch.isfinite(logits).all(dim=-1))
 
     # ---- capture -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -134,9 +136,10 @@ class DecodeGraphs:
                          f"({self.buckets[-1]} = scheduler.max_num_seqs)")
 
     @torch.inference_mode()
-    def step(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
-        """Run one decode step; returns int64 [len(rows)] the new token ids, on the device (a
-        copy: the next step may overwrite the graph's output buffer at once)."""
+    def step(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one decode step; returns (int64 [len(rows)] the new token ids, bool [len(rows)]
+        whether each row's logits were finite), on the device (copies: the next step may
+        overwrite the graph's output buffers at once)."""
         n = len(rows)
         b = self.bucket(n)
         bs, width = self.block_size, self.max_blocks
@@ -177,4 +180,4 @@ class DecodeGraphs:
             self.replays += 1
         else:
             self._forward(b, sampling)
-        return self._out[:n].clone()
+        return self._out[:n].clone(), self._finite[:n].clone()

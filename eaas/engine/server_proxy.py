@@ -142,6 +142,14 @@ class ProcessSlot:
                 pass
 
 
+SECRET_ENV = ("EAAS_ADMIN_TOKEN",)  # the serving process's secrets: never handed to a child
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for an expert-server process, without its secrets."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+
+
 class ServerProcess(Actor):
     def __init__(self, slot: ProcessSlot, model_dir: str, assignment: Mapping[int, list[int]], *,
                  dtype: str, device: str, batch_invariant: bool, transport: str,
@@ -188,7 +196,7 @@ class ServerProcess(Actor):
         try:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv(), stdout=asyncio.subprocess.PIPE, stderr=log,
-                stdin=asyncio.subprocess.DEVNULL)
+                stdin=asyncio.subprocess.DEVNULL, env=child_env())
         finally:
             log.close()
         slot.proc, slot.pid, slot.starts, slot.url = proc, proc.pid, slot.starts + 1, None

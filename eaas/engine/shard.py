@@ -333,6 +333,7 @@ class AttentionShard(Actor):
             last = h[upload([rows[b][1] - 1 for b in emit], h.device)]  # [B', H]
             logits = model.lm_head(model.final_norm(last))  # [B', V] float32
             picks = logits.argmax(dim=-1)  # [B']: greedy rows need only their id on the host
+            finite = torch.isfinite(logits).all(dim=-1)  # [B']: a NaN/inf row fails its request
             sampled = {b: j for j, b in enumerate(
                 b for b in emit if not reqs[b].params.greedy)}  # row -> logits row
             pos = {b: j for j, b in enumerate(emit)}
@@ -340,7 +341,7 @@ class AttentionShard(Actor):
             sel = logits[upload(want, logits.device)] if want else logits[:0]
         # the eager path samples on the host: bring back the greedy ids and the sampled rows'
         # logits, waiting only for them
-        picks, sel = await download(picks, sel)
+        picks, sel, finite = await download(picks, sel, finite)
         self.steps += 1
         for b, r in enumerate(reqs):
             if r.finished:
@@ -359,9 +360,16 @@ class AttentionShard(Actor):
                 r.degraded = True
             if b not in pos:
                 continue  # a prefill chunk short of the prompt's end: no token yet
-            token = int(picks[pos[b]]) if b not in sampled else \
-                sample(sel[sampled[b]], r.params, r.noise_key, len(r.output_ids))
-            self._append(r, token)
+            if not bool(finite[pos[b]]):
+                self._emit(r, 0, False)
+                continue
+            try:
+                token = int(picks[pos[b]]) if b not in sampled else \
+                    sample(sel[sampled[b]], r.params, r.noise_key, len(r.output_ids))
+            except Exception as e:  # this request's own failure: its batch-mates go on
+                self._finish(r, "error", error=f"sampling failed: {type(e).__name__}: {e}")
+                continue
+            self._emit(r, token, True)
 
     async def _decode_step(self, reqs: list[Request]) -> None:
         """A decode-only step on the co-located fast path: one graph replay (or the same step
@@ -369,13 +377,13 @@ class AttentionShard(Actor):
         rows = [DecodeRow(r.output_ids[-1], r.num_computed, r.blocks.block_ids,
                           float(r.params.temperature), r.params.top_k, float(r.params.top_p),
                           r.noise_key, len(r.output_ids)) for r in reqs]
-        (ids,) = await download(self.graphs.step(rows))
+        ids, finite = await download(*self.graphs.step(rows))
         self.steps += 1
-        for r, token in zip(reqs, ids.tolist()):
+        for r, token, ok in zip(reqs, ids.tolist(), finite.tolist()):
             if r.finished:
                 continue
             r.num_computed += 1
-            self._append(r, token)
+            self._emit(r, token, ok)
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and
@@ -398,6 +406,24 @@ class AttentionShard(Actor):
         return _Combine(call, bad, degraded)
 
     # ---- outputs ----------------------------------------------------------------------------
+    def _emit(self, r: Request, token: int, finite: bool) -> None:
+        """Hand r its new token — or fail r alone: non-finite logits in its row, or an error of
+        its own (decoding its text); the other requests of the step are not touched."""
+        if not finite:
+            self._finish(r, "error", error="the model produced non-finite logits (NaN or inf) "
+                         "for this request")
+            return
+        try:
+            self._append(r, token)
+        except Exception as e:
+            self._finish(r, "error", error=f"{type(e).__name__}: {e}")
+
+    def _text(self, r: Request) -> str:
+        try:
+            return self.tokenizer.decode(r.output_ids) if hasattr(self, "tokenizer") else ""
+        except Exception:  # a request whose ids do not decode still gets its ids and its end
+            return ""
+
     def _append(self, r: Request, token: int) -> None:
         now = time.time()
         r.output_ids.append(token)
@@ -423,6 +449,5 @@ class AttentionShard(Actor):
         self.by_id.pop(r.request_id, None)
         key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
         self.deps.counters[key] = self.deps.counters.get(key, 0) + 1
-        text = self.tokenizer.decode(r.output_ids) if hasattr(self, "tokenizer") else ""
-        r.queue.put_nowait(r.snapshot(text))
+        r.queue.put_nowait(r.snapshot(self._text(r)))
         self._admit()

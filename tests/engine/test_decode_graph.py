@@ -36,7 +36,9 @@ def _decode(graphs: DecodeGraphs, prompts, tables, first, n_new: int, **sampling
     for _ in range(n_new - 1):
         rows = [DecodeRow(t[-1], len(p) + len(t) - 1, tb, **sampling)
                 for p, t, tb in zip(prompts, toks, tables)]
-        for t, x in zip(toks, graphs.step(rows).tolist()):
+        ids, finite = graphs.step(rows)
+        assert bool(finite.all())
+        for t, x in zip(toks, ids.tolist()):
             t.append(x)
     return toks
 
@@ -117,7 +119,7 @@ def test_captured_sampling_equals_eager_and_no_sync_inside_a_step(tiny_dirs):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any host sync inside the step raises
     try:
-        ids = graphs.step(rows)
+        ids, _ = graphs.step(rows)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (3,)
