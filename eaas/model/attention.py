@@ -162,11 +162,23 @@ class GQAAttention(_Base):
 
 def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
                window: int | None) -> torch.Tensor:
-    """One sequence: q [1, Tq, nh, d] at positions start.., k/v [S, nkv, d] of positions 0..S-1
-    -> [1, Tq, nh * dv]."""
-    tq = q.shape[1]
-    q_pos = torch.arange(start, start + tq, device=q.device)[None]  # [1, Tq]
-    return _attend(q, k.transpose(0, 1)[None], v.transpose(0, 1)[None], scale, q_pos, window)
+    """One sequence through `scaled_dot_product_attention` (flash / memory-efficient kernels on
+    CUDA), GQA heads grouped: q [1, Tq, nh, d] at positions start.., k/v [S, nkv, d] of
+    positions 0..S-1 -> [1, Tq, nh * d]. A whole prompt from position 0 is plain causal; a later
+    chunk (or a sliding window) passes its mask: query at p sees keys j <= p (j > p - window)."""
+    tq, s, nh = q.shape[1], k.shape[0], q.shape[2]
+    qh, kh, vh = q[0].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T|S, d]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if start == 0 and tq == s and window is None:
+        out = sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        q_pos = torch.arange(start, start + tq, device=q.device)[:, None]  # [Tq, 1]
+        k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
+        seen = k_pos <= q_pos
+        if window is not None:
+            seen = seen & (k_pos > q_pos - window)
+        out = sdpa(qh, kh, vh, attn_mask=seen, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1).reshape(1, tq, nh * v.shape[-1])  # [1, Tq, nh*d]
 
 
 class MLAAttention(_Base):
