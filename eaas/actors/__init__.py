@@ -20,8 +20,9 @@ from eaas.actors.actor import Actor, ActorContext, ActorState
 from eaas.actors.clock import Clock, FakeClock, RealClock
 from eaas.actors.mailbox import Mailbox
 from eaas.actors.messages import DeadLetter, Envelope, Terminated
+from eaas.actors.policy import ChildSpec, RestartPolicy, restart_set
 from eaas.actors.ref import ActorRef, SupervisorRef
-from eaas.actors.supervisor import ChildSpec, RestartPolicy, Supervisor, restart_set
+from eaas.actors.supervisor import Supervisor
 from eaas.actors.system import ActorSystem, DeadLetters
 
 __all__ = [

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+from eaas.actors.clock import Clock
 from eaas.errors import ActorStateError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:        # these import this module: named in annotations only
     from eaas.actors.cell import ActorCell
-    from eaas.actors.clock import Clock
     from eaas.actors.ref import ActorRef
     from eaas.actors.system import ActorSystem
 
@@ -64,11 +64,12 @@ class ActorContext:
 
     @property
     def system(self) -> ActorSystem:
-        return self._cell.system
+        # The cell's host is the ActorSystem everywhere but in a cell's own tests (a fake host).
+        return cast("ActorSystem", self._cell.host)
 
     @property
     def clock(self) -> Clock:
-        return self._cell.system.clock
+        return self._cell.host.clock
 
     @property
     def parent(self) -> ActorRef | None:
@@ -111,6 +112,8 @@ class Actor:
     """
 
     context: ActorContext
+    #: True for an actor whose job is its children (`Supervisor`): its ref is a `SupervisorRef`.
+    supervises: ClassVar[bool] = False
 
     async def on_start(self) -> None:
         """Called once per incarnation before the first message."""

@@ -2,8 +2,8 @@
 
 A cell outlives its actor instances: a restart replaces the instance (a fresh
 `factory()` result) but keeps the cell, its mailbox and its `ActorRef`. Each incarnation
-runs as one task owned by the system's TaskGroup, and the tasks the actor creates belong to
-that incarnation's own TaskGroup (cancelled when it ends).
+runs as one task owned by the TaskGroup of the cell's host (the system, a `CellHost`), and
+the tasks the actor creates belong to that incarnation's own TaskGroup (cancelled when it ends).
 
 What happens to messages when an incarnation ends:
 - the ask being handled and every ask still queued fail with `ActorDeadError` at once;
@@ -17,36 +17,71 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 from eaas.actors.actor import Actor, ActorContext, ActorState
+from eaas.actors.clock import Clock
+from eaas.actors.control import ChildExited
 from eaas.actors.mailbox import Mailbox
-from eaas.actors.messages import STOP, ChildExited, Envelope, Ping, Stop, Terminated
+from eaas.actors.messages import STOP, Envelope, Ping, Stop, Terminated
+from eaas.actors.policy import ChildSpec
+from eaas.actors.ref import ActorRef, SupervisorRef, cell_of
 from eaas.errors import (ActorDeadError, ActorStateError, EscalationError, MailboxClosedError,
                          StartTimeoutError)
 
-if TYPE_CHECKING:
-    from eaas.actors.ref import ActorRef
-    from eaas.actors.supervisor import ChildSpec
-    from eaas.actors.system import ActorSystem
-
-__all__ = ["ActorCell"]
+__all__ = ["ActorCell", "CellHost"]
 
 log = logging.getLogger("eaas.actors")
 S = ActorState
 _TERMINAL = (S.STOPPED, S.CRASHED)
 
 
+@runtime_checkable
+class CellHost(Protocol):
+    """What a cell, its ref and a supervisor working through it need from the system.
+
+    `ActorSystem` implements it; a test may drive a cell with a small fake instead.
+    """
+
+    name: str                 # the system's name (errors, wire addresses)
+    clock: Clock              # supervision timing, event times
+    rng: random.Random        # restart-backoff jitter
+    hook_timeout: float       # each child stop in a restart; on_stop after a crash
+    start_timeout: float      # each on_start
+
+    @property
+    def accepts_tasks(self) -> bool: ...      # the TaskGroup below is open
+
+    def create_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run an incarnation in the host's TaskGroup (the owner of every incarnation)."""
+
+    def emit(self, kind: str, name: str, reason: str | None = None) -> None:
+        """Publish a lifecycle event ("actor_started", "actor_crashed", "escalated", ...)."""
+
+    def dead_letter(self, recipient: str, msg: Any, reason: str) -> None:
+        """Count a message that reached no actor."""
+
+    def report_escalation(self, name: str, error: EscalationError) -> None:
+        """A top-level supervisor gave up (it had no supervisor to escalate to)."""
+
+    def add_cell(self, name: str, factory: Callable[[], Actor], *, mailbox_size: int,
+                 parent: ActorCell | None, spec: ChildSpec | None,
+                 kind: str = "actor") -> ActorCell:
+        """Create a cell and register it under `name` (unique in the host), under `parent`."""
+
+    def remove_cell(self, cell: ActorCell) -> None:
+        """Unregister a finished cell and its subtree; its name is free again."""
+
+
 class ActorCell:
     """Runtime state of one actor name. Internal: users hold `ActorRef`s."""
 
-    def __init__(self, system: ActorSystem, name: str, factory: Callable[[], Actor], *,
+    def __init__(self, host: CellHost, name: str, factory: Callable[[], Actor], *,
                  mailbox_size: int, parent: ActorCell | None, spec: ChildSpec | None,
                  kind: str) -> None:
-        from eaas.actors.ref import ActorRef, SupervisorRef
-
-        self.system = system
+        self.host = host
         self.name = name
         self.factory = factory
         self.parent = parent
@@ -74,6 +109,11 @@ class ActorCell:
         return f"<ActorCell {self.name} {self.state.value}>"
 
     @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task of the current (or last) incarnation."""
+        return self._task
+
+    @property
     def supervised(self) -> bool:
         return self.spec is not None
 
@@ -97,17 +137,14 @@ class ActorCell:
         """
         if self.state not in (S.NEW, S.RESTARTING, S.STOPPED, S.CRASHED):
             raise ActorStateError(f"actor {self.name!r} cannot start while {self.state.value}")
-        from eaas.actors.ref import SupervisorRef
-        from eaas.actors.supervisor import Supervisor
-
-        system = self.system
-        if system._tg is None:
-            raise ActorStateError(f"actor system {system.name!r} is not running")
+        host = self.host
+        if not host.accepts_tasks:
+            raise ActorStateError(f"actor system {host.name!r} is not running")
         instance = self.factory()
         if not isinstance(instance, Actor):
             raise TypeError(f"factory for actor {self.name!r} must return an Actor, "
                             f"got {type(instance).__name__}")
-        if self.kind != "supervisor" and isinstance(instance, Supervisor):
+        if self.kind != "supervisor" and instance.supervises:
             self.kind = "supervisor"          # a ChildSpec may build a Supervisor directly
             self.ref.__class__ = SupervisorRef
         self.mailbox.reopen()
@@ -120,12 +157,11 @@ class ActorCell:
         self._stop_mode = None
         self.state = S.STARTING
         started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._task = system._tg.create_task(
+        self._task = task = host.create_task(
             self._run(instance, started, notify_start_failure), name=f"actor:{self.name}")
-        system._emit("actor_started" if first else "actor_restarted", self.name)
-        task = self._task
+        host.emit("actor_started" if first else "actor_restarted", self.name)
         try:
-            async with asyncio.timeout(system.start_timeout):
+            async with asyncio.timeout(host.start_timeout):
                 await asyncio.shield(started)
         except TimeoutError:
             if started.done() and started.exception() is None:
@@ -135,7 +171,7 @@ class ActorCell:
             if started.done():
                 started.exception()
             raise StartTimeoutError(f"on_start of actor {self.name!r} did not finish within "
-                                    f"{system.start_timeout}s") from None
+                                    f"{host.start_timeout}s") from None
 
     async def _run(self, instance: Actor, started: asyncio.Future[None],
                    notify_start_failure: bool) -> None:
@@ -156,9 +192,9 @@ class ActorCell:
         except asyncio.CancelledError:
             cancelled = True
             reason = ActorDeadError(f"actor {self.name!r} was cancelled")
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()
+            me = asyncio.current_task()
+            if me is not None:
+                me.uncancel()
         except BaseExceptionGroup as group:
             reason = _first_leaf(group)
         except Exception as exc:
@@ -219,13 +255,13 @@ class ActorCell:
 
     async def _after_run(self, instance: Actor, reason: BaseException | None, cancelled: bool,
                          started: asyncio.Future[None], notify_start_failure: bool) -> None:
-        system = self.system
+        host = self.host
         start_failed = not started.done()
         final = self._ends_for_good(reason)
         crashed = reason is not None and not (cancelled and self._stop_mode is not None)
         if crashed:
             self.last_reason = repr(reason)
-            system._emit("actor_crashed", self.name, self.last_reason)
+            host.emit("actor_crashed", self.name, self.last_reason)
             if not start_failed:
                 log.warning("actor %r crashed: %r", self.name, reason, exc_info=reason)
         self._fail_current(reason)
@@ -234,7 +270,7 @@ class ActorCell:
             await self._stop_children(final=final)
             if not start_failed and not cancelled:
                 try:
-                    async with asyncio.timeout(system.hook_timeout):
+                    async with asyncio.timeout(host.hook_timeout):
                         await instance.on_stop()
                 except Exception as exc:
                     log.warning("on_stop of crashed actor %r failed: %r", self.name, exc)
@@ -246,7 +282,7 @@ class ActorCell:
             await self.finalize(S.CRASHED if crashed else S.STOPPED,
                                 self.last_reason if crashed else "stopped")
             if crashed and isinstance(reason, EscalationError) and self.kind == "supervisor":
-                system._escalated_to_top(self.name, reason)
+                host.report_escalation(self.name, reason)
         else:
             self.state = S.RESTARTING
             self._fail_queued_asks(reason)
@@ -285,15 +321,15 @@ class ActorCell:
         await self._stop_children(final=True)
         self.state = state
         self.last_reason = reason
-        system = self.system
+        host = self.host
         for item in self.mailbox.close():
             if type(item) is Envelope:
                 if item.reply is not None and not item.reply.done():
                     item.reply.set_exception(
                         ActorDeadError(f"actor {self.name!r} is {state.value}"))
-                system.dead_letters.add(self.name, item.msg, state.value)
+                host.dead_letter(self.name, item.msg, state.value)
             elif type(item) is Terminated:
-                system.dead_letters.add(self.name, item, state.value)
+                host.dead_letter(self.name, item, state.value)
         for target in self.watching:
             target.watchers.discard(self)
         self.watching.clear()
@@ -306,7 +342,7 @@ class ActorCell:
                 pass
         self.watchers.clear()
         if state is S.STOPPED:
-            system._emit("actor_stopped", self.name, reason)
+            host.emit("actor_stopped", self.name, reason)
 
     # --- stopping ----------------------------------------------------------------------
     async def stop(self, *, timeout: float, mode: str = "final") -> None:
@@ -344,7 +380,7 @@ class ActorCell:
         self.mailbox.put_system(STOP)
 
     async def _stop_children(self, *, final: bool) -> None:
-        timeout = self.system.hook_timeout
+        timeout = self.host.hook_timeout
         for child in reversed(self.children):
             await child.stop(timeout=timeout, mode="final" if final else "restart")
 
@@ -361,7 +397,7 @@ class ActorCell:
         return task
 
     def watch(self, ref: ActorRef) -> None:
-        target = ref._cell
+        target = cell_of(ref)
         if target is self:
             raise ValueError(f"actor {self.name!r} cannot watch itself")
         if target.state in _TERMINAL:
@@ -371,7 +407,7 @@ class ActorCell:
         self.watching.add(target)
 
     def unwatch(self, ref: ActorRef) -> None:
-        target = ref._cell
+        target = cell_of(ref)
         target.watchers.discard(self)
         self.watching.discard(target)
 

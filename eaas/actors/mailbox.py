@@ -151,7 +151,8 @@ class Mailbox:
     def remove_if(self, predicate: Any, *, system: bool = False) -> list[Any]:
         """Remove and return the items of one lane for which `predicate(item)` is true."""
         lane = self._system if system else self._data
-        kept, removed = deque(), []
+        kept: deque[Any] = deque()
+        removed: list[Any] = []
         for item in lane:
             (removed if predicate(item) else kept).append(item)
         lane.clear()

@@ -1,10 +1,11 @@
-"""Message envelopes, system messages and dead letters.
+"""Message envelopes, the cell's own system messages (`Stop`, `Ping`), `Terminated`, dead letters.
 
 Data messages travel in an `Envelope` (the message plus, for an ask, the reply future).
 System messages are small frozen types that ride the mailbox's priority lane and overtake
 data. Everything that may one day cross a process boundary has a `to_wire()` form made of
 msgpack-friendly plain values (str, int, float, bool, None, list, dict), so an `ActorRef` can
-later point into another process without changing its callers.
+later point into another process without changing its callers. The supervision protocol
+(`ChildExited`, `StartChild`, ...) lives in control.py.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ __all__ = [
     "Stop",
     "Ping",
     "Terminated",
-    "ChildExited",
     "DeadLetter",
     "STOP",
 ]
@@ -83,24 +83,6 @@ class Terminated(SystemMessage):
 
     def to_wire(self) -> dict[str, Any]:
         return {"type": "terminated", "name": self.name, "reason": self.reason}
-
-
-@dataclass(frozen=True, slots=True)
-class ChildExited(SystemMessage):
-    """Sent by a supervised child's runtime to its supervisor when an incarnation ends on its own.
-
-    `reason` is None for a normal exit (the child stopped itself), else the error.
-    `incarnation` lets the supervisor ignore stale notices.
-    """
-
-    name: str
-    incarnation: int
-    reason: BaseException | None
-
-    def to_wire(self) -> dict[str, Any]:
-        reason = None if self.reason is None else repr(self.reason)
-        return {"type": "child_exited", "name": self.name, "incarnation": self.incarnation,
-                "reason": reason}
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,14 +11,15 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from eaas.actors.actor import ActorState
+from eaas.actors.control import StartChild, TerminateChild
 from eaas.actors.messages import Envelope, Ping
+from eaas.actors.policy import ChildSpec
 from eaas.errors import ActorDeadError, AskTimeoutError, MailboxClosedError, MailboxFullError
 
 if TYPE_CHECKING:
     from eaas.actors.cell import ActorCell
-    from eaas.actors.supervisor import ChildSpec
 
-__all__ = ["ActorRef", "SupervisorRef"]
+__all__ = ["ActorRef", "SupervisorRef", "cell_of"]
 
 
 def _expire(fut: asyncio.Future[Any], name: str, timeout: float) -> None:
@@ -48,7 +49,7 @@ class ActorRef:
 
     def to_wire(self) -> dict[str, Any]:
         """Plain-dict address, for a remote transport to resolve on the other side."""
-        return {"system": self._cell.system.name, "name": self.name}
+        return {"system": self._cell.host.name, "name": self.name}
 
     # --- tell ---------------------------------------------------------------------------
     def tell_nowait(self, msg: Any) -> None:
@@ -57,7 +58,7 @@ class ActorRef:
         try:
             cell.mailbox.put_nowait(Envelope(msg))
         except MailboxClosedError:
-            cell.system.dead_letters.add(self.name, msg, cell.state.value)
+            cell.host.dead_letter(self.name, msg, cell.state.value)
         except MailboxFullError as exc:
             raise MailboxFullError(f"mailbox of actor {self.name!r} is full "
                                    f"({cell.mailbox.maxsize} messages)") from exc
@@ -76,7 +77,7 @@ class ActorRef:
             else:
                 await mb.put(Envelope(msg), timeout)
         except MailboxClosedError:
-            cell.system.dead_letters.add(self.name, msg, cell.state.value)
+            cell.host.dead_letter(self.name, msg, cell.state.value)
         except MailboxFullError as exc:
             raise MailboxFullError(f"mailbox of actor {self.name!r} stayed full "
                                    f"({mb.maxsize} messages) for {timeout}s") from exc
@@ -102,7 +103,7 @@ class ActorRef:
             finally:
                 handle.cancel()
         if mb.closed:
-            cell.system.dead_letters.add(self.name, msg, cell.state.value)
+            cell.host.dead_letter(self.name, msg, cell.state.value)
             raise ActorDeadError(f"actor {self.name!r} is {cell.state.value}")
         deadline = loop.time() + timeout
         try:
@@ -111,7 +112,7 @@ class ActorRef:
             raise AskTimeoutError(f"ask to actor {self.name!r}: mailbox stayed full "
                                   f"for {timeout}s") from exc
         except MailboxClosedError:
-            cell.system.dead_letters.add(self.name, msg, cell.state.value)
+            cell.host.dead_letter(self.name, msg, cell.state.value)
             raise ActorDeadError(f"actor {self.name!r} is {cell.state.value}") from None
         handle = loop.call_at(deadline, _expire, fut, self.name, timeout)
         try:
@@ -148,7 +149,7 @@ class ActorRef:
             await sup_ref.terminate_child(self.name, timeout=timeout)
             return
         await cell.stop(timeout=timeout)
-        cell.system._forget(cell)
+        cell.host.remove_cell(cell)
 
 
 class SupervisorRef(ActorRef):
@@ -158,16 +159,17 @@ class SupervisorRef(ActorRef):
 
     async def start_child(self, spec: ChildSpec, *, timeout: float = 10.0) -> ActorRef:
         """Add and start a child; returns once its `on_start` finished (raises its error)."""
-        from eaas.actors.supervisor import StartChild
-
         return await self.ask(StartChild(spec), timeout=timeout)  # type: ignore[no-any-return]
 
     async def terminate_child(self, name: str, *, timeout: float = 10.0) -> None:
         """Stop a child for good and forget it (no restart). Unknown names are ignored."""
-        from eaas.actors.supervisor import TerminateChild
-
         await self.ask(TerminateChild(name), timeout=timeout)
 
     def children(self) -> list[ActorRef]:
         """Refs of the current children, in start order."""
         return [c.ref for c in self._cell.children]
+
+
+def cell_of(ref: ActorRef) -> ActorCell:
+    """The runtime cell behind `ref`, for the runtime itself (cells, supervisors, the system)."""
+    return ref._cell

@@ -1,4 +1,4 @@
-"""Supervision: `RestartPolicy`, `ChildSpec` and the `Supervisor` actor (OTP semantics).
+"""The `Supervisor` actor (OTP semantics); its config, `RestartPolicy` / `ChildSpec`, is policy.py.
 
 On a child's exit the supervisor decides, one notice at a time (its mailbox serializes
 decisions):
@@ -20,114 +20,28 @@ A restarted supervisor restarts all its children (static and dynamically added) 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from eaas.actors.actor import Actor, ActorState
-from eaas.actors.messages import ChildExited, SystemMessage
-from eaas.errors import ConfigError, EscalationError
+from eaas.actors.cell import ActorCell
+from eaas.actors.control import ChildExited, RestartDue, StartChild, TerminateChild
+from eaas.actors.policy import RESTART_TYPES, STRATEGIES, ChildSpec, RestartPolicy, restart_set
+from eaas.actors.ref import ActorRef, cell_of
+from eaas.errors import EscalationError
 
-if TYPE_CHECKING:
-    from eaas.actors.cell import ActorCell
-    from eaas.actors.ref import ActorRef
+# Config and protocol names are re-exported: they lived here before policy.py and control.py.
+__all__ = ["Supervisor", "RestartPolicy", "ChildSpec", "restart_set", "STRATEGIES",
+           "RESTART_TYPES", "StartChild", "TerminateChild"]
 
-__all__ = ["RestartPolicy", "ChildSpec", "Supervisor", "restart_set", "StartChild",
-           "TerminateChild"]
-
-STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one")
-RESTART_TYPES = ("permanent", "transient", "temporary")
 S = ActorState
 _RESTARTABLE = (S.NEW, S.RESTARTING, S.STOPPED, S.CRASHED)
 
 
-@dataclass(frozen=True, slots=True)
-class RestartPolicy:
-    """How a supervisor reacts to a child's exit (see the module docstring)."""
-
-    strategy: Literal["one_for_one", "one_for_all", "rest_for_one"] = "one_for_one"
-    max_restarts: int = 3
-    within_s: float = 5.0
-    backoff_s: float = 0.01
-    max_backoff_s: float = 1.0
-    jitter: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"RestartPolicy.strategy={self.strategy!r}; allowed: {STRATEGIES}")
-        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
-            raise ConfigError(f"RestartPolicy.max_restarts={self.max_restarts!r}; "
-                              "allowed: an int >= 0")
-        if not self.within_s > 0:
-            raise ConfigError(f"RestartPolicy.within_s={self.within_s!r}; allowed: > 0")
-        if not self.backoff_s >= 0:
-            raise ConfigError(f"RestartPolicy.backoff_s={self.backoff_s!r}; allowed: >= 0")
-        if not self.max_backoff_s >= self.backoff_s:
-            raise ConfigError(f"RestartPolicy.max_backoff_s={self.max_backoff_s!r}; "
-                              f"allowed: >= backoff_s ({self.backoff_s})")
-        if not 0 <= self.jitter <= 1:
-            raise ConfigError(f"RestartPolicy.jitter={self.jitter!r}; allowed: 0 <= jitter <= 1")
-
-    def backoff(self, restarts_in_window: int, rand: float = 0.5) -> float:
-        """Delay before the n-th restart in the window; `rand` in [0, 1) drives the jitter."""
-        base = min(self.max_backoff_s, self.backoff_s * 2 ** max(0, restarts_in_window - 1))
-        return base * (1.0 + self.jitter * (2.0 * rand - 1.0))
-
-
-@dataclass(frozen=True, slots=True)
-class ChildSpec:
-    """One supervised child: its name, how to build it, and when to restart it."""
-
-    name: str
-    factory: Callable[[], Actor]
-    restart: Literal["permanent", "transient", "temporary"] = "permanent"
-    mailbox_size: int = 1024
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigError(f"ChildSpec.name={self.name!r}; allowed: a non-empty str")
-        if not callable(self.factory):
-            raise ConfigError(f"ChildSpec.factory={self.factory!r}; allowed: a callable "
-                              "returning an Actor")
-        if self.restart not in RESTART_TYPES:
-            raise ConfigError(f"ChildSpec.restart={self.restart!r}; allowed: {RESTART_TYPES}")
-        if not isinstance(self.mailbox_size, int) or self.mailbox_size < 1:
-            raise ConfigError(f"ChildSpec.mailbox_size={self.mailbox_size!r}; "
-                              "allowed: an int >= 1")
-
-
-def restart_set(strategy: str, order: Sequence[str], failed: str) -> list[str]:
-    """Names the strategy restarts when `failed` exits, in start order.
-
-    >>> restart_set("rest_for_one", ["a", "b", "c"], "b")
-    ['b', 'c']
-    """
-    if strategy == "one_for_one":
-        return [failed]
-    if strategy == "one_for_all":
-        return list(order)
-    if strategy == "rest_for_one":
-        return list(order[order.index(failed):])
-    raise ValueError(f"unknown strategy {strategy!r}; allowed: {STRATEGIES}")
-
-
-@dataclass(frozen=True, slots=True)
-class StartChild:
-    spec: ChildSpec
-
-
-@dataclass(frozen=True, slots=True)
-class TerminateChild:
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class _RestartDue(SystemMessage):
-    tokens: tuple[tuple[str, int], ...]
-
-
 class Supervisor(Actor):
     """An actor whose job is its children. Built by `ActorSystem.spawn_supervisor`."""
+
+    supervises: ClassVar[bool] = True
 
     def __init__(self, policy: RestartPolicy, specs: Sequence[ChildSpec] = ()) -> None:
         self.policy = policy
@@ -137,15 +51,15 @@ class Supervisor(Actor):
 
     @property
     def _cell(self) -> ActorCell:
-        return self.context._cell
+        return cell_of(self.context.self_ref)
 
     async def on_start(self) -> None:
         cell = self._cell
         known = {c.name for c in cell.children}
         for spec in self.specs:
             if spec.name not in known:
-                cell.system._new_cell(spec.name, spec.factory, mailbox_size=spec.mailbox_size,
-                                      parent=cell, spec=spec)
+                cell.host.add_cell(spec.name, spec.factory, mailbox_size=spec.mailbox_size,
+                                   parent=cell, spec=spec)
         for child in list(cell.children):
             if child.state is not S.RUNNING:
                 await child.start(notify_start_failure=False)
@@ -154,7 +68,7 @@ class Supervisor(Actor):
         kind = type(msg)
         if kind is ChildExited:
             await self._child_exited(msg)
-        elif kind is _RestartDue:
+        elif kind is RestartDue:
             self.pending_restarts -= 1
             await self._restart(msg.tokens)
         elif kind is StartChild:
@@ -170,8 +84,8 @@ class Supervisor(Actor):
         if not isinstance(spec, ChildSpec):
             raise TypeError(f"start_child needs a ChildSpec, got {type(spec).__name__}")
         cell = self._cell
-        child = cell.system._new_cell(spec.name, spec.factory, mailbox_size=spec.mailbox_size,
-                                      parent=cell, spec=spec)
+        child = cell.host.add_cell(spec.name, spec.factory, mailbox_size=spec.mailbox_size,
+                                   parent=cell, spec=spec)
         try:
             await child.start(notify_start_failure=False)
         except BaseException:
@@ -182,13 +96,13 @@ class Supervisor(Actor):
     async def _terminate_child(self, name: str) -> None:
         child = self._child(name)
         if child is not None:
-            await child.stop(timeout=self._cell.system.hook_timeout)
+            await child.stop(timeout=self._cell.host.hook_timeout)
             await self._forget(child, S.STOPPED, "stopped")
 
     async def _forget(self, child: ActorCell, state: ActorState, reason: str) -> None:
         if child.state.is_alive or child.state is S.NEW:
             await child.finalize(state, reason)
-        self._cell.system._forget(child)
+        self._cell.host.remove_cell(child)
 
     def _child(self, name: str) -> ActorCell | None:
         for c in self._cell.children:
@@ -208,8 +122,8 @@ class Supervisor(Actor):
             await self._forget(child, S.CRASHED if crashed else S.STOPPED,
                                child.last_reason if crashed else "stopped")
             return
-        policy, system = self.policy, self._cell.system
-        now = system.clock.now()
+        policy, host = self.policy, self._cell.host
+        now = host.clock.now()
         hist = self._history
         hist.append(now)
         while hist and hist[0] <= now - policy.within_s:
@@ -221,7 +135,7 @@ class Supervisor(Actor):
         group = [c for c in self._cell.children if c.name in names]
         for c in reversed(group):
             if c is not child:
-                await c.stop(timeout=system.hook_timeout, mode="restart")
+                await c.stop(timeout=host.hook_timeout, mode="restart")
         tokens = []
         for c in group:
             if c.spec is not None and c.spec.restart == "temporary" and c is not child:
@@ -229,7 +143,7 @@ class Supervisor(Actor):
                 continue
             c.restart_token += 1
             tokens.append((c.name, c.restart_token))
-        delay = policy.backoff(len(hist), system.rng.random()) if policy.backoff_s > 0 else 0.0
+        delay = policy.backoff(len(hist), host.rng.random()) if policy.backoff_s > 0 else 0.0
         if delay <= 0:
             await self._restart(tuple(tokens))
         else:
@@ -238,8 +152,8 @@ class Supervisor(Actor):
                                      name=f"supervisor:{self.context.name}:backoff")
 
     async def _restart_later(self, delay: float, tokens: tuple[tuple[str, int], ...]) -> None:
-        await self._cell.system.clock.sleep(delay)
-        self._cell.mailbox.put_system(_RestartDue(tokens))
+        await self._cell.host.clock.sleep(delay)
+        self._cell.mailbox.put_system(RestartDue(tokens))
 
     async def _restart(self, tokens: tuple[tuple[str, int], ...]) -> None:
         wanted = dict(tokens)
@@ -252,11 +166,11 @@ class Supervisor(Actor):
 
     async def _escalate(self, child: ActorCell, reason: BaseException | None) -> None:
         cell = self._cell
-        timeout = cell.system.hook_timeout
+        timeout = cell.host.hook_timeout
         for c in reversed(cell.children):
             await c.stop(timeout=timeout, mode="restart")
         p = self.policy
         text = (f"supervisor {cell.name!r}: more than {p.max_restarts} restarts within "
                 f"{p.within_s}s (last: {child.name!r} exited with {reason!r})")
-        cell.system._emit("escalated", cell.name, text)
+        cell.host.emit("escalated", cell.name, text)
         raise EscalationError(text)

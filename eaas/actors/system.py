@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -20,8 +20,9 @@ from eaas.actors.actor import Actor, ActorState
 from eaas.actors.cell import ActorCell
 from eaas.actors.clock import Clock, RealClock
 from eaas.actors.messages import DeadLetter
-from eaas.actors.ref import ActorRef, SupervisorRef
-from eaas.actors.supervisor import ChildSpec, RestartPolicy, Supervisor
+from eaas.actors.policy import ChildSpec, RestartPolicy
+from eaas.actors.ref import ActorRef, SupervisorRef, cell_of
+from eaas.actors.supervisor import Supervisor
 from eaas.errors import ActorDeadError, ActorStateError, EscalationError
 
 __all__ = ["ActorSystem", "DeadLetters"]
@@ -46,6 +47,9 @@ class DeadLetters:
 
 class ActorSystem:
     """Owner of a tree of actors. Use as `async with ActorSystem() as system:`.
+
+    It is the `CellHost` of every cell it spawns (see cell.py): the methods under "host
+    interface" are what the runtime's cells, refs and supervisors use, and all they use.
 
     clock: governs restart backoff, intensity windows and event times (FakeClock in tests).
     on_escalation: called with the "escalated" event when a top-level supervisor gives up.
@@ -108,7 +112,7 @@ class ActorSystem:
             await asyncio.shield(self._stopping)
             return
         me = asyncio.current_task()
-        if any(c._task is me for c in self._cells.values()):
+        if any(c.task is me for c in self._cells.values()):
             raise ActorStateError(f"actor system {self.name!r}: stop() must be called from "
                                   "outside the actor tree (an actor cannot await its own end)")
         self._stopping = asyncio.get_running_loop().create_future()
@@ -118,7 +122,7 @@ class ActorSystem:
                 await cell.stop(timeout=timeout)
             # Anything still running (a stuck child, a racing restart): cancel and wait.
             for cell in list(self._cells.values()):
-                task = cell._task
+                task = cell.task
                 if task is not None and not task.done():
                     task.cancel()
                     await asyncio.wait({task}, timeout=timeout)
@@ -147,8 +151,8 @@ class ActorSystem:
         if parent is not None and not parent.is_alive:
             raise ActorDeadError(f"cannot spawn {name!r} under {parent.name!r}: it is "
                                  f"{parent.state.value}")
-        cell = self._new_cell(name, factory, mailbox_size=mailbox_size,
-                              parent=None if parent is None else parent._cell, spec=None)
+        cell = self.add_cell(name, factory, mailbox_size=mailbox_size,
+                             parent=None if parent is None else cell_of(parent), spec=None)
         return await self._start_unsupervised(cell)
 
     async def spawn_supervisor(self, name: str, policy: RestartPolicy,
@@ -169,9 +173,9 @@ class ActorSystem:
             spec = ChildSpec(name, factory)
             ref = await parent.start_child(spec, timeout=self.hook_timeout)
         else:
-            cell = self._new_cell(name, factory, mailbox_size=1024,
-                                  parent=None if parent is None else parent._cell, spec=None,
-                                  kind="supervisor")
+            cell = self.add_cell(name, factory, mailbox_size=1024,
+                                 parent=None if parent is None else cell_of(parent), spec=None,
+                                 kind="supervisor")
             ref = await self._start_unsupervised(cell)
         assert isinstance(ref, SupervisorRef)
         return ref
@@ -182,37 +186,9 @@ class ActorSystem:
         except BaseException:
             if cell.state.is_alive:
                 await cell.finalize(ActorState.CRASHED, cell.last_reason or "start failed")
-            self._forget(cell)
+            self.remove_cell(cell)
             raise
         return cell.ref
-
-    def _new_cell(self, name: str, factory: Callable[[], Actor], *, mailbox_size: int,
-                  parent: ActorCell | None, spec: ChildSpec | None,
-                  kind: str = "actor") -> ActorCell:
-        if self.state != "running":
-            raise ActorStateError(f"actor system {self.name!r} is {self.state}; cannot spawn "
-                                  f"{name!r}")
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"actor name must be a non-empty str, got {name!r}")
-        if not callable(factory):
-            raise TypeError(f"factory for actor {name!r} must be callable, got {factory!r}")
-        if name in self._cells:
-            raise ValueError(f"actor name {name!r} is already taken")
-        cell = ActorCell(self, name, factory, mailbox_size=mailbox_size, parent=parent,
-                         spec=spec, kind=kind)
-        self._cells[name] = cell
-        (parent.children if parent is not None else self._top).append(cell)
-        return cell
-
-    def _forget(self, cell: ActorCell) -> None:
-        """Drop a finished actor from the registry and its parent (its name is free again)."""
-        if self._cells.get(cell.name) is cell:
-            del self._cells[cell.name]
-        siblings = cell.parent.children if cell.parent is not None else self._top
-        if cell in siblings:
-            siblings.remove(cell)
-        for child in list(cell.children):
-            self._forget(child)
 
     # --- lookup, snapshot, idleness ----------------------------------------------------------
     def lookup(self, name: str) -> ActorRef | None:
@@ -265,7 +241,54 @@ class ActorSystem:
         self._queues.append(queue)
         return queue
 
-    def _emit(self, kind: str, name: str, reason: str | None = None) -> None:
+    # --- host interface (CellHost) ------------------------------------------------------
+    @property
+    def accepts_tasks(self) -> bool:
+        """True from `start()` until `stop()` closes the TaskGroup."""
+        return self._tg is not None
+
+    def create_task(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """Run `coro` (an actor incarnation) in the system's TaskGroup."""
+        tg = self._tg
+        if tg is None:
+            coro.close()
+            raise ActorStateError(f"actor system {self.name!r} is not running")
+        return tg.create_task(coro, name=name)
+
+    def dead_letter(self, recipient: str, msg: Any, reason: str) -> None:
+        self.dead_letters.add(recipient, msg, reason)
+
+    def add_cell(self, name: str, factory: Callable[[], Actor], *, mailbox_size: int,
+                 parent: ActorCell | None, spec: ChildSpec | None,
+                 kind: str = "actor") -> ActorCell:
+        """Create a cell (not started) and register it under `name`, under `parent`."""
+        if self.state != "running":
+            raise ActorStateError(f"actor system {self.name!r} is {self.state}; cannot spawn "
+                                  f"{name!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"actor name must be a non-empty str, got {name!r}")
+        if not callable(factory):
+            raise TypeError(f"factory for actor {name!r} must be callable, got {factory!r}")
+        if name in self._cells:
+            raise ValueError(f"actor name {name!r} is already taken")
+        cell = ActorCell(self, name, factory, mailbox_size=mailbox_size, parent=parent,
+                         spec=spec, kind=kind)
+        self._cells[name] = cell
+        (parent.children if parent is not None else self._top).append(cell)
+        return cell
+
+    def remove_cell(self, cell: ActorCell) -> None:
+        """Drop a finished actor from the registry and its parent (its name is free again)."""
+        if self._cells.get(cell.name) is cell:
+            del self._cells[cell.name]
+        siblings = cell.parent.children if cell.parent is not None else self._top
+        if cell in siblings:
+            siblings.remove(cell)
+        for child in list(cell.children):
+            self.remove_cell(child)
+
+    def emit(self, kind: str, name: str, reason: str | None = None) -> None:
+        """Publish an event to `events`, the subscribed queues and the listeners."""
         event: Event = {"type": kind, "name": name, "reason": reason, "time": self.clock.now()}
         self.events.append(event)
         for queue in self._queues:
@@ -278,10 +301,11 @@ class ActorSystem:
             except Exception:
                 log.exception("actor event listener %r failed", callback)
 
-    def _escalated_to_top(self, name: str, reason: EscalationError) -> None:
-        event: Event = {"type": "escalated", "name": name, "reason": str(reason),
+    def report_escalation(self, name: str, error: EscalationError) -> None:
+        """A top-level supervisor gave up: log it and call `on_escalation`."""
+        event: Event = {"type": "escalated", "name": name, "reason": str(error),
                         "time": self.clock.now(), "top_level": True}
-        log.error("top-level supervisor %r gave up: %s", name, reason)
+        log.error("top-level supervisor %r gave up: %s", name, error)
         if self.on_escalation is not None:
             try:
                 self.on_escalation(event)

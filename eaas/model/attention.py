@@ -98,9 +98,9 @@ class _Base:
             return None
         rows = range(batch.num_single) if batch.single_rows is None \
             else batch.single_rows.tolist()
-        bs_tables, lens = batch.block_tables.tolist(), batch.seq_lens.tolist()
+        tables, lens = batch.block_tables.tolist(), batch.seq_lens.tolist()
         out = []
-        for r, table, n in zip(rows, bs_tables, lens):
+        for r, table, n in zip(rows, tables, lens):
             if n:
                 slots = [table[p // bsz] * bsz + p % bsz for p in range(n)]
                 out.append((r, n - 1, torch.tensor(slots, dtype=torch.long)))
