@@ -191,8 +191,13 @@ class FaultConfig:
     unit_timeout_s: float = 2.0  # a work unit not answered by then is resent elsewhere
     max_unit_attempts: int = 8  # then its rows count as having no live replica (the policy)
     heartbeat_interval_s: float = 0.5
-    no_replica_policy: Literal["fail", "wait", "degrade"] = "fail"
+    # with no live replica of an expert: `wait` for the restarted or replacement server (bounded
+    # by wait_timeout_s and the request's deadline), `fail` the requests, or `degrade` (skip it)
+    no_replica_policy: Literal["fail", "wait", "degrade"] = "wait"
     wait_timeout_s: float = 30.0  # policy `wait`: give up after this long
+    # a server past its restart intensity is replaced (a fresh name, the same experts) after
+    # this cool-down; escalation is an event, capacity comes back
+    replace_after_s: float = 2.0
 
     def __post_init__(self) -> None:
         _int("fault.max_restarts", self.max_restarts, 0)
@@ -204,6 +209,7 @@ class FaultConfig:
         _check(self.no_replica_policy in NO_REPLICA_POLICIES, "fault.no_replica_policy",
                self.no_replica_policy, f"one of {NO_REPLICA_POLICIES}")
         _num("fault.wait_timeout_s", self.wait_timeout_s, 0, strict=True)
+        _num("fault.replace_after_s", self.replace_after_s, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,16 @@ to another live replica — or the restarted server — as a new attempt. Result
 or of a unit already combined are dropped and counted, so each unit is combined exactly once.
 Expert compute is a pure function of the rows, so resending is safe.
 
-With no live replica of an expert, `fault.no_replica_policy` decides: `fail` (the tokens'
-requests error), `wait` (until a routing change brings a server back, up to wait_timeout_s), or
-`degrade` (skip the expert, renormalise that token's weights, flag the request).
+With no live replica of an expert, `fault.no_replica_policy` decides: `wait` (the default: those
+pairs are parked while the rest of the call proceeds, and resent the moment a routing change
+brings a server back, up to wait_timeout_s; a request's deadline aborts it sooner), `fail` (the
+tokens' requests error), or `degrade` (skip the expert, renormalise that token's weights, flag
+the request). `Dispatcher.last_failure` says why pairs failed, naming the policy in force.
+
+A server that let a unit time out is *suspect*: new units avoid it while another live replica
+exists, until it answers again, the routing table marks it dead, or unit_timeout_s passes. So
+a hung (SIGSTOPped) server costs one unit timeout, not one per step, until the heartbeat
+declares it dead.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from eaas.engine.placement import RoutingSnapshot
 from eaas.model.ops import upload
 
 _FINISHED_MEMORY = 65536  # how many finished unit ids are remembered to classify late results
+_PARKED_POLL_S = 0.5  # parked pairs are retried this often without a routing change
 
 
 class ServerFailed(Exception):
@@ -77,7 +85,10 @@ class Dispatcher:
         self.outstanding: dict[str, int] = defaultdict(int)  # rows in flight per server
         self._finished: OrderedDict[int, str] = OrderedDict()  # unit id -> "done" | "retired"
         self._ids = itertools.count(1)
-        self._routing_changed = asyncio.Event()
+        self._parked: set[ExpertCall] = set()  # calls with pairs waiting for a live server
+        # servers that let a unit time out -> until when new units avoid them (if they can)
+        self.suspect: dict[str, float] = {}
+        self.last_failure = ""  # why pairs last failed (the policy in force), for the error
         for key in ("units_dispatched", "units_combined", "units_retired", "resent_units",
                     "reroutes", "unit_timeouts", "dropped_duplicates", "stale_results",
                     "failed_pairs", "degraded_pairs", "combine_violations",
@@ -89,7 +100,10 @@ class Dispatcher:
         if snap.generation <= self.routing.generation:
             return
         self.routing = snap
-        self._routing_changed.set()
+        for name in snap.dead:  # a dead server comes back as a fresh process
+            self.suspect.pop(name, None)
+        for call in list(self._parked):
+            call._notify()  # parked pairs are resent at once
         for u in list(self.units.values()):
             if u.server in snap.dead and not u.future.done():
                 u.future.set_exception(ServerFailed(f"{u.server} marked dead"))
@@ -105,6 +119,7 @@ class Dispatcher:
             stale = msg.attempt != u.attempt
             self.counters["stale_results" if stale else "dropped_duplicates"] += 1
             return
+        self.suspect.pop(msg.server, None)
         u.future.set_result(msg.y)
         _notify(u)
 
@@ -148,11 +163,15 @@ class Dispatcher:
         experts = flat_ids[pair_idx]  # [N]
         uniq, inverse, counts = torch.unique(experts, return_inverse=True, return_counts=True)
         table, dead = self.routing.table[layer], self.routing.dead
+        if self.suspect:
+            now = time.monotonic()
+            self.suspect = {s: t for s, t in self.suspect.items() if t > now}
         planned: dict[str, int] = defaultdict(int)
         servers: list[str] = []  # distinct choices, in first-chosen order
         code: list[int] = []  # per unique expert: index into servers, -1 for no live replica
         for e, n in zip(uniq.tolist(), counts.tolist()):
             alive = [s for s in table.get(e, ()) if s not in dead]
+            alive = [s for s in alive if s not in self.suspect] or alive  # avoid hung ones
             fresh = [s for s in alive if s not in tried] or alive  # all tried: retry the live ones
             if not fresh:
                 code.append(-1)
@@ -247,6 +266,8 @@ class ExpertCall:
         self.degraded_tokens: set[int] = set()
         self.live: dict[asyncio.Future, _Unit] = {}
         self.parked: list[torch.Tensor] = []
+        self.parked_generation = 0  # the routing generation the parked pairs found no server in
+        self._retry_at = 0.0  # when the parked pairs are retried without a routing change
         self.wait_started: float | None = None
         self._waiter: asyncio.Future | None = None  # wait() sleeps on it; a unit's end wakes it
 
@@ -257,7 +278,8 @@ class ExpertCall:
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
         groups: dict[str, torch.Tensor]
-        if attempt >= self.fault.max_unit_attempts:  # a livelock guard: it keeps failing everywhere
+        exhausted = attempt >= self.fault.max_unit_attempts
+        if exhausted:  # a livelock guard: it keeps failing everywhere
             groups, orphans = {}, pair_idx
             d.counters["attempts_exhausted"] += 1
         else:
@@ -269,12 +291,22 @@ class ExpertCall:
         if orphans.numel() == 0:
             return
         policy = self.fault.no_replica_policy
+        why = (f"every attempt failed (fault.max_unit_attempts={self.fault.max_unit_attempts})"
+               if exhausted else "no live replica")
         if policy == "wait":
-            self.wait_started = self.wait_started or time.monotonic()
-            if time.monotonic() - self.wait_started < self.fault.wait_timeout_s:
+            now = time.monotonic()
+            self.wait_started = self.wait_started or now
+            if now - self.wait_started < self.fault.wait_timeout_s:
                 self.parked.append(orphans)
+                self.parked_generation = d.routing.generation
+                # retried on a routing change, or after a short poll (a server alive but failing
+                # them may recover), never past the wait's end
+                self._retry_at = min(now + _PARKED_POLL_S,
+                                     self.wait_started + self.fault.wait_timeout_s)
+                d._parked.add(self)
                 return
-            policy = "fail"
+            why = f"waited {now - self.wait_started:.1f} s for a live server"
+        d.last_failure = f"{why} (no_replica_policy={policy})"
         self.skipped[orphans] = True
         tokens = {int(p) // self.K for p in orphans}
         if policy == "degrade":
@@ -297,6 +329,7 @@ class ExpertCall:
         """Retire every unit in flight now (late results are dropped); wait() raises."""
         self.cancelled = True
         self.parked.clear()
+        self.d._parked.discard(self)
         for u in self.live.values():
             self.d._close(u)
             self.d._retire(u)
@@ -307,28 +340,25 @@ class ExpertCall:
         d, timeout = self.d, self.fault.unit_timeout_s
         try:
             while self.live or self.parked:
-                if self.parked and not self.live:
-                    d._routing_changed.clear()
-                    try:
-                        await asyncio.wait_for(d._routing_changed.wait(), min(timeout, 0.5))
-                    except TimeoutError:
-                        pass
+                if self.parked and (d.routing.generation != self.parked_generation or
+                                    not self.live and self._retry_due()):
+                    # a routing change (a server back, a replacement) or the retry poll: the
+                    # parked pairs are sent now, or parked again, or fail past wait_timeout_s
                     todo, self.parked = self.parked, []
+                    d._parked.discard(self)
                     for idx in todo:
                         self.send(idx, set(), 0)
                     continue
                 if not any(fut.done() for fut in self.live):
                     # sleep until a unit ends (its result, failure or death notice pokes the
-                    # waiter directly: no per-future callbacks) or the oldest unit's deadline
-                    deadline = min(u.sent_at for u in self.live.values()) + timeout
-                    loop = asyncio.get_running_loop()
-                    self._waiter = waiter = loop.create_future()
-                    timer = loop.call_later(max(0.0, deadline - time.monotonic()), _wake, waiter)
-                    try:
-                        await waiter
-                    finally:
-                        timer.cancel()
-                        self._waiter = None
+                    # waiter directly: no per-future callbacks), a routing change while pairs
+                    # are parked, or the oldest unit's deadline / the parked pairs' retry
+                    now = time.monotonic()
+                    deadline = min(u.sent_at for u in self.live.values()) + timeout \
+                        if self.live else now + _PARKED_POLL_S
+                    if self.parked:
+                        deadline = min(deadline, self._retry_at)
+                    await self._sleep(max(0.0, deadline - now))
                 if self.cancelled:
                     break
                 now = time.monotonic()
@@ -352,6 +382,7 @@ class ExpertCall:
                         d._close(u)
                         d._retire(u)
                         d.counters["unit_timeouts"] += 1
+                        d.suspect[u.server] = now + timeout
                         d.counters["resent_units"] += 1
                         self.send(u.pair_idx, u.tried | {u.server}, u.attempt + 1)
                 while len(d._finished) > _FINISHED_MEMORY:
@@ -362,6 +393,19 @@ class ExpertCall:
         if self.cancelled:
             raise StepCancelled()
         return self._result()
+
+    async def _sleep(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(seconds, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _retry_due(self) -> bool:
+        return time.monotonic() >= self._retry_at
 
     def _result(self) -> ExpertsOutput:
         T, K = self.T, self.K

@@ -16,7 +16,9 @@ dataflow graph:
       gpu-health                    NVML sampler (when a device is CUDA)
 
 A server whose restart intensity is exceeded escalates: it is marked dead in the routing table
-(a new generation), an event is emitted, and shards route around it.
+(a new generation), an event is emitted, shards route around it, and after
+`fault.replace_after_s` a replacement under a fresh name takes its experts. `readiness()` is
+false, naming the experts, while any expert has no live replica.
 
 Transport nvshmem: the engine process (rank 0, on `config.device`) and the start-up expert
 server processes (ranks 1..N) form one NVSHMEM job. Joining is collective and a server reports
@@ -198,7 +200,7 @@ class AsyncEngine:
             return
         self._closed, self._ready = True, False
         if self.pool is not None:
-            self.pool.close()
+            await self.pool.aclose()
         if self._system is not None:
             await self._system.stop()
         if self.pool is not None:  # the actors are gone: let the experts' GPU memory go
@@ -220,6 +222,17 @@ class AsyncEngine:
     @property
     def is_ready(self) -> bool:
         return self._ready
+
+    def readiness(self) -> tuple[bool, list[str]]:
+        """(ready, reasons): ready to serve every request right now. Not ready before start,
+        after close or a whole-tree escalation, and while any expert has no live replica (its
+        servers restarting or being replaced); reasons name them, e.g.
+        "layer 1: experts [0, 5] have no live replica"."""
+        if not self._ready:
+            return False, ["the engine is not running"]
+        reasons = [f"layer {l}: experts {ids} have no live replica"
+                   for l, ids in sorted(self._pool().unserved().items())]
+        return not reasons, reasons
 
     def _encode(self, prompt: str | Sequence[int]) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -302,7 +315,8 @@ class AsyncEngine:
 
     # ---- observability ---------------------------------------------------------------------
     async def check_health(self, timeout: float = 2.0) -> dict:
-        """Ping every engine actor through its mailbox; healthy only if all answer in time."""
+        """Ping every engine actor through its mailbox; healthy only if all answer in time and
+        every expert has a live replica (`no_live_replica` lists {layer, experts} otherwise)."""
         refs = [self._routing, *self._shards, *self._pool().live_refs()]
 
         async def probe(ref: Any) -> tuple[str, dict]:
@@ -315,8 +329,11 @@ class AsyncEngine:
                 return ref.name, {"ok": False, "error": f"{type(e).__name__}: {e}"}
 
         results = dict(await asyncio.gather(*(probe(r) for r in refs)))
-        return {"healthy": self._ready and all(v["ok"] for v in results.values()),
-                "actors": results}
+        unserved = self._pool().unserved()
+        return {"healthy": self._ready and not unserved and all(v["ok"] for v in results.values()),
+                "actors": results,
+                "no_live_replica": [{"layer": l, "experts": ids}
+                                    for l, ids in sorted(unserved.items())]}
 
     async def stats(self) -> dict:
         """Per-actor counters (shards, servers, batchers), gathered through their mailboxes."""

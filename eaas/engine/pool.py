@@ -2,7 +2,9 @@
 
 Each server is its own supervisor (one_for_all, its own restart intensity) over the server actor
 and its batcher, a temporary child of the pool supervisor: when its intensity is exceeded it
-escalates and stays down, and routing goes around it.
+escalates and stays down, routing goes around it, and after `fault.replace_after_s` the pool
+starts a replacement under a fresh name hosting the same experts (escalation is an event, not an
+outage): the replacement is put into the table in place of the dead server once it is ready.
 
 Routing changes only through the routing-table actor. Scaling follows one rule: a server is put
 into the table only after it reports ready with the experts it will be asked for, and taken out
@@ -44,6 +46,7 @@ class ExpertPool:
         self.servers: dict[str, dict] = {}  # name -> {"ref","batcher","sup","assignment",...}
         self._change = asyncio.Event()
         self._timers: list[asyncio.TimerHandle] = []
+        self._tasks: set[asyncio.Task] = set()  # replacements of escalated servers (aclose ends)
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
         # in-process servers share one copy of each layer's experts per device
@@ -88,7 +91,10 @@ class ExpertPool:
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
                 load_format=cfg.load_format,
                 call_timeout_s=fault.unit_timeout_s,
-                heartbeat_interval_s=fault.heartbeat_interval_s, on_ready=on_ready,
+                # a ping every half interval, each with a half-interval deadline: a server that
+                # stays silent (hung, SIGSTOPped) is declared dead after 3 heartbeat intervals
+                heartbeat_interval_s=fault.heartbeat_interval_s / 2, heartbeat_misses=3,
+                on_ready=on_ready,
                 fabric=fabric, fabric_joined=fabric_joined)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
@@ -156,10 +162,52 @@ class ExpertPool:
             self.mark_dead(name, f"crashed: {event.get('reason')}")
         elif kind == "escalated" and name.startswith("server-sup-"):
             server = name[len("server-sup-"):]
-            if server in self.servers:
+            if server in self.servers and self.servers[server]["state"] != "dead":
                 self.servers[server]["state"] = "dead"
                 self._change.set()
                 self.mark_dead(server, "restart intensity exceeded")
+                task = asyncio.get_running_loop().create_task(self._replace(server),
+                                                              name=f"replace-{server}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, old: str) -> None:
+        """Keep capacity: after the cool-down, start a server under a fresh name hosting what
+        `old` hosted, and route to it in `old`'s place. A start that fails is retried after a
+        doubled cool-down (at most 60 s)."""
+        delay = self.config.fault.replace_after_s
+        for attempt in itertools.count():
+            await asyncio.sleep(delay)
+            async with self._lock:
+                entry = self.servers.get(old)
+                if entry is None or entry["state"] != "dead":
+                    return  # removed meanwhile
+                assignment = {l: list(ids) for l, ids in entry["assignment"].items()}
+                name = server_name(next(self._next_index))
+                self._emit({"type": "replace_started", "server": name, "replaces": old,
+                            "attempt": attempt, "after_s": delay})
+                try:
+                    await asyncio.wait_for(self.start_server(name, assignment,
+                                                             device=entry["device"]), 120.0)
+                except asyncio.CancelledError:
+                    await self._discard(name)
+                    raise
+                except Exception as e:
+                    await self._discard(name)
+                    self.counters["replace_failures"] = \
+                        self.counters.get("replace_failures", 0) + 1
+                    self._emit({"type": "replace_failed", "server": name, "replaces": old,
+                                "reason": f"{type(e).__name__}: {e}"})
+                    delay = min(60.0, max(delay, 0.5) * 2)
+                    continue
+                table = {l: {e: tuple(name if s == old else s for s in srv)
+                             for e, srv in ex.items()} for l, ex in self._routing().table.items()}
+                await self._set_table(table, f"{name} replaces {old} (restart intensity exceeded)")
+                self.servers.pop(old, None)
+                self._change.set()
+                self.counters["replacements"] = self.counters.get("replacements", 0) + 1
+                self._emit({"type": "server_replaced", "server": name, "replaces": old})
+                return
 
     def mark_dead(self, server: str, reason: str) -> None:
         if server not in self._routing().dead:
@@ -440,6 +488,24 @@ class ExpertPool:
     def close(self) -> None:
         for t in self._timers:
             t.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def aclose(self) -> None:
+        """Cancel the timers and the replacements in progress, and wait for them to end."""
+        tasks = list(self._tasks)
+        self.close()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def unserved(self) -> dict[int, list[int]]:
+        """{layer: expert ids} that have no live replica right now (all their servers dead)."""
+        routing = self._routing()
+        out: dict[int, list[int]] = {}
+        for l, ex in routing.table.items():
+            ids = [e for e, srv in ex.items() if all(s in routing.dead for s in srv)]
+            if ids:
+                out[l] = sorted(ids)
+        return out
 
 
 def _with_server(table: Any, name: str, assignment: dict[int, list[int]]) -> dict:

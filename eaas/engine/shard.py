@@ -350,8 +350,7 @@ class AttentionShard(Actor):
             s, e = rows[b]
             if any(s <= t < e for t in bad_tokens):
                 self._finish(r, "error", error="no live server could compute an expert this "
-                             "request needs (no live replica, or every attempt failed; "
-                             f"no_replica_policy={self.deps.config.fault.no_replica_policy})")
+                             f"request needs: {self.dispatcher.last_failure}")
                 continue
             if any(s <= t < e for t in degraded_tokens):
                 if not r.degraded:

@@ -36,6 +36,10 @@ async def ready(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "reason": "shutting down"}, status=503)
     if not state.engine.is_ready:
         return web.json_response({"ready": False, "reason": "engine starting"}, status=503)
+    ok, reasons = state.engine.readiness()  # every expert has a live replica
+    if not ok:
+        return web.json_response({"ready": False, "reason": "; ".join(reasons),
+                                  "reasons": reasons}, status=503)
     return web.json_response({"ready": True, "model": state.model_name})
 
 

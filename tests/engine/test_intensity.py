@@ -33,7 +33,8 @@ def _cfg(d: str, explicit: dict, replicas_policy: str = "fail") -> EngineConfig:
         "placement": {"num_expert_servers": 3, "strategy": "explicit", "explicit_map": explicit,
                       "server_mode": "inproc"},
         "fault": {"max_restarts": 1, "within_s": 60.0, "backoff_s": 0.01,
-                  "no_replica_policy": replicas_policy, "unit_timeout_s": 2.0}})
+                  "no_replica_policy": replicas_policy, "unit_timeout_s": 2.0,
+                  "replace_after_s": 600.0}})  # no replacement here: the dead server stays dead
 
 
 def _uses_expert(model: DecoderModel, prompt: list[int], n: int, expert: int) -> bool:
@@ -139,7 +140,7 @@ async def test_a_unit_that_fails_everywhere_stops_after_max_attempts(tiny_dirs, 
     cfg = EngineConfig.from_dict({
         "model": d, "placement": {"num_expert_servers": 1, "expert_replicas": 1,
                                   "server_mode": "inproc"},
-        "fault": {"unit_timeout_s": 0.05, "max_unit_attempts": 3}})
+        "fault": {"unit_timeout_s": 0.05, "max_unit_attempts": 3, "no_replica_policy": "fail"}})
     async with AsyncEngine(cfg) as engine:
         await engine.inject_fault("expert-0", "delay", seconds=0.2)
         params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
