@@ -205,6 +205,7 @@ class AsyncEngine:
             await self._system.stop()
         if self.pool is not None:  # the actors are gone: let the experts' GPU memory go
             self.pool.store.clear()
+            self.pool.close_logs()
         if self._shard_deps is not None:
             self._shard_deps.shards.clear()
         if self._fabric_seat is not None:

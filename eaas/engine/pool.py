@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import os
+import shutil
 import signal
+import tempfile
 from typing import TYPE_CHECKING, Any, Callable
 
 from eaas.actors import Actor, ChildSpec, RestartPolicy, Supervisor
@@ -28,6 +32,8 @@ from eaas.engine.messages import (Crash, LoadExperts, SetServerState, SetTable, 
                                   UnloadExperts)
 from eaas.engine.placement import RoutingSnapshot, server_name
 from eaas.errors import EaasError
+
+log = logging.getLogger("eaas.engine")
 
 if TYPE_CHECKING:
     from eaas.engine.server_proxy import FabricSeat
@@ -47,6 +53,8 @@ class ExpertPool:
         self._change = asyncio.Event()
         self._timers: list[asyncio.TimerHandle] = []
         self._tasks: set[asyncio.Task] = set()  # replacements of escalated servers (aclose ends)
+        self.replaced: list[str] = []  # servers given up and replaced under a fresh name
+        self.log_dir: str | None = None  # the server processes' logs (one run directory)
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
         # in-process servers share one copy of each layer's experts per device
@@ -85,7 +93,7 @@ class ExpertPool:
         if cfg.placement.server_mode == "process":
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 
-            slot = entry["slot"] = ProcessSlot(name)
+            slot = entry["slot"] = ProcessSlot(name, log_path=self._log_path(name))
             factory = lambda: ServerProcess(  # noqa: E731
                 slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
@@ -204,6 +212,7 @@ class ExpertPool:
                              for e, srv in ex.items()} for l, ex in self._routing().table.items()}
                 await self._set_table(table, f"{name} replaces {old} (restart intensity exceeded)")
                 self.servers.pop(old, None)
+                self.replaced.append(old)
                 self._change.set()
                 self.counters["replacements"] = self.counters.get("replacements", 0) + 1
                 self._emit({"type": "server_replaced", "server": name, "replaces": old})
@@ -490,6 +499,28 @@ class ExpertPool:
             t.cancel()
         for task in list(self._tasks):
             task.cancel()
+
+    def _log_path(self, name: str) -> str:
+        """Server `name`'s log file, in this engine's run directory (made on first use)."""
+        if self.log_dir is None:
+            self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{os.getpid()}-")
+            log.info("expert-server logs: %s", self.log_dir)
+        return os.path.join(self.log_dir, f"{name}.log")
+
+    def close_logs(self) -> None:
+        """At a clean close: remove the run directory, unless a server process failed during
+        the run (restarted or replaced): then keep it and say where it is."""
+        if self.log_dir is None:
+            return
+        failed = sorted(n for n, s in self.servers.items()
+                        if s.get("slot") is not None and s["slot"].starts > 1) + \
+            sorted(self.replaced)
+        if failed:
+            log.warning("expert-server logs kept in %s (servers that failed: %s)",
+                        self.log_dir, ", ".join(failed))
+        else:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        self.log_dir = None
 
     async def aclose(self) -> None:
         """Cancel the timers and the replacements in progress, and wait for them to end."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from eaas.serving.app import create_app
+from eaas.serving.guards import HttpTimeouts
 from eaas.serving.server import serve
 from eaas.serving.state import ENGINE, STATE, ServingState
 
-__all__ = ["ENGINE", "STATE", "ServingState", "create_app", "serve"]
+__all__ = ["ENGINE", "STATE", "HttpTimeouts", "ServingState", "create_app", "serve"]

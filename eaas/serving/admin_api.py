@@ -12,28 +12,75 @@ logged to the event stream, whatever its outcome.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from eaas.serving.api_errors import ApiError
+from eaas.serving.api_errors import CLIENT_CLOSED_REQUEST, ApiError, client_gone
 from eaas.serving.events import open_sse, sse_bytes
-from eaas.serving.protocol import parse_json_body
+from eaas.serving.jsonbody import parse_json_body
 from eaas.serving.state import STATE, ServingState
+
+log = logging.getLogger("eaas.serving")
 
 routes = web.RouteTableDef()
 
 STATIC_DIR = Path(__file__).parent / "static"
 
 
+@dataclass(frozen=True, slots=True)
+class Dashboard:
+    """The dashboard page and the Content-Security-Policy that fits it: its one inline script
+    and one inline style block are allowed by hash, nothing else inline (no style="..."
+    attributes, no on*= handlers), data from the same origin only."""
+
+    html: bytes
+    csp: str
+
+    @classmethod
+    def load(cls, path: Path = STATIC_DIR / "admin.html") -> Dashboard:
+        html = path.read_bytes()
+        text = html.decode("utf-8")
+        csp = "; ".join([
+            "default-src 'self'",
+            f"script-src {_inline_hashes(text, 'script')}",
+            f"style-src {_inline_hashes(text, 'style')}",
+            "img-src 'self' data:",  # the favicon is a data: URL
+            "connect-src 'self'",  # fetch() and EventSource to this server
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ])
+        return cls(html=html, csp=csp)
+
+
+DASHBOARD = web.AppKey("eaas_dashboard", Dashboard)
+
+
+def _inline_hashes(html: str, tag: str) -> str:
+    """CSP sources allowing exactly the page's inline `<tag>` blocks ('none' if it has none)."""
+    digests = [base64.b64encode(hashlib.sha256(body.encode("utf-8")).digest()).decode()
+               for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S)]
+    return " ".join(f"'sha256-{d}'" for d in digests) or "'none'"
+
+
 @routes.get("/admin")
-async def dashboard(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "admin.html", headers={"Cache-Control": "no-cache"})
+async def dashboard(request: web.Request) -> web.Response:
+    page = request.app[DASHBOARD]
+    return web.Response(body=page.html, content_type="text/html", charset="utf-8",
+                        headers={"Cache-Control": "no-cache",
+                                 "Content-Security-Policy": page.csp})
 
 
 @routes.get("/admin/api/topology")
@@ -75,13 +122,22 @@ async def load(request: web.Request) -> web.Response:
     }, dumps=_dumps)
 
 
+_EVENT_ID = re.compile(r"[0-9]{1,18}")  # what this server sends (a counter from 1)
+
+
 @routes.get("/admin/api/events")
 async def events(request: web.Request) -> web.StreamResponse:
+    """SSE. `Last-Event-ID` (EventSource resends it on reconnect) resumes after that event; an
+    id this server cannot have sent (not 1-18 digits, or ahead of its newest event: another
+    server process) is ignored, so the client gets the buffered history, as on a first
+    connect, rather than an error it would retry forever."""
     hub = request.app[STATE].events
-    last = request.headers.get("Last-Event-ID", "")
-    after = int(last) if last.isdigit() else None
-    resp = await open_sse(request)
-    with contextlib.suppress(ConnectionError):
+    last = request.headers.get("Last-Event-ID", "").strip()
+    after = int(last) if _EVENT_ID.fullmatch(last) else None
+    if after is None and last:
+        log.debug("ignoring Last-Event-ID %r (not an id this server sent)", last[:40])
+    try:
+        resp = await open_sse(request)
         await resp.write(b"retry: 2000\n\n")
         async with contextlib.aclosing(hub.subscribe(after_id=after)) as stream:
             async for item in stream:
@@ -90,6 +146,14 @@ async def events(request: web.Request) -> web.StreamResponse:
                     continue
                 seq, ev = item
                 await resp.write(sse_bytes(ev, event_id=seq or None))
+    except ConnectionResetError as e:
+        if not client_gone(request):
+            raise
+        log.debug("event stream: the client left (%s)", e)
+        return web.Response(status=CLIENT_CLOSED_REQUEST)
+    except asyncio.CancelledError:
+        log.debug("event stream: the client left")
+        raise
     return resp
 
 

@@ -1,7 +1,8 @@
 """The aiohttp application factory: OpenAI API, ops routes, admin dashboard, one engine.
 
-`create_app(engine, admin_token=...)` wires routes, the error middleware, the app's own
-metrics registry, the event pump and the shutdown drain. The caller owns the engine (starts
+`create_app(engine, admin_token=...)` wires routes, the error and guard middlewares
+(content type, body deadline: `guards.py`), security headers, the app's own metrics
+registry, the event pump and the shutdown drain. The caller owns the engine (starts
 and stops it); `serve()` in `server.py` is the caller for `eaas serve`.
 """
 
@@ -18,6 +19,7 @@ from aiohttp import web
 from eaas.errors import ConfigError
 from eaas.serving import admin_api, openai_api, ops
 from eaas.serving.api_errors import make_error_middleware
+from eaas.serving.guards import TIMEOUTS, HttpTimeouts, add_security_headers, make_guard_middleware
 from eaas.serving.metrics import ServingMetrics
 from eaas.serving.state import ENGINE, STATE, ServingState
 
@@ -28,7 +30,8 @@ DEFAULT_CLIENT_MAX_SIZE = 1 << 20  # bytes of request body; more is a 413
 
 def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
                client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
-               drain_grace_s: float = 10.0, health_timeout_s: float = 2.0) -> web.Application:
+               drain_grace_s: float = 10.0, health_timeout_s: float = 2.0,
+               timeouts: HttpTimeouts | None = None) -> web.Application:
     """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller before or after).
 
     admin_token: the bearer token mutating admin routes require (at least 8 characters).
@@ -36,6 +39,9 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
     client_max_size: largest accepted request body in bytes (larger: 413).
     drain_grace_s: on shutdown, how long in-flight requests may run before they are aborted.
     health_timeout_s: `/health` fails (503) if an actor does not answer its ping by then.
+    timeouts: connection deadlines (`guards.HttpTimeouts`; None: its defaults). The body
+      deadline is the app's; the keep-alive and linger ones are the server's, so run the app
+      with `guards.server_kwargs(app)` (as `serve()` does).
     """
     if not isinstance(admin_token, str) or len(admin_token) < 8:
         raise ConfigError("admin_token is not allowed: a string of at least 8 characters "
@@ -59,10 +65,15 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
         route = resource.canonical if resource is not None else "unmatched"
         metrics.http_requests.labels(request.method, route, str(status)).inc()
 
+    timeouts = timeouts if timeouts is not None else HttpTimeouts()
     app = web.Application(client_max_size=client_max_size,
-                          middlewares=[make_error_middleware(on_response)])
+                          middlewares=[make_error_middleware(on_response),
+                                       make_guard_middleware(timeouts)])
     app[STATE] = state
     app[ENGINE] = engine
+    app[TIMEOUTS] = timeouts
+    app[admin_api.DASHBOARD] = admin_api.Dashboard.load()
+    app.on_response_prepare.append(add_security_headers)
     app.add_routes(openai_api.routes)
     app.add_routes(ops.routes)
     app.add_routes(admin_api.routes)

@@ -101,7 +101,12 @@ class EventHub:
 
     async def subscribe(self, after_id: int | None = None,
                         heartbeat_s: float = 15.0) -> AsyncGenerator[tuple[int, dict] | None, None]:
-        """History after `after_id` (all if None), then live events; None = heartbeat due."""
+        """History after `after_id` (all if None), then live events; None = heartbeat due.
+
+        An `after_id` beyond the newest event was sent by another hub (a server that has
+        restarted since): it is ignored and the whole history is replayed."""
+        if after_id is not None and after_id > self._seq:
+            after_id = None
         sub = _Subscriber(self._queue_size)
         for item in self._history:
             if after_id is None or item[0] > after_id:

@@ -13,7 +13,9 @@ in-flight tokens and up/down, the routing generation, and the paged KV cache:
 `vllm:kv_cache_usage_perc`) with `eaas_kv_cache_used_blocks{shard}` /
 `eaas_kv_cache_total_blocks{shard}`, read from the snapshot's `shards` (each shard's stats:
 `kv_blocks_used`, `kv_blocks_total`; missing keys count 0). The snapshot callable must return
-a normalized snapshot (`snapshot.normalize`: flat actor list, per-server `up`).
+a normalized snapshot (`snapshot.normalize`: flat actor list, per-server `up`); the app's
+(`ServingState.snapshot`) also passes it through `snapshot.MonotonicCounters`, so that every
+`_total` family here only ever goes up, even when the engine's live values drop.
 
 `Timeline` keeps per-second buckets (tokens, finished requests, latencies) for the admin
 dashboard's throughput and latency charts.
@@ -133,9 +135,10 @@ class SnapshotCollector:
                                   labels=["actor", "kind"])
         state = GaugeMetricFamily("eaas_actor_state", "1 for the actor's current state.",
                                   labels=["actor", "kind", "state"])
+        totals = snap.get("actor_restarts_total") or {}  # monotonic (MonotonicCounters)
         for a in actors:
             name, kind = str(a.get("name")), str(a.get("kind", ""))
-            restarts.add_metric([name, kind], float(a.get("restarts") or 0))
+            restarts.add_metric([name, kind], float(totals.get(name, a.get("restarts") or 0)))
             depth.add_metric([name, kind], float(a.get("mailbox_depth") or 0))
             state.add_metric([name, kind, str(a.get("state"))], 1.0)
         yield from (restarts, depth, state)

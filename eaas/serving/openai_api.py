@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 import uuid
@@ -19,11 +20,14 @@ from typing import Any
 
 from aiohttp import web
 
-from eaas.serving.api_errors import error_body, error_response
+from eaas.serving.api_errors import CLIENT_CLOSED_REQUEST, client_gone, error_body, error_response
 from eaas.serving.events import sse_bytes
 from eaas.serving.generation import ChoiceResult, Step, run_choice
-from eaas.serving.protocol import GenerationPlan, parse_chat, parse_completion, parse_json_body
+from eaas.serving.jsonbody import parse_json_body
+from eaas.serving.protocol import GenerationPlan, parse_chat, parse_completion
 from eaas.serving.state import STATE, ServingState
+
+log = logging.getLogger("eaas.serving")
 
 routes = web.RouteTableDef()
 
@@ -210,10 +214,15 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
 
     try:
         results = await _run_all(state, plan, request_id, on_step)
-    except (ConnectionResetError, ConnectionError):
-        # the client went away mid-stream; run_choice already aborted the engine requests
-        return resp if resp is not None else web.Response(status=499)
+    except asyncio.CancelledError:  # handler cancellation: the client's connection closed
+        if client_gone(request):
+            log.info("stream %s: the client left; its engine request(s) were aborted", request_id)
+        raise
     except Exception as e:
+        if isinstance(e, ConnectionResetError) and client_gone(request):
+            # a write found the socket closed; run_choice aborted the engine requests
+            log.info("stream %s: the client left; its engine request(s) were aborted", request_id)
+            return resp if resp is not None else web.Response(status=CLIENT_CLOSED_REQUEST)
         if resp is None:
             raise  # nothing sent yet: the error middleware answers with a JSON error
         await _send_quietly(resp, sse_bytes(error_body(500, f"stream failed: {e}")))

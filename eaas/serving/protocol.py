@@ -8,7 +8,6 @@ with its token ids (for length checks and usage) and its own `SamplingParams`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -16,6 +15,7 @@ from typing import Any, Literal, Protocol
 from eaas.engine.sampling import MAX_TOKENS_LIMIT, SamplingParams
 from eaas.errors import RequestError
 from eaas.serving.api_errors import ApiError
+from eaas.serving.jsonbody import json_type as _json_type
 
 MAX_PROMPTS = 64  # prompts per completions request (each becomes one choice)
 MAX_STOP_STRINGS = 16
@@ -50,21 +50,6 @@ class GenerationPlan:
     include_usage: bool  # stream_options.include_usage: a final usage chunk
     echo: bool  # completions: prepend the prompt to the text
     return_token_ids: bool
-
-
-def parse_json_body(raw: bytes) -> dict[str, Any]:
-    """The request body as a JSON object, or a 400 that says what is wrong with it."""
-    if not raw:
-        raise ApiError(400, "request body is empty; expected a JSON object")
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise ApiError(400, "request body is not valid UTF-8") from None
-    except (ValueError, RecursionError) as e:
-        raise ApiError(400, f"request body is not valid JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"request body must be a JSON object, got {_json_type(body)}")
-    return body
 
 
 def parse_completion(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
@@ -108,7 +93,10 @@ def parse_chat(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
         max_tokens = f.int_("max_tokens", None, 1, MAX_TOKENS_LIMIT)
     try:
         text = tokenizer.apply_chat_template(messages)
-    except (ValueError, TypeError, KeyError) as e:
+    except Exception as e:  # the model's template refusing these messages is the client's 400
+        if not (isinstance(e, (ValueError, TypeError, KeyError))
+                or type(e).__module__.startswith("jinja2")):
+            raise
         raise ApiError(400, f"messages cannot be rendered by the chat template: {e}",
                        param="messages") from None
     prompts: list[tuple[str | list[int], list[int]]] = [(text, tokenizer.encode(text))]
@@ -123,7 +111,9 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     temperature = f.num("temperature", 1.0, lo=0.0)
     top_p = f.num("top_p", 1.0, lo=0.0, lo_open=True, hi=1.0)
     top_k_given = f.int_("top_k", None, -1, None, allowed="-1 or 0 (off) or an integer >= 1")
-    top_k = -1 if top_k_given is None else top_k_given
+    # above the vocabulary, top-k keeps every token: the same as off, and never a huge int
+    # in the sampler's int64 tensor
+    top_k = -1 if top_k_given is None else min(top_k_given, tokenizer.vocab_size)
     seed = f.int_("seed", None, -_INT64, _INT64 - 1)
     for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0),
                           ("repetition_penalty", 1), ("min_p", 0), ("min_tokens", 0)):
@@ -136,12 +126,7 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     if f.get("use_beam_search"):
         raise ApiError(400, "beam search is not supported by eaas", param="use_beam_search")
     stop = _stop(f.get("stop"))
-    stop_ids = f.get("stop_token_ids")
-    if stop_ids is None:
-        stop_ids = []
-    if not isinstance(stop_ids, list) or not all(_is_int(t) and t >= 0 for t in stop_ids):
-        raise ApiError(400, "stop_token_ids must be a list of token ids (integers >= 0)",
-                       param="stop_token_ids")
+    stop_ids = _stop_token_ids(f.get("stop_token_ids"), tokenizer.vocab_size)
     ignore_eos = f.bool_("ignore_eos", False)
     stream = f.bool_("stream", False)
     so = f.get("stream_options")
@@ -150,7 +135,8 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     if so is not None and not stream:
         raise ApiError(400, "stream_options can only be set when stream is true",
                        param="stream_options")
-    include_usage = bool(so and so.get("include_usage"))
+    include_usage = so is not None and _Fields(so).bool_("include_usage", False,
+                                                          param="stream_options")
     return_token_ids = f.bool_("return_token_ids", False)
     f.bool_("skip_special_tokens", True)  # type-checked; eaas always skips them
 
@@ -173,7 +159,7 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
                            param="max_tokens")
         try:
             params = SamplingParams(max_tokens=want, temperature=temperature, top_p=top_p,
-                                    top_k=top_k, seed=seed, stop_token_ids=tuple(stop_ids),
+                                    top_k=top_k, seed=seed, stop_token_ids=stop_ids,
                                     ignore_eos=ignore_eos)
         except RequestError as e:  # a bound the engine checks that we did not
             raise ApiError(400, str(e)) from None
@@ -204,7 +190,7 @@ def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[str | list[int], l
                        f"got {_json_type(prompt)}", param="prompt")
     if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
-    if all(_is_int(t) for t in prompt):
+    if _is_int(prompt[0]):  # a list of token ids (a batch starts with a string or a list)
         return [(prompt, _token_ids(prompt, tokenizer, "prompt"))]
     if len(prompt) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}",
@@ -213,19 +199,23 @@ def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[str | list[int], l
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             out.append((p, tokenizer.encode(p) if p else []))
-        elif isinstance(p, list) and p and all(_is_int(t) for t in p):
+        elif isinstance(p, list) and p and _is_int(p[0]):
             out.append((p, _token_ids(p, tokenizer, f"prompt[{i}]")))
         else:
             raise ApiError(400, f"prompt[{i}] must be a non-empty string or a non-empty list of "
-                           f"token ids, got {_json_type(p)}", param="prompt")
+                           f"token ids (a batch holds one kind), got {_json_type(p)}",
+                           param="prompt")
     return out
 
 
-def _token_ids(ids: list[int], tokenizer: Tokenizer, param: str) -> list[int]:
+def _token_ids(ids: list[Any], tokenizer: Tokenizer, param: str) -> list[int]:
+    """`ids` checked element by element; an error names the first bad index."""
     vocab = tokenizer.vocab_size
     for j, t in enumerate(ids):
-        if not 0 <= t < vocab:
-            raise ApiError(400, f"{param}[{j}]={t} is not a token id (0 <= id < {vocab})",
+        if not _is_int(t) or not 0 <= t < vocab:
+            got = f"{_json_type(t)} {_short(t)}"
+            raise ApiError(400, f"{param}[{j}] is not a token id: token ids are integers with "
+                           f"0 <= id < {vocab} (a list of token ids holds only those), got {got}",
                            param="prompt")
     return list(ids)
 
@@ -244,19 +234,19 @@ def _messages(messages: Any) -> list[dict]:
                            f"{CHAT_ROLES}", param="messages")
         if isinstance(content, list):  # content parts: only text parts are supported
             texts = []
-            for part in content:
+            for j, part in enumerate(content):
                 if not (isinstance(part, dict) and part.get("type") == "text"
                         and isinstance(part.get("text"), str)):
-                    raise ApiError(400, f"messages[{i}].content: only text parts "
-                                   "({'type': 'text', 'text': ...}) are supported",
-                                   param="messages")
+                    raise ApiError(400, f"messages[{i}].content[{j}]: only text parts "
+                                   "({'type': 'text', 'text': <string>}) are supported, got "
+                                   f"{_json_type(part)}", param="messages")
                 texts.append(part["text"])
             content = "".join(texts)
         if content is None and role == "assistant":
             content = ""
         if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
-                           param="messages")
+            raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts, "
+                           f"got {_json_type(content)}", param="messages")
         out.append({"role": role, "content": content})
     return out
 
@@ -264,22 +254,42 @@ def _messages(messages: Any) -> list[dict]:
 def _stop(stop: Any) -> tuple[str, ...]:
     if stop is None:
         return ()
+    allowed = f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
     if isinstance(stop, str):
         stop = [stop]
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, f"stop must be a non-empty string or a list of at most "
-                       f"{MAX_STOP_STRINGS} non-empty strings", param="stop")
+    if not isinstance(stop, list):
+        raise ApiError(400, f"stop must be {allowed}, got {_json_type(stop)}", param="stop")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop has {len(stop)} strings; allowed: {allowed}", param="stop")
+    for j, s in enumerate(stop):
+        if not (isinstance(s, str) and s):
+            got = "an empty string" if s == "" else f"{_json_type(s)} {_short(s)}"
+            raise ApiError(400, f"stop[{j}] must be a non-empty string, got {got}", param="stop")
     return tuple(stop)
+
+
+def _stop_token_ids(ids: Any, vocab: int) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    allowed = f"a list of token ids (integers with 0 <= id < {vocab})"
+    if not isinstance(ids, list):
+        raise ApiError(400, f"stop_token_ids must be {allowed}, got {_json_type(ids)}",
+                       param="stop_token_ids")
+    for j, t in enumerate(ids):
+        if not (_is_int(t) and 0 <= t < vocab):
+            raise ApiError(400, f"stop_token_ids[{j}] is not a token id: {allowed}, got "
+                           f"{_json_type(t)} {_short(t)}", param="stop_token_ids")
+    return tuple(ids)
+
+
+def _short(v: object) -> str:
+    """repr(v), cut to a readable length (a 4000-digit integer is legal JSON)."""
+    text = repr(v)
+    return text if len(text) <= 40 else f"{text[:24]}...({len(text)} characters)"
 
 
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _json_type(v: object) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer",
-            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
 
 
 class _Fields:
@@ -291,12 +301,14 @@ class _Fields:
     def get(self, name: str) -> Any:
         return self.body.get(name)
 
-    def bool_(self, name: str, default: bool) -> bool:
+    def bool_(self, name: str, default: bool, *, param: str | None = None) -> bool:
         v = self.body.get(name)
         if v is None:
             return default
         if not isinstance(v, bool):
-            raise ApiError(400, f"{name} must be a boolean, got {_json_type(v)}", param=name)
+            where = f"{param}.{name}" if param else name
+            raise ApiError(400, f"{where} must be a boolean, got {_json_type(v)}",
+                           param=param or name)
         return v
 
     def int_(self, name: str, default: int | None, lo: int, hi: int | None, *,
@@ -306,9 +318,10 @@ class _Fields:
             return default
         rng = allowed or (f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
         if not _is_int(v):
-            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {v!r}", param=name)
+            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {_short(v)}",
+                           param=name)
         if v < lo or (hi is not None and v > hi):
-            raise ApiError(400, f"{name}={v} is not allowed: {rng}", param=name)
+            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng}", param=name)
         return v
 
     def num(self, name: str, default: float, *, lo: float, hi: float | None = None,
@@ -317,12 +330,20 @@ class _Fields:
         if v is None:
             return default
         lo_s = "(" if lo_open else "["
-        rng = f"a number in {lo_s}{lo}, {hi}]" if hi is not None else f"a number >= {lo}"
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {v!r}", param=name)
-        if v < lo or (lo_open and v == lo) or (hi is not None and v > hi):
-            raise ApiError(400, f"{name}={v} is not allowed: {rng}", param=name)
-        return float(v)
+        rng = (f"a number in {lo_s}{lo}, {hi}]" if hi is not None
+               else f"a number >= {lo}" if lo > -math.inf else "a number")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {_short(v)}",
+                           param=name)
+        try:
+            x = float(v)
+        except OverflowError:  # a JSON integer beyond float range (no JSON float is)
+            x = math.inf
+        if not math.isfinite(x):
+            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng} (finite)", param=name)
+        if x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
+            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng}", param=name)
+        return x
 
     def reject_set(self, name: str, message: str) -> None:
         if self.body.get(name):

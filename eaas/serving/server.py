@@ -23,6 +23,7 @@ from aiohttp import web
 
 from eaas.errors import ConfigError
 from eaas.serving.app import create_app
+from eaas.serving.guards import HttpTimeouts, server_kwargs
 
 if TYPE_CHECKING:
     from eaas.config import EngineConfig
@@ -34,13 +35,14 @@ ADMIN_TOKEN_ENV = "EAAS_ADMIN_TOKEN"
 
 async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000,
                 admin_token: str | None = None, ready_file: str | None = None,
-                drain_grace_s: float = 10.0) -> None:
+                drain_grace_s: float = 10.0, timeouts: HttpTimeouts | None = None) -> None:
     """Serve `config`'s model on http://host:port until SIGINT/SIGTERM; return after a clean stop.
 
     admin_token: bearer token of the mutating admin routes; None reads EAAS_ADMIN_TOKEN, and
       if that is unset too a random token is generated and printed.
     ready_file: once ready, this file is written (atomically) with a JSON object
       {"url", "host", "port", "pid"}; `port` is the bound one (useful with port=0).
+    timeouts: connection deadlines (body 30 s, keep-alive/idle 75 s by default).
     """
     from eaas import AsyncEngine
 
@@ -49,9 +51,9 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
     token = token or secrets.token_urlsafe(24)
     engine = AsyncEngine(config)
     app = create_app(engine, admin_token=token, model_name=config.model_name,
-                     drain_grace_s=drain_grace_s)
+                     drain_grace_s=drain_grace_s, timeouts=timeouts)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=drain_grace_s + 10.0)
+                           shutdown_timeout=drain_grace_s + 10.0, **server_kwargs(app))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)

@@ -72,7 +72,56 @@ def normalize(snap: dict) -> dict:
                "kv_blocks_total": _count(s.get("kv_blocks_total"))}
               for s in snap.get("shards") or [] if isinstance(s, dict)]
     snap["shards"], snap["kv_cache"] = shards, kv_cache_usage(shards)
-    counters = dict(snap.get("counters") or {})
-    counters.setdefault("restarts", sum(int(a.get("restarts") or 0) for a in actors))
-    snap["counters"] = counters
+    snap["counters"] = dict(snap.get("counters") or {})
     return snap
+
+
+class MonotonicCounters:
+    """Makes a normalized snapshot's counters fit to export as counters: they never go down.
+
+    Values the engine derives from live state drop when what they count goes away: a
+    server's `restarts` is its current incarnation's, an actor's `restarts` resets when it is
+    replaced, and a sum over live servers loses a removed server's share. So this keeps, per
+    identity (an actor name, a server name, a counter key), the last raw value and a running
+    total: a rise adds the increase, a fall is a new incarnation counting from 0 (adds the new
+    value, as Prometheus reads a reset), and an identity that disappears keeps what it had.
+
+    `apply(snap)` returns a copy where `counters` holds the totals and `restarts` is at least
+    the sum of every server's restarts ever seen, and `actor_restarts_total` maps each present
+    actor's name to its total. Runtime state: one per app, fed every snapshot it serves.
+    """
+
+    def __init__(self) -> None:
+        self._raw: dict[tuple[str, str], float] = {}
+        self._total: dict[tuple[str, str], float] = {}
+        self._exported: dict[str, float] = {}
+
+    def _add(self, kind: str, name: str, raw: float) -> float:
+        key = (kind, name)
+        last = self._raw.get(key)
+        self._raw[key] = raw
+        grew = raw - last if last is not None and raw >= last else raw
+        total = self._total[key] = self._total.get(key, 0) + grew
+        return total
+
+    def apply(self, snap: dict) -> dict:
+        snap = dict(snap)
+        snap["actor_restarts_total"] = {
+            str(a.get("name")): self._add("actor", str(a.get("name")), _count(a.get("restarts")))
+            for a in snap.get("actors") or []}
+        for s in snap.get("servers") or []:
+            self._add("server", str(s.get("name")), _count(s.get("restarts")))
+        server_restarts = sum(t for (kind, _), t in self._total.items() if kind == "server")
+        counters: dict[str, Any] = {}
+        for key, value in (snap.get("counters") or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                counters[key] = value
+                continue
+            counters[key] = self._add("counter", str(key), value)
+        counters["restarts"] = max(counters.get("restarts", 0), server_restarts)
+        for key, value in counters.items():  # last line of defence: never below what was sent
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = counters[key] = max(value, self._exported.get(key, value))
+                self._exported[key] = value
+        snap["counters"] = counters
+        return snap

@@ -12,7 +12,7 @@ from eaas.serving.api_errors import RETRY_AFTER_S, ApiError
 from eaas.serving.events import EventHub
 from eaas.serving.generation import InflightRequests
 from eaas.serving.metrics import ServingMetrics
-from eaas.serving.snapshot import normalize
+from eaas.serving.snapshot import MonotonicCounters, normalize
 
 if TYPE_CHECKING:
     from eaas.engine.engine import AsyncEngine
@@ -32,6 +32,7 @@ class ServingState:
     health_timeout_s: float
     inflight: InflightRequests = field(default_factory=InflightRequests)
     events: EventHub = field(default_factory=EventHub)
+    counters: MonotonicCounters = field(default_factory=MonotonicCounters)
     started_at: float = field(default_factory=time.time)
     draining: bool = False
 
@@ -44,12 +45,13 @@ class ServingState:
             raise ApiError(503, "the engine is not ready yet", headers=retry)
 
     def snapshot(self) -> dict:
-        """engine.snapshot(), normalized (snapshot.normalize); {} while the engine cannot give
-        one (starting, stopped)."""
+        """engine.snapshot(), normalized (snapshot.normalize) with counters that never go down
+        (snapshot.MonotonicCounters); {} while the engine cannot give one (starting, stopped)."""
         try:
-            return normalize(self.engine.snapshot())
+            snap = normalize(self.engine.snapshot())
         except Exception:  # noqa: BLE001 - reads must keep working while the engine cannot answer
             return {}
+        return self.counters.apply(snap)
 
 
 ENGINE: web.AppKey[AsyncEngine] = web.AppKey("eaas_engine")

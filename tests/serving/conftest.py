@@ -17,6 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from eaas import AsyncEngine, EngineConfig
 from eaas.model import make_tiny
 from eaas.serving import create_app
+from eaas.serving.guards import server_kwargs
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
@@ -43,7 +44,9 @@ async def serving_client(cfg: EngineConfig, *, start_engine: bool = True,
         await engine.start()
     try:
         app = create_app(engine, admin_token=ADMIN_TOKEN, model_name=cfg.model_name, **app_kwargs)
-        async with TestClient(TestServer(app, handler_cancellation=True)) as client:
+        server = TestServer(app)  # cancels a handler whose client left, as serve() does
+        await server.start_server(**server_kwargs(app))
+        async with TestClient(server) as client:
             yield client
     finally:
         await engine.aclose()

@@ -3,6 +3,7 @@ and the server keeps serving (a good request after all of them works)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from eaas.serving import STATE
 from tests.serving.conftest import admin_headers, engine_config, serving_client
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -29,6 +31,7 @@ class Case:
     method: str = "POST"
     param: str | None = None  # the field the error must name
     headers: dict = field(default_factory=dict)
+    says: str | None = None  # a piece of text the error message must contain
 
 
 def cmpl(**kw: Any) -> dict:
@@ -50,6 +53,40 @@ CASES = [
     Case("empty body", 400, b""),
     Case("invalid utf-8", 400, b'{"prompt": "\xff\xfe"}'),
     Case("json null body", 400, b"null"),
+    Case("utf-16 body", 400, '{"prompt": "hi"}'.encode("utf-16"), says="not valid UTF-8"),
+    Case("raw surrogate bytes", 400, b'{"prompt": "a\xed\xa0\x80b"}', says="not valid UTF-8"),
+    Case("NaN literal", 400, b'{"prompt": "hi", "temperature": NaN}', says="NaN is not a JSON"),
+    Case("Infinity in an ignored field", 400, b'{"prompt": "hi", "x": -Infinity}',
+         says="-Infinity is not a JSON"),
+    Case("5000-digit integer", 400, b'{"prompt": "hi", "seed": 1' + b"0" * 5000 + b"}",
+         says="more than 4300 digits"),
+    Case("deeply nested arrays", 400, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+         says="not valid JSON"),
+    # --- text that is not Unicode (a lone surrogate escape is legal JSON)
+    Case("lone surrogate in prompt", 400, b'{"prompt": "a\\ud800b"}', param="prompt",
+         says="prompt contains a lone surrogate (U+D800) at index 1"),
+    Case("lone surrogate in batch prompt", 400, b'{"prompt": ["ok", "\\udfff"]}',
+         param="prompt", says="prompt[1] contains a lone surrogate (U+DFFF) at index 0"),
+    Case("lone surrogate in chat content", 400,
+         b'{"messages": [{"role": "user", "content": "hi \\udc00"}]}', "/v1/chat/completions",
+         param="messages",
+         says="messages[0].content contains a lone surrogate (U+DC00) at index 3"),
+    Case("lone surrogate in chat text part", 400,
+         b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud83d"}]}]}',
+         "/v1/chat/completions", param="messages", says="messages[0].content[0].text contains"),
+    Case("lone surrogate in stop", 400, b'{"prompt": "hi", "stop": ["\\ud800"]}', param="stop",
+         says="stop[0] contains a lone surrogate"),
+    Case("lone surrogate in a field name", 400, b'{"prompt": "hi", "\\ud800": 1}',
+         says="a field name contains a lone surrogate"),
+    # --- content type (a text/plain or form POST is a cross-site "simple request")
+    Case("text/plain body", 415, b'{"prompt": "hi"}', headers={"Content-Type": "text/plain"},
+         says="Content-Type must be application/json"),
+    Case("form body", 415, b"prompt=hi", "/v1/chat/completions",
+         headers={"Content-Type": "application/x-www-form-urlencoded"}),
+    Case("octet-stream body", 415, b'{"prompt": "hi"}',
+         headers={"Content-Type": "application/octet-stream"}),
+    Case("json in latin-1", 415, b'{"prompt": "hi"}',
+         headers={"Content-Type": "application/json; charset=latin-1"}),
     # --- prompt
     Case("prompt missing", 400, without(cmpl(), "prompt"), param="prompt"),
     Case("prompt is a number", 400, cmpl(prompt=5), param="prompt"),
@@ -57,7 +94,16 @@ CASES = [
     Case("prompt empty list", 400, cmpl(prompt=[]), param="prompt"),
     Case("prompt token id beyond vocab", 400, cmpl(prompt=[1, 10**9]), param="prompt"),
     Case("prompt negative token id", 400, cmpl(prompt=[-1]), param="prompt"),
-    Case("prompt mixed list", 400, cmpl(prompt=[1, "a"]), param="prompt"),
+    Case("prompt mixed list", 400, cmpl(prompt=[1, "a"]), param="prompt", says="prompt[1]"),
+    Case("prompt float token id", 400, cmpl(prompt=[1, 2.5]), param="prompt",
+         says="prompt[1] is not a token id: token ids are integers with 0 <= id < "),
+    Case("prompt batch float token id", 400, cmpl(prompt=[[1, 2], [3, 4.5]]), param="prompt",
+         says="prompt[1][1] is not a token id"),
+    Case("prompt batch with a number", 400, cmpl(prompt=["a", 7]), param="prompt",
+         says="prompt[1] must be a non-empty string"),
+    Case("prompt nested too deep", 400, cmpl(prompt=[[[1]]]), param="prompt", says="prompt[0]"),
+    Case("prompt huge token id", 400, cmpl(prompt=[1, 10**30]), param="prompt",
+         says="prompt[1] is not a token id"),
     Case("prompt list with empty list", 400, cmpl(prompt=[[]]), param="prompt"),
     Case("prompt bool ids", 400, cmpl(prompt=[True, False]), param="prompt"),
     Case("prompt too many ids", 400, cmpl(prompt=[5] * (MAX_MODEL_LEN + 10)), param="prompt"),
@@ -71,6 +117,7 @@ CASES = [
     Case("max_tokens bool", 400, cmpl(max_tokens=True), param="max_tokens"),
     Case("max_tokens beyond context", 400, cmpl(max_tokens=MAX_MODEL_LEN), param="max_tokens"),
     Case("max_tokens huge", 400, cmpl(max_tokens=10**12), param="max_tokens"),
+    Case("max_tokens 10**30", 400, cmpl(max_tokens=10**30), param="max_tokens"),
     # --- sampling
     Case("temperature negative", 400, cmpl(temperature=-0.1), param="temperature"),
     Case("temperature string", 400, cmpl(temperature="hot"), param="temperature"),
@@ -80,9 +127,23 @@ CASES = [
     Case("top_k float", 400, cmpl(top_k=1.5), param="top_k"),
     Case("seed string", 400, cmpl(seed="abc"), param="seed"),
     Case("seed beyond int64", 400, cmpl(seed=2**70), param="seed"),
+    Case("seed 10**30", 400, cmpl(seed=10**30), param="seed"),
+    Case("temperature beyond float", 400, cmpl(temperature=10**400), param="temperature"),
+    Case("top_p beyond float", 400, cmpl(top_p=10**400), param="top_p"),
+    Case("penalty beyond float", 400, cmpl(frequency_penalty=-(10**400)),
+         param="frequency_penalty"),
     Case("stop not a string", 400, cmpl(stop=123), param="stop"),
-    Case("stop empty string", 400, cmpl(stop=[""]), param="stop"),
+    Case("stop empty string", 400, cmpl(stop=["ok", ""]), param="stop",
+         says="stop[1] must be a non-empty string"),
+    Case("stop list with a number", 400, cmpl(stop=["ok", 5]), param="stop", says="stop[1]"),
+    Case("stop too many", 400, cmpl(stop=["x"] * 17), param="stop"),
     Case("stop_token_ids negative", 400, cmpl(stop_token_ids=[-1]), param="stop_token_ids"),
+    Case("stop_token_ids float", 400, cmpl(stop_token_ids=[2, 3.5]), param="stop_token_ids",
+         says="stop_token_ids[1]"),
+    Case("stop_token_ids huge", 400, cmpl(stop_token_ids=[10**30]), param="stop_token_ids"),
+    Case("stop_token_ids not a list", 400, cmpl(stop_token_ids=3), param="stop_token_ids"),
+    Case("stream_options include_usage not bool", 400,
+         cmpl(stream=True, stream_options={"include_usage": "yes"}), param="stream_options"),
     Case("stream not bool", 400, cmpl(stream="yes"), param="stream"),
     Case("stream_options without stream", 400, cmpl(stream_options={"include_usage": True}),
          param="stream_options"),
@@ -106,6 +167,13 @@ CASES = [
          "/v1/chat/completions", param="messages"),
     Case("chat content number", 400, chat(messages=[{"role": "user", "content": 7}]),
          "/v1/chat/completions", param="messages"),
+    Case("chat user content null", 400, chat(messages=[{"role": "user", "content": None}]),
+         "/v1/chat/completions", param="messages", says="messages[0].content"),
+    Case("chat message not an object", 400, chat(messages=[MSG[0], "hi"]),
+         "/v1/chat/completions", param="messages", says="messages[1]"),
+    Case("chat bad second part", 400, chat(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "text", "text": 5}]}]),
+         "/v1/chat/completions", param="messages", says="messages[0].content[1]"),
     Case("chat image part", 400, chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]),
          "/v1/chat/completions", param="messages"),
@@ -153,7 +221,7 @@ async def test_bad_input_gets_its_4xx(client, case: Case):
     kwargs: dict[str, Any] = {"headers": dict(case.headers)}
     if isinstance(case.body, bytes):
         kwargs["data"] = case.body
-        kwargs["headers"]["Content-Type"] = "application/json"
+        kwargs["headers"].setdefault("Content-Type", "application/json")
     elif case.body is not None:
         kwargs["json"] = case.body
     resp = await client.request(case.method, case.path, **kwargs)
@@ -165,6 +233,8 @@ async def test_bad_input_gets_its_4xx(client, case: Case):
     assert err["code"] == case.status and err["type"].endswith("Error") and err["message"]
     if case.param is not None:
         assert err["param"] == case.param, err
+    if case.says is not None:
+        assert case.says in err["message"], err
     if case.status == 401:
         assert resp.headers["WWW-Authenticate"].startswith("Bearer")
     if case.status == 405:
@@ -185,3 +255,48 @@ async def test_server_still_serves_after_the_bad_inputs(client):
                   if fam.name == "eaas_http_requests" for s in fam.samples
                   if s.name.endswith("_total") and s.labels["status"].startswith("4"))
     assert refused >= len(CASES)
+
+
+# Odd input that is valid: served (200), never a 4xx or a 500.
+ODD_BUT_VALID = [
+    ("surrogate pair escape", b'{"prompt": "smile \\ud83d\\ude00", "max_tokens": 2}', {}),
+    ("NUL character", b'{"prompt": "a\\u0000b", "max_tokens": 2}', {}),
+    ("json with charset", b'{"prompt": "hi", "max_tokens": 2}',
+     {"Content-Type": "application/json; charset=utf-8"}),
+    ("json content type in capitals", b'{"prompt": "hi", "max_tokens": 2}',
+     {"Content-Type": "Application/JSON; charset=UTF-8"}),
+    ("top_k beyond the vocabulary", b'{"prompt": "hi", "max_tokens": 2, "top_k": 1'
+     + b"0" * 30 + b"}", {}),
+    ("unknown fields", b'{"prompt": "hi", "max_tokens": 2, "user": "u", "extra": [1, {}]}', {}),
+]
+
+
+@pytest.mark.parametrize("body,headers", [c[1:] for c in ODD_BUT_VALID],
+                         ids=[c[0] for c in ODD_BUT_VALID])
+async def test_odd_but_valid_input_is_served(client, body: bytes, headers: dict):
+    resp = await client.post("/v1/completions", data=body,
+                             headers=headers or {"Content-Type": "application/json"})
+    assert resp.status == 200, await resp.text()
+    assert len((await resp.json())["choices"][0]["text"]) >= 0
+
+
+# Last-Event-ID is resent by EventSource on every reconnect: an id this server cannot have
+# sent is ignored (the history is replayed from its start), never a 500 or a 400 the browser
+# would retry forever.
+BAD_EVENT_IDS = {"5000 digits": "9" * 5000, "not a number": "abc", "negative": "-5",
+                 "unicode digit": "\u00b2", "ahead of the newest event": "123456789",
+                 "empty": ""}
+
+
+@pytest.mark.parametrize("last_id", list(BAD_EVENT_IDS.values()), ids=list(BAD_EVENT_IDS))
+async def test_bad_last_event_id_replays_the_history(client, last_id: str):
+    resp = await client.get("/admin/api/events", headers={"Last-Event-ID": last_id})
+    assert resp.status == 200 and resp.content_type == "text/event-stream"
+    async with asyncio.timeout(10):
+        while True:
+            block = (await resp.content.readuntil(b"\n\n")).decode()
+            if block.startswith("id: "):
+                break
+    resp.close()
+    first = client.server.app[STATE].events.history()[0]["id"]
+    assert block.startswith(f"id: {first}\n"), block  # the oldest event the server holds

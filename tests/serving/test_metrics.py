@@ -129,3 +129,76 @@ def test_kv_cache_usage_is_zero_without_pools():
         assert value(fams, "eaas_kv_cache_usage_ratio", "eaas_kv_cache_usage_ratio") == 0
     assert normalize({"shards": [{"name": "s", "kv_blocks_used": 3, "kv_blocks_total": 4}]})[
         "kv_cache"] == {"used_blocks": 3, "total_blocks": 4, "usage_ratio": 0.75}
+
+
+def _server(name: str, restarts: int) -> dict:
+    return {"name": name, "state": "alive", "restarts": restarts}
+
+
+def _actor(name: str, restarts: int) -> dict:
+    return {"name": name, "kind": "ExpertServer", "state": "running", "restarts": restarts}
+
+
+# (what the engine reports, eaas_restarts_total, eaas_actor_restarts_total{actor=expert-0})
+RESTART_STEPS = [
+    ({"servers": [_server("expert-0", 0)], "actors": [_actor("expert-0", 0)]}, 0, 0),
+    ({"servers": [_server("expert-0", 2)], "actors": [_actor("expert-0", 2)]}, 2, 2),
+    ({"servers": [], "actors": []}, 2, None),  # removed: its restarts stay counted
+    ({"servers": [_server("expert-1", 1)], "actors": [_actor("expert-1", 1)]}, 3, None),
+    # the name comes back as a fresh actor (restarts 0, then 1): its series continues at 2, 3
+    ({"servers": [_server("expert-1", 1), _server("expert-0", 0)],
+      "actors": [_actor("expert-1", 1), _actor("expert-0", 0)]}, 3, 2),
+    ({"servers": [_server("expert-1", 1), _server("expert-0", 1)],
+      "actors": [_actor("expert-1", 1), _actor("expert-0", 1)]}, 4, 3),
+    # the engine starts counting restarts itself (as it does from the first one on): no dip
+    ({"servers": [_server("expert-1", 1), _server("expert-0", 1)],
+      "actors": [_actor("expert-1", 1), _actor("expert-0", 1)], "counters": {"restarts": 1}},
+     4, 3),
+]
+
+
+def test_counters_derived_from_live_state_never_go_down():
+    from eaas.serving.snapshot import MonotonicCounters
+
+    guard = MonotonicCounters()
+    current: dict = {}
+    metrics = ServingMetrics("m", snapshot=lambda: guard.apply(normalize(current)))
+    seen = []
+    for snap, restarts, actor in RESTART_STEPS:
+        current = snap
+        fams = families(metrics.render().decode())
+        assert value(fams, "eaas_restarts", "eaas_restarts_total") == restarts, len(seen)
+        got = [s.value for s in fams["eaas_actor_restarts"].samples
+               if s.name == "eaas_actor_restarts_total" and s.labels["actor"] == "expert-0"]
+        assert got == ([] if actor is None else [actor]), len(seen)
+        seen.append(restarts)
+    assert seen == sorted(seen)
+
+
+def test_engine_counters_are_guarded_against_a_reset():
+    from eaas.serving.snapshot import MonotonicCounters
+
+    guard = MonotonicCounters()
+    reroutes = [guard.apply(normalize({"counters": {"reroutes": n}}))["counters"]["reroutes"]
+                for n in (0, 5, 7, 2, 3)]  # the source restarted at 0 after 7
+    assert reroutes == [0, 5, 7, 9, 10]
+
+
+async def test_topology_counters_are_the_monotonic_ones(tiny_dir):
+    async with serving_client(engine_config(tiny_dir)) as client:
+        state = client.server.app[STATE]
+        engine = client.server.app[ENGINE]
+        real = engine.snapshot
+
+        def dropping() -> dict:  # a live-state value that fell (a removed server's share)
+            snap = real()
+            snap["counters"] = {**snap.get("counters", {}), "scale_events": drops.pop(0)}
+            return snap
+
+        drops = [4, 1]
+        engine.snapshot = dropping
+        first = (await (await client.get("/admin/api/topology")).json())["counters"]
+        second = (await (await client.get("/admin/api/topology")).json())["counters"]
+        engine.snapshot = real
+        assert (first["scale_events"], second["scale_events"]) == (4, 5)
+        assert state.snapshot()["counters"]["restarts"] == 0
