@@ -54,6 +54,11 @@ class EscalationError(ActorError):
 
 
 # --- transport and serving ---------------------------------------------------------------
+class InjectedFault(EaasError):
+    """A crash asked for (fault injection: the admin API's kill, `inject_fault`): planned, so
+    supervisors log it as one line, without a traceback."""
+
+
 class TransportError(EaasError, ConnectionError):
     """A transport connection failed or closed."""
 

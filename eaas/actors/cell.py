@@ -28,7 +28,8 @@ from eaas.actors.mailbox import Mailbox
 from eaas.actors.messages import STOP, Envelope, Ping, Stop, Terminated
 from eaas.actors.policy import ChildSpec
 from eaas.actors.ref import ActorRef, SupervisorRef, cell_of
-from eaas.errors import (ActorDeadError, ActorStateError, EscalationError, MailboxClosedError,
+from eaas.errors import (ActorDeadError, ActorStateError, EscalationError, InjectedFault,
+                         MailboxClosedError,
                          StartTimeoutError)
 
 __all__ = ["ActorCell", "CellHost"]
@@ -263,7 +264,9 @@ class ActorCell:
             self.last_reason = repr(reason)
             host.emit("actor_crashed", self.name, self.last_reason)
             if not start_failed:
-                log.warning("actor %r crashed: %r", self.name, reason, exc_info=reason)
+                planned = isinstance(reason, InjectedFault)  # one line, no traceback
+                log.warning("actor %r crashed: %r", self.name, reason,
+                            exc_info=None if planned else reason)
         self._fail_current(reason)
         if reason is not None:
             # The normal path already stopped children and ran on_stop inside the group.

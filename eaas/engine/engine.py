@@ -66,7 +66,10 @@ class AsyncEngine:
             raise TypeError(f"AsyncEngine needs an EngineConfig, got {type(config).__name__}")
         self.config = config
         self.events_bus = EventBus()
-        self.counters: dict[str, int] = {}
+        # present (at 0) from the start: a Prometheus counter appears before its first event
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("restarts", "replacements", "replace_failures", "tokens_generated",
+             "degraded_requests"), 0)
         self._system: ActorSystem | None = None
         self._ids = itertools.count(1)
         self._requests: dict[str, tuple[Request, Any]] = {}  # id -> (request, shard ref)

@@ -16,7 +16,7 @@ import torch
 
 from eaas.actors import Actor
 from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
-from eaas.errors import EaasError
+from eaas.errors import EaasError, InjectedFault
 
 
 class ExpertHost:
@@ -126,7 +126,7 @@ class ExpertServer(Actor):
             return {"calls": h.calls if h else 0, "rows": h.rows if h else 0,
                     "experts": h.assignment if h else {}, "load_stats": h.load_stats if h else {}}
         if isinstance(msg, Crash):
-            raise EaasError(f"{self.name}: {msg.reason}")
+            raise InjectedFault(f"{self.name}: {msg.reason}")
         if isinstance(msg, dict) and msg.get("op") == "hang":
             # fault injection: stop answering for `seconds` (like SIGSTOP on a process)
             t_end = time.monotonic() + float(msg["seconds"])

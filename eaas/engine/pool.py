@@ -288,6 +288,7 @@ class ExpertPool:
         slot = s.get("slot")
         if slot is not None and kind in ("kill", "hang"):  # a real OS process: real signals
             if kind == "kill":
+                slot.planned_kill = True
                 slot.signal(signal.SIGKILL)
             else:
                 pid = slot.pid

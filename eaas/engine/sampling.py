@@ -51,8 +51,10 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "a number in (0, 1]")
         if not (0 < self.top_p <= 1):
             raise bad("top_p", self.top_p, "a number in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", self.top_k, "-1 or 0 (off) or an integer >= 1")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or \
+                not -1 <= self.top_k < 1 << 31:
+            raise bad("top_k", self.top_k, "-1 or 0 (off) or an integer 1 <= top_k < 2**31 "
+                      "(values above the vocabulary size mean off)")
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise bad("seed", self.seed, "None or an integer")

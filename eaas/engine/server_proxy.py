@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 
 from eaas.actors import Actor
 from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
-from eaas.errors import EaasError
+from eaas.errors import EaasError, InjectedFault
 
 
 FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
@@ -126,6 +126,7 @@ class ProcessSlot:
     url: str | None = None
     starts: int = 0
     log_path: str = field(default="")
+    planned_kill: bool = False  # the next exit was asked for (fault injection)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
@@ -257,7 +258,11 @@ class ServerProcess(Actor):
         rc = await proc.wait()
         if self._stopping:
             return
-        raise EaasError(f"expert server {self.slot.name} (pid {proc.pid}) exited with code {rc}")
+        what = f"expert server {self.slot.name} (pid {proc.pid}) exited with code {rc}"
+        if self.slot.planned_kill:  # the pool's inject_fault("kill") sent that SIGKILL
+            self.slot.planned_kill = False
+            raise InjectedFault(what + " (killed by fault injection)")
+        raise EaasError(what)
 
     async def _heartbeat(self) -> None:
         misses = 0

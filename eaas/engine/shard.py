@@ -25,7 +25,7 @@ from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate
                                   Stats, Subscribe, UnitFailed, UnitResult)
 from eaas.engine.request import Request
 from eaas.engine.sampling import sample
-from eaas.errors import EaasError
+from eaas.errors import EaasError, InjectedFault
 from eaas.gpu.waiter import download
 from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
 from eaas.model import bank_experts, combine_experts
@@ -191,7 +191,7 @@ class AttentionShard(Actor):
         elif isinstance(msg, Stats):
             return self.stats()
         elif isinstance(msg, Crash):
-            raise EaasError(f"{self.name}: {msg.reason}")
+            raise InjectedFault(f"{self.name}: {msg.reason}")
         else:
             raise TypeError(f"AttentionShard cannot handle {type(msg).__name__}")
         return None
