@@ -20,6 +20,7 @@ import torch
 from eaas.actors import Actor
 from eaas.config import EngineConfig
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
+from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate,
                                   Stats, Subscribe, UnitFailed, UnitResult)
@@ -27,7 +28,6 @@ from eaas.engine.request import Request
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError, InjectedFault
 from eaas.gpu.waiter import download
-from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
 from eaas.model import bank_experts, combine_experts
 from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SeqSpan
 from eaas.model.ops import upload

@@ -87,3 +87,22 @@ def test_bench_scale_smoke_three_phases_no_lost_requests(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
     assert (tmp_path / "scale_results.json").exists()
     print(f"bench_scale --smoke took {wall:.1f} s")
+
+
+def test_bench_faults_smoke_loses_nothing(tmp_path):
+    out, wall = _run("bench_faults.py", "--out", str(tmp_path))
+    assert "# bench_faults --smoke" in out and "tok/s = tokens streamed in a" in out
+    faults = _table(out, "setup")
+    assert [(r[0], r[1].split()[0]) for r in faults] == [("replicas", "SIGKILL"),
+                                                         ("replicas", "SIGSTOP")]
+    for r in faults:  # detected, rerouted, restart begun, back in routing, first token
+        assert all(c != "-" for c in r[3:8]), f"a phase time is missing: {r}"
+        assert 0 <= float(r[3]) <= float(r[4]) <= float(r[6]), r
+    summary = _table(out, "setup | engine start s")
+    assert [(r[0], r[4], r[5]) for r in summary] == [("replicas", "0", "0")], summary
+    assert "lost 0, mismatched 0" in out.split("soak ", 1)[1], "the soak lost requests"
+    for png in ("faults_timeline.png", "faults_soak.png"):
+        data = (tmp_path / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    assert (tmp_path / "faults_results.json").exists()
+    print(f"bench_faults --smoke took {wall:.1f} s")
