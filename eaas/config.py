@@ -198,6 +198,7 @@ class FaultConfig:
     # a server past its restart intensity is replaced (a fresh name, the same experts) after
     # this cool-down; escalation is an event, capacity comes back
     replace_after_s: float = 2.0
+    warm_spares: int = 1  # server processes started ahead, adopted by a restart (0: off)
 
     def __post_init__(self) -> None:
         _int("fault.max_restarts", self.max_restarts, 0)
@@ -210,6 +211,7 @@ class FaultConfig:
                self.no_replica_policy, f"one of {NO_REPLICA_POLICIES}")
         _num("fault.wait_timeout_s", self.wait_timeout_s, 0, strict=True)
         _num("fault.replace_after_s", self.replace_after_s, 0)
+        _int("fault.warm_spares", self.warm_spares, 0, 8)
 
 
 @dataclass(frozen=True, slots=True)

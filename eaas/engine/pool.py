@@ -15,6 +15,7 @@ the last good table stays in force (the rollback).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -55,6 +56,7 @@ class ExpertPool:
         self._tasks: set[asyncio.Task] = set()  # replacements of escalated servers (aclose ends)
         self.replaced: list[str] = []  # servers given up and replaced under a fresh name
         self.log_dir: str | None = None  # the server processes' logs (one run directory)
+        self.spares: dict[str, Any] = {}  # device -> SpareProcesses (server_mode process)
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
         # in-process servers share one copy of each layer's experts per device
@@ -94,10 +96,11 @@ class ExpertPool:
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 
             slot = entry["slot"] = ProcessSlot(name, log_path=self._log_path(name))
+            spares = self._spares_for(device)
             factory = lambda: ServerProcess(  # noqa: E731
                 slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
-                load_format=cfg.load_format,
+                load_format=cfg.load_format, spares=spares,
                 call_timeout_s=fault.unit_timeout_s,
                 # a ping every half interval, each with a half-interval deadline: a server that
                 # stays silent (hung, SIGSTOPped) is declared dead after 3 heartbeat intervals
@@ -501,6 +504,24 @@ class ExpertPool:
         for task in list(self._tasks):
             task.cancel()
 
+    def _spares_for(self, device: str) -> Any:
+        """The warm spare server processes of `device` (started on first use), or None."""
+        from eaas.engine.server_proxy import SpareProcesses, restart_transport, server_argv
+
+        cfg = self.config
+        if cfg.fault.warm_spares == 0:
+            return None
+        spares = self.spares.get(device)
+        if spares is None:
+            argv = functools.partial(
+                server_argv, cfg.model, {}, dtype=cfg.dtype, device=device,
+                load_format=cfg.load_format, batch_invariant=cfg.batch_invariant,
+                transport=restart_transport(cfg.placement.transport))
+            spares = self.spares[device] = SpareProcesses(
+                argv, self._log_path, count=cfg.fault.warm_spares, start_timeout_s=180.0)
+            spares.fill()
+        return spares
+
     def _log_path(self, name: str) -> str:
         """Server `name`'s log file, in this engine's run directory (made on first use)."""
         if self.log_dir is None:
@@ -524,10 +545,13 @@ class ExpertPool:
         self.log_dir = None
 
     async def aclose(self) -> None:
-        """Cancel the timers and the replacements in progress, and wait for them to end."""
+        """Cancel the timers and the replacements in progress, wait for them to end, and stop
+        the warm spares."""
         tasks = list(self._tasks)
         self.close()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for spares in self.spares.values():
+            await spares.aclose()
 
     def unserved(self) -> dict[int, list[int]]:
         """{layer: expert ids} that have no live replica right now (all their servers dead)."""

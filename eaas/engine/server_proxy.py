@@ -14,7 +14,9 @@ start-up.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import os
 import signal
 import sys
@@ -28,6 +30,8 @@ from eaas.actors import Actor
 from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
 from eaas.errors import EaasError, InjectedFault
 
+
+log = logging.getLogger("eaas.engine")
 
 FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
 
@@ -151,14 +155,135 @@ def child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
 
 
+def restart_transport(transport: str) -> str:
+    """The transport of a process that cannot join the NVSHMEM job (restarted, added, spare)."""
+    return FALLBACK_TRANSPORT if transport == "nvshmem" else transport
+
+
+def server_argv(model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str, device: str,
+                load_format: str, batch_invariant: bool, transport: str) -> list[str]:
+    """The command line of an expert-server process hosting `assignment` ({} for a spare)."""
+    return [sys.executable, "-m", "eaas.engine.server_process", "--model", model_dir,
+            "--assignment", json.dumps({str(k): v for k, v in assignment.items()}),
+            "--dtype", dtype, "--device", device, "--load-format", load_format,
+            "--batch-invariant" if batch_invariant else "--no-batch-invariant",
+            "--listen", f"{transport}://" + ("127.0.0.1:0" if transport == "tcp" else ""),
+            "--parent-pid", str(os.getpid())]
+
+
+async def spawn_server(argv: list[str], log_path: str) -> asyncio.subprocess.Process:
+    """Start an expert-server process: stdout piped (its ready line), stderr to `log_path`."""
+    log = open(log_path, "ab")  # noqa: ASYNC230 (opening a log file does not block)
+    try:
+        return await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            env=child_env())
+    finally:
+        log.close()
+
+
+async def read_ready(proc: asyncio.subprocess.Process, what: str, log_path: str,
+                     timeout_s: float) -> dict:
+    """The ready line: the first stdout line that is a JSON object with a "url" (libraries
+    such as NCCL may print lines of their own first)."""
+    assert proc.stdout is not None
+    name = f"{what} (pid {proc.pid})"
+    try:
+        async with asyncio.timeout(timeout_s):
+            while line := await proc.stdout.readline():
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(info, dict) and isinstance(info.get("url"), str):
+                    return info
+    except TimeoutError:
+        raise EaasError(f"{name} did not become ready within {timeout_s}s; see {log_path}"
+                        ) from None
+    raise EaasError(f"{name} did not become ready: it exited with code {await proc.wait()}; "
+                    f"see {log_path}")
+
+
+@dataclass(slots=True)
+class Spare:
+    """A started, ready expert-server process that hosts no experts yet."""
+
+    proc: asyncio.subprocess.Process
+    info: dict
+    log_path: str
+
+
+class SpareProcesses:
+    """Warm spares: `count` expert-server processes started ahead with no experts, for one
+    device and transport. A restarting server adopts one (it connects and loads its experts:
+    no interpreter and torch start-up on the failover path), and a new spare starts behind it.
+
+    argv: the command line of a spare; log_path(name): where its stderr goes.
+    """
+
+    def __init__(self, argv: Callable[[], list[str]], log_path: Callable[[str], str], *,
+                 count: int, start_timeout_s: float) -> None:
+        self._argv, self._log_path = argv, log_path
+        self.count, self.start_timeout_s = count, start_timeout_s
+        self._ready: list[Spare] = []
+        self._tasks: set[asyncio.Task] = set()  # starts in progress (aclose ends them)
+        self._names = itertools.count()
+        self.adopted = 0
+
+    def fill(self) -> None:
+        """Start spares until `count` are ready or starting (in tasks this object owns)."""
+        while len(self._ready) + len(self._tasks) < self.count:
+            task = asyncio.get_running_loop().create_task(self._start(),
+                                                          name="expert-spare-start")
+            self._tasks.add(task)
+            task.add_done_callback(self._started)
+
+    def _started(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a warm spare expert server did not start: %s", task.exception())
+
+    async def _start(self) -> None:
+        path = self._log_path(f"spare-{next(self._names)}")
+        proc = await spawn_server(self._argv(), path)
+        try:
+            info = await read_ready(proc, "warm spare expert server", path, self.start_timeout_s)
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+            raise
+        self._ready.append(Spare(proc, info, path))
+
+    def take(self) -> Spare | None:
+        """A ready spare that is still alive (it is now the caller's), or None."""
+        while self._ready:
+            spare = self._ready.pop(0)
+            if spare.proc.returncode is None:
+                self.adopted += 1
+                return spare
+        return None
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for spare in self._ready:
+            if spare.proc.returncode is None:
+                spare.proc.kill()
+                await spare.proc.wait()
+        self._ready.clear()
+
+
 class ServerProcess(Actor):
     def __init__(self, slot: ProcessSlot, model_dir: str, assignment: Mapping[int, list[int]], *,
                  dtype: str, device: str, batch_invariant: bool, transport: str,
                  call_timeout_s: float, heartbeat_interval_s: float, heartbeat_misses: int = 3,
                  start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None,
                  fabric: FabricSeat | None = None,
-                 fabric_joined: asyncio.Event | None = None, load_format: str = "auto") -> None:
+                 fabric_joined: asyncio.Event | None = None, load_format: str = "auto",
+                 spares: SpareProcesses | None = None) -> None:
         self._on_ready = on_ready
+        self.spares = spares  # warm spares a restart adopts (None: always a fresh process)
         self.load_format = load_format
         self.slot = slot
         self.assignment = {int(k): list(v) for k, v in assignment.items()}
@@ -177,14 +302,10 @@ class ServerProcess(Actor):
         """The command line of the slot's next process (its first start joins the fabric)."""
         transport = self.transport
         seat = self.fabric if transport == "nvshmem" and self.slot.starts == 0 else None
-        if transport == "nvshmem" and seat is None:
-            transport = FALLBACK_TRANSPORT
-        return [sys.executable, "-m", "eaas.engine.server_process", "--model", self.model_dir,
-                "--assignment", json.dumps({str(k): v for k, v in self.assignment.items()}),
-                "--dtype", self.dtype, "--device", self.device, "--load-format", self.load_format,
-                "--batch-invariant" if self.batch_invariant else "--no-batch-invariant",
-                "--listen", f"{transport}://" + ("127.0.0.1:0" if transport == "tcp" else ""),
-                "--parent-pid", str(os.getpid()), *(seat.argv() if seat is not None else ())]
+        return server_argv(self.model_dir, self.assignment, dtype=self.dtype, device=self.device,
+                           load_format=self.load_format, batch_invariant=self.batch_invariant,
+                           transport=transport if seat is not None else restart_transport(
+                               transport)) + (seat.argv() if seat is not None else [])
 
     async def on_start(self) -> None:
         from eaas.transport import RpcClient, connect
@@ -193,50 +314,38 @@ class ServerProcess(Actor):
         slot = self.slot
         slot.log_path = slot.log_path or os.path.join(tempfile.gettempdir(),
                                                       f"eaas-{os.getpid()}-{slot.name}.log")
-        log = open(slot.log_path, "ab")  # noqa: ASYNC230 (opening a log file does not block)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(), stdout=asyncio.subprocess.PIPE, stderr=log,
-                stdin=asyncio.subprocess.DEVNULL, env=child_env())
-        finally:
-            log.close()
+        # a restart adopts a warm spare (started ahead, no experts): no interpreter start-up
+        spare = self.spares.take() if self.spares is not None and slot.starts > 0 else None
+        if spare is not None:
+            proc, info = spare.proc, spare.info
+            slot.log_path = spare.log_path
+        else:
+            proc = await spawn_server(self.argv(), slot.log_path)
         slot.proc, slot.pid, slot.starts, slot.url = proc, proc.pid, slot.starts + 1, None
         assert proc.stdout is not None
         try:
-            info = await self._read_ready(proc)
+            if spare is None:
+                info = await read_ready(proc, f"expert server {slot.name}", slot.log_path,
+                                        self.start_timeout_s)
             if info["url"].startswith("nvshmem://") and self.fabric_joined is not None:
                 # the server's join returned, so ours is returning: wait until it has
                 await asyncio.wait_for(self.fabric_joined.wait(), self.start_timeout_s)
             slot.url = info["url"]
             self.rpc = RpcClient(await connect(info["url"], timeout=10.0))
+            if spare is not None:  # give the adopted spare this server's experts
+                await self.rpc.call({"op": "load", "experts": {
+                    str(k): v for k, v in self.assignment.items()}}, timeout=self.start_timeout_s)
         except BaseException:  # also a cancelled start (a failed fabric join): no orphan
             await self._reap_old()
             raise
+        finally:
+            if spare is not None and self.spares is not None:
+                self.spares.fill()  # start the next spare behind the one just taken
         self.context.create_task(self._drain_stdout(proc), name=f"{slot.name}-stdout")
         self.context.create_task(self._watch_exit(proc), name=f"{slot.name}-exit")
         self.context.create_task(self._heartbeat(), name=f"{slot.name}-heartbeat")
         if self._on_ready is not None:
             self._on_ready()
-
-    async def _read_ready(self, proc: asyncio.subprocess.Process) -> dict:
-        """The ready line: the first stdout line that is a JSON object with a "url" (libraries
-        such as NCCL may print lines of their own first)."""
-        assert proc.stdout is not None
-        name = f"expert server {self.slot.name} (pid {proc.pid})"
-        try:
-            async with asyncio.timeout(self.start_timeout_s):
-                while line := await proc.stdout.readline():
-                    try:
-                        info = json.loads(line)
-                    except ValueError:
-                        continue
-                    if isinstance(info, dict) and isinstance(info.get("url"), str):
-                        return info
-        except TimeoutError:
-            raise EaasError(f"{name} did not become ready within {self.start_timeout_s}s; "
-                            f"see {self.slot.log_path}") from None
-        raise EaasError(f"{name} did not become ready: it exited with code "
-                        f"{await proc.wait()}; see {self.slot.log_path}")
 
     async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:
         """Keep reading the server's stdout so that library output never fills the pipe."""

@@ -19,7 +19,7 @@ async def test_clean_run_leaves_no_logs_and_a_failed_one_keeps_them(tiny_dirs, c
     d = tiny_dirs["mixtral"]
     async with AsyncEngine(_cfg(d)) as engine:
         run_dir = engine.pool.log_dir
-        assert run_dir and sorted(os.listdir(run_dir)) == ["expert-0.log", "expert-1.log"]
+        assert run_dir and {"expert-0.log", "expert-1.log"} <= set(os.listdir(run_dir))
         await final(engine, [1, 2, 3], SamplingParams(max_tokens=3, temperature=0))
     assert not os.path.exists(run_dir)
 
