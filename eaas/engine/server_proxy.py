@@ -222,11 +222,13 @@ class SpareProcesses:
     """
 
     def __init__(self, argv: Callable[[], list[str]], log_path: Callable[[str], str], *,
-                 count: int, start_timeout_s: float) -> None:
+                 count: int, start_timeout_s: float, refill_delay_s: float = 3.0) -> None:
         self._argv, self._log_path = argv, log_path
         self.count, self.start_timeout_s = count, start_timeout_s
         self._ready: list[Spare] = []
         self._tasks: set[asyncio.Task] = set()  # starts in progress (aclose ends them)
+        self._timer: asyncio.TimerHandle | None = None  # a delayed refill
+        self.refill_delay_s = refill_delay_s
         self._names = itertools.count()
         self.adopted = 0
 
@@ -237,6 +239,16 @@ class SpareProcesses:
                                                           name="expert-spare-start")
             self._tasks.add(task)
             task.add_done_callback(self._started)
+
+    def fill_later(self) -> None:
+        """`fill()` after `refill_delay_s`: a spare's own start-up (interpreter, torch import)
+        would compete for the CPU with the failover it just served."""
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.refill_delay_s, self._fill)
+
+    def _fill(self) -> None:
+        self._timer = None
+        self.fill()
 
     def _started(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
@@ -264,6 +276,9 @@ class SpareProcesses:
         return None
 
     async def aclose(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -340,7 +355,7 @@ class ServerProcess(Actor):
             raise
         finally:
             if spare is not None and self.spares is not None:
-                self.spares.fill()  # start the next spare behind the one just taken
+                self.spares.fill_later()  # the next spare, once the failover is over
         self.context.create_task(self._drain_stdout(proc), name=f"{slot.name}-stdout")
         self.context.create_task(self._watch_exit(proc), name=f"{slot.name}-exit")
         self.context.create_task(self._heartbeat(), name=f"{slot.name}-heartbeat")

@@ -78,6 +78,21 @@ def test_kills_and_a_hang_lose_no_request_and_change_no_token(tiny_dir, tmp_path
                     "ignore_eos": True, "return_token_ids": True})
 
         threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+        restarts: list[float] = []  # eaas_restarts_total as /metrics says it, over the run
+        done = threading.Event()
+
+        def poll() -> None:
+            while not done.is_set():
+                try:
+                    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+                    restarts.extend(float(line.split()[-1]) for line in text.splitlines()
+                                    if line.startswith("eaas_restarts_total"))
+                except OSError:
+                    pass
+                time.sleep(0.25)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
         t0 = time.monotonic()
         for t in threads:
             t.start()
@@ -95,6 +110,10 @@ def test_kills_and_a_hang_lose_no_request_and_change_no_token(tiny_dir, tmp_path
         for t in threads:
             t.join(180)
         took = time.monotonic() - t0
+        done.set()
+        poller.join(10)
+        assert restarts and restarts == sorted(restarts), f"a counter went down: {restarts}"
+        assert restarts[-1] >= 2
         bad = {i: r for i, r in results.items() if r[0] != 200}
         assert not bad, f"failed requests: {bad}\n{log.read_text()[-3000:]}"
         got = [results[i][1]["choices"][0]["token_ids"] for i in range(len(prompts))]

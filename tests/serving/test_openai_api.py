@@ -142,6 +142,28 @@ async def test_not_ready_engine_answers_503_and_reads_still_work(tiny_dir):
         assert (await client.get("/v1/models")).status == 200
 
 
+async def test_ready_is_503_naming_experts_without_a_live_replica(tiny_dir):
+    """One copy of every expert; the server holding some of them dies past its restart
+    intensity (no replacement within the test): /ready and /health say which experts."""
+    cfg = engine_config(tiny_dir, fault={"max_restarts": 0, "replace_after_s": 600.0})
+    cfg = cfg.replace(placement=cfg.placement.__class__(
+        num_expert_servers=2, expert_replicas=1, server_mode="inproc"))
+    async with serving_client(cfg) as client:
+        assert (await client.get("/ready")).status == 200
+        engine = client.server.app[ENGINE]
+        await engine.inject_fault("expert-0", "kill")
+        for _ in range(200):
+            resp = await client.get("/ready")
+            if resp.status == 503:
+                break
+            await asyncio.sleep(0.02)
+        body = await resp.json()
+        assert resp.status == 503 and "have no live replica" in body["reason"], body
+        assert body["reasons"] and all(r.startswith("layer ") for r in body["reasons"])
+        health = await client.get("/health")
+        assert health.status == 503 and (await health.json())["no_live_replica"]
+
+
 async def test_client_disconnect_aborts_the_engine_request(tiny_dir):
     async with serving_client(engine_config(tiny_dir)) as client:
         engine, state = client.server.app[ENGINE], client.server.app[STATE]
