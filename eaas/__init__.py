@@ -9,10 +9,14 @@ __all__ = ["Engine", "AsyncEngine", "EngineConfig", "SamplingParams", "RequestOu
 
 
 def __getattr__(name: str):  # lazy: `import eaas` stays cheap (no torch import)
-    if name in ("Engine", "AsyncEngine"):
-        from eaas.engine import engine as _engine
+    if name == "AsyncEngine":
+        from eaas.engine.engine import AsyncEngine
 
-        return getattr(_engine, name)
+        return AsyncEngine
+    if name == "Engine":
+        from eaas.engine.blocking import Engine
+
+        return Engine
     if name == "EngineConfig":
         from eaas.config import EngineConfig
 

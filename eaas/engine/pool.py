@@ -6,22 +6,16 @@ escalates and stays down, routing goes around it, and after `fault.replace_after
 starts a replacement under a fresh name hosting the same experts (escalation is an event, not an
 outage): the replacement is put into the table in place of the dead server once it is ready.
 
-Routing changes only through the routing-table actor. Scaling follows one rule: a server is put
-into the table only after it reports ready with the experts it will be asked for, and taken out
-of the table before it is drained and stopped. A step that fails never reaches the table, so
-the last good table stays in force (the rollback).
+Routing changes only through the routing-table actor. Scaling while serving (add, remove,
+replicate, apply a table) is the `Scaling` mixin in eaas/engine/scaling.py; where the server
+processes live (run directory, warm spares) is eaas/engine/process_home.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
-import logging
-import os
-import shutil
 import signal
-import tempfile
 from typing import TYPE_CHECKING, Any, Callable
 
 from eaas.actors import Actor, ChildSpec, RestartPolicy, Supervisor
@@ -29,18 +23,17 @@ from eaas.config import EngineConfig
 from eaas.engine.batcher import Batcher
 from eaas.engine.expert_server import ExpertServer
 from eaas.engine.expert_store import ExpertStore
-from eaas.engine.messages import (Crash, LoadExperts, SetServerState, SetTable, Stats,
-                                  UnloadExperts)
+from eaas.engine.process_home import ProcessHome
+from eaas.engine.scaling import Scaling
+from eaas.engine.messages import (Crash, SetServerState)
 from eaas.engine.placement import RoutingSnapshot, server_name
 from eaas.errors import EaasError
-
-log = logging.getLogger("eaas.engine")
 
 if TYPE_CHECKING:
     from eaas.engine.server_proxy import FabricSeat
 
 
-class ExpertPool:
+class ExpertPool(Scaling):
     def __init__(self, config: EngineConfig, pool_sup: Any, routing_ref: Any,
                  get_routing: Callable[[], RoutingSnapshot], emit: Callable[[dict], None],
                  counters: dict[str, int]) -> None:
@@ -55,8 +48,7 @@ class ExpertPool:
         self._timers: list[asyncio.TimerHandle] = []
         self._tasks: set[asyncio.Task] = set()  # replacements of escalated servers (aclose ends)
         self.replaced: list[str] = []  # servers given up and replaced under a fresh name
-        self.log_dir: str | None = None  # the server processes' logs (one run directory)
-        self.spares: dict[str, Any] = {}  # device -> SpareProcesses (server_mode process)
+        self.home = ProcessHome(config)  # the server processes' run directory and warm spares
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
         # in-process servers share one copy of each layer's experts per device
@@ -95,8 +87,8 @@ class ExpertPool:
         if cfg.placement.server_mode == "process":
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 
-            slot = entry["slot"] = ProcessSlot(name, log_path=self._log_path(name))
-            spares = self._spares_for(device)
+            slot = entry["slot"] = ProcessSlot(name, log_path=self.home.log_path(name))
+            spares = self.home.spares_for(device)
             factory = lambda: ServerProcess(  # noqa: E731
                 slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
@@ -314,235 +306,18 @@ class ExpertPool:
         return s
 
     # ---- elastic scaling -------------------------------------------------------------------
-    async def add_server(self, experts: dict[int, list[int]] | None = None, *,
-                         start_timeout_s: float = 120.0, device: str | None = None) -> str:
-        """Start a new server hosting `experts` ({layer: ids}; default: every expert), and
-        route to it once it is ready, in a new generation. If it does not become ready within
-        start_timeout_s it is stopped and the routing table is left as it was."""
-        async with self._lock:
-            routing = self._routing()
-            if experts is None:
-                experts = {l: sorted(ex) for l, ex in routing.table.items()}
-            assignment = self._check_experts(experts, routing)
-            name = server_name(next(self._next_index))
-            self._emit({"type": "scale_started", "action": "add", "server": name})
-            try:
-                await asyncio.wait_for(self.start_server(name, assignment, device=device,
-                                                         timeout=start_timeout_s),
-                                       start_timeout_s)
-            except Exception as e:
-                await self._discard(name)
-                self.counters["scale_failures"] = self.counters.get("scale_failures", 0) + 1
-                self._emit({"type": "scale_failed", "action": "add", "server": name,
-                            "reason": f"{type(e).__name__}: {e}", "rolled_back_to":
-                            routing.generation})
-                raise RuntimeError(f"adding expert server {name} failed ({type(e).__name__}: "
-                                   f"{e}); routing stays at generation {routing.generation}"
-                                   ) from e
-            table = _with_server(self._routing().table, name, assignment)
-            await self._set_table(table, f"added {name}")
-            self.counters["scale_events"] = self.counters.get("scale_events", 0) + 1
-            self._emit({"type": "scale_done", "action": "add", "server": name})
-            return name
-
-    async def remove_server(self, name: str, *, drain_timeout_s: float = 30.0) -> None:
-        """Take `name` out of routing (a new generation), copy experts only it hosted to the
-        remaining servers first, let in-flight work finish (or be resent), then stop it."""
-        async with self._lock:
-            self._get(name)
-            live = [n for n, s in self.servers.items() if n != name and s["state"] != "dead"]
-            if not live:
-                raise ValueError(f"cannot remove {name}: it is the last live expert server")
-            self._emit({"type": "scale_started", "action": "remove", "server": name})
-            table = {l: {e: tuple(s for s in srv if s != name) for e, srv in ex.items()}
-                     for l, ex in self._routing().table.items()}
-            orphans: dict[int, list[int]] = {}
-            for l, ex in table.items():
-                for e, srv in ex.items():
-                    if not [s for s in srv if s in live]:
-                        orphans.setdefault(l, []).append(e)
-            # re-home experts only `name` hosted: plan on the least-loaded servers, then one
-            # load per target server
-            hosted = {n: sum(map(len, self.servers[n]["assignment"].values())) for n in live}
-            plan: dict[str, dict[int, list[int]]] = {}
-            for l, ids in orphans.items():
-                for e in ids:
-                    target = min(live, key=lambda n: (hosted[n], n))
-                    hosted[target] += 1
-                    plan.setdefault(target, {}).setdefault(l, []).append(e)
-                    table[l][e] = table[l][e] + (target,)
-            for target, experts in plan.items():
-                await self._load(target, experts)
-            await self._set_table(table, f"removing {name}")
-            await self._drain(name, drain_timeout_s)
-            await self._discard(name)
-            self.counters["scale_events"] = self.counters.get("scale_events", 0) + 1
-            self._emit({"type": "scale_done", "action": "remove", "server": name})
-
-    async def replicate_expert(self, layer: int, expert: int, server: str | None = None) -> str:
-        """Add a copy of (layer, expert) on `server` (default: the least-loaded live server
-        that lacks it); routing uses it in a new generation once the weights are loaded."""
-        async with self._lock:
-            routing = self._routing()
-            if layer not in routing.table or expert not in routing.table[layer]:
-                raise ValueError(f"no MoE expert ({layer}, {expert}); MoE layers "
-                                 f"{sorted(routing.table)}, experts 0.."
-                                 f"{len(next(iter(routing.table.values()))) - 1}")
-            hosts = routing.table[layer][expert]
-            if server is None:
-                free = [n for n, s in self.servers.items()
-                        if s["state"] == "alive" and n not in hosts]
-                if not free:
-                    raise ValueError(f"expert ({layer}, {expert}) is already on every live server")
-                server = min(free, key=lambda n: (sum(map(len, self.servers[n]["assignment"]
-                                                          .values())), n))
-            elif server in hosts:
-                raise ValueError(f"{server} already hosts expert ({layer}, {expert})")
-            await self._load(server, {layer: [expert]})
-            table = {l: dict(ex) for l, ex in routing.table.items()}
-            table[layer][expert] = hosts + (server,)
-            await self._set_table(table, f"replicated ({layer}, {expert}) on {server}")
-            return server
-
-    async def unreplicate_expert(self, layer: int, expert: int, server: str) -> None:
-        """Drop `server`'s copy of (layer, expert): out of routing first (a new generation),
-        then, once the server's queue is drained, its weights are freed. The last live copy
-        cannot be dropped."""
-        async with self._lock:
-            routing = self._routing()
-            hosts = routing.table.get(layer, {}).get(expert)
-            if hosts is None:
-                raise ValueError(f"no MoE expert ({layer}, {expert})")
-            if server not in hosts:
-                raise ValueError(f"{server} does not host expert ({layer}, {expert}); "
-                                 f"hosts: {list(hosts)}")
-            live = [s for s in hosts if s != server and s not in routing.dead]
-            if not live:
-                raise ValueError(f"{server} holds the last live copy of expert "
-                                 f"({layer}, {expert}); replicate it elsewhere first")
-            table = {l: dict(ex) for l, ex in routing.table.items()}
-            table[layer][expert] = tuple(s for s in hosts if s != server)
-            await self._set_table(table, f"unreplicated ({layer}, {expert}) from {server}")
-            await self._drain(server, 30.0)
-            s = self._get(server)
-            await s["ref"].ask(UnloadExperts({layer: [expert]}), timeout=120.0)
-            left = [e for e in s["assignment"].get(layer, []) if e != expert]
-            if left:
-                s["assignment"][layer] = left
-            else:
-                s["assignment"].pop(layer, None)
-
-    async def apply_table(self, table: dict[int, dict[int, tuple[str, ...]]], reason: str) -> None:
-        """Install a planned table: load whatever each server newly hosts, then route."""
-        async with self._lock:
-            for name, s in self.servers.items():
-                need: dict[int, list[int]] = {}
-                for l, ex in table.items():
-                    have = set(s["assignment"].get(l, ()))
-                    ids = [e for e, srv in ex.items() if name in srv and e not in have]
-                    if ids:
-                        need[l] = ids
-                if need:
-                    await self._load(name, need)
-            await self._set_table(table, reason)
-
-    # ---- helpers ---------------------------------------------------------------------------
-    def _check_experts(self, experts: dict[int, list[int]], routing: RoutingSnapshot
-                       ) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for l, ids in experts.items():
-            l = int(l)
-            if l not in routing.table:
-                raise ValueError(f"layer {l} is not a MoE layer; MoE layers: "
-                                 f"{sorted(routing.table)}")
-            bad = [e for e in ids if int(e) not in routing.table[l]]
-            if bad:
-                raise ValueError(f"layer {l} has no experts {bad}")
-            out[l] = sorted({int(e) for e in ids})
-        if not out:
-            raise ValueError("a new server must host at least one expert")
-        return out
-
-    async def _load(self, name: str, experts: dict[int, list[int]]) -> None:
-        s = self._get(name)
-        await s["ref"].ask(LoadExperts(experts), timeout=120.0)
-        for l, ids in experts.items():  # in place: restarts re-load what it hosts now
-            s["assignment"][l] = sorted(set(s["assignment"].get(l, [])) | set(ids))
-
-    async def _set_table(self, table: dict, reason: str) -> None:
-        await self._routing_ref.ask(SetTable(table, reason), timeout=10.0)
-
-    async def _drain(self, name: str, timeout: float) -> None:
-        """Wait until the server's batcher holds no work (shards stopped sending when the
-        new table reached them; anything still failing is resent by the shards)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        batcher = self.servers[name]["batcher"]
-        while loop.time() < deadline:
-            try:
-                st = await batcher.ask(Stats(), timeout=2.0)
-            except Exception:
-                return  # it is gone already
-            if st["pending_rows"] == 0 and st.get("busy", 0) == 0:
-                return
-            await asyncio.sleep(0.01)
-
-    async def _discard(self, name: str) -> None:
-        entry = self.servers.pop(name, None)
-        if entry is None:
-            return
-        entry["state"] = "dead"
-        try:
-            await self._sup.terminate_child(entry["sup"].name)
-        except Exception:
-            pass
-        self._change.set()
-
     def close(self) -> None:
         for t in self._timers:
             t.cancel()
         for task in list(self._tasks):
             task.cancel()
 
-    def _spares_for(self, device: str) -> Any:
-        """The warm spare server processes of `device` (started on first use), or None."""
-        from eaas.engine.server_proxy import SpareProcesses, restart_transport, server_argv
-
-        cfg = self.config
-        if cfg.fault.warm_spares == 0:
-            return None
-        spares = self.spares.get(device)
-        if spares is None:
-            argv = functools.partial(
-                server_argv, cfg.model, {}, dtype=cfg.dtype, device=device,
-                load_format=cfg.load_format, batch_invariant=cfg.batch_invariant,
-                transport=restart_transport(cfg.placement.transport))
-            spares = self.spares[device] = SpareProcesses(
-                argv, self._log_path, count=cfg.fault.warm_spares, start_timeout_s=180.0)
-            spares.fill()
-        return spares
-
-    def _log_path(self, name: str) -> str:
-        """Server `name`'s log file, in this engine's run directory (made on first use)."""
-        if self.log_dir is None:
-            self.log_dir = tempfile.mkdtemp(prefix=f"eaas-{os.getpid()}-")
-            log.info("expert-server logs: %s", self.log_dir)
-        return os.path.join(self.log_dir, f"{name}.log")
-
     def close_logs(self) -> None:
-        """At a clean close: remove the run directory, unless a server process failed during
-        the run (restarted or replaced): then keep it and say where it is."""
-        if self.log_dir is None:
-            return
-        failed = sorted(n for n, s in self.servers.items()
-                        if s.get("slot") is not None and s["slot"].starts > 1) + \
-            sorted(self.replaced)
-        if failed:
-            log.warning("expert-server logs kept in %s (servers that failed: %s)",
-                        self.log_dir, ", ".join(failed))
-        else:
-            shutil.rmtree(self.log_dir, ignore_errors=True)
-        self.log_dir = None
+        """At a clean close: the run directory goes, unless a server process failed (restarted
+        or replaced) — then it is kept and named."""
+        self.home.close_logs([n for n, s in self.servers.items()
+                              if s.get("slot") is not None and s["slot"].starts > 1]
+                             + self.replaced)
 
     async def aclose(self) -> None:
         """Cancel the timers and the replacements in progress, wait for them to end, and stop
@@ -550,8 +325,7 @@ class ExpertPool:
         tasks = list(self._tasks)
         self.close()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for spares in self.spares.values():
-            await spares.aclose()
+        await self.home.aclose()
 
     def unserved(self) -> dict[int, list[int]]:
         """{layer: expert ids} that have no live replica right now (all their servers dead)."""
@@ -562,11 +336,3 @@ class ExpertPool:
             if ids:
                 out[l] = sorted(ids)
         return out
-
-
-def _with_server(table: Any, name: str, assignment: dict[int, list[int]]) -> dict:
-    out = {l: dict(ex) for l, ex in table.items()}
-    for l, ids in assignment.items():
-        for e in ids:
-            out[l][e] = tuple(out[l][e]) + (name,)
-    return out

@@ -14,9 +14,7 @@ start-up.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import logging
 import os
 import signal
 import sys
@@ -24,14 +22,15 @@ import tempfile
 import threading
 import socket
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from eaas.actors import Actor
 from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
 from eaas.errors import EaasError, InjectedFault
 
+if TYPE_CHECKING:
+    from eaas.engine.process_home import SpareProcesses
 
-log = logging.getLogger("eaas.engine")
 
 FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
 
@@ -202,91 +201,6 @@ async def read_ready(proc: asyncio.subprocess.Process, what: str, log_path: str,
                         ) from None
     raise EaasError(f"{name} did not become ready: it exited with code {await proc.wait()}; "
                     f"see {log_path}")
-
-
-@dataclass(slots=True)
-class Spare:
-    """A started, ready expert-server process that hosts no experts yet."""
-
-    proc: asyncio.subprocess.Process
-    info: dict
-    log_path: str
-
-
-class SpareProcesses:
-    """Warm spares: `count` expert-server processes started ahead with no experts, for one
-    device and transport. A restarting server adopts one (it connects and loads its experts:
-    no interpreter and torch start-up on the failover path), and a new spare starts behind it.
-
-    argv: the command line of a spare; log_path(name): where its stderr goes.
-    """
-
-    def __init__(self, argv: Callable[[], list[str]], log_path: Callable[[str], str], *,
-                 count: int, start_timeout_s: float, refill_delay_s: float = 3.0) -> None:
-        self._argv, self._log_path = argv, log_path
-        self.count, self.start_timeout_s = count, start_timeout_s
-        self._ready: list[Spare] = []
-        self._tasks: set[asyncio.Task] = set()  # starts in progress (aclose ends them)
-        self._timer: asyncio.TimerHandle | None = None  # a delayed refill
-        self.refill_delay_s = refill_delay_s
-        self._names = itertools.count()
-        self.adopted = 0
-
-    def fill(self) -> None:
-        """Start spares until `count` are ready or starting (in tasks this object owns)."""
-        while len(self._ready) + len(self._tasks) < self.count:
-            task = asyncio.get_running_loop().create_task(self._start(),
-                                                          name="expert-spare-start")
-            self._tasks.add(task)
-            task.add_done_callback(self._started)
-
-    def fill_later(self) -> None:
-        """`fill()` after `refill_delay_s`: a spare's own start-up (interpreter, torch import)
-        would compete for the CPU with the failover it just served."""
-        if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.refill_delay_s, self._fill)
-
-    def _fill(self) -> None:
-        self._timer = None
-        self.fill()
-
-    def _started(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("a warm spare expert server did not start: %s", task.exception())
-
-    async def _start(self) -> None:
-        path = self._log_path(f"spare-{next(self._names)}")
-        proc = await spawn_server(self._argv(), path)
-        try:
-            info = await read_ready(proc, "warm spare expert server", path, self.start_timeout_s)
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-            raise
-        self._ready.append(Spare(proc, info, path))
-
-    def take(self) -> Spare | None:
-        """A ready spare that is still alive (it is now the caller's), or None."""
-        while self._ready:
-            spare = self._ready.pop(0)
-            if spare.proc.returncode is None:
-                self.adopted += 1
-                return spare
-        return None
-
-    async def aclose(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for spare in self._ready:
-            if spare.proc.returncode is None:
-                spare.proc.kill()
-                await spare.proc.wait()
-        self._ready.clear()
 
 
 class ServerProcess(Actor):

@@ -18,14 +18,14 @@ def _cfg(d: str) -> EngineConfig:
 async def test_clean_run_leaves_no_logs_and_a_failed_one_keeps_them(tiny_dirs, caplog):
     d = tiny_dirs["mixtral"]
     async with AsyncEngine(_cfg(d)) as engine:
-        run_dir = engine.pool.log_dir
+        run_dir = engine.pool.home.log_dir
         assert run_dir and {"expert-0.log", "expert-1.log"} <= set(os.listdir(run_dir))
         await final(engine, [1, 2, 3], SamplingParams(max_tokens=3, temperature=0))
     assert not os.path.exists(run_dir)
 
     caplog.set_level(logging.WARNING, logger="eaas.engine")
     async with AsyncEngine(_cfg(d)) as engine:
-        run_dir = engine.pool.log_dir
+        run_dir = engine.pool.home.log_dir
         inc = engine.incarnation("expert-1")
         await engine.inject_fault("expert-1", "kill")
         await engine.wait_servers_ready(60.0, {"expert-1": inc})

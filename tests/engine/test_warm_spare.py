@@ -20,7 +20,7 @@ def _cfg(d: str, spares: int) -> EngineConfig:
 
 
 async def _spares_ready(engine: AsyncEngine, n: int, timeout: float = 60.0) -> list:
-    spares = next(iter(engine.pool.spares.values()))
+    spares = next(iter(engine.pool.home.spares.values()))
     deadline = time.monotonic() + timeout
     while len(spares._ready) < n:
         assert time.monotonic() < deadline, "the warm spare did not start"
