@@ -53,7 +53,3 @@ class ExpertStore:
         """Drop every layer (the engine is closing: give the GPU memory back)."""
         with self._lock:
             self._banks.clear()
-
-    def loaded(self) -> list[tuple[str, int]]:
-        with self._lock:
-            return sorted(self._banks)

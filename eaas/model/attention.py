@@ -91,20 +91,12 @@ class _Base:
 
     def _exact_rows(self, batch: AttentionBatch, bsz: int
                     ) -> list[tuple[int, int, torch.Tensor]] | None:
-        """CPU batch-invariant mode: (row, position, context slots [p+1]) of each single-row
-        sequence, so each attends alone over exactly its own context; None on CUDA (the decode
-        kernel is batch-invariant there) or when not invariant."""
+        """CPU batch-invariant mode: each single-row sequence attends alone over exactly its own
+        context (`AttentionBatch.single_contexts`); None on CUDA (the decode kernel is
+        batch-invariant there) or when not invariant."""
         if not self.batch_invariant or batch.positions.is_cuda:
             return None
-        rows = range(batch.num_single) if batch.single_rows is None \
-            else batch.single_rows.tolist()
-        tables, lens = batch.block_tables.tolist(), batch.seq_lens.tolist()
-        out = []
-        for r, table, n in zip(rows, tables, lens):
-            if n:
-                slots = [table[p // bsz] * bsz + p % bsz for p in range(n)]
-                out.append((r, n - 1, torch.tensor(slots, dtype=torch.long)))
-        return out
+        return batch.single_contexts(bsz)
 
     def _scatter_single(self, out: torch.Tensor, batch: AttentionBatch, o: torch.Tensor) -> None:
         if batch.single_rows is None:

@@ -243,10 +243,10 @@ class DecoderModel:
     def forward(self, input_ids: torch.Tensor, cache: SequenceCache) -> torch.Tensor:
         """input_ids: int64 [T] at positions cache.seq_len + arange(T) -> logits float32 [T, V]."""
         ids = input_ids.to(self.device)
-        self.embed(ids)  # checks the ids
+        h = self.embed(ids)  # checks the ids
         span = cache.span(int(ids.shape[0]))
         batch = AttentionBatch.build([span], cache.pool.block_size, self.device)
-        h = self.forward_hidden(ids, cache.pool, batch)
+        h = run_sync(self.run_layers(h, cache.pool, batch))
         cache.seq_len += int(ids.shape[0])
         return self.lm_head(self.final_norm(h))
 

@@ -102,6 +102,23 @@ class AttentionBatch:
     max_seq_len: int
     multi: list[tuple[int, int, int, torch.Tensor]]
     num_single: int
+    _contexts: list[tuple[int, int, torch.Tensor]] | None = None  # see single_contexts
+
+    def single_contexts(self, block_size: int) -> list[tuple[int, int, torch.Tensor]]:
+        """(row, position, context slots int64 [position + 1]) of each single-row sequence that
+        attends to something — on the host, computed once per batch (every layer asks). For
+        attention row by row (CPU batch-invariant mode)."""
+        if self._contexts is None:
+            rows = range(self.num_single) if self.single_rows is None \
+                else self.single_rows.tolist()
+            out = []
+            for r, table, n in zip(rows, self.block_tables.tolist(), self.seq_lens.tolist()):
+                if n:
+                    slots = [table[p // block_size] * block_size + p % block_size
+                             for p in range(n)]
+                    out.append((r, n - 1, torch.tensor(slots, dtype=torch.long)))
+            self._contexts = out
+        return self._contexts
 
     @classmethod
     def build(cls, spans: Sequence[SeqSpan], block_size: int, device: str | torch.device,
