@@ -21,6 +21,7 @@ from .dispatch import (
     fused_moe,
     paged_decode_gqa,
     paged_decode_mla,
+    rope_cache_write,
     topk_grouped_sigmoid,
     topk_softmax,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "expert_rows",
     "paged_decode_gqa",
     "paged_decode_mla",
+    "rope_cache_write",
     "Routing",
     "Alignment",
     "MoEConfig",

@@ -20,6 +20,7 @@ __all__ = [
     "expert_rows",
     "paged_decode_gqa",
     "paged_decode_mla",
+    "rope_cache_write",
 ]
 
 
@@ -164,3 +165,24 @@ def paged_decode_mla(
                                        seq_lens, scale, max_seq_len, out)
     return reference.paged_decode_mla_ref(q_lat, q_rope, kv_cache, rope_cache, block_tables,
                                           seq_lens, scale, max_seq_len, out)
+
+
+def rope_cache_write(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    slots: torch.Tensor, table: torch.Tensor, q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """GQA attention's row preparation: q [T, NH, D], k/v [T, NKV, D] (views of one projection
+    are fine: unit stride in D); optional per-head RMSNorm weights q_norm/k_norm [D] (eps);
+    RoPE (halves layout) with `table` [P, 2, D/2] = (cos, sin) of each position in q's dtype;
+    k (normed, rotated) and v stored to k_cache / v_cache [S, NKV, D] at slots int64 [T].
+    Returns the prepared queries [T, NH, D]. One kernel on CUDA (`rope_cache`)."""
+    if q.is_cuda:
+        from .rope_cache import rope_cache_write_triton
+
+        with torch.cuda.device(q.device):
+            return rope_cache_write_triton(q, k, v, positions, slots, table, q_norm, k_norm,
+                                           eps, k_cache, v_cache, out)
+    return reference.rope_cache_write_ref(q, k, v, positions, slots, table, q_norm, k_norm, eps,
+                                          k_cache, v_cache, out)

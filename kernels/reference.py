@@ -1,7 +1,8 @@
 """Pure-torch references for every kernel in this package (CPU or any device, any float dtype).
 
 The engine runs on these alone on CPU; the Triton kernels in `topk_gating`, `moe_align`,
-`grouped_gemm` and `paged_attention` are checked against them. Routing follows Hugging Face
+`grouped_gemm`, `paged_attention`, `invariant` and `rope_cache` are checked against them.
+Routing follows Hugging Face
 exactly (see `topk_gating` for the math); the expert MLP is `down(silu(gate(x)) * up(x))` with
 `w_gate_up [E, 2F, H]` (gate rows first, then up rows) and `w_down [E, H, F]`, the layout of
 transformers' fused `*Experts` modules.
@@ -33,6 +34,8 @@ __all__ = [
     "expert_rows_ref",
     "matmul_ref",
     "rms_norm_ref",
+    "check_rope_cache_args",
+    "rope_cache_write_ref",
 ]
 
 
@@ -436,3 +439,74 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+# --- GQA q/k norm + RoPE + paged K/V write (kernel in `rope_cache`) ------------------------------
+def check_rope_cache_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    slots: torch.Tensor, table: torch.Tensor, q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+) -> None:
+    """Validate `rope_cache_write` arguments (raises ValueError/TypeError; reads no values)."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] \
+            or k.shape[2] != q.shape[2]:
+        raise ValueError(f"need q [T, NH, D], k = v [T, NKV, D], got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    t, _, d = q.shape
+    if d % 2:
+        raise ValueError(f"head_dim must be even for RoPE, got {d}")
+    if k_cache.dim() != 3 or k_cache.shape[1:] != k.shape[1:] or v_cache.shape != k_cache.shape:
+        raise ValueError(f"caches must be [S, NKV={k.shape[1]}, D={d}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if table.dim() != 3 or tuple(table.shape[1:]) != (2, d // 2) or not table.is_contiguous():
+        raise ValueError(f"table must be a contiguous [P, 2, {d // 2}] cos|sin table, got "
+                         f"{tuple(table.shape)}")
+    for name, ix in (("positions", positions), ("slots", slots)):
+        if ix.dtype != torch.long or tuple(ix.shape) != (t,):
+            raise TypeError(f"{name} must be int64 [T={t}], got {ix.dtype} {tuple(ix.shape)}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm must both be given or both be None")
+    if q_norm is not None and (q_norm.shape != (d,) or k_norm.shape != (d,)):
+        raise ValueError(f"q_norm/k_norm must be [D={d}], got {tuple(q_norm.shape)}, "
+                         f"{tuple(k_norm.shape)}")
+    for name, x in (("q", q), ("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have unit stride in its last dim, got {x.stride()}")
+    tensors = [q, k, v, positions, slots, table, k_cache, v_cache]
+    tensors += [] if q_norm is None else [q_norm, k_norm]
+    if any(x.device != q.device for x in tensors):
+        raise ValueError(f"all tensors must be on one device, got "
+                         f"{[str(x.device) for x in tensors]}")
+    if table.dtype != q.dtype:
+        raise TypeError(f"table must be in q's dtype {q.dtype}, got {table.dtype}")
+
+
+def rope_cache_write_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+    slots: torch.Tensor, table: torch.Tensor, q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q [T, NH, D], k/v [T, NKV, D]: optional per-head RMSNorm of q and k (weights [D], as
+    `rms_norm_ref`), RoPE in the halves layout with the cos|sin rows table[positions] ([P, 2,
+    D/2] in q's dtype; every product and sum rounded to that dtype, as torch's elementwise ops
+    do), k and v stored to k_cache/v_cache [S, NKV, D] at slots. Returns the queries [T, NH, D]
+    (into `out` if given)."""
+    check_rope_cache_args(q, k, v, positions, slots, table, q_norm, k_norm, k_cache, v_cache)
+    if q_norm is not None:
+        q, k = rms_norm_ref(q, q_norm, eps), rms_norm_ref(k, k_norm, eps)
+    rows = table[positions.clamp(0, table.shape[0] - 1)]  # [T, 2, D/2]
+    cos = torch.cat([rows[:, 0], rows[:, 0]], dim=-1)[:, None, :]  # [T, 1, D]
+    sin = torch.cat([rows[:, 1], rows[:, 1]], dim=-1)[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    qo = rotate(q)
+    k_cache.index_copy_(0, slots, rotate(k).to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v.to(v_cache.dtype))
+    if out is not None:
+        out.copy_(qo)
+        return out
+    return qo

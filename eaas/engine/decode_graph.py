@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from eaas.engine.sampling import sample_batch
@@ -66,9 +67,9 @@ class DecodeGraphs:
         self.buckets = buckets_for(max_num_seqs)
         self.captured = captured and model.device.type == "cuda"
         dev, bmax = model.device, self.buckets[-1]
-        self._ints = torch.zeros(bmax, _COLS + max_blocks, dtype=torch.long, device=dev)
+        # packed per row: the _COLS scalars, the block table, the step (sampling counter)
+        self._ints = torch.zeros(bmax, _COLS + max_blocks + 1, dtype=torch.long, device=dev)
         self._floats = torch.zeros(bmax, 2, dtype=torch.float32, device=dev)  # temp, top_p
-        self._steps = torch.zeros(bmax, dtype=torch.long, device=dev)
         self._out = torch.zeros(bmax, dtype=torch.long, device=dev)
         self._finite = torch.zeros(bmax, dtype=torch.bool, device=dev)  # rows' logits finite
         self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
@@ -78,6 +79,7 @@ class DecodeGraphs:
              torch.zeros(bmax, 2, dtype=torch.float32, pin_memory=self._pinned), None)
             for _ in range(2)]
         self._turn = 0
+        self._tables: dict[int, tuple[Sequence[int], np.ndarray]] = {}  # id -> (ids, array)
         self._pool: Any = None
         self.replays = 0
 
@@ -86,17 +88,21 @@ class DecodeGraphs:
         ints, floats = self._ints[:b], self._floats[:b]
         batch = AttentionBatch(
             positions=ints[:, 1], slots=ints[:, 2], single_rows=None,
-            block_tables=ints[:, _COLS:].to(torch.int32), seq_lens=ints[:, 3].to(torch.int32),
+            block_tables=ints[:, _COLS:_COLS + self.max_blocks].to(torch.int32),
+            seq_lens=ints[:, 3].to(torch.int32),
             max_seq_len=self.max_blocks * self.block_size, multi=[], num_single=b)
         h = self.model.forward_hidden(ints[:, 0], self.cache, batch, self.experts)
-        logits = self.model.lm_head(self.model.final_norm(h))  # [b, V] float32
+        logits = self.model.lm_head(self.model.final_norm(h), float32=sampling)  # [b, V]
+        best = logits.argmax(dim=-1)  # [b]
         if sampling:
             ids = sample_batch(logits, floats[:, 0], ints[:, 4], floats[:, 1], ints[:, 5],
-                               self._steps[:b])
+                               ints[:, _COLS + self.max_blocks])
         else:
-            ids = logits.argmax(dim=-1)
+            ids = best
         self._out[:b].copy_(ids)
-        self._finite[:b].copy_(torch.isfinite(logits).all(dim=-1))
+        # a row's logits hold a NaN or +inf (or are all -inf) iff its argmax is not finite:
+        # argmax propagates NaN, so one gathered value per row instead of a pass over [b, V]
+        self._finite[:b].copy_(torch.isfinite(logits.gather(1, best[:, None]))[:, 0])
 
     # ---- capture -----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -150,24 +156,32 @@ class DecodeGraphs:
         if done is not None:
             done.synchronize()  # normally long finished: the step that used it was awaited
         ints, floats = ints_t.numpy(), floats_t.numpy()
-        wide = 0
+        # block tables as int64 arrays, converted once per table: a request's table is one tuple
+        # for its whole life, so this step's cache holds last step's conversions by identity
+        seen, known = self._tables, {}
+        head = []
         for i, r in enumerate(rows):
-            t = len(r.block_ids)
-            if t > width or not 0 <= r.position < t * bs:
-                raise ValueError(f"row {i}: position {r.position} is outside its block table "
+            ids = r.block_ids
+            hit = seen.get(id(ids))
+            if hit is None or hit[0] is not ids:
+                hit = (ids, np.asarray(ids, dtype=np.int64))
+            known[id(ids)] = hit
+            table, p = hit[1], r.position
+            t = table.shape[0]
+            if t > width or not 0 <= p < t * bs:
+                raise ValueError(f"row {i}: position {p} is outside its block table "
                                  f"({t} blocks of {bs}; at most {width} blocks)")
-            slot = r.block_ids[r.position // bs] * bs + r.position % bs
-            ints[i, :_COLS] = (r.token, r.position, slot, r.position + 1, r.top_k, r.key)
-            ints[i, _COLS:_COLS + t] = r.block_ids  # entries past t are never read
-            ints[i, _COLS + width] = r.step
-            floats[i] = (r.temperature, r.top_p)
-            wide = max(wide, t)
+            ints[i, _COLS:_COLS + t] = table  # entries past t are never read
+            head.append((r.token, p, int(table[p // bs]) * bs + p % bs, p + 1, r.top_k, r.key))
+        self._tables = known
+        ints[:n, :_COLS] = head
+        ints[:n, _COLS + width] = [r.step for r in rows]
+        floats[:n] = [(r.temperature, r.top_p) for r in rows]
         ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0)  # padding: scratch, no keys
         ints[n:b, _COLS + width] = 0
         floats[n:b] = (0.0, 1.0)
-        c = _COLS + wide
-        self._ints[:b, :c].copy_(ints_t[:b, :c], non_blocking=self._pinned)
-        self._steps[:b].copy_(ints_t[:b, _COLS + width], non_blocking=self._pinned)
+        # whole rows: contiguous copies (one DMA each), table entries past a row's own unread
+        self._ints[:b].copy_(ints_t[:b], non_blocking=self._pinned)
         self._floats[:b].copy_(floats_t[:b], non_blocking=self._pinned)
         if self._pinned:
             ev = torch.cuda.Event()

@@ -108,14 +108,59 @@ class _Base:
         return q if batch.single_rows is None else q.index_select(0, batch.single_rows)
 
 
-class GQAAttention(_Base):
-    """Grouped-query attention with RoPE (qwen3_moe adds per-head q_norm/k_norm before RoPE)."""
+_ROPE_TABLES: dict[tuple, torch.Tensor] = {}  # one (cos, sin) table per model shape and device
 
-    def forward(self, x: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch
-                ) -> torch.Tensor:
-        """x: [T, H] (already normed) -> [T, H]; writes this layer's K/V of every row."""
+
+class GQAAttention(_Base):
+    """Grouped-query attention with RoPE (qwen3_moe adds per-head q_norm/k_norm before RoPE).
+
+    On CUDA the q, k and v projections are one matmul over their concatenated weights, and the
+    q/k norms, RoPE and the K/V cache write are one kernel (`eaas_kernels.rope_cache_write`,
+    with a (cos, sin) table per position shared by the layers); elsewhere torch's ops, the
+    arithmetic that kernel reproduces rounding for rounding."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, w: dict[str, torch.Tensor],
+                 batch_invariant: bool) -> None:
+        super().__init__(cfg, layer_idx, w, batch_invariant)
+        self._qkv = self._qkv_bias = self._table = None
+        weight = w["q_proj.weight"]
+        if weight.is_cuda:
+            names = ("q_proj", "k_proj", "v_proj")
+            self._qkv = torch.cat([w[f"{n}.weight"] for n in names])  # [(nh + 2 nkv) d, H]
+            if all(f"{n}.bias" in w for n in names):
+                self._qkv_bias = torch.cat([w[f"{n}.bias"] for n in names])
+            row = 0
+            for n in names:  # the per-projection weights become views of the fused one
+                rows = w[f"{n}.weight"].shape[0]
+                w[f"{n}.weight"] = self._qkv[row:row + rows]
+                row += rows
+            key = (cfg.head_dim, cfg.rope_theta, repr(cfg.rope_scaling),
+                   cfg.max_position_embeddings, str(weight.device), weight.dtype)
+            if key not in _ROPE_TABLES:
+                _ROPE_TABLES[key] = ops.rope_table(self.inv_freq, self.rope_factor,
+                                                   cfg.max_position_embeddings, weight.dtype,
+                                                   weight.device)
+            self._table = _ROPE_TABLES[key]
+
+    def _prepare(self, x: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch
+                 ) -> torch.Tensor:
+        """Projections, q/k norms and RoPE of every row; K/V stored at the rows' slots. x: [T, H]
+        -> q [T, nh, d]."""
         cfg, li = self.cfg, self.layer_idx
         t, d, nh, nkv = x.shape[0], cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+        if self._qkv is not None:
+            import eaas_kernels
+
+            qkv = ops.linear(x, self._qkv, self._qkv_bias, self.batch_invariant)  # [T, ...]
+            q = qkv[:, :nh * d].view(t, nh, d)
+            k = qkv[:, nh * d:(nh + nkv) * d].view(t, nkv, d)
+            v = qkv[:, (nh + nkv) * d:].view(t, nkv, d)
+            qn = self.w["q_norm.weight"] if cfg.qk_norm else None
+            kn = self.w["k_norm.weight"] if cfg.qk_norm else None
+            n = cache.num_slots
+            return eaas_kernels.rope_cache_write(
+                q, k, v, batch.positions, batch.slots, self._table, qn, kn, cfg.rms_norm_eps,
+                cache.k[li].view(n, nkv, d), cache.v[li].view(n, nkv, d))
         q = self._lin(x, "q_proj").view(t, nh, d)  # [T, nh, d]
         k = self._lin(x, "k_proj").view(t, nkv, d)  # [T, nkv, d]
         v = self._lin(x, "v_proj").view(t, nkv, d)
@@ -124,6 +169,14 @@ class GQAAttention(_Base):
         cos, sin = self._cos_sin(batch.positions, x.dtype)
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
         cache.write(li, batch.slots, k, v)
+        return q
+
+    def forward(self, x: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch
+                ) -> torch.Tensor:
+        """x: [T, H] (already normed) -> [T, H]; writes this layer's K/V of every row."""
+        cfg, li = self.cfg, self.layer_idx
+        t, d, nh = x.shape[0], cfg.head_dim, cfg.num_attention_heads
+        q = self._prepare(x, cache, batch)
         window, scale = cfg.sliding_window(li), d**-0.5
         exact = self._exact_rows(batch, cache.block_size)
         if exact is None and batch.single_rows is None and not batch.multi:  # decode-only step

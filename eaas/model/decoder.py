@@ -218,9 +218,11 @@ class DecoderModel:
         """Final RMSNorm. h: [T, H] -> [T, H]."""
         return ops.rms_norm(h, self.norm_weight, self.config.rms_norm_eps, self.batch_invariant)
 
-    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """h: [T, H] (final-normed) -> logits float32 [T, V]."""
-        return ops.linear(h, self.lm_head_weight, None, self.batch_invariant).to(torch.float32)
+    def lm_head(self, h: torch.Tensor, float32: bool = True) -> torch.Tensor:
+        """h: [T, H] (final-normed) -> logits [T, V], float32 (float32=False: in the model's
+        dtype, the values before the upcast — enough for an argmax, which the upcast keeps)."""
+        logits = ops.linear(h, self.lm_head_weight, None, self.batch_invariant)
+        return logits.to(torch.float32) if float32 else logits
 
     async def run_layers(self, h: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch,
                          experts: Any = bank_experts, before_layer: Any = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ __all__ = [
     "rms_norm",
     "rope_cos_sin",
     "rope_inv_freq",
+    "rope_table",
     "rowwise",
     "silu_mul",
 ]
@@ -84,10 +85,11 @@ def rms_norm(
     """RMSNorm over the last dim, statistics in float32 (as transformers computes it).
 
     x: [..., D]; weight: [D]. Returns x's shape in the promoted dtype of weight and x.
-    batch_invariant=True makes each row's bits independent of the other rows: on CUDA the Triton
-    kernel of `eaas_kernels.invariant` (one program per row), elsewhere row by row (`rowwise`).
+    On CUDA always the Triton kernel of `eaas_kernels.invariant` (one program per row: one launch
+    instead of torch's ~6, and each row's bits independent of the other rows). Elsewhere torch's
+    ops, row by row (`rowwise`) when batch_invariant.
     """
-    if batch_invariant:
+    if batch_invariant or x.is_cuda:
         rows = x.reshape(-1, x.shape[-1])  # [R, D]
         if x.is_cuda:
             from eaas_kernels.invariant import rms_norm as rms_norm_triton
@@ -160,6 +162,17 @@ def rope_cos_sin(
     )  # [T, dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
+
+
+def rope_table(inv_freq: torch.Tensor, attention_factor: float, max_positions: int,
+               dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """The (cos, sin) rows of positions 0..max_positions-1: [P, 2, dim/2] in `dtype`, the very
+    values `rope_cos_sin` gives (its halves are repeated, so one half is kept), for kernels that
+    look a row's position up instead of recomputing it (`eaas_kernels.rope_cache_write`)."""
+    pos = torch.arange(max_positions, device=device)
+    cos, sin = rope_cos_sin(pos, inv_freq.to(device), attention_factor, dtype)  # [P, dim]
+    half = cos.shape[-1] // 2
+    return torch.stack([cos[:, :half], sin[:, :half]], dim=1).contiguous()
 
 
 def apply_rope(

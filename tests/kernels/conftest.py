@@ -22,7 +22,7 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 KERNEL_MODULES = ("eaas_kernels.topk_gating", "eaas_kernels.moe_align", "eaas_kernels.grouped_gemm",
                   "eaas_kernels.nvlink_p2p", "eaas_kernels.invariant",
-                  "eaas_kernels.paged_attention")
+                  "eaas_kernels.paged_attention", "eaas_kernels.rope_cache")
 
 
 INTERPRET = not HAS_CUDA
