@@ -24,17 +24,23 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml setup.py
 
 setup: $(VENV)/.installed
 
+# `make run` installs only what serving needs (the `serve` extra), not the test extra
+$(VENV)/.installed-serve: $(BIN)/python pyproject.toml setup.py
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[serve]"
+	touch $@
+
 # Debian's Chromium for the dashboard's browser test (Playwright drives it; no browser download).
 browser:
 	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	  || echo "warning: could not install chromium; the browser test will say it is skipped"; }
 
-$(MODEL)/config.json: | setup
+$(MODEL)/config.json: | $(VENV)/.installed-serve
 	$(BIN)/eaas make-tiny $(MODEL) --arch $(ARCH)
 
 # The main job: a tiny checkpoint served with its expert servers in separate processes.
-run: setup $(MODEL)/config.json
+run: $(VENV)/.installed-serve $(MODEL)/config.json
 	$(BIN)/eaas serve $(MODEL) --host $(HOST) --port $(PORT)
 
 test: setup browser

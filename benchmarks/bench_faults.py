@@ -37,6 +37,7 @@ Writes faults_timeline.png, faults_soak.png (matplotlib Agg) and faults_results.
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
 import json
 import os
@@ -45,6 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_e2e_gpu import machine_line, prompts  # noqa: E402  (puts the checkout on sys.path)
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams  # noqa: E402
 from eaas.model import Checkpoint, DecoderModel, make_tiny  # noqa: E402
@@ -63,14 +66,23 @@ SETUPS = {"replicas": 2, "single": 1}  # name -> expert_replicas (3 server proce
 # ---- load ------------------------------------------------------------------------------------
 @dataclass
 class Load:
-    """`clients` loops, each issuing greedy requests back to back over a fixed prompt pool."""
+    """`clients` loops, each issuing greedy requests back to back over a fixed prompt pool;
+    each finished request is checked against refs (the fault-free tokens) at once. What it
+    keeps is compact (the soak measures this process's RSS): per streamed output a float and an
+    int in arrays (none with keep_stamps False), per request only counters."""
 
     engine: AsyncEngine
     pool: list[list[int]]
+    refs: list[list[int]]
     n_tokens: int
     clients: int
-    stamps: list[tuple[float, int]] = field(default_factory=list)  # (monotonic time, new tokens)
-    done: list[tuple[int, str, list[int]]] = field(default_factory=list)  # (prompt, reason, ids)
+    keep_stamps: bool = True
+    times: array.array = field(default_factory=lambda: array.array("d"))  # monotonic, per output
+    counts: array.array = field(default_factory=lambda: array.array("l"))  # its new tokens
+    tokens: int = 0
+    requests: int = 0
+    mismatched: int = 0
+    lost: Counter = field(default_factory=Counter)  # reason -> requests
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -88,16 +100,26 @@ class Load:
                 async for out in self.engine.generate(self.pool[i], params):
                     ids = list(out.outputs[0].token_ids)
                     if len(ids) > seen:
-                        self.stamps.append((time.monotonic(), len(ids) - seen))
+                        self.tokens += len(ids) - seen
+                        if self.keep_stamps:
+                            self.times.append(time.monotonic())
+                            self.counts.append(len(ids) - seen)
                         seen = len(ids)
                     if out.finished:
                         reason = out.finish_reason or "none"
             except asyncio.CancelledError:
-                self.done.append((i, reason, ids))
+                self._finish(i, reason, ids)
                 raise
             except Exception as e:  # a failed request is a lost one: count it, keep going
                 reason = f"raised {type(e).__name__}"
-            self.done.append((i, reason, ids))
+            self._finish(i, reason, ids)
+
+    def _finish(self, i: int, reason: str, ids: list[int]) -> None:
+        self.requests += 1
+        if reason != "length":
+            self.lost[reason] += 1
+        elif ids != self.refs[i]:
+            self.mismatched += 1
 
     async def stop(self, timeout_s: float) -> None:
         """Let every client finish its current request (cancelled after timeout_s)."""
@@ -107,17 +129,15 @@ class Load:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def verify(self, refs: list[list[int]]) -> dict:
-        lost = [r for _, r, _ in self.done if r != "length"]
-        bad = sum(1 for i, r, ids in self.done if r == "length" and ids != refs[i])
-        return {"requests": len(self.done), "lost": len(lost), "mismatched": bad,
-                "lost_reasons": sorted(set(lost))}
+    def verify(self) -> dict:
+        return {"requests": self.requests, "lost": sum(self.lost.values()),
+                "mismatched": self.mismatched, "lost_reasons": sorted(self.lost)}
 
     def bins(self, t0: float, t1: float, width: float) -> list[float]:
         """tokens/s per bin of `width` seconds from t0 to t1."""
         n = max(1, int((t1 - t0) / width))
         out = [0] * n
-        for t, k in self.stamps:
+        for t, k in zip(self.times, self.counts):
             b = int((t - t0) / width)
             if 0 <= b < n:
                 out[b] += k
@@ -125,10 +145,10 @@ class Load:
 
 
 async def record_events(engine: AsyncEngine, into: list[tuple[float, dict]]) -> None:
-    """Every engine event with the monotonic time it arrived here (the events' own `time`
-    fields mix clocks: routing uses time.time(), actor events time.monotonic())."""
+    """Every engine event with its `mono` stamp (time.monotonic() at emission: every engine
+    event carries it, whichever actor emitted it)."""
     async for ev in engine.events():
-        into.append((time.monotonic(), ev))
+        into.append((ev["mono"], ev))
 
 
 def windows(bins: list[float]) -> list[float]:
@@ -152,7 +172,7 @@ def phases(events: list[tuple[float, dict]], load: Load, server: str, t0: float,
         back = next((t - t0 for t, e in after if t - t0 > rerouted and (
             (e["type"] == "routing_changed" and server not in e["dead"]) or
             (e["type"] == "server_replaced" and e.get("replaces") == server))), None)
-    toks = sorted(t for t, _ in load.stamps if t >= t0)
+    toks = sorted(t for t in load.times if t >= t0)
     first_tok = toks[0] - t0 if toks else None
     horizon = t0 + (back if back is not None else t_next - t0) + 1.0
     seen = [t0, *[t for t in toks if t <= horizon]]
@@ -173,10 +193,11 @@ def phases(events: list[tuple[float, dict]], load: Load, server: str, t0: float,
 
 
 # ---- one setup: SIGKILL at T1, SIGSTOP at T2 ---------------------------------------------------
-def engine_config(model: Path, replicas: int) -> EngineConfig:
-    """The default config but for expert_replicas (3 process servers over tcp://)."""
+def engine_config(model: Path, replicas: int, fault: dict | None = None) -> EngineConfig:
+    """The default config but for expert_replicas (3 process servers over tcp://) and the
+    `fault` keys given (--fault: for A/B runs; none by default)."""
     return EngineConfig.from_dict({"model": str(model), "placement": {
-        "num_expert_servers": 3, "expert_replicas": replicas}})
+        "num_expert_servers": 3, "expert_replicas": replicas}, "fault": fault or {}})
 
 
 async def warm_up(engine: AsyncEngine, pool: list[list[int]]) -> None:
@@ -195,7 +216,7 @@ def pid_of(engine: AsyncEngine, server: str) -> int | None:
 
 async def run_setup(name: str, model: Path, pool: list[list[int]], refs: list[list[int]],
                     args: argparse.Namespace) -> dict:
-    cfg = engine_config(model, SETUPS[name])
+    cfg = engine_config(model, SETUPS[name], args.fault)
     events: list[tuple[float, dict]] = []
     t_start = time.monotonic()
     async with AsyncEngine(cfg) as engine:
@@ -203,7 +224,7 @@ async def run_setup(name: str, model: Path, pool: list[list[int]], refs: list[li
         recorder = asyncio.create_task(record_events(engine, events))
         await warm_up(engine, pool)
         servers = engine.server_names()
-        load = Load(engine, pool, args.tokens, args.clients)
+        load = Load(engine, pool, refs, args.tokens, args.clients)
         t_load = time.monotonic()
         load.start()
         faults = []
@@ -239,9 +260,10 @@ async def run_setup(name: str, model: Path, pool: list[list[int]], refs: list[li
             "pre_fault_median_tok_s": median, "bins": load.bins(t_load, t_end, args.bin_s),
             "bin_s": args.bin_s, "duration_s": t_end - t_load,
             "faults": [{k: v for k, v in f.items() if k != "t0"} for f in faults],
-            "counters": {k: counters.get(k, 0) for k in ("restarts", "replacements",
-                                                         "resent_units", "degraded_requests")},
-            "event_types": sorted({e["type"] for _, e in events}), **load.verify(refs)}
+            "counters": {k: counters.get(k, 0) for k in (
+                "restarts", "replacements", "resent_units", "degraded_requests", "hedged_units",
+                "hedge_wins", "unit_timeouts")},
+            "event_types": sorted({e["type"] for _, e in events}), **load.verify()}
 
 
 # ---- soak ------------------------------------------------------------------------------------
@@ -258,9 +280,9 @@ def rss_mib(pid: int | str) -> float:
 
 async def soak(model: Path, pool: list[list[int]], refs: list[list[int]],
                args: argparse.Namespace) -> dict:
-    async with AsyncEngine(engine_config(model, SETUPS["replicas"])) as engine:
+    async with AsyncEngine(engine_config(model, SETUPS["replicas"], args.fault)) as engine:
         await warm_up(engine, pool)
-        load = Load(engine, pool, args.tokens, args.clients)
+        load = Load(engine, pool, refs, args.tokens, args.clients, keep_stamps=False)
         t0 = time.monotonic()
         load.start()
         samples = []
@@ -269,12 +291,12 @@ async def soak(model: Path, pool: list[list[int]], refs: list[list[int]],
             pids = [s["pid"] for s in engine.snapshot()["servers"] if s["pid"]]
             samples.append({"t": t, "engine_mib": rss_mib("self"),
                             "servers_mib": sum(rss_mib(p) for p in pids),
-                            "tokens": sum(k for _, k in load.stamps)})
+                            "tokens": load.tokens})
             await asyncio.sleep(every)
         await load.stop(args.drain_s)
         restarts = engine.counters.get("restarts", 0)
     out: dict[str, Any] = {"soak_s": args.soak_s, "samples": samples, "restarts": restarts,
-                           "tok_s": samples[-1]["tokens"] / samples[-1]["t"], **load.verify(refs)}
+                           "tok_s": samples[-1]["tokens"] / samples[-1]["t"], **load.verify()}
     n, half = max(1, len(samples) // 10), len(samples) // 2  # first / last tenth; 2nd half
     for key in ("engine_mib", "servers_mib"):
         xs = [s[key] for s in samples]
@@ -307,13 +329,14 @@ def print_results(header: list[str], runs: list[dict], soaked: dict) -> None:
                   f"{fmt(f['first_token_s'])} | {fmt(f['max_gap_s'])} | "
                   f"{fmt(f['back_80pct_s'])} |")
     print("\n| setup | engine start s | pre-fault median tok/s | requests | lost | mismatched | "
-          "restarts | resent units | SIGCONT sent |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "restarts | resent units | hedged units (won) | SIGCONT sent |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in runs:
         c = r["counters"]
         print(f"| {r['setup']} | {r['start_s']:.1f} | {r['pre_fault_median_tok_s']:.0f} | "
               f"{r['requests']} | {r['lost']} | {r['mismatched']} | {c['restarts']} | "
-              f"{c['resent_units']} | {r['faults'][1]['sigcont_sent']} |")
+              f"{c['resent_units']} | {c['hedged_units']} ({c['hedge_wins']}) | "
+              f"{r['faults'][1]['sigcont_sent']} |")
     for r in runs:
         print(f"{r['setup']}: lost {r['lost']} {r['lost_reasons'] or ''}, mismatched "
               f"{r['mismatched']}; tok/s per {r['bin_s']} s bin: "
@@ -388,7 +411,13 @@ async def main() -> None:
     ap.add_argument("--drain-s", type=float, default=60.0)
     ap.add_argument("--recover-timeout-s", type=float, default=60.0)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "figures"))
+    ap.add_argument("--fault", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a fault config key (YAML value), e.g. hedge_after_s=0")
     args = ap.parse_args()
+    try:
+        args.fault = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.fault)}
+    except ValueError:
+        sys.exit("--fault takes KEY=VALUE")
     d = (dict(kill_at=2.5, stop_at=5.5, hold_s=3.0, duration_s=9.0, soak_s=5.0) if args.smoke
          else dict(kill_at=12.0, stop_at=30.0, hold_s=6.0, duration_s=50.0, soak_s=180.0))
     for k, v in d.items():
@@ -411,7 +440,7 @@ async def main() -> None:
         del ref_model
         soaked = await soak(model, pool, refs, args)  # first: no earlier engine's leftovers
         runs = [await run_setup(s, model, pool, refs, args) for s in setups]
-    hb = engine_config(model, 2).fault
+    hb = engine_config(model, 2, args.fault).fault
     header = [
         f"bench_faults{' --smoke' if args.smoke else ''}  {machine_line()}",
         f"command: {command}",
@@ -419,7 +448,8 @@ async def main() -> None:
         f"K={mc['num_experts_per_tok']} layers={mc['num_hidden_layers']}, float32); default "
         f"config: 3 expert-server processes over tcp://, batch_invariant true, "
         f"no_replica_policy wait, heartbeat {hb.heartbeat_interval_s} s, unit timeout "
-        f"{hb.unit_timeout_s} s",
+        f"{hb.unit_timeout_s} s, hedge after {hb.hedge_after_s} s (or 4 x p99), "
+        f"{hb.warm_spares} warm spare(s) at niceness +{hb.spare_nice} until adopted",
         f"load: {args.clients} client loops, greedy {args.tokens} tokens (ignore_eos), "
         f"{args.prompts} random {args.prompt_len}-token prompts cycled; SIGKILL at "
         f"{args.kill_at} s, SIGSTOP at {args.stop_at} s (SIGCONT at +{args.hold_s} s only if "

@@ -6,8 +6,13 @@
     p50 / p99  = per-request latency (submit -> last token), ms
     TTFT p50   = submit -> first streamed token, ms (streaming rows and the direct peer)
 
+The sampling features (issue 20), on the direct engine in the same run, interleaved:
+    n=4 (one request, one shared prefill) vs 4 separate requests of the same prompt;
+    logprobs=5 and a JSON schema (xgrammar bitmasks) vs plain seeded sampling.
+    tokens/s = generated tokens (all sequences) / wall seconds; prompts of --prompt-len tokens.
+
 Usage: python benchmarks/bench_serving.py [--requests 48] [--max-tokens 16] [--clients 1 8]
-       [--repeats 3]
+       [--repeats 3] [--features-only] [--prompt-len 96] [--prompts 8]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
+from eaas.engine.params import StructuredOutputsParams
 from eaas.model import make_tiny
 from eaas.serving import create_app
 
@@ -71,6 +77,10 @@ async def main(args: argparse.Namespace) -> None:
             "temperature": 0, "ignore_eos": True}
     rows = []
     async with AsyncEngine(cfg) as engine:
+        features = await _feature_rows(engine, args)
+        if args.features_only:
+            _print_features(args, features)
+            return
         runner = web.AppRunner(create_app(engine, admin_token="bench-token-0123"),
                                handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -121,6 +131,59 @@ async def main(args: argparse.Namespace) -> None:
     print("| path | clients | requests/s | tokens/s | p50 ms | p99 ms | TTFT p50 ms |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    _print_features(args, features)
+
+
+SCHEMA = {"type": "object", "properties": {"text": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["text", "n"]}
+
+
+async def _feature_rows(engine, args: argparse.Namespace) -> list[str]:
+    vocab = engine.model_config.vocab_size
+    prompts = [[(13 * i + 7 * j) % (vocab - 1) + 1 for j in range(args.prompt_len)]
+               for i in range(args.prompts)]
+    base = dict(max_tokens=args.max_tokens, temperature=1.0)
+
+    async def run(i: int, **kw) -> int:
+        out = None
+        async for out in engine.generate(prompts[i], SamplingParams(**base, seed=i, **kw)):
+            pass
+        return sum(len(c.token_ids) for c in out.outputs)
+
+    async def n4(i: int) -> int:
+        return await run(i, n=4, ignore_eos=True)
+
+    async def four(i: int) -> int:
+        counts = await asyncio.gather(*(run(i, ignore_eos=True) for _ in range(4)))
+        return sum(counts)
+
+    so = StructuredOutputsParams(json=SCHEMA)
+    cases = (("n=4, one request (shared prefill)", n4), ("4 separate requests", four),
+             ("plain sampling", lambda i: run(i, ignore_eos=True)),
+             ("logprobs=5", lambda i: run(i, ignore_eos=True, logprobs=5)),
+             ("JSON schema (xgrammar)", lambda i: run(i, structured_outputs=so)))
+    await run(0, structured_outputs=so)  # warm-up (imports xgrammar, compiles the schema)
+    runs: dict[str, list[tuple[float, int]]] = {name: [] for name, _ in cases}
+    for _ in range(args.repeats):
+        for name, fn in cases:
+            t0 = time.perf_counter()
+            counts = await asyncio.gather(*(fn(i) for i in range(args.prompts)))
+            runs[name].append((time.perf_counter() - t0, sum(counts)))
+    rows = []
+    for name, _ in cases:
+        wall, tokens = sorted(runs[name])[len(runs[name]) // 2]
+        rows.append(f"| {name} | {tokens} | {wall:.2f} | {tokens / wall:.1f} |")
+    return rows
+
+
+def _print_features(args: argparse.Namespace, rows: list[str]) -> None:
+    print(f"\nsampling features — {_cpu()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"direct AsyncEngine, {args.prompts} concurrent prompts of {args.prompt_len} tokens, "
+          f"max_tokens {args.max_tokens}, temperature 1; median of {args.repeats} interleaved "
+          "runs; tokens/s = generated tokens / wall s")
+    print("| case | tokens | wall s | tokens/s |")
+    print("|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":
@@ -129,4 +192,8 @@ if __name__ == "__main__":
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3, help="interleaved runs; the median is shown")
+    p.add_argument("--features-only", action="store_true",
+                   help="only the sampling-feature table (n=4, logprobs, JSON schema)")
+    p.add_argument("--prompt-len", type=int, default=96, help="feature rows: prompt tokens")
+    p.add_argument("--prompts", type=int, default=8, help="feature rows: concurrent prompts")
     asyncio.run(main(p.parse_args()))

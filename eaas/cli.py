@@ -106,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="file holding the bearer token for mutating admin routes (default: "
                    "$EAAS_ADMIN_TOKEN, else generated and printed); never pass the token itself "
                    "on the command line, where `ps` shows it")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="key that /v1 routes require as 'Authorization: Bearer KEY' (default: "
+                   "$EAAS_API_KEY, else /v1 is open); prefer the variable: `ps` shows flags")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no access-log line per request")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
 
     p = sub.add_parser("generate", help="generate text for one prompt")
@@ -137,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--json", action="store_true", help="print the raw topology JSON")
 
+    from eaas.cli_cluster import add_cluster_commands
+
+    add_cluster_commands(sub)  # expert-server --join, rollout
+
+    parser.description = ("The `eaas` command: " + ", ".join(sub.choices)
+                          + " (`eaas COMMAND --help` for its flags).")
     args = parser.parse_args(argv)
     from eaas.errors import EaasError
 
@@ -150,6 +161,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.cmd == "status":
         return _status(args.url, args.json)
+    if args.cmd in ("expert-server", "rollout"):
+        from eaas.cli_cluster import run_cluster_command
+
+        return run_cluster_command(args)
     if args.cmd == "make-tiny":
         from eaas.model import make_tiny
 
@@ -158,6 +173,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     cfg = engine_config(args)
     if args.cmd == "config":
+        from eaas.model import Checkpoint
+
+        Checkpoint.open(cfg.model, cfg.load_format)  # a missing checkpoint fails as in serve
         print(cfg.to_yaml(), end="")
         return 0
     if args.cmd == "serve":
@@ -165,7 +183,8 @@ def _run(args: argparse.Namespace) -> int:
 
         asyncio.run(serve(cfg, host=args.host, port=args.port,
                           admin_token=_read_token(args.admin_token_file),
-                          ready_file=args.ready_file))
+                          ready_file=args.ready_file, api_key=args.api_key,
+                          log_requests=not args.disable_log_requests))
         if cfg.placement.transport == "nvshmem":  # NVSHMEM's finalize at exit is collective:
             sys.stdout.flush()  # with a server killed earlier it would wait forever
             sys.stderr.flush()

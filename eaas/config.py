@@ -22,6 +22,8 @@ PLACEMENTS = ("round_robin", "contiguous", "explicit")
 NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
 TRANSPORTS = ("tcp", "shm", "cudaipc", "nvshmem")
+LAUNCHERS = ("local", "ray")
+RAY_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.fabric.ALIGN)
 BLOCK_SIZES = tuple(1 << i for i in range(9))  # KV cache block sizes: 1, 2, 4, ..., 256
 
@@ -72,9 +74,31 @@ class PlacementConfig:
                                                   # None: the engine's device
     nvshmem_slot_bytes: int = 4 << 20  # transport nvshmem: bytes per slot (multiple of 256)
     nvshmem_slots: int = 16  # transport nvshmem: slots per (sender, receiver) pair
+    # who starts the expert-server processes: `local` (the engine spawns them on its host) or
+    # `ray` (one Ray actor per server on the cluster at ray_address; restarts stay the engine's)
+    launcher: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # ray.init(address=...): None starts/joins a local cluster
+    ray_num_gpus: float = 0.0  # GPUs per server actor (> 0: the server runs on its cuda:0)
+    ray_num_cpus: float = 1.0  # CPUs per server actor
+    ray_placement_strategy: str = "PACK"  # the start-up servers' placement group:
+                                          # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
 
     def __post_init__(self) -> None:
         p = "placement."
+        _check(self.launcher in LAUNCHERS, p + "launcher", self.launcher, f"one of {LAUNCHERS}")
+        _check(self.ray_address is None or (isinstance(self.ray_address, str)
+                                            and self.ray_address != ""),
+               p + "ray_address", self.ray_address, "null or an address such as 'auto' or "
+               "'ray://head:10001' or 'head:6379'")
+        _num(p + "ray_num_gpus", self.ray_num_gpus, 0)
+        _num(p + "ray_num_cpus", self.ray_num_cpus, 0)
+        _check(self.ray_placement_strategy in RAY_STRATEGIES, p + "ray_placement_strategy",
+               self.ray_placement_strategy, f"one of {RAY_STRATEGIES}")
+        if self.launcher == "ray":
+            _check(self.server_mode == "process", p + "server_mode", self.server_mode,
+                   "'process' when placement.launcher is 'ray' (servers are Ray actors)")
+            _check(self.transport == "tcp", p + "transport", self.transport,
+                   "'tcp' when placement.launcher is 'ray' (servers may be on other hosts)")
         _check(self.transport in TRANSPORTS, p + "transport", self.transport,
                f"one of {TRANSPORTS}")
         _int(p + "nvshmem_slot_bytes", self.nvshmem_slot_bytes, 1)
@@ -199,6 +223,13 @@ class FaultConfig:
     # this cool-down; escalation is an event, capacity comes back
     replace_after_s: float = 2.0
     warm_spares: int = 1  # server processes started ahead, adopted by a restart (0: off)
+    # a spare runs this much nicer (OS niceness) until adopted, so starting one takes only idle
+    # CPU; restored on adoption where the OS allows it (CAP_SYS_NICE / RLIMIT_NICE), else 0
+    spare_nice: int = 10
+    # a unit unanswered this long (or 4 x its server's recent p99 unit time, if sooner; never
+    # under 0.15 s) is also sent to another live replica: the first answer wins, a server so
+    # beaten is suspect (0: off). Well below the heartbeat's verdict: a hung server stalls no step
+    hedge_after_s: float = 0.25
 
     def __post_init__(self) -> None:
         _int("fault.max_restarts", self.max_restarts, 0)
@@ -212,6 +243,8 @@ class FaultConfig:
         _num("fault.wait_timeout_s", self.wait_timeout_s, 0, strict=True)
         _num("fault.replace_after_s", self.replace_after_s, 0)
         _int("fault.warm_spares", self.warm_spares, 0, 8)
+        _num("fault.hedge_after_s", self.hedge_after_s, 0)
+        _int("fault.spare_nice", self.spare_nice, 0, 19)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +272,53 @@ class BalanceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """Security of the engine <-> expert-server connections (eaas.transport.auth).
+
+    Every connection starts with a mutual HMAC handshake over the cluster secret: from
+    `secret_file` if given, else `EAAS_CLUSTER_SECRET`, else generated at start (then set in the
+    engine's environment, which its server processes inherit). tls_cert + tls_key (PEM) also run
+    tcp:// over TLS, both ends presenting the certificate and checking the peer's against tls_ca
+    (None: tls_cert itself, one self-signed cluster certificate); the unix-socket transports
+    (shm, cudaipc, nvshmem) are same-host and do not use TLS. Server processes listen on
+    listen_host (tcp://), refuse compute requests of more than max_rows rows (the engine splits
+    bigger batches), and accept the `delay` fault-injection request only if fault_injection.
+    """
+
+    secret_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    listen_host: str = "127.0.0.1"  # never a wildcard unless named here
+    max_rows: int = 65536
+    fault_injection: bool = True  # engine.inject_fault(..., "delay"); false for production
+
+    def __post_init__(self) -> None:
+        p = "transport."
+        for name in ("secret_file", "tls_cert", "tls_key", "tls_ca"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, str) and value != ""), p + name, value,
+                   "null or a file path")
+        _check((self.tls_cert is None) == (self.tls_key is None), p + "tls_key", self.tls_key,
+               "set together with transport.tls_cert (both or neither)")
+        _check(self.tls_ca is None or self.tls_cert is not None, p + "tls_ca", self.tls_ca,
+               "only with transport.tls_cert and tls_key (TLS is mutual)")
+        host = self.listen_host
+        _check(isinstance(host, str) and host != "" and "/" not in host
+               and not host.startswith("["), p + "listen_host", host,
+               "a host name or IP address to bind, e.g. 127.0.0.1 or 10.0.0.5 (no port)")
+        _int(p + "max_rows", self.max_rows, 1)
+        _check(isinstance(self.fault_injection, bool), p + "fault_injection",
+               self.fault_injection, "true or false")
+
+    def settings(self) -> dict[str, Any]:
+        """What the engine exports to its server processes (eaas.transport.auth)."""
+        return {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_ca": self.tls_ca,
+                "listen_host": self.listen_host, "max_rows": self.max_rows,
+                "fault_injection": self.fault_injection}
+
+
+@dataclass(frozen=True, slots=True)
 class EngineConfig:
     """Everything the engine needs. `model` is a Hugging Face checkpoint directory."""
 
@@ -258,6 +338,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
 
     def __post_init__(self) -> None:
         _check(isinstance(self.model, (str, Path)) and str(self.model) != "", "model", self.model,
@@ -275,7 +356,8 @@ class EngineConfig:
                "auto or dummy")
         for name, cls in (("placement", PlacementConfig), ("batching", BatchingConfig),
                           ("scheduler", SchedulerConfig), ("cache", CacheConfig),
-                          ("fault", FaultConfig), ("balance", BalanceConfig)):
+                          ("fault", FaultConfig), ("balance", BalanceConfig),
+                          ("transport", TransportConfig)):
             _check(isinstance(getattr(self, name), cls), name, getattr(self, name),
                    f"a {cls.__name__}")
         if self.placement.transport == "nvshmem":

@@ -67,6 +67,11 @@ class FrameError(TransportError):
     """A received frame was malformed, truncated or oversized; the connection is closed."""
 
 
+class AuthError(TransportError):
+    """A peer did not prove it holds the cluster secret (or none is configured): the
+    connection is refused before any of its frames is read."""
+
+
 class NoReplicaError(EaasError):
     """No live server hosts an expert a request needs (no-replica policy `fail`)."""
 

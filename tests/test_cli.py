@@ -94,3 +94,17 @@ def test_admin_token_never_on_a_command_line_nor_in_a_childs_environment(tmp_pat
     empty.write_text("\n")
     bad = run("serve", str(model), "--admin-token-file", str(empty))
     assert bad.returncode != 0 and "is empty" in bad.stderr
+
+
+def test_expert_server_and_rollout_flags_are_checked():
+    out = run("expert-server", "--token", "t" * 16)
+    assert out.returncode == 2 and "--join" in out.stderr
+    env = {k: v for k, v in ENV.items() if k != "EAAS_ADMIN_TOKEN"}
+    out = subprocess.run([*EAAS, "rollout", "http://127.0.0.1:9"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert out.returncode != 0 and "the admin token is needed" in out.stderr
+    out = run("rollout", "http://127.0.0.1:9", "--token", "t" * 16)  # nobody listens there
+    assert out.returncode == 2 and "no eaas server at" in out.stderr
+    out = run("expert-server", "--join", "http://127.0.0.1:9", "--token", "t" * 16,
+              "--engine-timeout-s", "1")
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr

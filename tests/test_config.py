@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from eaas.model.tiny import make_config_only
+
 from eaas.cli import main
 from eaas.config import EngineConfig
 from eaas.errors import ConfigError
@@ -55,6 +57,13 @@ def test_yaml_and_dict_round_trip():
     ({"fault": {"no_replica_policy": "retry"}}, "fault.no_replica_policy"),
     ({"balance": {"max_experts_per_server": 0}}, "balance.max_experts_per_server"),
     ({"placement": {"bogus": 1}}, "placement.'bogus'"),
+    ({"placement": {"launcher": "k8s"}}, "placement.launcher='k8s' is not allowed: one of"),
+    ({"placement": {"launcher": "ray", "transport": "shm"}},
+     "placement.transport='shm' is not allowed: 'tcp' when placement.launcher"),
+    ({"placement": {"launcher": "ray", "server_mode": "inproc"}}, "placement.server_mode"),
+    ({"placement": {"ray_num_gpus": -1}}, "placement.ray_num_gpus"),
+    ({"placement": {"ray_placement_strategy": "pack"}}, "placement.ray_placement_strategy"),
+    ({"placement": {"ray_address": ""}}, "placement.ray_address"),
     ({"batching": 5}, "batching"),
 ])
 def test_bad_values_name_the_field(data, field):
@@ -73,10 +82,12 @@ def test_cli_flags_override_the_yaml_file(tmp_path, capsys):
     path = tmp_path / "eaas.yaml"
     path.write_text(EngineConfig.from_dict({"model": "/ignored", "placement": {
         "num_expert_servers": 5, "expert_replicas": 1}}).to_yaml())
-    assert main(["config", "/m", "--config", str(path), "--expert-replicas", "2",
-                 "--no-batch-invariant", "--server-mode", "inproc"]) == 0
+    model = make_config_only(tmp_path / "m", "qwen3_moe")  # `eaas config` reads it, as serve
+    assert main(["config", str(model), "--config", str(path), "--expert-replicas", "2",
+                 "--no-batch-invariant", "--server-mode", "inproc", "--load-format",
+                 "dummy"]) == 0
     cfg = EngineConfig.from_yaml(capsys.readouterr().out)
-    assert cfg.model == "/m" and cfg.batch_invariant is False
+    assert cfg.model == str(model) and cfg.batch_invariant is False
     assert (cfg.placement.num_expert_servers, cfg.placement.expert_replicas) == (5, 2)
     assert cfg.placement.server_mode == "inproc"
 
@@ -88,19 +99,20 @@ def test_cache_defaults_follow_vllm():
 
 
 def test_cli_cache_and_eager_flags(tmp_path, capsys):
-    assert main(["config", "/m", "--block-size", "32", "--num-gpu-blocks-override", "100",
+    m = str(make_config_only(tmp_path / "m", "qwen3_moe"))
+    assert main(["config", m, "--block-size", "32", "--num-gpu-blocks-override", "100",
                  "--gpu-memory-utilization", "0.5", "--cpu-kv-cache-space-gib", "2",
-                 "--enforce-eager"]) == 0
+                 "--enforce-eager", "--load-format", "dummy"]) == 0
     cfg = EngineConfig.from_yaml(capsys.readouterr().out)
     assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.cache.gpu_memory_utilization,
             cfg.cache.cpu_kv_cache_space_gib, cfg.enforce_eager) == (32, 100, 0.5, 2.0, True)
     path = tmp_path / "eaas.yaml"
     path.write_text(cfg.to_yaml())
-    assert main(["config", "/m", "--config", str(path), "--no-enforce-eager",
+    assert main(["config", m, "--config", str(path), "--no-enforce-eager",
                  "--block-size", "8"]) == 0
     cfg = EngineConfig.from_yaml(capsys.readouterr().out)
     assert (cfg.cache.block_size, cfg.cache.num_blocks, cfg.enforce_eager) == (8, 100, False)
-    assert main(["config", "/m", "--block-size", "24"]) == 2
+    assert main(["config", m, "--block-size", "24"]) == 2
     assert "cache.block_size=24" in capsys.readouterr().err
 
 

@@ -1,7 +1,8 @@
 """Clocks for the actor runtime: real monotonic time, or a fake one tests advance by hand.
 
 The clock governs supervision timing (restart backoff, restart-intensity windows) and the
-timestamps of events. Message deadlines (`ask`/`tell` timeouts, stop timeouts) use the event
+timestamps of events: `mono` (its monotonic `now()`) and `time` (its `wall()`, seconds since
+the epoch, for humans). Message deadlines (`ask`/`tell` timeouts, stop timeouts) use the event
 loop's own timer: they guard against hangs and must fire even while a test holds a fake clock.
 """
 
@@ -18,20 +19,26 @@ __all__ = ["Clock", "RealClock", "FakeClock"]
 
 @runtime_checkable
 class Clock(Protocol):
-    """What the runtime needs from a clock: a monotonic `now()` in seconds and `sleep(s)`."""
+    """What the runtime needs from a clock: a monotonic `now()` in seconds, the wall-clock
+    `wall()` (seconds since the epoch) and `sleep(s)`."""
 
     def now(self) -> float: ...
+
+    def wall(self) -> float: ...
 
     async def sleep(self, seconds: float) -> None: ...
 
 
 class RealClock:
-    """Monotonic wall time (`time.monotonic`) and `asyncio.sleep`."""
+    """Monotonic time (`time.monotonic`), wall-clock time (`time.time`) and `asyncio.sleep`."""
 
     __slots__ = ()
 
     def now(self) -> float:
         return time.monotonic()
+
+    def wall(self) -> float:
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
@@ -43,13 +50,16 @@ class FakeClock:
     `sleep(s)` parks the caller until the clock is advanced past `now() + s`. `advance` wakes
     sleepers one deadline at a time, setting `now()` to that deadline and letting the woken
     tasks run a few loop turns before moving on, so work done on waking (a restart, an event)
-    is stamped with the deadline it woke at.
+    is stamped with the deadline it woke at. `wall()` moves with it from `wall_start` (a fixed
+    date, so stamps are reproducible).
     """
 
-    __slots__ = ("_now", "_heap", "_seq", "_changed", "turns_per_step")
+    __slots__ = ("_now", "_wall_offset", "_heap", "_seq", "_changed", "turns_per_step")
 
-    def __init__(self, start: float = 0.0, *, turns_per_step: int = 20) -> None:
+    def __init__(self, start: float = 0.0, *, wall_start: float = 1.8e9,
+                 turns_per_step: int = 20) -> None:
         self._now = float(start)
+        self._wall_offset = float(wall_start) - self._now
         self._heap: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
         self._changed: asyncio.Event | None = None
@@ -57,6 +67,9 @@ class FakeClock:
 
     def now(self) -> float:
         return self._now
+
+    def wall(self) -> float:
+        return self._wall_offset + self._now
 
     async def sleep(self, seconds: float) -> None:
         if seconds <= 0:

@@ -289,7 +289,7 @@ class ActorSystem:
 
     def emit(self, kind: str, name: str, reason: str | None = None) -> None:
         """Publish an event to `events`, the subscribed queues and the listeners."""
-        event: Event = {"type": kind, "name": name, "reason": reason, "time": self.clock.now()}
+        event: Event = {"type": kind, "name": name, "reason": reason, **self._stamp()}
         self.events.append(event)
         for queue in self._queues:
             if queue.full():
@@ -301,10 +301,14 @@ class ActorSystem:
             except Exception:
                 log.exception("actor event listener %r failed", callback)
 
+    def _stamp(self) -> dict[str, float]:
+        """An event's times: `time` wall-clock (for humans), `mono` the clock's monotonic now."""
+        return {"time": self.clock.wall(), "mono": self.clock.now()}
+
     def report_escalation(self, name: str, error: EscalationError) -> None:
         """A top-level supervisor gave up: log it and call `on_escalation`."""
         event: Event = {"type": "escalated", "name": name, "reason": str(error),
-                        "time": self.clock.now(), "top_level": True}
+                        **self._stamp(), "top_level": True}
         log.error("top-level supervisor %r gave up: %s", name, error)
         if self.on_escalation is not None:
             try:

@@ -15,6 +15,13 @@ Free-list order: `allocate` always takes the lowest free block ids (a min-heap).
 request gets therefore depends only on the set of free blocks, never on the order they were
 freed, and a lightly loaded pool stays packed at the low end.
 
+Sequences of one request (n > 1, best_of) share its prompt's full blocks: `fork` gives each
+a table that starts with the leader's first `num_shared` block ids (reference-counted: a
+block goes back to the free list when its last table is freed) and continues with blocks of
+its own. Shared blocks are only read after the prefill (decodes write past the prompt), so
+no copy-on-write is needed; the prompt's last, partial block is the fork's own (the shard
+copies its contents).
+
 Worked example (block_size 4, 8 blocks): `allocate("a", 6)` -> blocks (0, 1), capacity 8;
 `allocate("b", 9)` -> (2, 3, 4); `free("a")`; `allocate("c", 12)` -> (0, 1, 5);
 `c.slot(9)` = block_ids[9 // 4] * 4 + 9 % 4 = 5 * 4 + 1 = 21.
@@ -100,6 +107,7 @@ class BlockAllocator:
         # a min-heap (a sorted list is one)
         self._free: list[int] = list(range(first_block_id, first_block_id + num_blocks))
         self._tables: dict[str, BlockTable] = {}
+        self._shared: dict[int, int] = {}  # block id -> tables holding it beyond the first
 
     # ---- sizes -----------------------------------------------------------------------------
     @property
@@ -122,9 +130,11 @@ class BlockAllocator:
         return -(-num_tokens // self.block_size)
 
     # ---- requests --------------------------------------------------------------------------
-    def check_fits(self, num_tokens: int) -> None:
-        """Raise RequestError if `num_tokens` could never fit, even in an empty pool."""
+    def check_fits(self, num_tokens: int, *, forks: int = 0, num_shared: int = 0) -> None:
+        """Raise RequestError if `num_tokens` could never fit, even in an empty pool (with
+        `forks` more sequences sharing the first `num_shared` blocks: see `fork`)."""
         need = self.blocks_for(num_tokens)
+        need += forks * (need - num_shared)
         if need > self.num_blocks:
             raise RequestError(
                 f"request needs {need} blocks of {self.block_size} tokens ({num_tokens} tokens) "
@@ -155,14 +165,51 @@ class BlockAllocator:
         self._tables[request_id] = table
         return table
 
+    def fork(self, parent_id: str, child_ids: list[str], num_tokens: int,
+             num_shared: int) -> list[BlockTable] | None:
+        """Tables for `child_ids` of `num_tokens` tokens each, sharing the first `num_shared`
+        blocks of `parent_id`'s table; all or nothing (None: not enough free blocks now).
+
+        Example (block_size 4): parent (0, 1, 2) holds a 9-token prompt; fork(parent, ["c"],
+        12, 2) -> c = (0, 1, 3): blocks 0 and 1 shared, 3 its own (c's copy of block 2's one
+        prompt token goes there).
+        """
+        parent = self._tables[parent_id]
+        need = self.blocks_for(num_tokens)
+        most = min(need, parent.num_blocks)
+        if not 0 <= num_shared <= most:
+            raise ValueError(f"num_shared={num_shared} is not allowed: 0..{most}")
+        own = need - num_shared
+        if own * len(child_ids) > len(self._free):
+            return None
+        shared = parent.block_ids[:num_shared]
+        tables = []
+        for cid in child_ids:
+            if cid in self._tables:
+                raise ValueError(f"request {cid!r} already holds KV blocks; free it first")
+            ids = shared + tuple(heapq.heappop(self._free) for _ in range(own))
+            for b in shared:
+                self._shared[b] = self._shared.get(b, 0) + 1
+            self._tables[cid] = table = BlockTable(cid, ids, self.block_size)
+            tables.append(table)
+        return tables
+
     def free(self, request_id: str) -> int:
-        """Return `request_id`'s blocks to the free list; returns how many. Idempotent: an
-        unknown or already freed id frees nothing and returns 0."""
+        """Give `request_id`'s blocks back (a shared block once its last table is freed);
+        returns how many blocks its table held. Idempotent: an unknown or already freed id
+        frees nothing and returns 0."""
         table = self._tables.pop(request_id, None)
         if table is None:
             return 0
         for b in table.block_ids:
-            heapq.heappush(self._free, b)
+            refs = self._shared.get(b, 0)
+            if refs:
+                if refs == 1:
+                    del self._shared[b]
+                else:
+                    self._shared[b] = refs - 1
+            else:
+                heapq.heappush(self._free, b)
         return table.num_blocks
 
     def table(self, request_id: str) -> BlockTable | None:

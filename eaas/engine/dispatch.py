@@ -14,10 +14,15 @@ brings a server back, up to wait_timeout_s; a request's deadline aborts it soone
 tokens' requests error), or `degrade` (skip the expert, renormalise that token's weights, flag
 the request). `Dispatcher.last_failure` says why pairs failed, naming the policy in force.
 
-A server that let a unit time out is *suspect*: new units avoid it while another live replica
-exists, until it answers again, the routing table marks it dead, or unit_timeout_s passes. So
-a hung (SIGSTOPped) server costs one unit timeout, not one per step, until the heartbeat
-declares it dead.
+Hedged resends: a unit unanswered for its server's hedge delay (`fault.hedge_after_s`, or
+sooner: 4 x that server's recent p99 round trip, see eaas.engine.unit_latency) is also sent to
+other live replicas while the first copy stays in flight. Each pair is combined from the first
+answer that covers it; a unit whose pairs are all combined is retired, so the late copy's result
+is dropped as stale. A server beaten by a hedged copy, or that let a unit time out, is
+*suspect*: new units avoid it while another live replica exists, until it answers in time
+again, the routing table marks it dead, or unit_timeout_s passes. So a hung (SIGSTOPped) server
+costs one hedge delay, not a unit timeout per step, until the heartbeat declares it dead; a
+hedge the first copy beats (a hiccup, not a hung server) costs one unit of duplicate work.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ import torch
 from eaas.config import FaultConfig
 from eaas.engine.messages import UnitFailed, UnitResult, WorkUnit
 from eaas.engine.placement import RoutingSnapshot
+from eaas.engine.unit_latency import UnitLatency
 from eaas.model.ops import upload
 
-_FINISHED_MEMORY = 65536  # how many finished unit ids are remembered to classify late results
+# retired unit ids kept so a late answer counts as stale, not duplicate (counters only: it is
+# dropped either way); combined ones are not kept (an id per unit grew the engine's RSS)
+_RETIRED_MEMORY = 4096
 _PARKED_POLL_S = 0.5  # parked pairs are retried this often without a routing change
 
 
@@ -58,6 +66,9 @@ class _Unit:
     future: asyncio.Future
     tried: set[str] = field(default_factory=set)
     notify: Callable[[], None] | None = None  # wakes the ExpertCall waiting on this unit
+    hedged: bool = False  # its pairs were also sent elsewhere (or it is such a copy): no more
+    is_hedge: bool = False  # a hedged copy of another unit's pairs
+    late: str = ""  # a hedged copy: the server it was sent around
 
 
 @dataclass(slots=True)
@@ -83,16 +94,17 @@ class Dispatcher:
         self.routing = routing
         self.units: dict[int, _Unit] = {}
         self.outstanding: dict[str, int] = defaultdict(int)  # rows in flight per server
-        self._finished: OrderedDict[int, str] = OrderedDict()  # unit id -> "done" | "retired"
+        self._retired: OrderedDict[int, None] = OrderedDict()  # the latest retired unit ids
         self._ids = itertools.count(1)
         self._parked: set[ExpertCall] = set()  # calls with pairs waiting for a live server
         # servers that let a unit time out -> until when new units avoid them (if they can)
         self.suspect: dict[str, float] = {}
         self.last_failure = ""  # why pairs last failed (the policy in force), for the error
+        self.latency = UnitLatency(fault.hedge_after_s)  # round trips per server: hedge delays
         for key in ("units_dispatched", "units_combined", "units_retired", "resent_units",
                     "reroutes", "unit_timeouts", "dropped_duplicates", "stale_results",
                     "failed_pairs", "degraded_pairs", "combine_violations",
-                    "attempts_exhausted"):
+                    "attempts_exhausted", "hedged_units", "hedge_wins"):
             counters.setdefault(key, 0)
 
     # ---- messages from the shard's mailbox --------------------------------------------------
@@ -102,6 +114,7 @@ class Dispatcher:
         self.routing = snap
         for name in snap.dead:  # a dead server comes back as a fresh process
             self.suspect.pop(name, None)
+            self.latency.forget(name)
         for call in list(self._parked):
             call._notify()  # parked pairs are resent at once
         for u in list(self.units.values()):
@@ -112,14 +125,16 @@ class Dispatcher:
     def on_result(self, msg: UnitResult) -> None:
         u = self.units.get(msg.unit_id)
         if u is None:
-            state = self._finished.get(msg.unit_id)
-            self.counters["stale_results" if state == "retired" else "dropped_duplicates"] += 1
+            stale = msg.unit_id in self._retired
+            self.counters["stale_results" if stale else "dropped_duplicates"] += 1
             return
         if msg.attempt != u.attempt or msg.server != u.server or u.future.done():
             stale = msg.attempt != u.attempt
             self.counters["stale_results" if stale else "dropped_duplicates"] += 1
             return
-        self.suspect.pop(msg.server, None)
+        if not u.hedged or u.is_hedge:  # answered in time (a hedged late copy did not)
+            self.suspect.pop(msg.server, None)
+        self.latency.observe(msg.server, time.monotonic() - u.sent_at)
         u.future.set_result(msg.y)
         _notify(u)
 
@@ -226,7 +241,9 @@ class Dispatcher:
             u.future.exception()  # mark retrieved: no "exception never retrieved" noise
 
     def _retire(self, u: _Unit) -> None:
-        self._finished[u.unit_id] = "retired"
+        self._retired[u.unit_id] = None
+        if len(self._retired) > _RETIRED_MEMORY:
+            self._retired.popitem(last=False)
         self.counters["units_retired"] += 1
 
     def inflight(self) -> int:
@@ -270,10 +287,17 @@ class ExpertCall:
         self._retry_at = 0.0  # when the parked pairs are retried without a routing change
         self.wait_started: float | None = None
         self._waiter: asyncio.Future | None = None  # wait() sleeps on it; a unit's end wakes it
+        self.hedges = 0  # hedged copies sent: from the first, units' pairs may overlap
 
     def _notify(self) -> None:
         if self._waiter is not None:
             _wake(self._waiter)
+
+    def _launch(self, server: str, idx: torch.Tensor, attempt: int, tried: set[str]) -> _Unit:
+        u = self.d._send(self.layer, self._rows(idx), self.flat_ids, idx, server, attempt, tried)
+        u.notify = self._notify
+        self.live[u.future] = u
+        return u
 
     def send(self, pair_idx: torch.Tensor, tried: set[str], attempt: int) -> None:
         d = self.d
@@ -285,9 +309,7 @@ class ExpertCall:
         else:
             groups, orphans = d._assign(self.layer, self.flat_ids, pair_idx, tried)
         for server, idx in groups.items():
-            u = d._send(self.layer, self._rows(idx), self.flat_ids, idx, server, attempt, tried)
-            u.notify = self._notify
-            self.live[u.future] = u
+            self._launch(server, idx, attempt, tried)
         if orphans.numel() == 0:
             return
         policy = self.fault.no_replica_policy
@@ -338,6 +360,7 @@ class ExpertCall:
 
     async def wait(self) -> ExpertsOutput:
         d, timeout = self.d, self.fault.unit_timeout_s
+        hedging = self.fault.hedge_after_s > 0
         try:
             while self.live or self.parked:
                 if self.parked and (d.routing.generation != self.parked_generation or
@@ -354,7 +377,7 @@ class ExpertCall:
                     # waiter directly: no per-future callbacks), a routing change while pairs
                     # are parked, or the oldest unit's deadline / the parked pairs' retry
                     now = time.monotonic()
-                    deadline = min(u.sent_at for u in self.live.values()) + timeout \
+                    deadline = min(self._due(u, hedging) for u in self.live.values()) \
                         if self.live else now + _PARKED_POLL_S
                     if self.parked:
                         deadline = min(deadline, self._retry_at)
@@ -363,36 +386,87 @@ class ExpertCall:
                     break
                 now = time.monotonic()
                 for fut in list(self.live):
-                    u = self.live[fut]
+                    u = self.live.get(fut)
+                    if u is None:  # retired above: a copy of its pairs answered first
+                        continue
                     if fut.done():
                         del self.live[fut]
                         d._close(u)
                         if fut.exception() is None:
-                            y = fut.result().to(self.out.device, self.out.dtype)  # [N, H]
-                            self.out.index_copy_(0, self._on_device(u.pair_idx), y)
-                            self.filled[u.pair_idx] += 1
-                            d.counters["units_combined"] += 1
-                            d._finished[u.unit_id] = "done"
+                            self._combine(u, fut.result())
                             continue
                         d._retire(u)
-                        d.counters["resent_units"] += 1
-                        self.send(u.pair_idx, u.tried | {u.server}, u.attempt + 1)
+                        self._resend(u)
                     elif now - u.sent_at >= timeout:
                         del self.live[fut]
                         d._close(u)
                         d._retire(u)
                         d.counters["unit_timeouts"] += 1
                         d.suspect[u.server] = now + timeout
-                        d.counters["resent_units"] += 1
-                        self.send(u.pair_idx, u.tried | {u.server}, u.attempt + 1)
-                while len(d._finished) > _FINISHED_MEMORY:
-                    d._finished.popitem(last=False)
+                        self._resend(u)
+                    elif hedging and not u.hedged and \
+                            now - u.sent_at >= d.latency.hedge_delay(u.server):
+                        self._hedge(u)
         finally:  # task cancelled or a bug: nothing stays in the ledger
             if self.live or self.parked:
                 self.cancel()
         if self.cancelled:
             raise StepCancelled()
         return self._result()
+
+    def _due(self, u: _Unit, hedging: bool) -> float:
+        """When wait() must look at unit u again: its hedge delay, else its timeout."""
+        due = self.fault.unit_timeout_s
+        return u.sent_at + (min(due, self.d.latency.hedge_delay(u.server))
+                            if hedging and not u.hedged else due)
+
+    def _combine(self, u: _Unit, y: torch.Tensor) -> None:
+        """Add unit u's rows y [N, H] for the pairs no copy has combined yet; then retire the
+        units whose pairs are all combined (their late answers are dropped as stale)."""
+        d, idx = self.d, u.pair_idx
+        y = y.to(self.out.device, self.out.dtype)  # [N, H]
+        if self.hedges:
+            fresh = self.filled[idx] == 0  # [N] bool
+            if not bool(fresh.all()):
+                idx, y = idx[fresh], y[self._on_device(fresh.nonzero().squeeze(1))]
+        self.out.index_copy_(0, self._on_device(idx), y)
+        self.filled[idx] += 1
+        d.counters["units_combined"] += 1
+        if u.is_hedge:  # it beat the late copy: that server is suspect
+            d.counters["hedge_wins"] += 1
+            d.suspect[u.late] = time.monotonic() + self.fault.unit_timeout_s
+        if self.hedges:
+            for fut, v in list(self.live.items()):
+                if bool((self.filled[v.pair_idx] > 0).all()):
+                    del self.live[fut]
+                    d._close(v)
+                    d._retire(v)
+
+    def _resend(self, u: _Unit) -> None:
+        """Resend unit u's pairs (u failed or timed out) that no answer or live unit covers."""
+        idx = u.pair_idx
+        if self.hedges:
+            mask = self.filled[idx] == 0
+            for v in self.live.values():
+                mask &= ~torch.isin(idx, v.pair_idx)
+            idx = idx[mask]
+        if idx.numel():
+            self.d.counters["resent_units"] += 1
+            self.send(idx, u.tried | {u.server}, u.attempt + 1)
+
+    def _hedge(self, u: _Unit) -> None:
+        """Unit u is late: its pairs go to other live replicas too (u stays in flight)."""
+        d = self.d
+        u.hedged = True
+        groups, _ = d._assign(self.layer, self.flat_ids, u.pair_idx, u.tried | {u.server})
+        for server, idx in groups.items():
+            if server == u.server:
+                continue
+            v = self._launch(server, idx, u.attempt + 1, u.tried | {u.server})
+            v.hedged = v.is_hedge = True
+            v.late = u.server
+            self.hedges += 1
+            d.counters["hedged_units"] += 1
 
     async def _sleep(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()

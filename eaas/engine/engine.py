@@ -47,15 +47,16 @@ from eaas.engine.monitor import HealthMonitor
 from eaas.engine.pool import ExpertPool
 from eaas.engine.outputs import RequestOutput
 from eaas.engine.placement import initial_routing, server_name
-from eaas.engine.request import Request
+from eaas.engine.request import Request, SeqGroup
 from eaas.engine.routing import RoutingTable
-from eaas.engine.sampling import SamplingParams, fold_seed
+from eaas.engine.sampling import SamplingParams, sequence_key
 from eaas.engine.shard import AttentionShard, ShardDeps
-from eaas.engine.server_proxy import FabricSeat, plan_fabric
+from eaas.engine.server_proxy import FabricSeat, plan_fabric, prepare_server_env
 from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
 
 
 SHARD_START_TIMEOUT_S = 900.0  # on a GPU: weights + KV pool + every bucket's decode graphs
+RAY_START_TIMEOUT_S = 180.0  # placement.launcher ray: a worker process starts, imports, loads
 
 
 class AsyncEngine:
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._shard_deps: ShardDeps | None = None
         self._ready = False
         self._closed = False
+        self._grammar_compiler: Any = None  # eaas.engine.structured.GrammarCompiler
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def __aenter__(self) -> AsyncEngine:
@@ -106,6 +108,7 @@ class AsyncEngine:
         from eaas.model import Checkpoint
 
         cfg = self.config
+        prepare_server_env(cfg)  # transport.secret_file, TLS files, request policy
         ckpt = await asyncio.to_thread(Checkpoint.open, cfg.model, cfg.load_format)
         self.checkpoint, mc = ckpt, ckpt.config
         self.model_config = mc
@@ -125,6 +128,8 @@ class AsyncEngine:
         start_s = SHARD_START_TIMEOUT_S if any(d.startswith("cuda") for d in devices) else 30.0
         if seat is not None:
             start_s = max(start_s, seat.timeout_s + 60.0)
+        if cfg.placement.launcher == "ray":  # a Ray actor's worker process starts, then loads
+            start_s = max(start_s, RAY_START_TIMEOUT_S)
         self._system = system = ActorSystem(
             name="eaas", on_escalation=self._on_escalation, start_timeout=start_s)
         await system.__aenter__()
@@ -137,6 +142,12 @@ class AsyncEngine:
                                                  parent=root)
         self.pool = ExpertPool(cfg, pool_sup, self._routing, lambda: self.routing,
                                self.events_bus.emit, self.counters)
+        if cfg.placement.launcher == "ray":
+            from eaas.engine.ray_launcher import RayLauncher
+
+            self.pool.launcher = RayLauncher(cfg)
+            await self.pool.launcher.start()
+            self.events_bus.emit({"type": "ray_connected", **self.pool.launcher.describe()})
         if seat is None:
             for i in range(cfg.placement.num_expert_servers):
                 name = server_name(i)
@@ -209,6 +220,8 @@ class AsyncEngine:
         if self.pool is not None:  # the actors are gone: let the experts' GPU memory go
             self.pool.store.clear()
             self.pool.close_logs()
+            if self.pool.launcher is not None:
+                await self.pool.launcher.aclose()
         if self._shard_deps is not None:
             self._shard_deps.shards.clear()
         if self._fabric_seat is not None:
@@ -281,13 +294,9 @@ class AsyncEngine:
         seed = params.seed
         if seed is None:  # stable across processes (str hash() is salted per process)
             seed = self.config.seed * 1_000_003 + zlib.crc32(rid.encode())
-        stop = set(params.stop_token_ids) | (set() if params.ignore_eos
-                                             else set(self.checkpoint.eos_token_ids))
-        req = Request(rid, text, ids, params, frozenset(stop), self.max_model_len, asyncio.Queue(),
-                      fold_seed(seed))
-        if self._shard_deps is not None:  # larger than a whole KV pool: refuse it now
-            for shard in self._shard_deps.shards.values():
-                shard.blocks.check_fits(req.max_positions())
+        req = await self._new_request(rid, text, ids, params, seed)
+        if rid in self._requests:  # taken while the grammar compiled
+            raise RequestError(f"request_id {rid!r} is already running")
         shard = min(self._shards,
                     key=lambda s: sum(1 for _, sh in self._requests.values() if sh is s))
         self._requests[rid] = (req, shard)
@@ -297,7 +306,8 @@ class AsyncEngine:
             await shard.tell(AddRequest(req), timeout=5.0)
             while True:
                 remaining = None if deadline is None else deadline - loop.time()
-                if remaining is not None and remaining <= 0 and not req.finished:
+                if remaining is not None and remaining <= 0 and not (
+                        req.group.finished if req.group is not None else req.finished):
                     await shard.tell(AbortRequest(rid, f"deadline of {deadline_s}s exceeded"))
                     remaining = None
                 try:
@@ -309,8 +319,57 @@ class AsyncEngine:
                     return
         finally:
             self._requests.pop(rid, None)
-            if not req.finished:  # the caller stopped iterating: free the request's resources
+            done = req.group.finished if req.group is not None else req.finished
+            if not done:  # the caller stopped iterating: free the request's resources
                 shard.tell_nowait(AbortRequest(rid, "the caller stopped reading the output"))
+
+    async def _new_request(self, rid: str, text: str | None, ids: list[int],
+                           params: SamplingParams, seed: int) -> Request:
+        """The shard-side state of one request: one Request, or a SeqGroup of
+        params.num_sequences sequences (ids rid, rid#1, ...) sharing one output queue."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (*params.stop_token_ids, *(params.logit_bias or ())) if t >= vocab]
+        if bad:
+            raise RequestError(f"token id {bad[0]} (in stop_token_ids or logit_bias) is not "
+                               f"allowed: token ids are integers in [0, {vocab})")
+        k = params.num_sequences
+        seats = self.config.scheduler.max_num_seqs
+        if k > seats:
+            raise RequestError(f"n={params.n}, best_of={params.best_of} asks for {k} sequences; "
+                               f"a request may run at most scheduler.max_num_seqs={seats}")
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = await asyncio.to_thread(self._grammars().compile, params.structured_outputs)
+        eos = frozenset(() if params.ignore_eos else self.checkpoint.eos_token_ids)
+        stop = frozenset(params.stop_token_ids) | eos
+        queue: asyncio.Queue = asyncio.Queue()
+        members = []
+        for i in range(k):
+            r = Request(rid if i == 0 else f"{rid}#{i}", text, ids, params, stop,
+                        self.max_model_len, queue, sequence_key(seed, i), eos_ids=eos, index=i,
+                        logprobs=[] if params.logprobs is not None else None)
+            if grammar is not None:
+                r.grammar = self._grammars().matcher(grammar)
+            members.append(r)
+        if k > 1:
+            group = SeqGroup(members, params.n, k)
+            for m in members:
+                m.group = group
+        req = members[0]
+        if self._shard_deps is not None:  # larger than a whole KV pool: refuse it now
+            for shard in self._shard_deps.shards.values():
+                shard.blocks.check_fits(req.max_positions(), forks=k - 1,
+                                        num_shared=len(ids) // shard.blocks.block_size)
+        return req
+
+    def _grammars(self) -> Any:
+        """The structured-output compiler for this model's tokenizer (made on first use)."""
+        if self._grammar_compiler is None:
+            from eaas.engine.structured import GrammarCompiler
+
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                     self.checkpoint.eos_token_ids)
+        return self._grammar_compiler
 
     async def abort(self, request_id: str, reason: str = "aborted by caller") -> None:
         entry = self._requests.get(request_id)
@@ -420,6 +479,34 @@ class AsyncEngine:
     async def remove_server(self, name: str) -> None:
         """Drain and remove an expert server; experts only it hosted move elsewhere first."""
         await self._pool().remove_server(name)
+
+    async def replace_server(self, name: str, *, model: str | None = None,
+                             start_timeout_s: float = 120.0) -> str:
+        """Rolling upgrade of server `name`: a replacement (a fresh process; `model`: another
+        checkpoint of the same shape) is routed to once ready, then `name` is drained and
+        stopped; a hand-joined server starts its successor on its own host. Returns the name
+        of the server that now hosts its experts."""
+        return await self._pool().replace_server(name, model=model,
+                                                 start_timeout_s=start_timeout_s)
+
+    # ---- servers that join from elsewhere (eaas expert-server --join; eaas/engine/join.py) ---
+    def join_server(self, name: str | None = None, *, device: str = "cpu", host: str = "",
+                    transport: str = "tcp") -> dict:
+        """A join ticket for a server process starting elsewhere (see ExpertPool.join)."""
+        return self._pool().join(name, device=device, host=host, transport=transport)
+
+    async def join_ready(self, name: str, incarnation: int, url: str,
+                         pid: int | None = None) -> dict:
+        """The joining process listens at `url`: connect, ping, route to it."""
+        return await self._pool().ready(name, incarnation, url, pid)
+
+    async def join_leave(self, name: str, incarnation: int) -> dict:
+        """A joined process leaves: out of routing, drained, removed."""
+        return await self._pool().leave(name, incarnation)
+
+    def join_status(self, name: str, incarnation: int) -> dict:
+        """Whether the joined process holding ticket `incarnation` is still wanted."""
+        return self._pool().status(name, incarnation)
 
     async def replicate_expert(self, layer: int, expert: int, server: str | None = None) -> str:
         """Add a replica of (layer, expert); returns the server that now hosts it."""

@@ -1,4 +1,10 @@
-"""EventBus: the engine's event log — a bounded history plus live subscribers (admin SSE)."""
+"""EventBus: the engine's event log — a bounded history plus live subscribers (admin SSE).
+
+Every event carries the same two clocks, whoever emits it: `time`, wall-clock seconds since the
+epoch (for humans, dashboards, logs) and `mono`, `time.monotonic()` seconds (for ordering and
+durations: it never jumps). The actor system stamps its events from its clock (a RealClock is
+these two clocks); any event emitted without them is stamped here, at emission.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,17 @@ import asyncio
 import time
 from collections import deque
 from typing import AsyncIterator
+
+__all__ = ["EventBus", "stamp"]
+
+
+def stamp(event: dict) -> dict:
+    """`event` with `time` (wall clock) and `mono` (monotonic) set to now where missing."""
+    if "time" not in event:
+        event["time"] = time.time()
+    if "mono" not in event:
+        event["mono"] = time.monotonic()
+    return event
 
 
 class EventBus:
@@ -16,8 +33,7 @@ class EventBus:
         self.dropped = 0  # events a slow subscriber missed
 
     def emit(self, event: dict) -> None:
-        event = dict(event)
-        event.setdefault("time", time.time())
+        event = stamp(dict(event))
         self.recent.append(event)
         for q in self._subscribers:
             try:

@@ -23,6 +23,8 @@ from eaas.config import EngineConfig
 from eaas.engine.batcher import Batcher
 from eaas.engine.expert_server import ExpertServer
 from eaas.engine.expert_store import ExpertStore
+from eaas.engine.join import Joining
+from eaas.engine.joined_server import JoinedServer, JoinSlot
 from eaas.engine.process_home import ProcessHome
 from eaas.engine.scaling import Scaling
 from eaas.engine.messages import (Crash, SetServerState)
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
     from eaas.engine.server_proxy import FabricSeat
 
 
-class ExpertPool(Scaling):
+class ExpertPool(Scaling, Joining):
     def __init__(self, config: EngineConfig, pool_sup: Any, routing_ref: Any,
                  get_routing: Callable[[], RoutingSnapshot], emit: Callable[[dict], None],
                  counters: dict[str, int]) -> None:
@@ -51,6 +53,8 @@ class ExpertPool(Scaling):
         self.home = ProcessHome(config)  # the server processes' run directory and warm spares
         self._lock = asyncio.Lock()  # one scaling step at a time
         self._next_index = itertools.count(config.placement.num_expert_servers)
+        self._joining: dict[str, tuple[JoinSlot, dict[int, list[int]]]] = {}  # not ready yet
+        self.launcher: Any = None  # placement.launcher ray: the RayLauncher (engine sets it)
         # in-process servers share one copy of each layer's experts per device
         self.store = ExpertStore(config.model, dtype=config.dtype,
                                  batch_invariant=config.batch_invariant,
@@ -60,8 +64,13 @@ class ExpertPool(Scaling):
     async def start_server(self, name: str, assignment: dict[int, list[int]], *,
                            timeout: float = 180.0, device: str | None = None,
                            fabric: FabricSeat | None = None,
-                           fabric_joined: asyncio.Event | None = None) -> None:
+                           fabric_joined: asyncio.Event | None = None,
+                           slot: JoinSlot | None = None, model: str | None = None) -> None:
         """Start server `name` hosting `assignment` and wait until it has started.
+
+        slot: a server that joined (its process listens at slot.url); with placement.launcher
+        ray every other server gets a slot from the launcher (a Ray actor per process). model:
+        the checkpoint its process loads (default: the engine's; a rolling upgrade's new one).
 
         fabric: its FabricSeat in the engine's NVSHMEM job (transport nvshmem, start-up servers
         only); the server's first process then joins the job, which returns only once every
@@ -76,21 +85,32 @@ class ExpertPool(Scaling):
             f"server-sup-{name}", lambda: Supervisor(policy, ()), restart="temporary"))
         if device is None:  # server i on server_devices[i % len] (or the engine's device)
             devices = cfg.placement.server_devices or (cfg.device,)
-            device = devices[int(name.rsplit("-", 1)[1]) % len(devices)]
+            device = devices[_index(name) % len(devices)]
+        model = model or cfg.model
+        if slot is None and self.launcher is not None:
+            slot = self.launcher.slot(name, assignment, device=device, model=model)
+            device = slot.device
         # `assignment` is shared with the factories and mutated in place when the server
         # loads more experts, so a restart re-loads exactly what the server hosts now.
         entry = {"name": name, "sup": sup, "assignment": assignment, "state": "starting",
-                 "slot": None, "device": device, "incarnation": 0, "ref": None, "batcher": None}
+                 "slot": slot, "device": device, "incarnation": 0, "ref": None, "batcher": None,
+                 "model": model}
         self.servers[name] = entry
         on_ready = lambda: self._ready(name)  # noqa: E731
         factory: Callable[[], Actor]
-        if cfg.placement.server_mode == "process":
+        if slot is not None:
+            factory = lambda: JoinedServer(  # noqa: E731
+                slot, call_timeout_s=fault.unit_timeout_s,
+                heartbeat_interval_s=fault.heartbeat_interval_s / 2, heartbeat_misses=3,
+                start_timeout_s=timeout, on_ready=on_ready)
+        elif cfg.placement.server_mode == "process":
             from eaas.engine.server_proxy import ProcessSlot, ServerProcess
 
-            slot = entry["slot"] = ProcessSlot(name, log_path=self.home.log_path(name))
-            spares = self.home.spares_for(device)
+            pslot = entry["slot"] = ProcessSlot(name, log_path=self.home.log_path(name))
+            # a spare has the engine's checkpoint open: not for a server on another one
+            spares = self.home.spares_for(device) if model == cfg.model else None
             factory = lambda: ServerProcess(  # noqa: E731
-                slot, cfg.model, assignment, dtype=cfg.dtype, device=device,
+                pslot, model, assignment, dtype=cfg.dtype, device=device,
                 batch_invariant=cfg.batch_invariant, transport=cfg.placement.transport,
                 load_format=cfg.load_format, spares=spares,
                 call_timeout_s=fault.unit_timeout_s,
@@ -101,8 +121,9 @@ class ExpertPool(Scaling):
                 fabric=fabric, fabric_joined=fabric_joined)
         else:
             factory = lambda: ExpertServer(  # noqa: E731
-                name, cfg.model, assignment, dtype=cfg.dtype, device=device,
-                batch_invariant=cfg.batch_invariant, on_ready=on_ready, store=self.store,
+                name, model, assignment, dtype=cfg.dtype, device=device,
+                batch_invariant=cfg.batch_invariant, on_ready=on_ready,
+                store=self.store if model == cfg.model else None,
                 load_format=cfg.load_format)
         ref = entry["ref"] = await sup.start_child(ChildSpec(name, factory), timeout=timeout)
         entry["batcher"] = await sup.start_child(ChildSpec(
@@ -169,6 +190,9 @@ class ExpertPool(Scaling):
                 self.servers[server]["state"] = "dead"
                 self._change.set()
                 self.mark_dead(server, "restart intensity exceeded")
+                slot = self.servers[server]["slot"]
+                if isinstance(slot, JoinSlot) and slot.origin == "join":
+                    return  # the engine cannot start it again: it may rejoin by name
                 task = asyncio.get_running_loop().create_task(self._replace(server),
                                                               name=f"replace-{server}")
                 self._tasks.add(task)
@@ -256,10 +280,14 @@ class ExpertPool(Scaling):
 
     def snapshot(self) -> list[dict]:
         out = []
-        for name, s in sorted(self.servers.items(), key=lambda kv: int(kv[0].rsplit("-", 1)[1])):
+        for name, s in sorted(self.servers.items(), key=lambda kv: (_index(kv[0]), kv[0])):
             slot = s.get("slot")
+            joined = isinstance(slot, JoinSlot)
             out.append({"name": name, "pid": slot.pid if slot else None,
                         "transport": (slot.url or "") if slot else "inproc://",
+                        "origin": slot.origin if joined else "local",
+                        "host": slot.host if joined else "",
+                        "model": s.get("model") or self.config.model,
                         "state": s["state"],
                         "actor_state": s["ref"].state.value if s["ref"] else "starting",
                         "device": s["device"], "restarts": max(0, s["incarnation"] - 1),
@@ -281,6 +309,11 @@ class ExpertPool(Scaling):
             s["state"] = "restarting"  # known at once; the crash notice follows
             self.mark_dead(server, "killed by fault injection")
         slot = s.get("slot")
+        if isinstance(slot, JoinSlot) and not slot.can_signal:  # on another host
+            if kind == "hang":
+                raise ValueError(f"fault 'hang' needs a process on this host; {server} runs "
+                                 f"on {slot.host or 'another host'}")
+            slot = None  # 'kill' drops its process (the actor crashes), 'delay' is an RPC
         if slot is not None and kind in ("kill", "hang"):  # a real OS process: real signals
             if kind == "kill":
                 slot.planned_kill = True
@@ -336,3 +369,9 @@ class ExpertPool(Scaling):
             if ids:
                 out[l] = sorted(ids)
         return out
+
+
+def _index(name: str) -> int:
+    """The number a server name ends with (`expert-7` -> 7); -1 for a joined name without."""
+    tail = name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1

@@ -5,7 +5,10 @@ The run directory (`eaas-PID-XXXX` in the temp directory) is made when the first
 log; a clean close removes it, unless a server process failed during the run (restarted or
 replaced), and then it is kept and its path logged. Warm spares are server processes started
 ahead with no experts: a restarting server adopts one (connects and loads its experts), so the
-failover path pays no interpreter and torch start-up.
+failover path pays no interpreter and torch start-up. A spare starts `fault.spare_nice` nicer
+than the engine (its start-up takes only CPU that serving leaves idle) and is given the
+engine's priority back when adopted — where the OS lets this process raise a priority again
+(CAP_SYS_NICE or RLIMIT_NICE, Linux); elsewhere spares start at normal priority.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import functools
 import itertools
 import logging
 import os
+import resource
 import shutil
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from eaas.config import EngineConfig
@@ -38,17 +43,49 @@ class Spare:
     log_path: str
 
 
+def may_unnice(priority: int) -> bool:
+    """Whether this process may set another of its processes back to `priority` (a niceness)
+    after raising it: Linux, with CAP_SYS_NICE or an RLIMIT_NICE that reaches it."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        caps = int(status.split("CapEff:")[1].split()[0], 16)
+    except (OSError, IndexError, ValueError):
+        return False
+    cap_sys_nice = 23
+    soft = resource.getrlimit(resource.RLIMIT_NICE)[0]
+    return bool(caps >> cap_sys_nice & 1) or soft == resource.RLIM_INFINITY or \
+        soft >= 20 - priority
+
+
+def set_priority(pid: int, priority: int) -> None:
+    """Set every thread of process `pid` to niceness `priority` (Linux niceness is per thread;
+    threads started later inherit their creator's)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, priority)
+        except ProcessLookupError:
+            pass  # a thread that ended meanwhile
+
+
 class SpareProcesses:
     """Warm spares: `count` expert-server processes started ahead with no experts, for one
     device and transport. A restarting server adopts one (it connects and loads its experts:
     no interpreter and torch start-up on the failover path), and a new spare starts behind it.
 
-    argv: the command line of a spare; log_path(name): where its stderr goes.
+    argv: the command line of a spare; log_path(name): where its stderr goes; nice: how much
+    nicer than this process a spare runs until adopted (0: as nice as this process).
     """
 
     def __init__(self, argv: Callable[[], list[str]], log_path: Callable[[str], str], *,
-                 count: int, start_timeout_s: float, refill_delay_s: float = 3.0) -> None:
+                 count: int, start_timeout_s: float, refill_delay_s: float = 1.0,
+                 nice: int = 0) -> None:
         self._argv, self._log_path = argv, log_path
+        self.priority = os.getpriority(os.PRIO_PROCESS, 0)  # what an adopted spare gets back
+        self.nice = min(nice, 19 - self.priority) if nice and may_unnice(self.priority) else 0
         self.count, self.start_timeout_s = count, start_timeout_s
         self._ready: list[Spare] = []
         self._tasks: set[asyncio.Task] = set()  # starts in progress (aclose ends them)
@@ -84,6 +121,8 @@ class SpareProcesses:
         path = self._log_path(f"spare-{next(self._names)}")
         proc = await spawn_server(self._argv(), path)
         try:
+            if self.nice:  # before the interpreter starts threads (they inherit it)
+                set_priority(proc.pid, self.priority + self.nice)
             info = await read_ready(proc, "warm spare expert server", path, self.start_timeout_s)
         except BaseException:
             if proc.returncode is None:
@@ -97,6 +136,12 @@ class SpareProcesses:
             spare = self._ready.pop(0)
             if spare.proc.returncode is None:
                 self.adopted += 1
+                if self.nice:
+                    try:
+                        set_priority(spare.proc.pid, self.priority)
+                    except OSError as e:  # it still serves, at the spare's priority
+                        log.warning("adopted spare (pid %d) keeps niceness +%d: %s",
+                                    spare.proc.pid, self.nice, e)
                 return spare
         return None
 
@@ -141,7 +186,8 @@ class ProcessHome:
                 load_format=cfg.load_format, batch_invariant=cfg.batch_invariant,
                 transport=restart_transport(cfg.placement.transport))
             spares = self.spares[device] = SpareProcesses(
-                argv, self.log_path, count=cfg.fault.warm_spares, start_timeout_s=180.0)
+                argv, self.log_path, count=cfg.fault.warm_spares, start_timeout_s=180.0,
+                nice=cfg.fault.spare_nice)
             spares.fill()
         return spares
 

@@ -7,10 +7,10 @@ it to every subscriber (the attention shards).
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 from eaas.actors import Actor
+from eaas.engine.events import stamp
 from eaas.engine.messages import (RoutingUpdate, SetServerState, SetTable,
                                   Subscribe)
 from eaas.engine.placement import RoutingSnapshot
@@ -50,8 +50,8 @@ class RoutingTable(Actor):
         self.snapshot = snap
         if self._on_change is not None:
             self._on_change(snap)
-        event = {"type": "routing_changed", "generation": snap.generation, "reason": reason,
-                 "dead": sorted(snap.dead), "time": time.time()}
+        event = stamp({"type": "routing_changed", "generation": snap.generation,
+                       "reason": reason, "dead": sorted(snap.dead)})
         self.history.append(event)
         self._emit(event)
         for ref in self._subscribers:

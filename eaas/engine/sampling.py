@@ -1,72 +1,19 @@
-"""Sampling parameters (vLLM's names) and the sampler.
+"""The sampler: temperature, top-k, top-p and counter-based noise over a batch of logits.
 
 Greedy when temperature == 0. With a seed, a request's samples depend only on its own seed and
-its own logits, never on which other requests share the batch.
+its own logits, never on which other requests share the batch. `SamplingParams` lives in
+eaas/engine/params.py (re-exported here); the logits processors that run before this sampler
+(penalties, min_p, logit_bias, grammar masks) and log probabilities are eaas/engine/logits.py.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-
 import torch
 
-from eaas.errors import RequestError
+from eaas.engine.params import MAX_TOKENS_LIMIT, SamplingParams, StructuredOutputsParams
 
-MAX_TOKENS_LIMIT = 1 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """How to pick tokens for one request.
-
-    max_tokens: new tokens to generate (>= 1). temperature: 0 = greedy. top_p in (0, 1].
-    top_k: -1 or 0 = off, else >= 1. seed: per-request generator seed (None: derived from
-    the engine seed and the request id).
-    stop_token_ids: extra ids that end the request (the model's eos ids always do unless
-    ignore_eos). The stop token is included in token_ids, as vLLM does.
-    """
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] = field(default=())
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(name: str, value: object, allowed: str) -> RequestError:
-            return RequestError(f"SamplingParams.{name}={value!r} is not allowed: {allowed}")
-
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise bad("max_tokens", self.max_tokens, "an integer >= 1")
-        if not 1 <= self.max_tokens <= MAX_TOKENS_LIMIT:
-            raise bad("max_tokens", self.max_tokens, f"1 <= max_tokens <= {MAX_TOKENS_LIMIT}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise bad("temperature", self.temperature, "a number >= 0")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise bad("top_p", self.top_p, "a number in (0, 1]")
-        if not (0 < self.top_p <= 1):
-            raise bad("top_p", self.top_p, "a number in (0, 1]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or \
-                not -1 <= self.top_k < 1 << 31:
-            raise bad("top_k", self.top_k, "-1 or 0 (off) or an integer 1 <= top_k < 2**31 "
-                      "(values above the vocabulary size mean off)")
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise bad("seed", self.seed, "None or an integer")
-        ids = tuple(self.stop_token_ids)
-        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
-            raise bad("stop_token_ids", self.stop_token_ids, "a sequence of integers >= 0")
-        object.__setattr__(self, "stop_token_ids", ids)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
+__all__ = ["MAX_TOKENS_LIMIT", "SamplingParams", "StructuredOutputsParams", "fold_seed",
+           "sample", "sample_batch", "uniform_noise"]
 
 _MASK32 = 0xFFFF_FFFF
 _MUL = 0x45D9F3B  # < 2**27: products of 32-bit values stay inside int64 (no overflow anywhere)
@@ -134,3 +81,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, key: int, step: int) ->
     row = sample_batch(logits.float()[None], one([float(params.temperature)]),
                        one([params.top_k]), one([float(params.top_p)]), one([key]), one([step]))
     return int(row[0])
+
+
+_GOLDEN = 0x9E37_79B9_7F4A_7C15
+
+
+def sequence_key(seed: int, index: int) -> int:
+    """The noise key of sequence `index` of a request seeded `seed` (n > 1 / best_of): sequence
+    0 keeps `fold_seed(seed)`, so n=1 and the first of n sample alike; the others differ."""
+    return fold_seed(seed + index * _GOLDEN)

@@ -19,7 +19,8 @@ __all__ = ["Scaling"]
 
 
 class Scaling:
-    """add_server / remove_server / replicate_expert / unreplicate_expert / apply_table."""
+    """add_server / remove_server / replace_server / replicate_expert / unreplicate_expert /
+    apply_table."""
 
     config: Any
     servers: dict[str, dict]
@@ -30,6 +31,7 @@ class Scaling:
     _routing_ref: Any
     _emit: Any
     _sup: Any
+    counters: dict[str, int]
 
     async def add_server(self, experts: dict[int, list[int]] | None = None, *,
                          start_timeout_s: float = 120.0, device: str | None = None) -> str:
@@ -95,6 +97,69 @@ class Scaling:
             await self._discard(name)
             self.counters["scale_events"] = self.counters.get("scale_events", 0) + 1
             self._emit({"type": "scale_done", "action": "remove", "server": name})
+
+    async def replace_server(self, name: str, *, model: str | None = None,
+                             start_timeout_s: float = 120.0, drain_timeout_s: float = 30.0
+                             ) -> str:
+        """Rolling upgrade of one server: start a replacement hosting what `name` hosts (a
+        fresh process: the code on disk now; `model`: another checkpoint of the same shape),
+        route to it once it is ready, in place of `name` (one new generation), then drain and
+        stop `name`. Returns the replacement's name. A replacement that does not become ready
+        leaves routing as it was.
+
+        A server that joined by hand (`eaas expert-server --join`) is asked to start its own
+        successor on its host, which takes its place under the same name once ready."""
+        if model is not None:
+            await asyncio.to_thread(self._check_model, model)
+        entry = self._get(name)
+        slot = entry.get("slot")
+        if getattr(slot, "origin", None) == "join":
+            return await self._roll_joined(name, model, start_timeout_s)
+        async with self._lock:
+            entry = self._get(name)
+            assignment = {l: list(ids) for l, ids in entry["assignment"].items()}
+            new = server_name(next(self._next_index))
+            model = model or entry.get("model") or self.config.model
+            self._emit({"type": "scale_started", "action": "replace", "server": new,
+                        "replaces": name, "model": model})
+            try:
+                await asyncio.wait_for(self.start_server(new, assignment, device=entry["device"],
+                                                         timeout=start_timeout_s, model=model),
+                                       start_timeout_s)
+            except Exception as e:
+                await self._discard(new)
+                self.counters["scale_failures"] = self.counters.get("scale_failures", 0) + 1
+                self._emit({"type": "scale_failed", "action": "replace", "server": new,
+                            "replaces": name, "reason": f"{type(e).__name__}: {e}"})
+                raise RuntimeError(f"replacing expert server {name} failed: its replacement "
+                                   f"{new} did not start ({type(e).__name__}: {e}); routing "
+                                   f"is unchanged") from e
+            await self._set_table(_swapped(self._routing().table, name, new),
+                                  f"{new} replaces {name} (rolling upgrade)")
+            await self._drain(name, drain_timeout_s)
+            await self._discard(name)
+            self.counters["rollouts"] = self.counters.get("rollouts", 0) + 1
+            self._emit({"type": "scale_done", "action": "replace", "server": new,
+                        "replaces": name})
+            return new
+
+    def _check_model(self, model: str) -> None:
+        """`model` must be a checkpoint whose experts fit the engine's model (ValueError)."""
+        from eaas.model import Checkpoint
+
+        try:
+            new = Checkpoint.open(model, self.config.load_format).config
+        except Exception as e:
+            raise ValueError(f"model={model!r} cannot be opened as a checkpoint: {e}") from None
+        have = Checkpoint.open(self.config.model, self.config.load_format).config
+        fields = ("model_type", "hidden_size", "num_hidden_layers", "num_experts",
+                  "moe_intermediate_size", "mlp_only_layers", "decoder_sparse_step",
+                  "first_k_dense_replace")
+        diff = [f for f in fields if getattr(new, f, None) != getattr(have, f, None)]
+        if diff:
+            raise ValueError(f"model={model!r} does not fit the served model: "
+                             + ", ".join(f"{f} {getattr(new, f, None)!r} != "
+                                         f"{getattr(have, f, None)!r}" for f in diff))
 
     async def replicate_expert(self, layer: int, expert: int, server: str | None = None) -> str:
         """Add a copy of (layer, expert) on `server` (default: the least-loaded live server
@@ -223,3 +288,9 @@ def _with_server(table: Any, name: str, assignment: dict[int, list[int]]) -> dic
         for e in ids:
             out[l][e] = tuple(out[l][e]) + (name,)
     return out
+
+
+def _swapped(table: Any, old: str, new: str) -> dict:
+    """`table` with server `old` replaced by `new` wherever it hosts an expert."""
+    return {l: {e: tuple(new if s == old else s for s in srv) for e, srv in ex.items()}
+            for l, ex in table.items()}

@@ -7,6 +7,11 @@ JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers RPC re
     {"op": "ping"} -> {"pid": ...}      {"op": "stats"} -> {...}
     {"op": "delay", "seconds": s}       (fault injection: extra latency per compute)
 
+Every connection must first pass the cluster-secret handshake (EAAS_CLUSTER_SECRET, read when
+the listener opens; eaas.transport.auth), and every request the RequestGuard
+(eaas.engine.server_policy: row limit, `delay` only in fault-injection mode); "stats" reports
+what was refused under "security".
+
 It exits when its parent process goes away, so a killed engine leaves no orphans.
 
 With `--fabric STORE,RANK,WORLD` (the engine's first start of a server, transport nvshmem) it
@@ -23,7 +28,7 @@ import asyncio
 import json
 import os
 import sys
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 
 def _join(args: argparse.Namespace) -> None:
@@ -53,14 +58,22 @@ def _ints2(value: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"{value!r}: expected two integers A,B") from None
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace, *,
+                 on_listening: Callable[[dict], Awaitable[None]] | None = None,
+                 until: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Load, listen, announce, serve. By default the announcement is the ready line on stdout
+    and the process serves while its parent lives; a joined server (eaas.engine.joiner) passes
+    `on_listening(info)` (it tells the engine) and `until()` (it returns when the server is to
+    stop: SIGTERM after a drain, or the engine let it go)."""
     from eaas.engine.expert_server import ExpertHost
-    from eaas.transport import listen, serve_rpc
+    from eaas.engine.server_policy import RequestGuard
+    from eaas.transport import TransportSecurity, listen, serve_rpc
 
     assignment = {int(k): v for k, v in json.loads(args.assignment).items()}
     host = ExpertHost(args.model, assignment, dtype=args.dtype, device=args.device,
                       batch_invariant=args.batch_invariant, load_format=args.load_format)
     delay = 0.0
+    guard = RequestGuard.from_env()
     # On a GPU the first batch of a new size compiles Triton kernels for seconds: compute (and
     # expert loading) then run on one worker thread, in order, so the loop keeps answering
     # heartbeats. On CPU batches are short and run inline (no thread hand-off per batch).
@@ -80,7 +93,7 @@ async def _serve(args: argparse.Namespace) -> None:
 
     async def handle(msg: Any) -> Any:
         nonlocal delay
-        op = msg.get("op") if isinstance(msg, dict) else None
+        op = guard.check(msg)  # refused requests raise here, before anything runs
         if op == "compute":
             if delay:
                 await asyncio.sleep(delay)
@@ -90,7 +103,8 @@ async def _serve(args: argparse.Namespace) -> None:
         if op == "stats":
             return {"calls": host.calls, "rows": host.rows, "pid": os.getpid(),
                     "experts": {str(k): v for k, v in host.assignment.items()},
-                    "load_stats": host.load_stats}
+                    "load_stats": host.load_stats,
+                    "security": {**listener.stats.snapshot(), "refused_requests": guard.refused}}
         if op == "load":
             await blocking(host.add, {int(k): v for k, v in msg["experts"].items()})
             return {str(k): v for k, v in host.assignment.items()}
@@ -106,11 +120,17 @@ async def _serve(args: argparse.Namespace) -> None:
     async def on_connection(conn: Any) -> None:
         await serve_rpc(conn, handle)
 
-    listener = await listen(args.listen, on_connection)
-    print(json.dumps({"url": listener.url, "pid": os.getpid(), "load_stats": host.load_stats}),
-          flush=True)
-    parent = args.parent_pid
+    listener = await listen(args.listen, on_connection, security=TransportSecurity.from_env())
+    info = {"url": listener.url, "pid": os.getpid(), "load_stats": host.load_stats}
     try:
+        if on_listening is not None:
+            await on_listening(info)
+        else:
+            print(json.dumps(info), flush=True)
+        if until is not None:
+            await until()
+            return
+        parent = args.parent_pid
         while os.getppid() == parent:
             await asyncio.sleep(0.25)
     finally:

@@ -150,8 +150,38 @@ SECRET_ENV = ("EAAS_ADMIN_TOKEN",)  # the serving process's secrets: never hande
 
 
 def child_env() -> dict[str, str]:
-    """This process's environment for an expert-server process, without its secrets."""
+    """This process's environment for an expert-server process, without its secrets (the admin
+    token). The cluster secret (EAAS_CLUSTER_SECRET) and the transport settings (EAAS_TRANSPORT)
+    do go along: the child authenticates its connections with them (prepare_server_env)."""
     return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+
+
+def prepare_server_env(config: Any) -> None:
+    """At engine start: the cluster secret (transport.secret_file, else EAAS_CLUSTER_SECRET, else
+    a generated one) and the transport settings (TLS files, listen host, request policy) in this
+    process's environment, where the server processes it spawns find them."""
+    from eaas.transport.auth import ensure_cluster_secret, export_settings
+
+    ensure_cluster_secret(config.transport.secret_file)
+    export_settings(config.transport.settings())
+
+
+def server_security() -> Any:
+    """The TransportSecurity this engine's connections to its servers use (from its env)."""
+    from eaas.transport.auth import TransportSecurity
+
+    return TransportSecurity.from_env()
+
+
+def _listen_url(transport: str) -> str:
+    """`--listen` of a server process: tcp:// on the configured host (transport.listen_host,
+    127.0.0.1 by default; never a wildcard unless configured), a fresh socket path otherwise."""
+    if transport != "tcp":
+        return f"{transport}://"
+    from eaas.transport.auth import exported_settings
+
+    host = exported_settings().get("listen_host") or "127.0.0.1"
+    return f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
 
 
 def restart_transport(transport: str) -> str:
@@ -166,7 +196,7 @@ def server_argv(model_dir: str, assignment: Mapping[int, list[int]], *, dtype: s
             "--assignment", json.dumps({str(k): v for k, v in assignment.items()}),
             "--dtype", dtype, "--device", device, "--load-format", load_format,
             "--batch-invariant" if batch_invariant else "--no-batch-invariant",
-            "--listen", f"{transport}://" + ("127.0.0.1:0" if transport == "tcp" else ""),
+            "--listen", _listen_url(transport),
             "--parent-pid", str(os.getpid())]
 
 
@@ -225,6 +255,7 @@ class ServerProcess(Actor):
         self.fabric = fabric  # used on the slot's first start only
         self.fabric_joined = fabric_joined  # set once this process's own join has returned
         self.rpc: Any = None
+        self._max_rows: int | None = None  # rows per compute RPC (transport.max_rows)
         self._stopping = False
 
     def argv(self) -> list[str]:
@@ -260,7 +291,8 @@ class ServerProcess(Actor):
                 # the server's join returned, so ours is returning: wait until it has
                 await asyncio.wait_for(self.fabric_joined.wait(), self.start_timeout_s)
             slot.url = info["url"]
-            self.rpc = RpcClient(await connect(info["url"], timeout=10.0))
+            self.rpc = RpcClient(await connect(info["url"], timeout=10.0,
+                                               security=server_security()))
             if spare is not None:  # give the adopted spare this server's experts
                 await self.rpc.call({"op": "load", "experts": {
                     str(k): v for k, v in self.assignment.items()}}, timeout=self.start_timeout_s)
@@ -318,6 +350,23 @@ class ServerProcess(Actor):
                     raise EaasError(f"expert server {self.slot.name} (pid {self.slot.pid}) missed "
                                     f"{misses} heartbeats") from None
 
+    async def _compute(self, msg: ComputeBatch) -> Any:
+        """One compute RPC, or several of at most max_rows rows each (the server refuses more)."""
+        if self._max_rows is None:
+            from eaas.engine.server_policy import RequestGuard
+
+            self._max_rows = RequestGuard.from_env().max_rows
+        n, step = int(msg.x.shape[0]), self._max_rows
+        if n <= step:
+            return await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x,
+                                        "expert_ids": msg.expert_ids}, timeout=self.call_timeout_s)
+        import torch
+
+        parts = [await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x[i:i + step],
+                                      "expert_ids": msg.expert_ids[i:i + step]},
+                                     timeout=self.call_timeout_s) for i in range(0, n, step)]
+        return torch.cat(parts)  # [N, H]
+
     async def on_stop(self) -> None:
         self._stopping = True
         if self.rpc is not None:
@@ -329,8 +378,7 @@ class ServerProcess(Actor):
 
     async def on_receive(self, msg: Any) -> Any:
         if isinstance(msg, ComputeBatch):
-            return await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x,
-                                        "expert_ids": msg.expert_ids}, timeout=self.call_timeout_s)
+            return await self._compute(msg)
         if isinstance(msg, Stats):
             return await self.rpc.call({"op": "stats"}, timeout=self.call_timeout_s)
         if isinstance(msg, LoadExperts):

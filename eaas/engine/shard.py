@@ -19,12 +19,15 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import EngineConfig
+from eaas.engine.batch_sampling import (needs_eager_step, position_logprobs,
+                                        prompt_logprob_rows, sample_rows)
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate,
                                   Stats, Subscribe, UnitFailed, UnitResult)
-from eaas.engine.request import Request
+from eaas.engine.request import Request, SeqGroup
+from eaas.engine.logits import compute_logprobs
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError, InjectedFault
 from eaas.gpu.waiter import download
@@ -94,7 +97,11 @@ class AttentionShard(Actor):
         self.by_id: dict[str, Request] = {}
         self._wake = [asyncio.Event() for _ in self.lanes]
         self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
+        # per lane: requests whose last token is taken but not yet settled (text, stop strings,
+        # published), which the lane's next captured step does while its graph runs
+        self._unsettled: list[list[Request]] = [[] for _ in self.lanes]
         self._stepping: set[str] = set()  # requests of the steps in flight (their blocks stay)
+        self._unforked: list[SeqGroup] = []  # admitted groups whose followers await the fork
         self.steps = 0
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -183,7 +190,8 @@ class AttentionShard(Actor):
                 self.local = self._colocated(msg.snapshot)
         elif isinstance(msg, AddRequest):
             r: Request = msg.request
-            self.by_id[r.request_id] = r
+            for m in (r.group.members if r.group is not None else (r,)):
+                self.by_id[m.request_id] = m
             self.waiting.append(r)
             self._admit()
         elif isinstance(msg, AbortRequest):
@@ -214,11 +222,14 @@ class AttentionShard(Actor):
         """Start waiting requests, oldest first, while a lane seat and KV blocks are free. A
         request reserves blocks for its prompt and every token it may generate, so a running
         request never runs out; one that cannot get them now waits (never over-commits)."""
-        while self.waiting and sum(len(l) for l in self.lanes) < self.max_num_seqs:
+        while self.waiting and self._seats() < self.max_num_seqs:
             r = self.waiting[0]
             if r.finished:
                 self.waiting.popleft()
                 continue
+            followers = r.group.followers if r.group is not None else []
+            if self._seats() + 1 + len(followers) > self.max_num_seqs:
+                return  # a group takes all its seats at once (its sequences decode together)
             try:
                 table = self.blocks.allocate(r.request_id, r.max_positions())
             except EaasError as e:  # larger than the whole pool: it would wait forever
@@ -227,12 +238,27 @@ class AttentionShard(Actor):
                 continue
             if table is None:
                 return  # blocks busy: wait for a running request to free its own
+            if followers:
+                shared = len(r.prompt_ids) // self.blocks.block_size
+                forks = self.blocks.fork(r.request_id, [f.request_id for f in followers],
+                                         r.max_positions(), shared)
+                if forks is None:
+                    self.blocks.free(r.request_id)
+                    return
+                for f, t in zip(followers, forks):
+                    f.blocks = t
+                self._unforked.append(r.group)
             self.waiting.popleft()
             r.blocks = table
             i = min(range(len(self.lanes)), key=lambda j: len(self.lanes[j]))
             r.metrics.first_scheduled_time = time.time()
             self.lanes[i].append(r)
             self._wake[i].set()
+
+    def _seats(self) -> int:
+        """Sequences running or promised a seat (followers of admitted, unforked groups)."""
+        return sum(len(l) for l in self.lanes) + sum(
+            1 for g in self._unforked for f in g.followers if not f.finished)
 
     def _release(self, r: Request) -> None:
         """Give r's KV blocks back unless a step in flight still writes them."""
@@ -244,7 +270,8 @@ class AttentionShard(Actor):
         r = self.by_id.get(request_id)
         if r is None or r.finished:
             return
-        self._finish(r, "abort", error=reason)
+        for m in (r.group.members if r.group is not None else (r,)):
+            self._finish(m, "abort", error=reason)
         for i, lane in enumerate(self.lanes):
             call = self._calls[i]
             if call is not None and lane and all(x.finished for x in lane):
@@ -305,8 +332,10 @@ class AttentionShard(Actor):
         return chunks
 
     async def _step(self, reqs: list[Request], lane: int) -> None:
-        if self.local and self.graphs is not None and all(r.prefilled for r in reqs):
-            return await self._decode_step(reqs)
+        if self.local and self.graphs is not None and all(r.prefilled for r in reqs) \
+                and not needs_eager_step(reqs):
+            return await self._decode_step(reqs, lane)
+        self._settle_all(lane)
         model = self.model
         chunks = self._chunks(reqs)
         spans = [SeqSpan(self._table(r), r.num_computed, len(c)) for r, c in zip(reqs, chunks)]
@@ -332,17 +361,41 @@ class AttentionShard(Actor):
                     if r.num_computed + len(chunks[b]) >= len(r.prompt_ids)]  # rows that sample
             last = h[upload([rows[b][1] - 1 for b in emit], h.device)]  # [B', H]
             logits = model.lm_head(model.final_norm(last))  # [B', V] float32
-            picks = logits.argmax(dim=-1)  # [B']: greedy rows need only their id on the host
             finite = torch.isfinite(logits).all(dim=-1)  # [B']: a NaN/inf row fails its request
-            sampled = {b: j for j, b in enumerate(
-                b for b in emit if not reqs[b].params.greedy)}  # row -> logits row
             pos = {b: j for j, b in enumerate(emit)}
-            want = [pos[b] for b in sampled]
-            sel = logits[upload(want, logits.device)] if want else logits[:0]
-        # the eager path samples on the host: bring back the greedy ids and the sampled rows'
-        # logits, waiting only for them
-        picks, sel, finite = await download(picks, sel, finite)
+            # sequences forked from a prompt finishing its prefill now sample from its row
+            forks = [(b, f) for b in emit if self._forking(reqs[b])
+                     for f in reqs[b].group.followers if not f.finished]
+            self._copy_prompt_tail(reqs, emit)
+            prompt_lp = self._prompt_logprobs(reqs, chunks, rows, h)
+            batched = bool(forks) or needs_eager_step([reqs[b] for b in emit])
+            srows: list[Request] = []
+            if batched:
+                srows = [reqs[b] for b in emit] + [f for _, f in forks]
+                picked = sample_rows(logits, srows, [pos[b] for b in emit] +
+                                     [pos[b] for b, _ in forks])
+                tensors = picked.tensors()
+            else:
+                picks = logits.argmax(dim=-1)  # [B']: greedy rows need only their id on the host
+                sampled = {b: j for j, b in enumerate(
+                    b for b in emit if not reqs[b].params.greedy)}  # row -> logits row
+                want = [pos[b] for b in sampled]
+                sel = logits[upload(want, logits.device)] if want else logits[:0]
+                tensors = [picks, sel]
+        # the eager path samples on the host unless a request needs the batched processors:
+        # bring back the ids (or the sampled rows' logits), waiting only for them
+        owners, plp = prompt_lp
+        finite, *tensors = await download(finite, *tensors, *plp)
+        if owners:
+            self._store_prompt_logprobs(owners, tensors[len(tensors) - len(plp):])
+            tensors = tensors[:len(tensors) - len(plp)]
         self.steps += 1
+        tokens: dict[int, int] = {}  # sampling row -> token
+        entries: dict[int, tuple[float, Any]] = {}  # sampling row -> (logprob, position entry)
+        if batched:
+            tokens = dict(enumerate(tensors[0].tolist()))
+            if len(tensors) > 1:
+                entries = self._logprob_entries(srows, tokens, tensors[1:])
         for b, r in enumerate(reqs):
             if r.finished:
                 continue
@@ -362,27 +415,155 @@ class AttentionShard(Actor):
             if not bool(finite[pos[b]]):
                 self._emit(r, 0, False)
                 continue
+            if self._forking(r):
+                self._fork(r, [(len(emit) + j, f) for j, (fb, f) in enumerate(forks) if fb == b],
+                           tokens, entries)
             try:
-                token = int(picks[pos[b]]) if b not in sampled else \
-                    sample(sel[sampled[b]], r.params, r.noise_key, len(r.output_ids))
+                if batched:
+                    token = tokens[pos[b]]
+                else:
+                    picks, sel = tensors
+                    token = int(picks[pos[b]]) if b not in sampled else \
+                        sample(sel[sampled[b]], r.params, r.noise_key, len(r.output_ids))
             except Exception as e:  # this request's own failure: its batch-mates go on
                 self._finish(r, "error", error=f"sampling failed: {type(e).__name__}: {e}")
                 continue
-            self._emit(r, token, True)
+            self._emit(r, token, True, entries.get(pos[b]))
 
-    async def _decode_step(self, reqs: list[Request]) -> None:
+    # ---- n > 1 / best_of: sequences forked from one prefill ----------------------------------
+    def _forking(self, r: Request) -> bool:
+        """r leads a group whose prompt is prefilled by this step: its followers fork now."""
+        return r.group is not None and r.group.leader is r and not r.group.forked
+
+    def _copy_prompt_tail(self, reqs: list[Request], emit: list[int]) -> None:
+        """Copy the prompt's last, partial KV block of each forking leader into each follower's
+        own block (the full blocks before it are shared; `BlockAllocator.fork`)."""
+        bs = self.cache.block_size
+        for b in emit:
+            r = reqs[b]
+            if not self._forking(r) or len(r.prompt_ids) % bs == 0 or r.blocks is None:
+                continue
+            i = len(r.prompt_ids) // bs
+            dst = [f.blocks.block_ids[i] for f in r.group.followers
+                   if not f.finished and f.blocks is not None]
+            if not dst:
+                continue
+            idx = upload(dst, self.device)
+            for t in (*self.cache.k, *self.cache.v):  # [num_blocks, block_size, ...] per layer
+                src = t[r.blocks.block_ids[i]].clone()
+                t.index_copy_(0, idx, src.expand(len(dst), *t.shape[1:]).contiguous())
+
+    def _fork(self, leader: Request, rows: list[tuple[int, Request]], tokens: dict[int, int],
+              entries: dict[int, tuple[float, Any]]) -> None:
+        """Start the followers: their prompt is the leader's (in the KV cache), their first
+        token sampled from its logits row; each joins the least-loaded lane."""
+        group = leader.group
+        assert group is not None
+        group.forked = True
+        if group in self._unforked:
+            self._unforked.remove(group)
+        for j, f in rows:
+            f.num_computed = leader.num_computed
+            f.metrics.first_scheduled_time = leader.metrics.first_scheduled_time
+            self._emit(f, tokens[j], True, entries.get(j))
+            if not f.finished:
+                i = min(range(len(self.lanes)), key=lambda k: len(self.lanes[k]))
+                self.lanes[i].append(f)
+                self._wake[i].set()
+
+    # ---- log probabilities ------------------------------------------------------------------
+    def _decode_token(self, token: int) -> str:
+        try:
+            return self.tokenizer.decode([token], skip_special_tokens=False)
+        except Exception:
+            return ""
+
+    def _logprob_entries(self, srows: list[Request], tokens: dict[int, int],
+                         lp: list[torch.Tensor]) -> dict[int, tuple[float, Any]]:
+        """Per sampling row: (the sampled token's logprob, its position entry or None)."""
+        chosen, rank, top_lp, top_ids = (t.tolist() for t in lp)
+        out: dict[int, tuple[float, Any]] = {}
+        for j, r in enumerate(srows):
+            n = r.params.logprobs
+            entry = None if n is None else position_logprobs(
+                tokens[j], chosen[j], rank[j], top_lp[j], top_ids[j], n, self._decode_token)
+            out[j] = (chosen[j], entry)
+        return out
+
+    def _prompt_logprobs(self, reqs: list[Request], chunks: list[list[int]],
+                         rows: list[tuple[int, int]], h: torch.Tensor
+                         ) -> tuple[list[tuple[Request, list[int]]], list[torch.Tensor]]:
+        """This step's prompt logprobs: ([(request, the prompt tokens scored, in order)],
+        device tensors of `compute_logprobs` over their rows); ([], []) when none asks."""
+        asks = [(r, rows[b][0], r.num_computed, len(chunks[b])) for b, r in enumerate(reqs)
+                if r.params.prompt_logprobs is not None and not r.prefilled and not r.finished]
+        owners = []
+        for r, row0, pos0, n in asks:
+            _, targets = prompt_logprob_rows([(r, row0, pos0, n)])
+            owners.append((r, targets))
+        idx, targets = prompt_logprob_rows(asks)
+        if not idx:
+            return owners, []
+        logits = self.model.lm_head(self.model.final_norm(h[upload(idx, h.device)]))  # [P, V]
+        num_top = min(logits.shape[-1], max(r.params.prompt_logprobs for r, *_ in asks))
+        return owners, list(compute_logprobs(logits, upload(targets, logits.device), num_top))
+
+    def _store_prompt_logprobs(self, owners: list[tuple[Request, list[int]]],
+                               lp: list[torch.Tensor]) -> None:
+        chosen, rank, top_lp, top_ids = (t.tolist() for t in lp) if lp else ([],) * 4
+        j = 0
+        for r, targets in owners:
+            if r.prompt_logprobs is None:
+                r.prompt_logprobs = [None]  # the first prompt token has no prediction
+            for t in targets:
+                r.prompt_logprobs.append(position_logprobs(
+                    t, chosen[j], rank[j], top_lp[j], top_ids[j], r.params.prompt_logprobs,
+                    self._decode_token))
+                j += 1
+
+    async def _decode_step(self, reqs: list[Request], lane: int) -> None:
         """A decode-only step on the co-located fast path: one graph replay (or the same step
-        eagerly under enforce_eager), one device->host copy of the new token ids."""
-        rows = [DecodeRow(r.output_ids[-1], r.num_computed, r.blocks.block_ids,
+        eagerly under enforce_eager), one device->host copy of the new token ids.
+
+        The host work of the previous step's tokens — detokenizing, stop strings, handing each
+        caller its output — runs while this step's graph runs on the GPU (`_settle_all` after
+        the launch), not between two steps with the GPU idle. The next step only needs the new
+        ids, which `_take` records; a request whose last token ends it by the token alone (a
+        stop id, max_tokens, the context length) is not stepped again, and one that a stop
+        string ends during the settling has its row of this step dropped (its blocks are freed
+        after the step, as for an abort)."""
+        live = [r for r in reqs if not r.finished and self._token_end(r) is None]
+        step = None
+        if live:
+            step = self.graphs.step([
+                DecodeRow(r.output_ids[-1], r.num_computed, r.blocks.block_ids,
                           float(r.params.temperature), r.params.top_k, float(r.params.top_p),
-                          r.noise_key, len(r.output_ids)) for r in reqs]
-        ids, finite = await download(*self.graphs.step(rows))
+                          r.noise_key, len(r.output_ids)) for r in live])
+        self._settle_all(lane)
+        if step is None:
+            return
+        ids, finite = await download(*step)
         self.steps += 1
-        for r, token, ok in zip(reqs, ids.tolist(), finite.tolist()):
+        pending = self._unsettled[lane]
+        for r, token, ok in zip(live, ids.tolist(), finite.tolist()):
             if r.finished:
                 continue
             r.num_computed += 1
-            self._emit(r, token, ok)
+            if not ok:
+                self._emit(r, token, False)
+                continue
+            self._take(r, token, None)
+            pending.append(r)
+
+    def _settle_all(self, lane: int) -> None:
+        """Settle the lane's taken tokens (see `_decode_step`)."""
+        pending, self._unsettled[lane] = self._unsettled[lane], []
+        for r in pending:
+            if not r.finished:
+                try:
+                    self._settle(r)
+                except Exception as e:
+                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and
@@ -405,39 +586,76 @@ class AttentionShard(Actor):
         return _Combine(call, bad, degraded)
 
     # ---- outputs ----------------------------------------------------------------------------
-    def _emit(self, r: Request, token: int, finite: bool) -> None:
-        """Hand r its new token — or fail r alone: non-finite logits in its row, or an error of
-        its own (decoding its text); the other requests of the step are not touched."""
+    def _emit(self, r: Request, token: int, finite: bool,
+              logprob: tuple[float, Any] | None = None) -> None:
+        """Hand r its new token (with its (logprob, position entry) when computed) — or fail r
+        alone: non-finite logits in its row, or an error of its own (decoding its text, a
+        token its grammar refuses); the other requests of the step are not touched."""
         if not finite:
             self._finish(r, "error", error="the model produced non-finite logits (NaN or inf) "
                          "for this request")
             return
         try:
-            self._append(r, token)
+            self._append(r, token, logprob)
         except Exception as e:
             self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
-    def _text(self, r: Request) -> str:
-        try:
-            return self.tokenizer.decode(r.output_ids) if hasattr(self, "tokenizer") else ""
-        except Exception:  # a request whose ids do not decode still gets its ids and its end
-            return ""
+    def _append(self, r: Request, token: int, logprob: tuple[float, Any] | None) -> None:
+        self._take(r, token, logprob)
+        self._settle(r)
 
-    def _append(self, r: Request, token: int) -> None:
+    def _take(self, r: Request, token: int, logprob: tuple[float, Any] | None) -> None:
+        """Record r's new token: all the next step needs (`_settle` does the rest)."""
         now = time.time()
         r.output_ids.append(token)
+        if logprob is not None:
+            r.cumulative_logprob += logprob[0]
+            if r.logprobs is not None and logprob[1] is not None:
+                r.logprobs.append(logprob[1])
         if r.metrics.first_token_time is None:
             r.metrics.first_token_time = now
         r.metrics.last_token_time = now
         self.deps.counters["tokens_generated"] = self.deps.counters.get("tokens_generated", 0) + 1
-        if token in r.stop_ids:
-            r.stop_reason = token
-            self._finish(r, "stop")
-        elif len(r.output_ids) >= r.params.max_tokens or \
+
+    @staticmethod
+    def _token_end(r: Request) -> str | None:
+        """How r's last token ends it by itself ("stop": a stop id; "length": max_tokens or the
+        context length), else None. `_settle` always finishes a request this names."""
+        if not r.output_ids:
+            return None
+        if r.output_ids[-1] in r.stop_ids:
+            return "stop"
+        if len(r.output_ids) >= r.params.max_tokens or \
                 len(r.prompt_ids) + len(r.output_ids) >= r.max_len:
+            return "length"
+        return None
+
+    def _settle(self, r: Request) -> None:
+        """After `_take`: r's grammar, text and stop strings, then finish or publish it."""
+        p, token = r.params, r.output_ids[-1]
+        if r.grammar is not None and not r.grammar.terminated and not r.grammar.accept(token):
+            raise ValueError(f"token {token} does not follow the request's structured output "
+                             "grammar")
+        before = len(r.text)
+        r.text = self.tokenizer.decode(r.output_ids)
+        hit = _find_stop(r.text, p.stop, before) \
+            if p.stop and len(r.output_ids) >= p.min_tokens else None
+        end = self._token_end(r)
+        if end == "stop":
+            # vLLM: None for the model's eos, the id for a stop_token_ids match
+            r.stop_reason = None if token in r.eos_ids else token
+            self._finish(r, "stop")
+        elif hit is not None:
+            at, stop = hit
+            r.text = r.text[:at + len(stop)] if p.include_stop_str_in_output else r.text[:at]
+            r.stop_reason = stop
+            self._finish(r, "stop")
+        elif r.grammar is not None and r.grammar.terminated:
+            self._finish(r, "stop")  # the grammar is complete (its end is the eos token)
+        elif end == "length":
             self._finish(r, "length")
         else:
-            r.queue.put_nowait(r.snapshot(self.tokenizer.decode(r.output_ids)))
+            r.publish()
 
     def _finish(self, r: Request, reason: str, *, error: str | None = None) -> None:
         if r.finished:
@@ -446,7 +664,27 @@ class AttentionShard(Actor):
         r.metrics.finished_time = time.time()
         self._release(r)  # free the KV blocks now (or when its step in flight ends)
         self.by_id.pop(r.request_id, None)
-        key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
-        self.deps.counters[key] = self.deps.counters.get(key, 0) + 1
-        r.queue.put_nowait(r.snapshot(self._text(r)))
+        g = r.group
+        if g is not None and g.leader is r and not g.forked:
+            for f in g.followers:  # never forked: they end with the leader, for its reason
+                self._finish(f, reason if reason in ("abort", "error") else "abort",
+                             error=error or "the request's first sequence ended before its "
+                             "prompt was prefilled")
+            if g in self._unforked:
+                self._unforked.remove(g)
+        if g is None or g.finished:
+            key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
+            self.deps.counters[key] = self.deps.counters.get(key, 0) + 1
+        r.publish()
         self._admit()
+
+
+def _find_stop(text: str, stop: tuple[str, ...], before: int) -> tuple[int, str] | None:
+    """The earliest stop string in `text` that ends past `before` (the text's length at the
+    previous token), as (its start, the string)."""
+    best: tuple[int, str] | None = None
+    for s in stop:
+        i = text.find(s, max(0, before - len(s) - 3))  # a few chars back: decoding may change
+        if i >= 0 and (best is None or i < best[0]):
+            best = (i, s)
+    return best

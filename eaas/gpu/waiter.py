@@ -141,4 +141,6 @@ async def download(*tensors: torch.Tensor, timeout: float | None = None
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(last))
         await wait_done(event, timeout)
+    else:  # nothing to wait for, but still a suspension point: a step loop that computes on
+        await asyncio.sleep(0)  # the host never starves the loop's other tasks (an abort)
     return tuple(out)

@@ -213,16 +213,22 @@ def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     chunk (or a sliding window) passes its mask: query at p sees keys j <= p (j > p - window)."""
     tq, s, nh = q.shape[1], k.shape[0], q.shape[2]
     qh, kh, vh = q[0].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T|S, d]
+    gqa = kh.shape[0] != nh
+    if gqa and q.is_cuda:  # SDPA's flash / memory-efficient kernels take no enable_gqa: with it
+        # CUDA falls back to the float32 math kernel (~3x the whole prefill); repeat the heads
+        kh = kh.repeat_interleave(nh // kh.shape[0], dim=0)
+        vh = vh.repeat_interleave(nh // vh.shape[0], dim=0)
+        gqa = False
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if start == 0 and tq == s and window is None:
-        out = sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        out = sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         q_pos = torch.arange(start, start + tq, device=q.device)[:, None]  # [Tq, 1]
         k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
         seen = k_pos <= q_pos
         if window is not None:
             seen = seen & (k_pos > q_pos - window)
-        out = sdpa(qh, kh, vh, attn_mask=seen, scale=scale, enable_gqa=True)
+        out = sdpa(qh, kh, vh, attn_mask=seen, scale=scale, enable_gqa=gqa)
     return out.transpose(0, 1).reshape(1, tq, nh * v.shape[-1])  # [1, Tq, nh*d]
 
 

@@ -4,7 +4,11 @@ Reads are public: `GET /admin` (the page), `GET /admin/api/topology`, `GET /admi
 `GET /admin/api/events` (SSE). Mutating routes need `Authorization: Bearer <admin token>`:
 `POST /admin/api/servers` (add), `DELETE /admin/api/servers/{name}`,
 `POST /admin/api/servers/{name}/kill` (fault injection), `POST /admin/api/experts/replicate`
-(`{"layer": L, "expert": E}`), `POST /admin/api/rebalance`. An engine action that raises
+(`{"layer": L, "expert": E}`), `POST /admin/api/rebalance`,
+`POST /admin/api/servers/{name}/replace` (rolling upgrade; `{"model": PATH}` optional), and the
+join protocol of `eaas expert-server --join` (eaas/engine/join.py): `POST /admin/api/join`,
+`POST /admin/api/join/{name}/ready`, `POST /admin/api/join/{name}/leave`,
+`GET /admin/api/join/{name}?incarnation=N`. An engine action that raises
 NotImplementedError answers 501, ValueError 400 (404 for an unknown server); every action is
 logged to the event stream, whatever its outcome.
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
+from eaas.errors import EaasError
 from eaas.serving.api_errors import CLIENT_CLOSED_REQUEST, ApiError, client_gone
 from eaas.serving.events import open_sse, sse_bytes
 from eaas.serving.jsonbody import parse_json_body
@@ -239,6 +244,108 @@ async def rebalance(request: web.Request) -> web.Response:
     _authorize(request)
     result = await _act(request, "rebalance", request.app[STATE].engine.rebalance())
     return web.json_response({"rebalanced": True, "result": result}, dumps=_dumps)
+
+
+@routes.post("/admin/api/servers/{name}/replace")
+async def replace_server(request: web.Request) -> web.Response:
+    _authorize(request)
+    name = request.match_info["name"]
+    model = (await _json_object(request)).get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise ApiError(400, f"model must be a checkpoint path string, got {model!r}",
+                       param="model")
+    try:
+        new = await _act(request, "replace_server",
+                         request.app[STATE].engine.replace_server(name, model=model),
+                         server=name, model=model)
+    except RuntimeError as e:  # the replacement did not start: routing is unchanged
+        raise ApiError(503, str(e)) from None
+    return web.json_response({"replaced": name, "server": new, "model": model})
+
+
+# ---- joining (eaas expert-server --join) ---------------------------------------------------
+def _incarnation(value: Any) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ApiError(400, f"incarnation must be an integer >= 1, got {value!r}",
+                       param="incarnation")
+    return value
+
+
+async def _json_object(request: web.Request) -> dict:
+    """The body as a JSON object ({} when empty)."""
+    raw = await request.read()
+    body = parse_json_body(raw) if raw else {}
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return body
+
+
+@routes.post("/admin/api/join")
+async def join(request: web.Request) -> web.Response:
+    _authorize(request)
+    body = await _json_object(request)
+    engine = request.app[STATE].engine
+    try:
+        ticket = engine.join_server(body.get("name"), device=body.get("device", "cpu"),
+                                    host=body.get("host", ""),
+                                    transport=body.get("transport", "tcp"))
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
+    request.app[STATE].events.publish({"type": "admin.join", "source": "admin", "ok": True,
+                                       "server": ticket["name"], "host": body.get("host", "")})
+    return web.json_response(ticket, status=201, dumps=_dumps)
+
+
+@routes.post("/admin/api/join/{name}/ready")
+async def join_ready(request: web.Request) -> web.Response:
+    _authorize(request)
+    name, body = request.match_info["name"], await _json_object(request)
+    pid = body.get("pid")
+    if pid is not None and (isinstance(pid, bool) or not isinstance(pid, int)):
+        raise ApiError(400, f"pid must be an integer, got {pid!r}", param="pid")
+    result = await _join_call(request, "join_ready", name, request.app[STATE].engine.join_ready(
+        name, _incarnation(body.get("incarnation")), body.get("url"), pid))
+    return web.json_response(result, dumps=_dumps)
+
+
+async def _join_call(request: web.Request, action: str, name: str, coro: Awaitable[Any]) -> Any:
+    """One join-protocol call: a bad or stale call is a 400 (409 stale), a process the engine
+    could not reach or route a 503; logged as an event either way."""
+    state: ServingState = request.app[STATE]
+    event = {"type": f"admin.{action}", "source": "admin", "server": name}
+    try:
+        result = await coro
+    except asyncio.CancelledError:
+        raise
+    except ValueError as e:
+        state.events.publish({**event, "ok": False, "error": str(e)})
+        status = 409 if "stale" in str(e) else 400
+        raise ApiError(status, str(e)) from None
+    except (EaasError, TimeoutError, RuntimeError, OSError) as e:
+        state.events.publish({**event, "ok": False, "error": str(e)})
+        raise ApiError(503, f"{name} could not be put into routing: {type(e).__name__}: {e}"
+                       ) from None
+    state.events.publish({**event, "ok": True})
+    return result
+
+
+@routes.post("/admin/api/join/{name}/leave")
+async def join_leave(request: web.Request) -> web.Response:
+    _authorize(request)
+    name, body = request.match_info["name"], await _json_object(request)
+    result = await _join_call(request, "join_leave", name, request.app[STATE].engine.join_leave(
+        name, _incarnation(body.get("incarnation"))))
+    return web.json_response(result, dumps=_dumps)
+
+
+@routes.get("/admin/api/join/{name}")
+async def join_status(request: web.Request) -> web.Response:
+    _authorize(request)
+    name = request.match_info["name"]
+    inc = _incarnation(request.query.get("incarnation"))
+    return web.json_response(request.app[STATE].engine.join_status(name, inc), dumps=_dumps)
 
 
 def _dumps(obj: Any) -> str:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from eaas.errors import ConfigError
-from eaas.serving import admin_api, openai_api, ops
+from eaas.serving import admin_api, openai_api, ops, tokenize_api
+from eaas.serving.access import make_access_log_middleware, make_api_key_middleware
 from eaas.serving.api_errors import make_error_middleware
 from eaas.serving.guards import TIMEOUTS, HttpTimeouts, add_security_headers, make_guard_middleware
 from eaas.serving.metrics import ServingMetrics
@@ -31,7 +33,8 @@ DEFAULT_CLIENT_MAX_SIZE = 1 << 20  # bytes of request body; more is a 413
 def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
                client_max_size: int = DEFAULT_CLIENT_MAX_SIZE,
                drain_grace_s: float = 10.0, health_timeout_s: float = 2.0,
-               timeouts: HttpTimeouts | None = None) -> web.Application:
+               timeouts: HttpTimeouts | None = None, api_key: str | None = None,
+               log_requests: bool = True) -> web.Application:
     """An app serving `engine` (an `eaas.AsyncEngine`, started by the caller before or after).
 
     admin_token: the bearer token mutating admin routes require (at least 8 characters).
@@ -42,6 +45,10 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
     timeouts: connection deadlines (`guards.HttpTimeouts`; None: its defaults). The body
       deadline is the app's; the keep-alive and linger ones are the server's, so run the app
       with `guards.server_kwargs(app)` (as `serve()` does).
+    api_key: when set, `/v1` routes need `Authorization: Bearer <api_key>` (401 otherwise);
+      it must differ from admin_token (`access.py`).
+    log_requests: one "eaas.access" log line per request (method, path, status, latency,
+      request id).
     """
     if not isinstance(admin_token, str) or len(admin_token) < 8:
         raise ConfigError("admin_token is not allowed: a string of at least 8 characters "
@@ -50,6 +57,13 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
         raise ConfigError(f"client_max_size={client_max_size!r} is not allowed: an integer >= 1024")
     if not drain_grace_s >= 0:
         raise ConfigError(f"drain_grace_s={drain_grace_s!r} is not allowed: a number >= 0")
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ConfigError("api_key is not allowed: a non-empty string (--api-key or "
+                          "EAAS_API_KEY), or None for an open /v1")
+    if api_key is not None and secrets.compare_digest(api_key.encode(), admin_token.encode()):
+        raise ConfigError("api_key is not allowed: it equals the admin token; the API key "
+                          "(clients of /v1) and the admin token (mutating admin routes) must "
+                          "be different secrets")
     if not health_timeout_s > 0:
         raise ConfigError(f"health_timeout_s={health_timeout_s!r} is not allowed: a number > 0")
     model_name = model_name or engine.model_name
@@ -66,9 +80,12 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
         metrics.http_requests.labels(request.method, route, str(status)).inc()
 
     timeouts = timeouts if timeouts is not None else HttpTimeouts()
-    app = web.Application(client_max_size=client_max_size,
-                          middlewares=[make_error_middleware(on_response),
-                                       make_guard_middleware(timeouts)])
+    middlewares = [make_error_middleware(on_response), make_guard_middleware(timeouts)]
+    if api_key is not None:
+        middlewares.append(make_api_key_middleware(api_key))
+    if log_requests:
+        middlewares.insert(0, make_access_log_middleware())
+    app = web.Application(client_max_size=client_max_size, middlewares=middlewares)
     app[STATE] = state
     app[ENGINE] = engine
     app[TIMEOUTS] = timeouts
@@ -76,6 +93,7 @@ def create_app(engine: Any, *, admin_token: str, model_name: str | None = None,
     app.on_response_prepare.append(add_security_headers)
     app.add_routes(openai_api.routes)
     app.add_routes(ops.routes)
+    app.add_routes(tokenize_api.routes)
     app.add_routes(admin_api.routes)
     app.cleanup_ctx.append(_event_pump)
     app.on_shutdown.append(_drain)

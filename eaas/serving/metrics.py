@@ -100,7 +100,20 @@ class ServingMetrics:
         self.timeline.add_finished(now, now - arrival)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text without prometheus_client's `*_created` series (timestamps of
+        each counter's creation: noise to scrapers, and vLLM drops them too)."""
+        text = generate_latest(self.registry)
+        return b"".join(line for line in text.splitlines(keepends=True)
+                        if not _is_created(line))
+
+
+def _is_created(line: bytes) -> bool:
+    """A sample, HELP or TYPE line of a `*_created` family."""
+    if line.startswith(b"# HELP ") or line.startswith(b"# TYPE "):
+        name = line.split(b" ", 3)[2]
+    else:
+        name = line.split(b"{", 1)[0].split(b" ", 1)[0]
+    return name.endswith(b"_created")
 
 
 _NAME_OK = re.compile(r"[^a-zA-Z0-9_]")

@@ -24,8 +24,11 @@ from eaas.serving.api_errors import CLIENT_CLOSED_REQUEST, client_gone, error_bo
 from eaas.serving.events import sse_bytes
 from eaas.serving.generation import ChoiceResult, Step, run_choice
 from eaas.serving.jsonbody import parse_json_body
+from eaas.serving.logprobs_format import chat_logprobs, completion_logprobs
 from eaas.serving.protocol import GenerationPlan, parse_chat, parse_completion
 from eaas.serving.state import STATE, ServingState
+from eaas.serving.tokenize_api import model_card
+from eaas.serving.tools import extract_tool_calls
 
 log = logging.getLogger("eaas.serving")
 
@@ -36,13 +39,7 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 @routes.get("/v1/models")
 async def list_models(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    name = state.model_name
-    return web.json_response({"object": "list", "data": [{
-        "id": name, "object": "model", "created": int(state.started_at), "owned_by": "eaas",
-        "root": name, "parent": None,
-        "max_model_len": getattr(state.engine, "max_model_len", None),
-    }]})
+    return web.json_response({"object": "list", "data": [model_card(request.app[STATE])]})
 
 
 @routes.post("/v1/completions")
@@ -74,24 +71,25 @@ def _request_id(request: web.Request, prefix: str) -> str:
 
 async def _run_all(state: ServingState, plan: GenerationPlan, request_id: str,
                    on_step: Any) -> list[ChoiceResult]:
-    """Run every choice concurrently; the first failure cancels (and aborts) the others."""
+    """Run every prompt concurrently (n choices each); the first failure cancels (and aborts)
+    the others. Returns the choices in index order."""
     arrival = time.monotonic()
     unique = uuid.uuid4().hex[:8]  # engine ids stay unique even if a client reuses X-Request-Id
 
     def run(i: int) -> Any:
-        return run_choice(state.engine, plan.prompts[i], index=i,
+        return run_choice(state.engine, plan.prompts[i], index=i * plan.n,
                           request_id=f"{request_id}-{unique}-{i}", stop=plan.stop,
                           metrics=state.metrics, inflight=state.inflight, on_step=on_step,
                           arrival=arrival)
 
     if len(plan.prompts) == 1:
-        return [await run(0)]
+        return await run(0)
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = [tg.create_task(run(i)) for i in range(len(plan.prompts))]
     except BaseExceptionGroup as eg:
         raise _first_cause(eg) from None
-    return [t.result() for t in tasks]
+    return [r for t in tasks for r in t.result()]
 
 
 def _first_cause(eg: BaseExceptionGroup) -> BaseException:
@@ -101,6 +99,30 @@ def _first_cause(eg: BaseExceptionGroup) -> BaseException:
         if not isinstance(e, asyncio.CancelledError):
             return e
     return eg.exceptions[0]
+
+
+def _completion_logprobs(plan: GenerationPlan, r: ChoiceResult, tok: Any) -> dict | None:
+    if plan.logprobs is None:
+        return None
+    entries: list = list(r.logprobs)
+    prompt_ids: list[int] = []
+    if plan.echo:  # the prompt's tokens come first, the first one without a logprob
+        entries = list(r.prompt_logprobs or [None] * len(r.prompt_token_ids)) + entries
+        prompt_ids = r.prompt_token_ids
+    return completion_logprobs(entries, plan.logprobs, 0, prompt_ids,
+                               lambda t: tok.decode([t], skip_special_tokens=False))
+
+
+def _chat_message(plan: GenerationPlan, r: ChoiceResult) -> tuple[dict, str | None]:
+    """The assistant message of a finished choice and its finish_reason (tool calls parsed)."""
+    content, calls = extract_tool_calls(r.text, plan.tools)
+    msg: dict[str, Any] = {"role": "assistant", "content": content}
+    finish = r.finish_reason
+    if calls:
+        msg["tool_calls"] = calls
+        if plan.tools is not None and plan.tools.choice != "named" and finish == "stop":
+            finish = "tool_calls"
+    return msg, finish
 
 
 async def _serve(request: web.Request, state: ServingState, plan: GenerationPlan,
@@ -117,16 +139,19 @@ async def _serve(request: web.Request, state: ServingState, plan: GenerationPlan
         return error_response(503, f"request {request_id} did not complete: {failed[0].error}",
                               headers={"X-Request-Id": request_id})
     created = int(time.time())
-    usage = _usage(results)
+    usage = _usage(plan, results)
     tok = state.engine.tokenizer
     if plan.kind == "completion":
         choices = []
         for r in results:
-            prompt = plan.prompts[r.index].prompt
+            prompt = plan.prompts[r.index // plan.n].prompt
             text = _prompt_text(prompt, tok) + r.text if plan.echo else r.text
-            choice: dict[str, Any] = {"index": r.index, "text": text, "logprobs": None,
+            choice: dict[str, Any] = {"index": r.index, "text": text,
+                                      "logprobs": _completion_logprobs(plan, r, tok),
                                       "finish_reason": r.finish_reason,
                                       "stop_reason": r.stop_reason}
+            if r.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = _prompt_logprobs_json(r.prompt_logprobs)
             if plan.return_token_ids:
                 choice["prompt_token_ids"] = r.prompt_token_ids
                 choice["token_ids"] = r.token_ids
@@ -134,27 +159,45 @@ async def _serve(request: web.Request, state: ServingState, plan: GenerationPlan
         body: dict[str, Any] = {"id": request_id, "object": "text_completion", "created": created,
                                 "model": plan.model, "choices": choices, "usage": usage}
     else:
-        r = results[0]
-        choice = {"index": 0, "message": {"role": "assistant", "content": r.text},
-                  "logprobs": None, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason}
-        if plan.return_token_ids:
-            choice["token_ids"] = r.token_ids
+        choices = []
+        for r in results:
+            msg, finish = _chat_message(plan, r)
+            choice = {"index": r.index, "message": msg,
+                      "logprobs": None if plan.logprobs is None else
+                      chat_logprobs(r.logprobs, plan.logprobs),
+                      "finish_reason": finish, "stop_reason": r.stop_reason}
+            if plan.return_token_ids:
+                choice["token_ids"] = r.token_ids
+            choices.append(choice)
         body = {"id": request_id, "object": "chat.completion", "created": created,
-                "model": plan.model, "choices": [choice], "usage": usage}
+                "model": plan.model, "choices": choices, "usage": usage}
+        if results[0].prompt_logprobs is not None:
+            body["prompt_logprobs"] = _prompt_logprobs_json(results[0].prompt_logprobs)
         if plan.return_token_ids:
-            body["prompt_token_ids"] = r.prompt_token_ids
+            body["prompt_token_ids"] = results[0].prompt_token_ids
     return web.json_response(body, headers={"X-Request-Id": request_id})
 
 
-def _usage(results: list[ChoiceResult]) -> dict[str, int]:
-    p = sum(len(r.prompt_token_ids) for r in results)
+def _prompt_logprobs_json(entries: list) -> list:
+    """vLLM's `prompt_logprobs`: per prompt token None or {token id: {logprob, rank,
+    decoded_token}}."""
+    return [None if e is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in e.items()} for e in entries]
+
+
+def _usage(plan: GenerationPlan, results: list[ChoiceResult]) -> dict[str, int]:
+    p = sum(len(r.prompt_token_ids) for r in results if r.index % plan.n == 0)  # once a prompt
     c = sum(len(r.token_ids) for r in results)
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
 
 async def _serve_stream(request: web.Request, state: ServingState, plan: GenerationPlan,
                         request_id: str) -> web.StreamResponse:
-    """SSE: headers go out with the first chunk, so errors before it are plain JSON errors."""
+    """SSE: headers go out with the first chunk, so errors before it are plain JSON errors.
+    A chunk is sent only when it carries something: text, a finish, logprobs, token ids. With
+    tools parsed out of the output (tool_choice other than none), a choice's message is sent
+    whole with its finish, as content or as tool_calls."""
     created = int(time.time())
     chat = plan.kind == "chat"
     obj = "chat.completion.chunk" if chat else "text_completion"
@@ -162,6 +205,8 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
     resp: web.StreamResponse | None = None
     started: set[int] = set()
     tok = state.engine.tokenizer
+    parse_tools = chat and plan.tools is not None and plan.tools.choice != "none"
+    held: dict[int, str] = {}  # choice -> text held for the tool-call parser
 
     def chunk(choice: dict[str, Any]) -> dict[str, Any]:
         c: dict[str, Any] = {"id": request_id, "object": obj, "created": created,
@@ -183,7 +228,9 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
         async with lock:
             first = step.index not in started
             started.add(step.index)
-            pp = plan.prompts[step.index]
+            pp = plan.prompts[step.index // plan.n]
+            has_lp = plan.logprobs is not None and bool(step.logprobs)
+            finish: str | None = step.finish_reason
             if chat:
                 if first:
                     head: dict[str, Any] = {"index": step.index, "logprobs": None,
@@ -193,22 +240,46 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
                     if plan.return_token_ids:
                         data["prompt_token_ids"] = pp.prompt_token_ids
                     await send(data)
-                delta = {"content": step.text} if step.text else {}
-                choice: dict[str, Any] = {"index": step.index, "delta": delta, "logprobs": None,
-                                          "finish_reason": step.finish_reason}
+                delta: dict[str, Any] = {"content": step.text} if step.text else {}
+                if parse_tools:
+                    held[step.index] = held.get(step.index, "") + step.text
+                    delta = {}
+                    if finish is not None:
+                        r = ChoiceResult(step.index, [], text=held.pop(step.index),
+                                         finish_reason=finish)
+                        msg, finish = _chat_message(plan, r)
+                        calls = msg.get("tool_calls")
+                        delta = {"tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]} \
+                            if calls else ({"content": msg["content"]} if msg["content"] else {})
+                choice: dict[str, Any] = {"index": step.index, "delta": delta,
+                                          "logprobs": chat_logprobs(step.logprobs, plan.logprobs)
+                                          if has_lp else None,
+                                          "finish_reason": finish}
+                empty = not delta
             else:
                 text = step.text
+                lps: list = list(step.logprobs)
+                ids: list[int] = []
                 if first and plan.echo:
                     text = _prompt_text(pp.prompt, tok) + text
-                choice = {"index": step.index, "text": text, "logprobs": None,
-                          "finish_reason": step.finish_reason}
+                    lps = list(step.prompt_logprobs or [None] * len(pp.prompt_token_ids)) + lps
+                    ids = pp.prompt_token_ids
+                choice = {"index": step.index, "text": text,
+                          "logprobs": completion_logprobs(
+                              lps, plan.logprobs, step.text_offset, ids,
+                              lambda t: tok.decode([t], skip_special_tokens=False))
+                          if plan.logprobs is not None and lps else None,
+                          "finish_reason": finish}
                 if first and plan.return_token_ids:
                     choice["prompt_token_ids"] = pp.prompt_token_ids
-            if step.finish_reason is not None:
+                empty = not text
+            if finish is not None:
                 choice["stop_reason"] = step.stop_reason
             if plan.return_token_ids:
                 choice["token_ids"] = step.token_ids
-            await send(chunk(choice))
+            if not (empty and finish is None and not has_lp
+                    and not (plan.return_token_ids and step.token_ids)):
+                await send(chunk(choice))
             if step.error is not None:
                 await send(error_body(503, f"request {request_id} did not complete: {step.error}"))
 
@@ -232,7 +303,7 @@ async def _serve_stream(request: web.Request, state: ServingState, plan: Generat
     if plan.include_usage:
         await _send_quietly(resp, sse_bytes({"id": request_id, "object": obj, "created": created,
                                              "model": plan.model, "choices": [],
-                                             "usage": _usage(results)}))
+                                             "usage": _usage(plan, results)}))
     await _send_quietly(resp, b"data: [DONE]\n\n")
     return resp
 

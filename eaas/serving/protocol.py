@@ -1,24 +1,29 @@
 """Parse and validate OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`).
 
-Accepts what vLLM accepts where eaas can honour it, and refuses with a 400 that names the
-field where it cannot (n > 1, logprobs, penalties, tools, ...). Unknown fields are ignored,
-as vLLM ignores them. The result is a `GenerationPlan`: one `PromptPlan` per choice, each
-with its token ids (for length checks and usage) and its own `SamplingParams`.
+Accepts what vLLM accepts: n / best_of, logprobs (completions: a count; chat: logprobs +
+top_logprobs), prompt_logprobs, penalties, min_p, min_tokens, logit_bias, stop strings,
+seed, structured output (response_format, structured_outputs, guided_*), tools with
+tool_choice; refuses with a 400 that names the field what it cannot honour (suffix, beam
+search). Unknown fields are ignored, as vLLM ignores them. The result is a `GenerationPlan`:
+one `PromptPlan` per prompt (each gives n choices), each with its token ids (for length
+checks and usage) and its own `SamplingParams`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from eaas.engine.sampling import MAX_TOKENS_LIMIT, SamplingParams
+from eaas.engine.params import MAX_LOGPROBS
+from eaas.engine.sampling import MAX_TOKENS_LIMIT, SamplingParams, StructuredOutputsParams
 from eaas.errors import RequestError
 from eaas.serving.api_errors import ApiError
+from eaas.serving.fields import Fields, is_int, short
 from eaas.serving.jsonbody import json_type as _json_type
+from eaas.serving.request_params import sampling_kwargs, structured_outputs
+from eaas.serving.tools import ToolSpec, parse_tools, render_tool_messages
 
 MAX_PROMPTS = 64  # prompts per completions request (each becomes one choice)
-MAX_STOP_STRINGS = 16
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 _INT64 = 1 << 63
 
@@ -45,49 +50,51 @@ class GenerationPlan:
     kind: Literal["completion", "chat"]
     model: str
     prompts: list[PromptPlan]
-    stop: tuple[str, ...]  # stop strings, applied by the serving layer
+    stop: tuple[str, ...]  # stop strings (the engine applies them; streams hold text back)
     stream: bool
     include_usage: bool  # stream_options.include_usage: a final usage chunk
     echo: bool  # completions: prepend the prompt to the text
     return_token_ids: bool
+    n: int = 1  # choices per prompt (choice index = prompt index * n + sequence index)
+    logprobs: int | None = None  # top alternatives per token in the response (None: no logprobs)
+    tools: ToolSpec | None = None  # chat: tools and how tool_choice treats the output
 
 
 def parse_completion(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
                      max_model_len: int) -> GenerationPlan:
-    f = _Fields(body)
+    f = Fields(body)
     model = _model(f, model_name)
     if "prompt" not in body:
         raise ApiError(400, "field 'prompt' is required", param="prompt")
     prompts = _prompts(body["prompt"], tokenizer)
     f.reject_set("suffix", "suffix is not supported")
     echo = f.bool_("echo", False)
-    f.int_("best_of", None, 1, 1, allowed="null or 1 (eaas returns one sequence)")
-    logprobs = body.get("logprobs")
-    if logprobs is not None:
-        raise ApiError(400, "logprobs are not supported by eaas; send null", param="logprobs")
+    logprobs = f.int_("logprobs", None, 0, MAX_LOGPROBS)
     max_tokens = f.int_("max_tokens", 16, 1, MAX_TOKENS_LIMIT)
-    return _plan("completion", f, model, prompts, max_tokens, tokenizer, max_model_len, echo)
+    return _plan("completion", f, model, prompts, max_tokens, tokenizer, max_model_len, echo,
+                 logprobs, structured_outputs(body), None)
 
 
 def parse_chat(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
                max_model_len: int) -> GenerationPlan:
-    f = _Fields(body)
+    f = Fields(body)
     model = _model(f, model_name)
     messages = _messages(body.get("messages"))
-    for name in ("tools", "functions"):
-        if body.get(name):
-            raise ApiError(400, f"{name} are not supported by eaas", param=name)
-    if body.get("tool_choice") not in (None, "none"):
-        raise ApiError(400, "tool_choice is not supported by eaas; send 'none' or omit it",
-                       param="tool_choice")
-    rf = body.get("response_format")
-    if rf is not None and not (isinstance(rf, dict) and rf.get("type") == "text"):
-        raise ApiError(400, "response_format other than {'type': 'text'} is not supported",
-                       param="response_format")
-    if f.bool_("logprobs", False):
-        raise ApiError(400, "logprobs are not supported by eaas; send false", param="logprobs")
-    if body.get("top_logprobs") not in (None, 0):
-        raise ApiError(400, "top_logprobs is not supported by eaas", param="top_logprobs")
+    tools = parse_tools(body)
+    so = structured_outputs(body)
+    if tools is not None and tools.structured_outputs() is not None:
+        if so is not None:
+            raise ApiError(400, "tool_choice 'required' or a named function forces the output's "
+                           "shape; it cannot be combined with response_format",
+                           param="tool_choice")
+        so = tools.structured_outputs()
+    if any(isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls"))
+           for m in body["messages"]) or tools is not None:
+        messages = render_tool_messages(messages, body["messages"], tools)
+    top = f.int_("top_logprobs", None, 0, MAX_LOGPROBS)
+    logprobs = (top or 0) if f.bool_("logprobs", False) else None
+    if top is not None and logprobs is None:
+        raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     max_tokens = f.int_("max_completion_tokens", None, 1, MAX_TOKENS_LIMIT)
     if max_tokens is None:
         max_tokens = f.int_("max_tokens", None, 1, MAX_TOKENS_LIMIT)
@@ -100,14 +107,16 @@ def parse_chat(body: dict[str, Any], *, model_name: str, tokenizer: Tokenizer,
         raise ApiError(400, f"messages cannot be rendered by the chat template: {e}",
                        param="messages") from None
     prompts: list[tuple[str | list[int], list[int]]] = [(text, tokenizer.encode(text))]
-    return _plan("chat", f, model, prompts, max_tokens, tokenizer, max_model_len, False)
+    return _plan("chat", f, model, prompts, max_tokens, tokenizer, max_model_len, False,
+                 logprobs, so, tools)
 
 
 # ---- shared pieces --------------------------------------------------------------------------
-def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
+def _plan(kind: Literal["completion", "chat"], f: Fields, model: str,
           prompts: list[tuple[str | list[int], list[int]]], max_tokens: int | None,
-          tokenizer: Tokenizer, max_model_len: int, echo: bool) -> GenerationPlan:
-    f.int_("n", 1, 1, 1, allowed="1 (eaas returns one sequence per prompt)")
+          tokenizer: Tokenizer, max_model_len: int, echo: bool, logprobs: int | None,
+          structured: StructuredOutputsParams | None, tools: ToolSpec | None) -> GenerationPlan:
+    extra = sampling_kwargs(f, tokenizer.vocab_size)
     temperature = f.num("temperature", 1.0, lo=0.0)
     top_p = f.num("top_p", 1.0, lo=0.0, lo_open=True, hi=1.0)
     top_k_given = f.int_("top_k", None, -1, None, allowed="-1 or 0 (off) or an integer >= 1")
@@ -115,17 +124,8 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     # in the sampler's int64 tensor
     top_k = -1 if top_k_given is None else min(top_k_given, tokenizer.vocab_size)
     seed = f.int_("seed", None, -_INT64, _INT64 - 1)
-    for name, neutral in (("presence_penalty", 0), ("frequency_penalty", 0),
-                          ("repetition_penalty", 1), ("min_p", 0), ("min_tokens", 0)):
-        value = f.num(name, float(neutral), lo=-math.inf)
-        if value != neutral:
-            raise ApiError(400, f"{name}={value!r} is not supported by eaas; send {neutral} or "
-                           "omit it", param=name)
-    if f.get("logit_bias"):
-        raise ApiError(400, "logit_bias is not supported by eaas", param="logit_bias")
     if f.get("use_beam_search"):
         raise ApiError(400, "beam search is not supported by eaas", param="use_beam_search")
-    stop = _stop(f.get("stop"))
     stop_ids = _stop_token_ids(f.get("stop_token_ids"), tokenizer.vocab_size)
     ignore_eos = f.bool_("ignore_eos", False)
     stream = f.bool_("stream", False)
@@ -135,8 +135,14 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
     if so is not None and not stream:
         raise ApiError(400, "stream_options can only be set when stream is true",
                        param="stream_options")
-    include_usage = so is not None and _Fields(so).bool_("include_usage", False,
-                                                          param="stream_options")
+    include_usage = so is not None and Fields(so).bool_("include_usage", False,
+                                                         param="stream_options")
+    if stream and extra["best_of"] is not None:
+        raise ApiError(400, f"best_of={extra['best_of']} cannot stream: the best n of best_of "
+                       "sequences are known only at the end; send stream: false or best_of = n",
+                       param="best_of")
+    if echo and logprobs is not None and extra["prompt_logprobs"] is None:
+        extra["prompt_logprobs"] = logprobs  # echo's prompt tokens carry logprobs too
     return_token_ids = f.bool_("return_token_ids", False)
     f.bool_("skip_special_tokens", True)  # type-checked; eaas always skips them
 
@@ -158,18 +164,25 @@ def _plan(kind: Literal["completion", "chat"], f: _Fields, model: str,
                            f"{want} in the completion); reduce the prompt or max_tokens",
                            param="max_tokens")
         try:
+            if extra["min_tokens"] > want:
+                raise ApiError(400, f"min_tokens={extra['min_tokens']} is not allowed: at most "
+                               f"max_tokens ({want})", param="min_tokens")
             params = SamplingParams(max_tokens=want, temperature=temperature, top_p=top_p,
                                     top_k=top_k, seed=seed, stop_token_ids=stop_ids,
-                                    ignore_eos=ignore_eos)
+                                    ignore_eos=ignore_eos, logprobs=logprobs,
+                                    structured_outputs=structured, **extra)
+        except ApiError:
+            raise
         except RequestError as e:  # a bound the engine checks that we did not
             raise ApiError(400, str(e)) from None
         plans.append(PromptPlan(prompt=prompt, prompt_token_ids=ids, params=params))
-    return GenerationPlan(kind=kind, model=model, prompts=plans, stop=stop, stream=stream,
-                          include_usage=include_usage, echo=echo,
-                          return_token_ids=return_token_ids)
+    return GenerationPlan(kind=kind, model=model, prompts=plans, stop=extra["stop"],
+                          stream=stream, include_usage=include_usage, echo=echo,
+                          return_token_ids=return_token_ids, n=extra["n"], logprobs=logprobs,
+                          tools=tools)
 
 
-def _model(f: _Fields, model_name: str) -> str:
+def _model(f: Fields, model_name: str) -> str:
     model = f.get("model")
     if model is None:
         return model_name
@@ -190,7 +203,7 @@ def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[str | list[int], l
                        f"got {_json_type(prompt)}", param="prompt")
     if not prompt:
         raise ApiError(400, "prompt is an empty list", param="prompt")
-    if _is_int(prompt[0]):  # a list of token ids (a batch starts with a string or a list)
+    if is_int(prompt[0]):  # a list of token ids (a batch starts with a string or a list)
         return [(prompt, _token_ids(prompt, tokenizer, "prompt"))]
     if len(prompt) > MAX_PROMPTS:
         raise ApiError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompt)}",
@@ -199,7 +212,7 @@ def _prompts(prompt: Any, tokenizer: Tokenizer) -> list[tuple[str | list[int], l
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             out.append((p, tokenizer.encode(p) if p else []))
-        elif isinstance(p, list) and p and _is_int(p[0]):
+        elif isinstance(p, list) and p and is_int(p[0]):
             out.append((p, _token_ids(p, tokenizer, f"prompt[{i}]")))
         else:
             raise ApiError(400, f"prompt[{i}] must be a non-empty string or a non-empty list of "
@@ -212,8 +225,8 @@ def _token_ids(ids: list[Any], tokenizer: Tokenizer, param: str) -> list[int]:
     """`ids` checked element by element; an error names the first bad index."""
     vocab = tokenizer.vocab_size
     for j, t in enumerate(ids):
-        if not _is_int(t) or not 0 <= t < vocab:
-            got = f"{_json_type(t)} {_short(t)}"
+        if not is_int(t) or not 0 <= t < vocab:
+            got = f"{_json_type(t)} {short(t)}"
             raise ApiError(400, f"{param}[{j}] is not a token id: token ids are integers with "
                            f"0 <= id < {vocab} (a list of token ids holds only those), got {got}",
                            param="prompt")
@@ -251,23 +264,6 @@ def _messages(messages: Any) -> list[dict]:
     return out
 
 
-def _stop(stop: Any) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    allowed = f"a non-empty string or a list of at most {MAX_STOP_STRINGS} non-empty strings"
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list):
-        raise ApiError(400, f"stop must be {allowed}, got {_json_type(stop)}", param="stop")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"stop has {len(stop)} strings; allowed: {allowed}", param="stop")
-    for j, s in enumerate(stop):
-        if not (isinstance(s, str) and s):
-            got = "an empty string" if s == "" else f"{_json_type(s)} {_short(s)}"
-            raise ApiError(400, f"stop[{j}] must be a non-empty string, got {got}", param="stop")
-    return tuple(stop)
-
-
 def _stop_token_ids(ids: Any, vocab: int) -> tuple[int, ...]:
     if ids is None:
         return ()
@@ -276,75 +272,7 @@ def _stop_token_ids(ids: Any, vocab: int) -> tuple[int, ...]:
         raise ApiError(400, f"stop_token_ids must be {allowed}, got {_json_type(ids)}",
                        param="stop_token_ids")
     for j, t in enumerate(ids):
-        if not (_is_int(t) and 0 <= t < vocab):
+        if not (is_int(t) and 0 <= t < vocab):
             raise ApiError(400, f"stop_token_ids[{j}] is not a token id: {allowed}, got "
-                           f"{_json_type(t)} {_short(t)}", param="stop_token_ids")
+                           f"{_json_type(t)} {short(t)}", param="stop_token_ids")
     return tuple(ids)
-
-
-def _short(v: object) -> str:
-    """repr(v), cut to a readable length (a 4000-digit integer is legal JSON)."""
-    text = repr(v)
-    return text if len(text) <= 40 else f"{text[:24]}...({len(text)} characters)"
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-class _Fields:
-    """Typed reads of optional body fields; a wrong type or range is a 400 naming the field."""
-
-    def __init__(self, body: dict[str, Any]) -> None:
-        self.body = body
-
-    def get(self, name: str) -> Any:
-        return self.body.get(name)
-
-    def bool_(self, name: str, default: bool, *, param: str | None = None) -> bool:
-        v = self.body.get(name)
-        if v is None:
-            return default
-        if not isinstance(v, bool):
-            where = f"{param}.{name}" if param else name
-            raise ApiError(400, f"{where} must be a boolean, got {_json_type(v)}",
-                           param=param or name)
-        return v
-
-    def int_(self, name: str, default: int | None, lo: int, hi: int | None, *,
-             allowed: str | None = None) -> int | None:
-        v = self.body.get(name)
-        if v is None:
-            return default
-        rng = allowed or (f"an integer >= {lo}" + (f" and <= {hi}" if hi is not None else ""))
-        if not _is_int(v):
-            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {_short(v)}",
-                           param=name)
-        if v < lo or (hi is not None and v > hi):
-            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng}", param=name)
-        return v
-
-    def num(self, name: str, default: float, *, lo: float, hi: float | None = None,
-            lo_open: bool = False) -> float:
-        v = self.body.get(name)
-        if v is None:
-            return default
-        lo_s = "(" if lo_open else "["
-        rng = (f"a number in {lo_s}{lo}, {hi}]" if hi is not None
-               else f"a number >= {lo}" if lo > -math.inf else "a number")
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ApiError(400, f"{name} must be {rng}, got {_json_type(v)} {_short(v)}",
-                           param=name)
-        try:
-            x = float(v)
-        except OverflowError:  # a JSON integer beyond float range (no JSON float is)
-            x = math.inf
-        if not math.isfinite(x):
-            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng} (finite)", param=name)
-        if x < lo or (lo_open and x == lo) or (hi is not None and x > hi):
-            raise ApiError(400, f"{name}={_short(v)} is not allowed: {rng}", param=name)
-        return x
-
-    def reject_set(self, name: str, message: str) -> None:
-        if self.body.get(name):
-            raise ApiError(400, message, param=name)

@@ -31,11 +31,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("eaas.serving")
 
 ADMIN_TOKEN_ENV = "EAAS_ADMIN_TOKEN"
+API_KEY_ENV = "EAAS_API_KEY"
 
 
 async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 8000,
                 admin_token: str | None = None, ready_file: str | None = None,
-                drain_grace_s: float = 10.0, timeouts: HttpTimeouts | None = None) -> None:
+                drain_grace_s: float = 10.0, timeouts: HttpTimeouts | None = None,
+                api_key: str | None = None, log_requests: bool = True) -> None:
     """Serve `config`'s model on http://host:port until SIGINT/SIGTERM; return after a clean stop.
 
     admin_token: bearer token of the mutating admin routes; None reads EAAS_ADMIN_TOKEN, and
@@ -43,15 +45,22 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
     ready_file: once ready, this file is written (atomically) with a JSON object
       {"url", "host", "port", "pid"}; `port` is the bound one (useful with port=0).
     timeouts: connection deadlines (body 30 s, keep-alive/idle 75 s by default).
+    api_key: the key `/v1` routes require (`Authorization: Bearer`); None reads EAAS_API_KEY,
+      and if that is unset too `/v1` is open.
+    log_requests: one access-log line per request on stderr (`access.py`); False for
+      `--disable-log-requests`.
     """
     from eaas import AsyncEngine
 
     token = admin_token or os.environ.get(ADMIN_TOKEN_ENV) or None
     generated = token is None
     token = token or secrets.token_urlsafe(24)
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     engine = AsyncEngine(config)
     app = create_app(engine, admin_token=token, model_name=config.model_name,
-                     drain_grace_s=drain_grace_s, timeouts=timeouts)
+                     drain_grace_s=drain_grace_s, timeouts=timeouts, api_key=api_key,
+                     log_requests=log_requests)
+    handler = _access_handler() if log_requests else None
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            shutdown_timeout=drain_grace_s + 10.0, **server_kwargs(app))
     stop = asyncio.Event()
@@ -90,6 +99,8 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
         await stop.wait()
         _say(f"eaas: shutting down (draining up to {drain_grace_s:.0f}s)")
     finally:
+        if handler is not None:
+            logging.getLogger("eaas.access").removeHandler(handler)
         for sig in signals:
             loop.remove_signal_handler(sig)
         if runner_open:
@@ -99,6 +110,16 @@ async def serve(config: EngineConfig, *, host: str = "127.0.0.1", port: int = 80
         if ready_file:
             Path(ready_file).unlink(missing_ok=True)
     _say("eaas: stopped")
+
+
+def _access_handler() -> logging.Handler:
+    """The access log on stderr (the logger has no handler of its own otherwise)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s eaas.access %(message)s"))
+    logger = logging.getLogger("eaas.access")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return handler
 
 
 def _banner(url: str, model: str, token: str, generated: bool) -> str:

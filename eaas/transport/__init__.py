@@ -5,10 +5,15 @@
     await conn.send({"rows": x, "expert_ids": ids})         # nested values + torch.Tensor leaves
     msg = await conn.recv(timeout=5.0)
     reply = await RpcClient(conn).call(msg, timeout=1.0)    # request/response on a connection
+
+Between processes, pass `security=TransportSecurity.from_env()` to both `listen` and `connect`:
+every connection then starts with a mutual HMAC handshake over the cluster secret
+(`EAAS_CLUSTER_SECRET`; eaas.transport.auth), and tcp:// can run over TLS.
 """
 
 from __future__ import annotations
 
+from eaas.transport.auth import TlsFiles, TransportSecurity, cluster_secret, ensure_cluster_secret
 from eaas.transport.base import Connection, Lease, Listener, SendHandle
 from eaas.transport.codec import DTYPES, decode_message, encode_message
 from eaas.transport.limits import TransportLimits
@@ -19,5 +24,6 @@ from eaas.transport.rpc import RpcClient, serve_rpc
 __all__ = [
     "Connection", "Listener", "SendHandle", "Lease", "TransportLimits", "connect", "listen",
     "SCHEMES", "DTYPES", "encode_message", "decode_message", "RpcClient", "serve_rpc",
-    "serve_actors", "remote_ref", "RemoteActorRef",
+    "serve_actors", "remote_ref", "RemoteActorRef", "TransportSecurity", "TlsFiles",
+    "cluster_secret", "ensure_cluster_secret",
 ]

@@ -135,6 +135,9 @@ class Listener(abc.ABC):
     url: str
     _handler: Handler
     _tasks: set[asyncio.Task[None]]
+    # what an authenticating listener refused (eaas.transport.handshake.SecurityStats; stream
+    # schemes have one, counting bad frames even without authentication); None: inproc://
+    stats: Any = None
 
     @abc.abstractmethod
     async def aclose(self) -> None:

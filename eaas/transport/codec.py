@@ -11,7 +11,11 @@ The tree is msgpack with two extension types: TENSOR (payload: msgpack int index
 TUPLE (payload: a msgpack array), so tuples come back as tuples; cudaipc:// adds a third, CUDA
 (payload: msgpack int index into its "c" device-tensor list). Nothing is ever unpickled:
 a frame can only produce dicts, lists, tuples, str, bytes, int, float, bool, None and tensors
-of the dtypes in DTYPES, and every length is checked against TransportLimits before use.
+of the dtypes in DTYPES, and every length is checked against TransportLimits before use:
+the tree is walked as raw bytes first (eaas.transport.scan: nesting depth, value count,
+declared lengths, extension types), so a hostile frame is refused before msgpack allocates or
+recurses for it (the header has no extension types: msgpack unpacks it without recursing,
+lengths capped by max_header_bytes).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from eaas.errors import FrameError
 from eaas.transport.limits import TransportLimits
+from eaas.transport.scan import check_msgpack
 
 __all__ = ["encode_message", "decode_message", "EncodedMessage", "DTYPES"]
 
@@ -164,9 +169,17 @@ def _pack(obj: Any, default: Any) -> bytes:
     return msgpack.packb(obj, default=default, strict_types=True, use_bin_type=True)
 
 
+def check_tree(tree: bytes, limits: TransportLimits, *, cuda: bool = False) -> None:
+    """FrameError unless the packed message tree keeps `limits.max_depth` / `max_elements`
+    and uses only eaas's extension types (CUDA ones only if `cuda`)."""
+    check_msgpack(tree, max_depth=limits.max_depth, max_elements=limits.max_elements,
+                  nested_exts=(EXT_TUPLE,),
+                  leaf_exts=(EXT_TENSOR, EXT_CUDA) if cuda else (EXT_TENSOR,))
+
+
 def parse_header(header: bytes | memoryview, limits: TransportLimits) -> dict[str, Any]:
     """Unpack and shape-check a frame header; FrameError on anything unexpected."""
-    try:
+    try:  # no extension types, so msgpack's unpacker never recurses (its own depth cap holds)
         head = msgpack.unpackb(header, raw=False, strict_map_key=True,
                                max_bin_len=limits.max_header_bytes, max_ext_len=0)
     except Exception as exc:
@@ -234,6 +247,9 @@ def unflatten(tree: bytes, tensors: list[torch.Tensor], limits: TransportLimits,
     def unpack(data: bytes) -> Any:
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=ext_hook)
 
+    # before unpacking: msgpack recurses in C per nested extension (a deep tree overflowed
+    # the stack), and allocates containers at their declared sizes
+    check_tree(tree, limits, cuda=cuda is not None)
     try:
         return unpack(tree)
     except FrameError:
@@ -245,6 +261,9 @@ def unflatten(tree: bytes, tensors: list[torch.Tensor], limits: TransportLimits,
 def check_prefix(prefix: bytes | memoryview, limits: TransportLimits) -> tuple[int, int]:
     """(header_len, body_len) from a 16-byte prefix; FrameError if bad magic or over limits."""
     magic, header_len, body_len = PREFIX.unpack(prefix)
+    if magic == b"EAH1":  # eaas.transport.handshake.HELLO_MAGIC
+        raise FrameError("the peer asks for the cluster-secret handshake: connect with "
+                         "security=TransportSecurity.from_env() (EAAS_CLUSTER_SECRET)")
     if magic != MAGIC:
         raise FrameError(f"bad frame magic {bytes(magic)!r} (expected {MAGIC!r}); "
                          "not an eaas peer?")

@@ -30,7 +30,7 @@ Both processes must see the same devices (same CUDA_VISIBLE_DEVICES) and share a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from eaas.transport.codec import (DTYPES, KIND_MESSAGE, MAGIC, PREFIX, EncodedMe
 from eaas.transport.limits import TransportLimits
 from eaas.transport.slots import KIND_RELEASE, SlotConnection
 from eaas.transport.unix import UnixListener, unix_connect, unix_listen
+
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
 
 __all__ = ["CudaIpcConnection", "cudaipc_connect", "cudaipc_listen"]
 
@@ -308,12 +311,15 @@ class _IpcItem:
     slots: list[_Slot]
 
 
-async def cudaipc_listen(url: str, handler: Handler, limits: TransportLimits) -> UnixListener:
+async def cudaipc_listen(url: str, handler: Handler, limits: TransportLimits,
+                         security: TransportSecurity | None = None) -> UnixListener:
     return await unix_listen(url, handler, limits, scheme="cudaipc",
-                             conn_class=CudaIpcConnection, stem="eaas-ipc")
+                             conn_class=CudaIpcConnection, stem="eaas-ipc", security=security)
 
 
-async def cudaipc_connect(url: str, timeout: float, limits: TransportLimits) -> CudaIpcConnection:
-    conn = await unix_connect(url, timeout, limits, scheme="cudaipc", conn_class=CudaIpcConnection)
+async def cudaipc_connect(url: str, timeout: float, limits: TransportLimits,
+                          security: TransportSecurity | None = None) -> CudaIpcConnection:
+    conn = await unix_connect(url, timeout, limits, scheme="cudaipc", conn_class=CudaIpcConnection,
+                              security=security)
     assert isinstance(conn, CudaIpcConnection)
     return conn

@@ -15,6 +15,10 @@ class TransportLimits:
     max_header_bytes:    largest msgpack header (the message tree and tensor descriptors).
     max_tensors:         most tensor leaves in one message.
     max_ndim:            most dimensions of one tensor.
+    max_depth:           deepest nesting of containers (dict, list, tuple; a tuple counts
+                         twice) in a received message tree, checked on the raw bytes before
+                         anything is unpacked (a deeper one closes the connection).
+    max_elements:        most values (containers, keys and leaves) in one message tree.
     max_queued_messages: received messages buffered before reading from the peer pauses
                          (inproc: sent messages buffered before `send` waits).
     max_queued_bytes:    received tensor bytes buffered before reading from the peer pauses
@@ -29,6 +33,8 @@ class TransportLimits:
     max_header_bytes: int = 1 << 20
     max_tensors: int = 4096
     max_ndim: int = 16
+    max_depth: int = 32
+    max_elements: int = 1 << 17
     max_queued_messages: int = 1024
     max_queued_bytes: int = 256 << 20
     shm_min_bytes: int = 64 << 10
@@ -36,7 +42,8 @@ class TransportLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_frame_bytes", "max_header_bytes", "max_tensors", "max_ndim",
-                     "max_queued_messages", "max_queued_bytes", "shm_pool_bytes"):
+                     "max_depth", "max_elements", "max_queued_messages", "max_queued_bytes",
+                     "shm_pool_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransportLimits.{name}={value!r}: must be an int >= 1")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import torch
@@ -48,6 +48,9 @@ from eaas.transport.limits import TransportLimits
 from eaas.transport.slots import KIND_RELEASE
 from eaas.transport.stream import _NOTHING, StreamConnection
 from eaas.transport.unix import UnixListener, unix_connect, unix_listen
+
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
 
 __all__ = ["NvshmemConnection", "nvshmem_listen", "nvshmem_connect"]
 
@@ -297,18 +300,19 @@ def _split(url: str) -> tuple[int | None, str]:
     return (int(parts.netloc) if parts.netloc else None), parts.path
 
 
-async def nvshmem_listen(url: str, handler: Handler, limits: TransportLimits) -> UnixListener:
+async def nvshmem_listen(url: str, handler: Handler, limits: TransportLimits,
+                         security: TransportSecurity | None = None) -> UnixListener:
     fabric = need_fabric()
     _, path = _split(url)
     listener = await unix_listen(f"nvshmem://{path}", handler, limits, scheme="nvshmem",
                                  conn_class=functools.partial(NvshmemConnection, fabric=fabric),
-                                 stem="eaas-nvshmem")
+                                 stem="eaas-nvshmem", security=security)
     listener.url = f"nvshmem://{fabric.rank}{listener.path}"
     return listener
 
 
-async def nvshmem_connect(url: str, timeout: float,
-                          limits: TransportLimits) -> NvshmemConnection:
+async def nvshmem_connect(url: str, timeout: float, limits: TransportLimits,
+                          security: TransportSecurity | None = None) -> NvshmemConnection:
     rank, path = _split(url)
     if rank is None or not path:
         raise ValueError(f"bad nvshmem URL {url!r}: connect needs nvshmem://RANK/socket/path")
@@ -318,6 +322,7 @@ async def nvshmem_connect(url: str, timeout: float,
                              f"{fabric.world_size} ranks")
     conn = await unix_connect(f"nvshmem://{path}", timeout, limits, scheme="nvshmem",
                               conn_class=lambda _, lim: NvshmemConnection(
-                                  url, lim, fabric=fabric, peer_rank=rank))
+                                  url, lim, fabric=fabric, peer_rank=rank),
+                              security=security)
     assert isinstance(conn, NvshmemConnection)
     return conn

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
 from eaas.transport.base import Connection, Handler, Listener
 from eaas.transport.cudaipc import cudaipc_connect, cudaipc_listen
 from eaas.transport.inproc import inproc_connect, inproc_listen
@@ -10,10 +13,15 @@ from eaas.transport.nvshmem import nvshmem_connect, nvshmem_listen
 from eaas.transport.shm import shm_connect, shm_listen
 from eaas.transport.tcp import tcp_connect, tcp_listen
 
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
+
 __all__ = ["connect", "listen", "SCHEMES"]
 
-_LISTEN = {"inproc": inproc_listen, "tcp": tcp_listen, "shm": shm_listen}
-_CONNECT = {"inproc": inproc_connect, "tcp": tcp_connect, "shm": shm_connect}
+_LISTEN: dict[str, Callable[..., Awaitable[Listener]]] = {
+    "inproc": inproc_listen, "tcp": tcp_listen, "shm": shm_listen}
+_CONNECT: dict[str, Callable[..., Awaitable[Connection]]] = {
+    "inproc": inproc_connect, "tcp": tcp_connect, "shm": shm_connect}
 _LISTEN["cudaipc"], _CONNECT["cudaipc"] = cudaipc_listen, cudaipc_connect
 _LISTEN["nvshmem"], _CONNECT["nvshmem"] = nvshmem_listen, nvshmem_connect
 SCHEMES = tuple(_LISTEN)
@@ -30,8 +38,8 @@ def _scheme(url: str) -> str:
     return scheme
 
 
-async def listen(url: str, handler: Handler, *,
-                 limits: TransportLimits = TransportLimits()) -> Listener:
+async def listen(url: str, handler: Handler, *, limits: TransportLimits = TransportLimits(),
+                 security: TransportSecurity | None = None) -> Listener:
     """Listen on `url` and run `await handler(conn)` for every accepted connection.
 
     url: inproc://name (empty name: a fresh one), tcp://host:port (port 0: any free port),
@@ -40,11 +48,24 @@ async def listen(url: str, handler: Handler, *,
          address peers should connect to (port, path and, nvshmem://, rank resolved).
     The handler runs in a task the listener owns; when it returns or raises, its connection is
     closed; other connections are unaffected. `await listener.aclose()` stops everything.
+    security: authenticate every peer (HMAC handshake over the cluster secret; TLS on tcp://
+    when it names TLS files) before its first frame; refusals are counted in
+    `listener.stats`. None: no handshake. inproc:// has no peer to authenticate and ignores it.
     """
-    return await _LISTEN[_scheme(url)](url, handler, limits)
+    scheme = _scheme(url)
+    if scheme == "inproc":
+        return await inproc_listen(url, handler, limits)
+    return await _LISTEN[scheme](url, handler, limits, security)
 
 
-async def connect(url: str, *, timeout: float = 5.0,
-                  limits: TransportLimits = TransportLimits()) -> Connection:
-    """Connect to a listener's `url`; TransportError if nobody listens or `timeout` passes."""
-    return await _CONNECT[_scheme(url)](url, timeout, limits)
+async def connect(url: str, *, timeout: float = 5.0, limits: TransportLimits = TransportLimits(),
+                  security: TransportSecurity | None = None) -> Connection:
+    """Connect to a listener's `url`; TransportError if nobody listens or `timeout` passes.
+
+    security: prove this end holds the cluster secret and check that the listener does too
+    (AuthError, a TransportError, if either fails; the `timeout` covers the handshake).
+    """
+    scheme = _scheme(url)
+    if scheme == "inproc":
+        return await inproc_connect(url, timeout, limits)
+    return await _CONNECT[scheme](url, timeout, limits, security)

@@ -1,6 +1,6 @@
 """Remote actor refs: reach a system's named actors over any transport URL.
 
-    listener = await serve_actors(system, "tcp://0.0.0.0:0")     # in the expert-server process
+    listener = await serve_actors(system, "tcp://127.0.0.1:0")   # in the expert-server process
     ref = await remote_ref(listener.url, "expert-server-3")      # anywhere
     await ref.tell(msg); reply = await ref.ask(msg, timeout=1.0)
 
@@ -26,6 +26,7 @@ from eaas.transport.rpc import RpcClient, serve_rpc
 
 if TYPE_CHECKING:
     from eaas.actors import ActorSystem
+    from eaas.transport.auth import TransportSecurity
 
 __all__ = ["serve_actors", "remote_ref", "RemoteActorRef"]
 
@@ -33,7 +34,8 @@ _MAPPED = {cls.__name__: cls for cls in (ActorDeadError, AskTimeoutError, Mailbo
 
 
 async def serve_actors(system: ActorSystem, url: str, *, names: Collection[str] | None = None,
-                       limits: TransportLimits = TransportLimits()) -> Listener:
+                       limits: TransportLimits = TransportLimits(),
+                       security: TransportSecurity | None = None) -> Listener:
     """Export `system`'s actors (only `names`, if given) on `url`; returns the listener.
 
     Actors are looked up by name per message, so a restarted actor (same name) stays
@@ -71,18 +73,19 @@ async def serve_actors(system: ActorSystem, url: str, *, names: Collection[str] 
     async def on_connection(conn: Connection) -> None:
         await serve_rpc(conn, handle)
 
-    return await listen(url, on_connection, limits=limits)
+    return await listen(url, on_connection, limits=limits, security=security)
 
 
 async def remote_ref(url: str, name: str, *, timeout: float = 5.0,
-                     limits: TransportLimits = TransportLimits()) -> RemoteActorRef:
+                     limits: TransportLimits = TransportLimits(),
+                     security: TransportSecurity | None = None) -> RemoteActorRef:
     """Connect to a `serve_actors` listener at `url` and return a ref to actor `name`.
 
     Raises ActorDeadError if the peer cannot be reached or exports no such actor.
     Each ref owns its connection: `await ref.aclose()` when done (or `async with`).
     """
     try:
-        conn = await connect(url, timeout=timeout, limits=limits)
+        conn = await connect(url, timeout=timeout, limits=limits, security=security)
     except TransportError as exc:
         raise ActorDeadError(f"remote actor {name!r} at {url}: {exc}") from exc
     ref = RemoteActorRef(url, name, RpcClient(conn))

@@ -36,7 +36,7 @@ import re
 import secrets
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,9 @@ from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, EncodedMessage, b
 from eaas.transport.limits import TransportLimits
 from eaas.transport.slots import KIND_RELEASE, SlotConnection
 from eaas.transport.unix import UnixListener, unix_connect, unix_listen
+
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
 
 __all__ = ["ShmConnection", "shm_connect", "shm_listen", "remove_stale_segments"]
 
@@ -247,12 +250,15 @@ def _unlink(name: str) -> None:
         pass
 
 
-async def shm_listen(url: str, handler: Handler, limits: TransportLimits) -> UnixListener:
+async def shm_listen(url: str, handler: Handler, limits: TransportLimits,
+                     security: TransportSecurity | None = None) -> UnixListener:
     return await unix_listen(url, handler, limits, scheme="shm", conn_class=ShmConnection,
-                             stem="eaas")
+                             stem="eaas", security=security)
 
 
-async def shm_connect(url: str, timeout: float, limits: TransportLimits) -> ShmConnection:
-    conn = await unix_connect(url, timeout, limits, scheme="shm", conn_class=ShmConnection)
+async def shm_connect(url: str, timeout: float, limits: TransportLimits,
+                      security: TransportSecurity | None = None) -> ShmConnection:
+    conn = await unix_connect(url, timeout, limits, scheme="shm", conn_class=ShmConnection,
+                              security=security)
     assert isinstance(conn, ShmConnection)
     return conn

@@ -5,6 +5,11 @@ a frame whose body is over BIG_BODY bytes gets its own (uninitialised) uint8 ten
 socket reads straight into (no intermediate copies), and that tensor becomes the received tensors'
 memory. Every length is checked against TransportLimits before anything is allocated.
 
+With a TransportSecurity, a connection first runs the mutual HMAC handshake (and, tcp://, TLS;
+eaas.transport.handshake): a listener creates the StreamConnection, and runs its handler, only
+for a peer that proved it holds the cluster secret, and counts the others in `listener.stats`.
+A connection's receive buffers are dropped when it closes (a half-received frame included).
+
 Sending writes prefix+header and each tensor's bytes straight from the tensor's memory
 (`transport.write` per piece; no join). The write-buffer limits are (high=0, low=0), so
 the protocol learns the moment the buffer is empty: that is when send handles complete,
@@ -16,17 +21,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Any, Callable
+import ssl
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from eaas.errors import FrameError, TransportError
+from eaas.errors import AuthError, FrameError, TransportError
 from eaas.transport.base import Connection, Handler, Inbox, Listener, SendHandle
 from eaas.transport.codec import (KIND_MESSAGE, MAGIC, PREFIX, PREFIX_BYTES, EncodedMessage,
                                   build_tensors, check_prefix, flatten, parse_header, unflatten)
+from eaas.transport.handshake import HandshakeGate, SecurityStats
 from eaas.transport.limits import TransportLimits
 
-__all__ = ["StreamConnection", "StreamListener"]
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
+
+__all__ = ["StreamConnection", "StreamListener", "connect_stream"]
 
 log = logging.getLogger("eaas.transport")
 STAGE_BYTES = 256 << 10
@@ -52,6 +63,7 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._closed_event = asyncio.Event()
         self._gpu_waiting = False  # an event of ours is with eaas.gpu.waiter's thread
+        self.stats: SecurityStats | None = None  # the accepting listener's (bad frames count)
         # receive state
         self._stage = bytearray(STAGE_BYTES)
         self._start = 0
@@ -149,6 +161,11 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
             error = TransportError(f"connection closed by peer {self.url}")
         self._closed = True
         self._inbox.fail(error)
+        # release the receive buffers now (a half-received big body too): the connection
+        # object itself may live on until the cyclic GC runs
+        self._big = self._big_view = self._big_head = None
+        self._stage = bytearray()
+        self._start = self._end = 0
         waiters, self._drain_waiters = self._drain_waiters, []
         for future in waiters:
             if not future.done():
@@ -184,6 +201,8 @@ class StreamConnection(Connection, asyncio.BufferedProtocol):
 
     def _fail(self, error: TransportError) -> None:
         log.warning("closing connection to %s: %s", self.url, error)
+        if isinstance(error, FrameError) and self.stats is not None:
+            self.stats.bad_frames += 1
         self._inbox.fail(error)
         self._closed = True
         if self._transport is not None:
@@ -298,17 +317,31 @@ class StreamListener(Listener):
     """An asyncio server whose connections are StreamConnections handed to `handler`."""
 
     def __init__(self, handler: Handler, limits: TransportLimits,
-                 conn_class: Callable[..., StreamConnection] = StreamConnection) -> None:
+                 conn_class: Callable[..., StreamConnection] = StreamConnection,
+                 security: TransportSecurity | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url = ""
         self._conn_class = conn_class
         self._handler = handler
         self.limits = limits
+        self.security = security  # None: no handshake (tests, trusted in-host use)
+        self._tls = tls  # server-side TLS context (tcp:// with security.tls)
+        self.stats = SecurityStats()
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    def protocol_factory(self, peer_url: str) -> StreamConnection:
-        return self._conn_class(peer_url, self.limits, on_made=self._accepted)
+    def protocol_factory(self, peer_url: str) -> asyncio.BaseProtocol:
+        def make() -> StreamConnection:
+            conn = self._conn_class(peer_url, self.limits, on_made=self._accepted)
+            conn.stats = self.stats
+            return conn
+
+        if self.security is None:
+            return make()
+        return HandshakeGate(server=True, secret=self.security.secret, make_conn=make,
+                             timeout_s=self.security.handshake_timeout_s, peer=self.url,
+                             stats=self.stats, tls=self._tls)
 
     def _accepted(self, conn: StreamConnection) -> None:
         if self._closed:
@@ -329,3 +362,37 @@ class StreamListener(Listener):
                     await self._server.wait_closed()
             except TimeoutError:
                 log.warning("listener %s: server did not close within 5 s", self.url)
+
+
+async def connect_stream(open_conn: Callable[[Callable[[], asyncio.BaseProtocol]], Awaitable[Any]],
+                         make_conn: Callable[[], StreamConnection], url: str, timeout: float,
+                         security: TransportSecurity | None) -> StreamConnection:
+    """Open a connection with `open_conn(protocol_factory)` (e.g. a partial of
+    loop.create_connection) and, with `security`, authenticate it; TransportError (AuthError for
+    a failed handshake) if that fails or `timeout` passes."""
+    gate: HandshakeGate | None = None
+
+    def factory() -> asyncio.BaseProtocol:
+        nonlocal gate
+        if security is None:
+            return make_conn()
+        gate = HandshakeGate(server=False, secret=security.secret, make_conn=make_conn,
+                             timeout_s=security.handshake_timeout_s, peer=url)
+        return gate
+
+    try:
+        async with asyncio.timeout(timeout):
+            _, proto = await open_conn(factory)
+            if gate is None:
+                return proto
+            return await gate.ready
+    except TimeoutError:
+        if gate is not None:
+            gate._refuse("timeout", f"connect timed out after {timeout} s")
+        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
+    except ssl.SSLError as exc:
+        raise AuthError(f"TLS handshake with {url} failed: {exc}") from exc
+    except AuthError:
+        raise
+    except OSError as exc:
+        raise TransportError(f"cannot connect to {url}: {exc}") from exc

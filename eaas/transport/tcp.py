@@ -1,14 +1,23 @@
-"""tcp://host:port — framed messages over asyncio TCP streams (works across hosts)."""
+"""tcp://host:port — framed messages over asyncio TCP streams (works across hosts).
+
+With a TransportSecurity both ends run the HMAC handshake first, over TLS when it has TLS
+files. The listener binds exactly the host its URL names (never a wildcard of its own).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from eaas.errors import TransportError
 from eaas.transport.base import Handler
 from eaas.transport.limits import TransportLimits
-from eaas.transport.stream import StreamConnection, StreamListener
+from eaas.transport.stream import StreamConnection, StreamListener, connect_stream
+
+if TYPE_CHECKING:
+    from eaas.transport.auth import TransportSecurity
 
 __all__ = ["tcp_connect", "tcp_listen"]
 
@@ -24,9 +33,11 @@ def _format(host: str, port: int) -> str:
     return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"
 
 
-async def tcp_listen(url: str, handler: Handler, limits: TransportLimits) -> StreamListener:
+async def tcp_listen(url: str, handler: Handler, limits: TransportLimits,
+                     security: TransportSecurity | None = None) -> StreamListener:
     host, port = _host_port(url)
-    listener = StreamListener(handler, limits)
+    tls = security.tls.server_context() if security is not None and security.tls else None
+    listener = StreamListener(handler, limits, security=security, tls=tls)
     loop = asyncio.get_running_loop()
     try:
         server = await loop.create_server(
@@ -39,15 +50,12 @@ async def tcp_listen(url: str, handler: Handler, limits: TransportLimits) -> Str
     return listener
 
 
-async def tcp_connect(url: str, timeout: float, limits: TransportLimits) -> StreamConnection:
+async def tcp_connect(url: str, timeout: float, limits: TransportLimits,
+                      security: TransportSecurity | None = None) -> StreamConnection:
     host, port = _host_port(url)
     loop = asyncio.get_running_loop()
-    try:
-        async with asyncio.timeout(timeout):
-            _, conn = await loop.create_connection(
-                lambda: StreamConnection(url, limits), host, port)
-    except TimeoutError:
-        raise TransportError(f"connect to {url} timed out after {timeout} s") from None
-    except OSError as exc:
-        raise TransportError(f"cannot connect to {url}: {exc}") from exc
-    return conn
+    tls = security.tls.client_context() if security is not None and security.tls else None
+    open_conn = functools.partial(loop.create_connection, host=host, port=port, ssl=tls,
+                                  ssl_handshake_timeout=timeout if tls else None)
+    return await connect_stream(open_conn, lambda: StreamConnection(url, limits), url, timeout,
+                                security)

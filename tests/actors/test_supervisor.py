@@ -196,7 +196,7 @@ def test_child_spec_validation() -> None:
 
 # --- intensity and backoff on a fake clock --------------------------------------------------
 def _crash_times(events: list[dict[str, Any]], kind: str, name: str) -> list[float]:
-    return [e["time"] for e in events if e["type"] == kind and e["name"] == name]
+    return [e["mono"] for e in events if e["type"] == kind and e["name"] == name]
 
 
 async def test_backoff_is_exponential_on_the_fake_clock() -> None:

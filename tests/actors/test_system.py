@@ -113,7 +113,8 @@ async def test_events_reach_queues_and_listeners() -> None:
     assert [(e["type"], e["name"]) for e in got] == [
         ("actor_started", "a"), ("actor_stopped", "a"), ("actor_started", "b"),
         ("actor_stopped", "b")]
-    assert all(e["time"] == 100.0 for e in got)
+    # both clocks of the system's clock: monotonic `mono`, wall-clock `time` (from wall_start)
+    assert all(e["mono"] == 100.0 and e["time"] == 1.8e9 for e in got)
 
 
 async def test_lookup_and_unsupervised_child_stops_with_its_parent() -> None:

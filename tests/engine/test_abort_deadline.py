@@ -159,7 +159,7 @@ async def test_experts_node_timeout_param_is_this_layers_unit_deadline(tiny_dirs
     path.write_text(graph.to_yaml())
     cfg = EngineConfig.from_dict({"model": d, "graph": str(path), "placement": {
         "num_expert_servers": 2, "expert_replicas": 2, "server_mode": "inproc"},
-        "fault": {"unit_timeout_s": 30.0}})
+        "fault": {"unit_timeout_s": 30.0, "hedge_after_s": 0}})  # no hedge before the timeout
     async with AsyncEngine(cfg) as engine:
         assert engine.graph.layer(0).nodes["experts"].params == {"timeout_s": 0.3}
         await final(engine, [1, 2], SamplingParams(max_tokens=2, temperature=0))  # warm

@@ -10,6 +10,7 @@ import signal
 import time
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
+from eaas.engine.process_home import may_unnice
 from tests.engine.conftest import final
 
 
@@ -39,14 +40,25 @@ async def _back_after_kill(engine: AsyncEngine, server: str) -> float:
     return time.monotonic() - t0
 
 
+def _niceness(pid: int) -> set[int]:
+    """The niceness of every thread of process pid."""
+    return {os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+
+
 async def test_a_killed_server_adopts_the_warm_spare(tiny_dirs, reference_greedy):
     d = tiny_dirs["qwen3_moe"]
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
     async with AsyncEngine(_cfg(d, 1)) as engine:
         (spare_pid,) = await _spares_ready(engine, 1)
+        # a spare starts fault.spare_nice nicer (its start-up takes only idle CPU) where the
+        # priority can be given back, and has it back once adopted
+        nice = engine.config.fault.spare_nice if may_unnice(mine) else 0
+        assert _niceness(spare_pid) == {min(19, mine + nice)}
         hosted = {s["name"]: s["experts"] for s in engine.snapshot()["servers"]}
         took = await _back_after_kill(engine, "expert-0")
         after = {s["name"]: s for s in engine.snapshot()["servers"]}
         assert after["expert-0"]["pid"] == spare_pid  # the spare became expert-0
+        assert _niceness(spare_pid) == {mine}
         assert after["expert-0"]["experts"] == hosted["expert-0"]
         out = await final(engine, [2, 7, 1, 8], SamplingParams(max_tokens=8, temperature=0,
                                                                ignore_eos=True))
