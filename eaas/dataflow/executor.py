@@ -69,6 +69,8 @@ class _Op:
 
 
 async def _value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):  # the common case, before the slow Protocol check
+        return v
     return await v.wait() if isinstance(v, Deferred) else v
 
 
@@ -87,7 +89,8 @@ async def _router(layer: Any, step: StepContext, a: dict, p: Mapping[str, Any]) 
 async def _experts(layer: Any, step: StepContext, a: dict, p: Mapping[str, Any]) -> Any:
     topk_ids, topk_weights = a["routing"]
     out = step.experts(layer, await _value(a["x"]), topk_ids, topk_weights, p)
-    if isinstance(out, Awaitable) and not isinstance(out, Deferred):
+    if not isinstance(out, torch.Tensor) and isinstance(out, Awaitable) \
+            and not isinstance(out, Deferred):
         out = await out
     return out
 

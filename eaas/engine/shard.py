@@ -4,6 +4,10 @@ dispatch/combine of its micro-batches.
 Each shard runs `scheduler.micro_batches` lanes (ping-pong): a lane runs one decode step of its
 requests layer by layer, following the layer's dataflow graph; while one lane waits for its
 expert rows, the other computes attention. Shards never wait for each other.
+
+How new tokens become outputs (text, stop strings, logprobs, finishing) is the `TokenEmission`
+mixin (eaas/engine/emission.py); the n > 1 / best_of forks of a prefilled prompt are
+`SeqForking` (eaas/engine/forking.py).
 """
 
 from __future__ import annotations
@@ -19,15 +23,15 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import EngineConfig
-from eaas.engine.batch_sampling import (needs_eager_step, position_logprobs,
-                                        prompt_logprob_rows, sample_rows)
+from eaas.engine.batch_sampling import needs_eager_step, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
+from eaas.engine.emission import TokenEmission
+from eaas.engine.forking import SeqForking
 from eaas.engine.messages import (AbortRequest, AddRequest, Crash, RoutingUpdate,
                                   Stats, Subscribe, UnitFailed, UnitResult)
 from eaas.engine.request import Request, SeqGroup
-from eaas.engine.logits import compute_logprobs
 from eaas.engine.sampling import sample
 from eaas.errors import EaasError, InjectedFault
 from eaas.gpu.waiter import download
@@ -85,7 +89,7 @@ class ShardDeps:
     server_devices: Callable[[], dict[str, str]] = dict  # server name -> its device
 
 
-class AttentionShard(Actor):
+class AttentionShard(TokenEmission, SeqForking, Actor):
     def __init__(self, name: str, deps: ShardDeps, device: str) -> None:
         self.name = name
         self.deps = deps
@@ -430,97 +434,6 @@ class AttentionShard(Actor):
                 continue
             self._emit(r, token, True, entries.get(pos[b]))
 
-    # ---- n > 1 / best_of: sequences forked from one prefill ----------------------------------
-    def _forking(self, r: Request) -> bool:
-        """r leads a group whose prompt is prefilled by this step: its followers fork now."""
-        return r.group is not None and r.group.leader is r and not r.group.forked
-
-    def _copy_prompt_tail(self, reqs: list[Request], emit: list[int]) -> None:
-        """Copy the prompt's last, partial KV block of each forking leader into each follower's
-        own block (the full blocks before it are shared; `BlockAllocator.fork`)."""
-        bs = self.cache.block_size
-        for b in emit:
-            r = reqs[b]
-            if not self._forking(r) or len(r.prompt_ids) % bs == 0 or r.blocks is None:
-                continue
-            i = len(r.prompt_ids) // bs
-            dst = [f.blocks.block_ids[i] for f in r.group.followers
-                   if not f.finished and f.blocks is not None]
-            if not dst:
-                continue
-            idx = upload(dst, self.device)
-            for t in (*self.cache.k, *self.cache.v):  # [num_blocks, block_size, ...] per layer
-                src = t[r.blocks.block_ids[i]].clone()
-                t.index_copy_(0, idx, src.expand(len(dst), *t.shape[1:]).contiguous())
-
-    def _fork(self, leader: Request, rows: list[tuple[int, Request]], tokens: dict[int, int],
-              entries: dict[int, tuple[float, Any]]) -> None:
-        """Start the followers: their prompt is the leader's (in the KV cache), their first
-        token sampled from its logits row; each joins the least-loaded lane."""
-        group = leader.group
-        assert group is not None
-        group.forked = True
-        if group in self._unforked:
-            self._unforked.remove(group)
-        for j, f in rows:
-            f.num_computed = leader.num_computed
-            f.metrics.first_scheduled_time = leader.metrics.first_scheduled_time
-            self._emit(f, tokens[j], True, entries.get(j))
-            if not f.finished:
-                i = min(range(len(self.lanes)), key=lambda k: len(self.lanes[k]))
-                self.lanes[i].append(f)
-                self._wake[i].set()
-
-    # ---- log probabilities ------------------------------------------------------------------
-    def _decode_token(self, token: int) -> str:
-        try:
-            return self.tokenizer.decode([token], skip_special_tokens=False)
-        except Exception:
-            return ""
-
-    def _logprob_entries(self, srows: list[Request], tokens: dict[int, int],
-                         lp: list[torch.Tensor]) -> dict[int, tuple[float, Any]]:
-        """Per sampling row: (the sampled token's logprob, its position entry or None)."""
-        chosen, rank, top_lp, top_ids = (t.tolist() for t in lp)
-        out: dict[int, tuple[float, Any]] = {}
-        for j, r in enumerate(srows):
-            n = r.params.logprobs
-            entry = None if n is None else position_logprobs(
-                tokens[j], chosen[j], rank[j], top_lp[j], top_ids[j], n, self._decode_token)
-            out[j] = (chosen[j], entry)
-        return out
-
-    def _prompt_logprobs(self, reqs: list[Request], chunks: list[list[int]],
-                         rows: list[tuple[int, int]], h: torch.Tensor
-                         ) -> tuple[list[tuple[Request, list[int]]], list[torch.Tensor]]:
-        """This step's prompt logprobs: ([(request, the prompt tokens scored, in order)],
-        device tensors of `compute_logprobs` over their rows); ([], []) when none asks."""
-        asks = [(r, rows[b][0], r.num_computed, len(chunks[b])) for b, r in enumerate(reqs)
-                if r.params.prompt_logprobs is not None and not r.prefilled and not r.finished]
-        owners = []
-        for r, row0, pos0, n in asks:
-            _, targets = prompt_logprob_rows([(r, row0, pos0, n)])
-            owners.append((r, targets))
-        idx, targets = prompt_logprob_rows(asks)
-        if not idx:
-            return owners, []
-        logits = self.model.lm_head(self.model.final_norm(h[upload(idx, h.device)]))  # [P, V]
-        num_top = min(logits.shape[-1], max(r.params.prompt_logprobs for r, *_ in asks))
-        return owners, list(compute_logprobs(logits, upload(targets, logits.device), num_top))
-
-    def _store_prompt_logprobs(self, owners: list[tuple[Request, list[int]]],
-                               lp: list[torch.Tensor]) -> None:
-        chosen, rank, top_lp, top_ids = (t.tolist() for t in lp) if lp else ([],) * 4
-        j = 0
-        for r, targets in owners:
-            if r.prompt_logprobs is None:
-                r.prompt_logprobs = [None]  # the first prompt token has no prediction
-            for t in targets:
-                r.prompt_logprobs.append(position_logprobs(
-                    t, chosen[j], rank[j], top_lp[j], top_ids[j], r.params.prompt_logprobs,
-                    self._decode_token))
-                j += 1
-
     async def _decode_step(self, reqs: list[Request], lane: int) -> None:
         """A decode-only step on the co-located fast path: one graph replay (or the same step
         eagerly under enforce_eager), one device->host copy of the new token ids.
@@ -555,15 +468,6 @@ class AttentionShard(Actor):
             self._take(r, token, None)
             pending.append(r)
 
-    def _settle_all(self, lane: int) -> None:
-        """Settle the lane's taken tokens (see `_decode_step`)."""
-        pending, self._unsettled[lane] = self._unsettled[lane], []
-        for r in pending:
-            if not r.finished:
-                try:
-                    self._settle(r)
-                except Exception as e:
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and
@@ -584,107 +488,3 @@ class AttentionShard(Actor):
                                      policy=params.get("no_replica_policy"))
         self._calls[lane] = call
         return _Combine(call, bad, degraded)
-
-    # ---- outputs ----------------------------------------------------------------------------
-    def _emit(self, r: Request, token: int, finite: bool,
-              logprob: tuple[float, Any] | None = None) -> None:
-        """Hand r its new token (with its (logprob, position entry) when computed) — or fail r
-        alone: non-finite logits in its row, or an error of its own (decoding its text, a
-        token its grammar refuses); the other requests of the step are not touched."""
-        if not finite:
-            self._finish(r, "error", error="the model produced non-finite logits (NaN or inf) "
-                         "for this request")
-            return
-        try:
-            self._append(r, token, logprob)
-        except Exception as e:
-            self._finish(r, "error", error=f"{type(e).__name__}: {e}")
-
-    def _append(self, r: Request, token: int, logprob: tuple[float, Any] | None) -> None:
-        self._take(r, token, logprob)
-        self._settle(r)
-
-    def _take(self, r: Request, token: int, logprob: tuple[float, Any] | None) -> None:
-        """Record r's new token: all the next step needs (`_settle` does the rest)."""
-        now = time.time()
-        r.output_ids.append(token)
-        if logprob is not None:
-            r.cumulative_logprob += logprob[0]
-            if r.logprobs is not None and logprob[1] is not None:
-                r.logprobs.append(logprob[1])
-        if r.metrics.first_token_time is None:
-            r.metrics.first_token_time = now
-        r.metrics.last_token_time = now
-        self.deps.counters["tokens_generated"] = self.deps.counters.get("tokens_generated", 0) + 1
-
-    @staticmethod
-    def _token_end(r: Request) -> str | None:
-        """How r's last token ends it by itself ("stop": a stop id; "length": max_tokens or the
-        context length), else None. `_settle` always finishes a request this names."""
-        if not r.output_ids:
-            return None
-        if r.output_ids[-1] in r.stop_ids:
-            return "stop"
-        if len(r.output_ids) >= r.params.max_tokens or \
-                len(r.prompt_ids) + len(r.output_ids) >= r.max_len:
-            return "length"
-        return None
-
-    def _settle(self, r: Request) -> None:
-        """After `_take`: r's grammar, text and stop strings, then finish or publish it."""
-        p, token = r.params, r.output_ids[-1]
-        if r.grammar is not None and not r.grammar.terminated and not r.grammar.accept(token):
-            raise ValueError(f"token {token} does not follow the request's structured output "
-                             "grammar")
-        before = len(r.text)
-        r.text = self.tokenizer.decode(r.output_ids)
-        hit = _find_stop(r.text, p.stop, before) \
-            if p.stop and len(r.output_ids) >= p.min_tokens else None
-        end = self._token_end(r)
-        if end == "stop":
-            # vLLM: None for the model's eos, the id for a stop_token_ids match
-            r.stop_reason = None if token in r.eos_ids else token
-            self._finish(r, "stop")
-        elif hit is not None:
-            at, stop = hit
-            r.text = r.text[:at + len(stop)] if p.include_stop_str_in_output else r.text[:at]
-            r.stop_reason = stop
-            self._finish(r, "stop")
-        elif r.grammar is not None and r.grammar.terminated:
-            self._finish(r, "stop")  # the grammar is complete (its end is the eos token)
-        elif end == "length":
-            self._finish(r, "length")
-        else:
-            r.publish()
-
-    def _finish(self, r: Request, reason: str, *, error: str | None = None) -> None:
-        if r.finished:
-            return
-        r.finished, r.finish_reason, r.error = True, reason, error
-        r.metrics.finished_time = time.time()
-        self._release(r)  # free the KV blocks now (or when its step in flight ends)
-        self.by_id.pop(r.request_id, None)
-        g = r.group
-        if g is not None and g.leader is r and not g.forked:
-            for f in g.followers:  # never forked: they end with the leader, for its reason
-                self._finish(f, reason if reason in ("abort", "error") else "abort",
-                             error=error or "the request's first sequence ended before its "
-                             "prompt was prefilled")
-            if g in self._unforked:
-                self._unforked.remove(g)
-        if g is None or g.finished:
-            key = "requests_" + {"stop": "finished", "length": "finished"}.get(reason, reason)
-            self.deps.counters[key] = self.deps.counters.get(key, 0) + 1
-        r.publish()
-        self._admit()
-
-
-def _find_stop(text: str, stop: tuple[str, ...], before: int) -> tuple[int, str] | None:
-    """The earliest stop string in `text` that ends past `before` (the text's length at the
-    previous token), as (its start, the string)."""
-    best: tuple[int, str] | None = None
-    for s in stop:
-        i = text.find(s, max(0, before - len(s) - 3))  # a few chars back: decoding may change
-        if i >= 0 and (best is None or i < best[0]):
-            best = (i, s)
-    return best
