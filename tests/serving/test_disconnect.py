@@ -81,6 +81,8 @@ async def test_leaving_a_generation_stream_aborts_it_quietly(client, caplog, kin
         leave(writer, reset)
         await until(lambda: len(aborted) == (2 if kind == "completions batch" else 1))
         await until(lambda: engine.snapshot()["num_running"] == 0)
+        # the handler logs how it ended a few loop turns after the abort: wait for that line
+        await until(lambda: any("the client left" in r.getMessage() for r in caplog.records))
     finally:
         engine.abort = real_abort
     assert not tracebacks(caplog.records), tracebacks(caplog.records)
