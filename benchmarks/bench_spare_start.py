@@ -30,7 +30,7 @@ from bench_faults import Load, engine_config, warm_up  # noqa: E402
 
 from eaas import AsyncEngine  # noqa: E402
 from eaas.engine.process_home import SpareProcesses, may_unnice  # noqa: E402
-from eaas.engine.server_proxy import restart_transport, server_argv  # noqa: E402
+from eaas.engine.server_process import restart_transport, server_argv  # noqa: E402
 from eaas.model import make_tiny  # noqa: E402
 
 

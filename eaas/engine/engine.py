@@ -51,7 +51,7 @@ from eaas.engine.request import Request, SeqGroup
 from eaas.engine.routing import RoutingTable
 from eaas.engine.sampling import SamplingParams, sequence_key
 from eaas.engine.shard import AttentionShard, ShardDeps
-from eaas.engine.server_proxy import FabricSeat, plan_fabric, prepare_server_env
+from eaas.engine.server_process import FabricSeat, plan_fabric, prepare_server_env
 from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
 
 

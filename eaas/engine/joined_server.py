@@ -2,7 +2,7 @@
 
 The process behind it joined from elsewhere (`eaas expert-server --join`, eaas/engine/joiner.py)
 or was placed by a launcher (a Ray actor, eaas/engine/ray_launcher.py); either way it runs the
-same server code (eaas/engine/server_process.py) and the engine only knows its transport URL.
+same server code (eaas/engine/server_main.py) and the engine only knows its transport URL.
 The actor connects to that URL, forwards work like `ServerProcess` (whose RPC forwarding and
 heartbeat it inherits), and crashes when the process stops answering, so routing goes around it
 (the pool marks it dead) and its supervisor restarts the actor:
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from eaas.engine.messages import Crash
-from eaas.engine.server_proxy import ServerProcess
+from eaas.engine.server_process import ServerProcess
 from eaas.errors import EaasError, InjectedFault
 
 __all__ = ["Attach", "JoinSlot", "JoinedServer"]

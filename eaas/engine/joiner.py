@@ -4,7 +4,7 @@ container runtime, that joins a running engine over its admin API.
     1. POST /admin/api/join            -> a ticket: name, incarnation, experts to load, model,
                                           dtype, the cluster secret
     2. load only those experts, set EAAS_CLUSTER_SECRET, open the transport listener
-       (the same server code as the engine's own server processes: server_process._serve)
+       (the same server code as the engine's own server processes: server_main._serve)
     3. POST /admin/api/join/NAME/ready -> the engine connects, pings, routes to it
     4. serve; poll GET /admin/api/join/NAME?incarnation=N: exit when the engine no longer wants
        this process (removed: 0; superseded by a newer process of the name: 0; lost — routed
@@ -92,7 +92,7 @@ class JoinRefused(Exception):
 
 async def run_joined_server(opts: JoinOptions) -> int:
     """Join, serve, leave (see the module docstring); returns the exit status."""
-    from eaas.engine import server_process
+    from eaas.engine import server_main
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -109,7 +109,7 @@ async def run_joined_server(opts: JoinOptions) -> int:
              f"loading {sum(map(len, ticket['assignment'].values()))} experts")
         _adopt_transport_env(ticket)
         model = opts.model or ticket["model"]
-        args = server_process.parse_args([
+        args = server_main.parse_args([
             "--model", model, "--assignment", json.dumps(ticket["assignment"]),
             "--dtype", ticket["dtype"], "--device", opts.device,
             "--load-format", ticket["load_format"],
@@ -130,7 +130,7 @@ async def run_joined_server(opts: JoinOptions) -> int:
             exit_code = await _serve_until_done(admin, opts, name, incarnation, interval, stop,
                                                 model)
 
-        await server_process._serve(args, on_listening=on_listening, until=until)
+        await server_main._serve(args, on_listening=on_listening, until=until)
     except JoinRefused as e:
         _say(f"eaas expert-server: {e}")
         return 2
@@ -217,7 +217,7 @@ def _adopt_transport_env(ticket: dict) -> None:
 
 
 def _init_torch(device: str) -> None:
-    """As a spawned server process does (server_process.main): one intra-op thread (servers
+    """As a spawned server process does (server_main.main): one intra-op thread (servers
     share the host's cores), and the device current."""
     import torch
 

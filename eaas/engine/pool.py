@@ -32,7 +32,7 @@ from eaas.engine.placement import RoutingSnapshot, server_name
 from eaas.errors import EaasError
 
 if TYPE_CHECKING:
-    from eaas.engine.server_proxy import FabricSeat
+    from eaas.engine.server_process import FabricSeat
 
 
 class ExpertPool(Scaling, Joining):
@@ -104,7 +104,7 @@ class ExpertPool(Scaling, Joining):
                 heartbeat_interval_s=fault.heartbeat_interval_s / 2, heartbeat_misses=3,
                 start_timeout_s=timeout, on_ready=on_ready)
         elif cfg.placement.server_mode == "process":
-            from eaas.engine.server_proxy import ProcessSlot, ServerProcess
+            from eaas.engine.server_process import ProcessSlot, ServerProcess
 
             pslot = entry["slot"] = ProcessSlot(name, log_path=self.home.log_path(name))
             # a spare has the engine's checkpoint open: not for a server on another one
@@ -142,7 +142,7 @@ class ExpertPool(Scaling, Joining):
         """
         import torch.distributed as dist
 
-        from eaas.engine.server_proxy import join_fabric_in_thread
+        from eaas.engine.server_process import join_fabric_in_thread
 
         if dist.is_available() and dist.is_initialized():
             raise EaasError("placement.transport 'nvshmem': torch.distributed is already "

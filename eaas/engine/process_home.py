@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from eaas.config import EngineConfig
-from eaas.engine.server_proxy import read_ready, restart_transport, server_argv, spawn_server
+from eaas.engine.server_process import read_ready, restart_transport, server_argv, spawn_server
 
 __all__ = ["ProcessHome", "Spare", "SpareProcesses"]
 

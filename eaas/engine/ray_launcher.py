@@ -3,7 +3,7 @@
 The engine connects to the cluster (`ray.init(address=placement.ray_address)`), reserves one
 bundle per start-up server in a placement group (`ray_num_cpus` / `ray_num_gpus` each, strategy
 `ray_placement_strategy`), and starts every server as a Ray actor in its bundle. The actor runs
-the same server code as a spawned server process (`server_process._serve`, in the actor's
+the same server code as a spawned server process (`server_main._serve`, in the actor's
 worker process, listening on tcp:// at its node's IP) and the engine attaches to it as to any
 joined server (eaas/engine/joined_server.py): heartbeats, routing, drain.
 
@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from eaas.config import EngineConfig
 from eaas.engine.join import CLUSTER_SECRET_ENV, SETTINGS_ENV, cluster_secret, transport_settings
 from eaas.engine.joined_server import JoinSlot
-from eaas.engine.server_proxy import server_argv
+from eaas.engine.server_process import server_argv
 from eaas.errors import EaasError
 
 __all__ = ["RayLauncher", "ServerActor"]
@@ -44,16 +44,16 @@ class ServerActor:
         self._task: asyncio.Task | None = None
 
     async def start(self, args: list[str], env: dict[str, str]) -> dict:
-        """Load the experts `args` name (server_process flags, without --listen), listen on
+        """Load the experts `args` name (server_main flags, without --listen), listen on
         this node's IP, and return {"url", "pid", "host", "load_stats"} once listening."""
         import ray
         import torch
 
-        from eaas.engine import server_process
+        from eaas.engine import server_main
 
         os.environ.update(env)  # the cluster secret and transport settings, before listening
         ip = ray.util.get_node_ip_address()
-        parsed = server_process.parse_args([*args, "--listen", f"tcp://{ip}:0"])
+        parsed = server_main.parse_args([*args, "--listen", f"tcp://{ip}:0"])
         torch.set_num_threads(1)
         if parsed.device.startswith("cuda"):
             torch.cuda.set_device(parsed.device)
@@ -64,7 +64,7 @@ class ServerActor:
         async def on_listening(info: dict) -> None:
             listening.set_result(info)
 
-        self._task = loop.create_task(server_process._serve(
+        self._task = loop.create_task(server_main._serve(
             parsed, on_listening=on_listening, until=self._stop.wait), name="expert-server")
         await asyncio.wait({listening, self._task}, return_when=asyncio.FIRST_COMPLETED)
         if not listening.done():

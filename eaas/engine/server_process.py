@@ -1,189 +1,395 @@
-"""An expert server in its own OS process: `python -m eaas.engine.server_process ...`.
+"""ServerProcess: the supervised actor that stands for an expert server in its own OS process.
 
-The process loads only its experts' tensors (ExpertHost), listens on a transport URL, prints one
-JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers RPC requests:
+It spawns the process (which loads only its experts), connects over the configured transport,
+forwards `ComputeBatch` as RPC, and watches the process: an exit, or `heartbeat_misses`
+heartbeats unanswered (a hung process, e.g. SIGSTOP), crashes the actor, so its supervisor
+restarts it — which kills what is left of the old process and spawns a fresh one.
 
-    {"op": "compute", "layer": L, "x": [N, H] tensor, "expert_ids": [N] tensor} -> [N, H] tensor
-    {"op": "ping"} -> {"pid": ...}      {"op": "stats"} -> {...}
-    {"op": "delay", "seconds": s}       (fault injection: extra latency per compute)
-
-Every connection must first pass the cluster-secret handshake (EAAS_CLUSTER_SECRET, read when
-the listener opens; eaas.transport.auth), and every request the RequestGuard
-(eaas.engine.server_policy: row limit, `delay` only in fault-injection mode); "stats" reports
-what was refused under "security".
-
-It exits when its parent process goes away, so a killed engine leaves no orphans.
-
-With `--fabric STORE,RANK,WORLD` (the engine's first start of a server, transport nvshmem) it
-joins the engine's NVSHMEM job (`join_fabric`, collective: every rank must join) before it
-loads its experts, and listens on nvshmem://; `--fabric-slots SLOT_BYTES,NUM_SLOTS` and
-`--fabric-timeout SECONDS` size and bound the join. Such a process leaves with `os._exit`:
-NVSHMEM's finalize at interpreter exit is collective and would hang on a dead peer.
+Transport nvshmem: a slot's FIRST process joins the engine's NVSHMEM fabric as the rank its
+`FabricSeat` names and listens on nvshmem://; every later process of the slot (a restart), and
+a server added while serving (no seat), listens on cudaipc:// — NVSHMEM admits no process after
+start-up.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
-from typing import Any, Awaitable, Callable
+import tempfile
+import threading
+import socket
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from eaas.actors import Actor
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
+from eaas.errors import EaasError, InjectedFault
+
+if TYPE_CHECKING:
+    from eaas.engine.process_home import SpareProcesses
 
 
-def _join(args: argparse.Namespace) -> None:
+FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
+
+
+@dataclass(frozen=True, slots=True)
+class FabricSeat:
+    """One rank's place in the engine's NVSHMEM job (eaas.transport.fabric.join_fabric).
+
+    store: "host:port" of the rendezvous, hosted by rank 0 (the engine); world_size: 1 + the
+    servers that exist at start-up; rank: 0 for the engine, i + 1 for start-up server i.
+    """
+
+    store: str
+    rank: int
+    world_size: int
+    slot_bytes: int
+    num_slots: int
+    timeout_s: float = 120.0
+
+    def for_rank(self, rank: int) -> FabricSeat:
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in a fabric of {self.world_size} ranks")
+        return replace(self, rank=rank)
+
+    def argv(self) -> list[str]:
+        """The server-process flags that give it this seat (parsed by server_main)."""
+        return ["--fabric", f"{self.store},{self.rank},{self.world_size}",
+                "--fabric-slots", f"{self.slot_bytes},{self.num_slots}",
+                "--fabric-timeout", str(self.timeout_s)]
+
+
+def plan_fabric(config: Any, port: int | None = None) -> FabricSeat | None:
+    """The engine's seat (rank 0) when placement.transport is nvshmem, else None.
+
+    config: an EngineConfig; port: the rendezvous port (None: a free one on 127.0.0.1).
+    Start-up server i gets `seat.for_rank(i + 1)`.
+    """
+    pl = config.placement
+    if pl.transport != "nvshmem":
+        return None
+    return FabricSeat(f"127.0.0.1:{free_port() if port is None else port}", 0,
+                      1 + pl.num_expert_servers, pl.nvshmem_slot_bytes, pl.nvshmem_slots)
+
+
+async def join_fabric_in_thread(seat: FabricSeat, device: str, joined: asyncio.Event) -> None:
+    """`join_fabric` for `seat` on a daemon thread; sets `joined` once it returned.
+
+    It blocks until every rank joins (or seat.timeout_s passes); the event loop keeps running,
+    and a start-up that fails meanwhile neither waits for the thread nor is held by it at exit.
+    """
     from eaas.transport.fabric import join_fabric
 
-    store, rank, world = args.fabric
-    slot_bytes, num_slots = args.fabric_slots
-    join_fabric(store, rank, world, args.device, slot_bytes=slot_bytes, num_slots=num_slots,
-                timeout_s=args.fabric_timeout)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            join_fabric(seat.store, seat.rank, seat.world_size, device,
+                        slot_bytes=seat.slot_bytes, num_slots=seat.num_slots,
+                        timeout_s=seat.timeout_s)
+        except BaseException as e:  # reported to the loop, not lost on this thread
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:
+            pass  # the loop is gone: the start-up that waited for us has ended
+
+    threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
+    await done
+    joined.set()
 
 
-def _fabric_arg(value: str) -> tuple[str, int, int]:
-    """Parse HOST:PORT,RANK,WORLD into (store, rank, world)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the rendezvous binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(slots=True)
+class ProcessSlot:
+    """The OS process behind one server name; outlives actor restarts (one per server)."""
+
+    name: str
+    proc: asyncio.subprocess.Process | None = None
+    pid: int | None = None
+    url: str | None = None
+    starts: int = 0
+    log_path: str = field(default="")
+    planned_kill: bool = False  # the next exit was asked for (fault injection)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def signal(self, sig: int) -> None:
+        if self.pid is not None and self.proc is not None and self.proc.returncode is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:  # it died and was reaped before asyncio noticed
+                pass
+
+
+SECRET_ENV = ("EAAS_ADMIN_TOKEN",)  # the serving process's secrets: never handed to a child
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for an expert-server process, without its secrets (the admin
+    token). The cluster secret (EAAS_CLUSTER_SECRET) and the transport settings (EAAS_TRANSPORT)
+    do go along: the child authenticates its connections with them (prepare_server_env)."""
+    return {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
+
+
+def prepare_server_env(config: Any) -> None:
+    """At engine start: the cluster secret (transport.secret_file, else EAAS_CLUSTER_SECRET, else
+    a generated one) and the transport settings (TLS files, listen host, request policy) in this
+    process's environment, where the server processes it spawns find them."""
+    from eaas.transport.auth import ensure_cluster_secret, export_settings
+
+    ensure_cluster_secret(config.transport.secret_file)
+    export_settings(config.transport.settings())
+
+
+def server_security() -> Any:
+    """The TransportSecurity this engine's connections to its servers use (from its env)."""
+    from eaas.transport.auth import TransportSecurity
+
+    return TransportSecurity.from_env()
+
+
+def _listen_url(transport: str) -> str:
+    """`--listen` of a server process: tcp:// on the configured host (transport.listen_host,
+    127.0.0.1 by default; never a wildcard unless configured), a fresh socket path otherwise."""
+    if transport != "tcp":
+        return f"{transport}://"
+    from eaas.transport.auth import exported_settings
+
+    host = exported_settings().get("listen_host") or "127.0.0.1"
+    return f"tcp://[{host}]:0" if ":" in host else f"tcp://{host}:0"
+
+
+def restart_transport(transport: str) -> str:
+    """The transport of a process that cannot join the NVSHMEM job (restarted, added, spare)."""
+    return FALLBACK_TRANSPORT if transport == "nvshmem" else transport
+
+
+def server_argv(model_dir: str, assignment: Mapping[int, list[int]], *, dtype: str, device: str,
+                load_format: str, batch_invariant: bool, transport: str) -> list[str]:
+    """The command line of an expert-server process hosting `assignment` ({} for a spare)."""
+    return [sys.executable, "-m", "eaas.engine.server_main", "--model", model_dir,
+            "--assignment", json.dumps({str(k): v for k, v in assignment.items()}),
+            "--dtype", dtype, "--device", device, "--load-format", load_format,
+            "--batch-invariant" if batch_invariant else "--no-batch-invariant",
+            "--listen", _listen_url(transport),
+            "--parent-pid", str(os.getpid())]
+
+
+async def spawn_server(argv: list[str], log_path: str) -> asyncio.subprocess.Process:
+    """Start an expert-server process: stdout piped (its ready line), stderr to `log_path`."""
+    log = open(log_path, "ab")  # noqa: ASYNC230 (opening a log file does not block)
     try:
-        store, rank, world = value.rsplit(",", 2)
-        return store, int(rank), int(world)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--fabric {value!r}: expected HOST:PORT,RANK,WORLD"
-                                         ) from None
+        return await asyncio.create_subprocess_exec(
+            *argv, stdout=asyncio.subprocess.PIPE, stderr=log, stdin=asyncio.subprocess.DEVNULL,
+            env=child_env())
+    finally:
+        log.close()
 
 
-def _ints2(value: str) -> tuple[int, int]:
+async def read_ready(proc: asyncio.subprocess.Process, what: str, log_path: str,
+                     timeout_s: float) -> dict:
+    """The ready line: the first stdout line that is a JSON object with a "url" (libraries
+    such as NCCL may print lines of their own first)."""
+    assert proc.stdout is not None
+    name = f"{what} (pid {proc.pid})"
     try:
-        a, b = (int(v) for v in value.split(","))
-        return a, b
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r}: expected two integers A,B") from None
+        async with asyncio.timeout(timeout_s):
+            while line := await proc.stdout.readline():
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(info, dict) and isinstance(info.get("url"), str):
+                    return info
+    except TimeoutError:
+        raise EaasError(f"{name} did not become ready within {timeout_s}s; see {log_path}"
+                        ) from None
+    raise EaasError(f"{name} did not become ready: it exited with code {await proc.wait()}; "
+                    f"see {log_path}")
 
 
-async def _serve(args: argparse.Namespace, *,
-                 on_listening: Callable[[dict], Awaitable[None]] | None = None,
-                 until: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Load, listen, announce, serve. By default the announcement is the ready line on stdout
-    and the process serves while its parent lives; a joined server (eaas.engine.joiner) passes
-    `on_listening(info)` (it tells the engine) and `until()` (it returns when the server is to
-    stop: SIGTERM after a drain, or the engine let it go)."""
-    from eaas.engine.expert_server import ExpertHost
-    from eaas.engine.server_policy import RequestGuard
-    from eaas.transport import TransportSecurity, listen, serve_rpc
+class ServerProcess(Actor):
+    def __init__(self, slot: ProcessSlot, model_dir: str, assignment: Mapping[int, list[int]], *,
+                 dtype: str, device: str, batch_invariant: bool, transport: str,
+                 call_timeout_s: float, heartbeat_interval_s: float, heartbeat_misses: int = 3,
+                 start_timeout_s: float = 120.0, on_ready: Callable[[], None] | None = None,
+                 fabric: FabricSeat | None = None,
+                 fabric_joined: asyncio.Event | None = None, load_format: str = "auto",
+                 spares: SpareProcesses | None = None) -> None:
+        self._on_ready = on_ready
+        self.spares = spares  # warm spares a restart adopts (None: always a fresh process)
+        self.load_format = load_format
+        self.slot = slot
+        self.assignment = {int(k): list(v) for k, v in assignment.items()}
+        self.model_dir, self.dtype, self.device = model_dir, dtype, device
+        self.batch_invariant, self.transport = batch_invariant, transport
+        self.call_timeout_s = call_timeout_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_misses = heartbeat_misses
+        self.start_timeout_s = start_timeout_s
+        self.fabric = fabric  # used on the slot's first start only
+        self.fabric_joined = fabric_joined  # set once this process's own join has returned
+        self.rpc: Any = None
+        self._max_rows: int | None = None  # rows per compute RPC (transport.max_rows)
+        self._stopping = False
 
-    assignment = {int(k): v for k, v in json.loads(args.assignment).items()}
-    host = ExpertHost(args.model, assignment, dtype=args.dtype, device=args.device,
-                      batch_invariant=args.batch_invariant, load_format=args.load_format)
-    delay = 0.0
-    guard = RequestGuard.from_env()
-    # On a GPU the first batch of a new size compiles Triton kernels for seconds: compute (and
-    # expert loading) then run on one worker thread, in order, so the loop keeps answering
-    # heartbeats. On CPU batches are short and run inline (no thread hand-off per batch).
-    worker = None
-    if args.device.startswith("cuda"):
-        import concurrent.futures
+    def argv(self) -> list[str]:
+        """The command line of the slot's next process (its first start joins the fabric)."""
+        transport = self.transport
+        seat = self.fabric if transport == "nvshmem" and self.slot.starts == 0 else None
+        return server_argv(self.model_dir, self.assignment, dtype=self.dtype, device=self.device,
+                           load_format=self.load_format, batch_invariant=self.batch_invariant,
+                           transport=transport if seat is not None else restart_transport(
+                               transport)) + (seat.argv() if seat is not None else [])
 
+    async def on_start(self) -> None:
+        from eaas.transport import RpcClient, connect
+
+        await self._reap_old()
+        slot = self.slot
+        slot.log_path = slot.log_path or os.path.join(tempfile.gettempdir(),
+                                                      f"eaas-{os.getpid()}-{slot.name}.log")
+        # a restart adopts a warm spare (started ahead, no experts): no interpreter start-up
+        spare = self.spares.take() if self.spares is not None and slot.starts > 0 else None
+        if spare is not None:
+            proc, info = spare.proc, spare.info
+            slot.log_path = spare.log_path
+        else:
+            proc = await spawn_server(self.argv(), slot.log_path)
+        slot.proc, slot.pid, slot.starts, slot.url = proc, proc.pid, slot.starts + 1, None
+        assert proc.stdout is not None
+        try:
+            if spare is None:
+                info = await read_ready(proc, f"expert server {slot.name}", slot.log_path,
+                                        self.start_timeout_s)
+            if info["url"].startswith("nvshmem://") and self.fabric_joined is not None:
+                # the server's join returned, so ours is returning: wait until it has
+                await asyncio.wait_for(self.fabric_joined.wait(), self.start_timeout_s)
+            slot.url = info["url"]
+            self.rpc = RpcClient(await connect(info["url"], timeout=10.0,
+                                               security=server_security()))
+            if spare is not None:  # give the adopted spare this server's experts
+                await self.rpc.call({"op": "load", "experts": {
+                    str(k): v for k, v in self.assignment.items()}}, timeout=self.start_timeout_s)
+        except BaseException:  # also a cancelled start (a failed fabric join): no orphan
+            await self._reap_old()
+            raise
+        finally:
+            if spare is not None and self.spares is not None:
+                self.spares.fill_later()  # the next spare, once the failover is over
+        self.context.create_task(self._drain_stdout(proc), name=f"{slot.name}-stdout")
+        self.context.create_task(self._watch_exit(proc), name=f"{slot.name}-exit")
+        self.context.create_task(self._heartbeat(), name=f"{slot.name}-heartbeat")
+        if self._on_ready is not None:
+            self._on_ready()
+
+    async def _drain_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep reading the server's stdout so that library output never fills the pipe."""
+        assert proc.stdout is not None
+        while line := await proc.stdout.readline():
+            with open(self.slot.log_path, "ab") as log:  # noqa: ASYNC230 (rare, small writes)
+                log.write(line)
+
+    async def _reap_old(self) -> None:
+        old = self.slot.proc
+        if old is not None and old.returncode is None:
+            self.slot.kill()
+            try:
+                await asyncio.wait_for(old.wait(), 5.0)
+            except TimeoutError:
+                pass
+
+    async def _watch_exit(self, proc: asyncio.subprocess.Process) -> None:
+        rc = await proc.wait()
+        if self._stopping:
+            return
+        what = f"expert server {self.slot.name} (pid {proc.pid}) exited with code {rc}"
+        if self.slot.planned_kill:  # the pool's inject_fault("kill") sent that SIGKILL
+            self.slot.planned_kill = False
+            raise InjectedFault(what + " (killed by fault injection)")
+        raise EaasError(what)
+
+    async def _heartbeat(self) -> None:
+        misses = 0
+        while True:
+            await asyncio.sleep(self.heartbeat_interval_s)
+            try:
+                await self.rpc.call({"op": "ping"}, timeout=self.heartbeat_interval_s)
+                misses = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                misses += 1
+                if misses >= self.heartbeat_misses:
+                    self.slot.kill()  # hung (e.g. SIGSTOP): it is dead to us
+                    raise EaasError(f"expert server {self.slot.name} (pid {self.slot.pid}) missed "
+                                    f"{misses} heartbeats") from None
+
+    async def _compute(self, msg: ComputeBatch) -> Any:
+        """One compute RPC, or several of at most max_rows rows each (the server refuses more)."""
+        if self._max_rows is None:
+            from eaas.engine.server_policy import RequestGuard
+
+            self._max_rows = RequestGuard.from_env().max_rows
+        n, step = int(msg.x.shape[0]), self._max_rows
+        if n <= step:
+            return await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x,
+                                        "expert_ids": msg.expert_ids}, timeout=self.call_timeout_s)
         import torch
 
-        worker = concurrent.futures.ThreadPoolExecutor(
-            1, "expert-compute", initializer=torch.cuda.set_device, initargs=(args.device,))
+        parts = [await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x[i:i + step],
+                                      "expert_ids": msg.expert_ids[i:i + step]},
+                                     timeout=self.call_timeout_s) for i in range(0, n, step)]
+        return torch.cat(parts)  # [N, H]
 
-    async def blocking(fn: Any, *fn_args: Any) -> Any:
-        if worker is None:
-            return fn(*fn_args)
-        return await asyncio.get_running_loop().run_in_executor(worker, fn, *fn_args)
+    async def on_stop(self) -> None:
+        self._stopping = True
+        if self.rpc is not None:
+            try:
+                await self.rpc.aclose()
+            except Exception:
+                pass
+        await self._reap_old()
 
-    async def handle(msg: Any) -> Any:
-        nonlocal delay
-        op = guard.check(msg)  # refused requests raise here, before anything runs
-        if op == "compute":
-            if delay:
-                await asyncio.sleep(delay)
-            return await blocking(host.compute, int(msg["layer"]), msg["x"], msg["expert_ids"])
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "stats":
-            return {"calls": host.calls, "rows": host.rows, "pid": os.getpid(),
-                    "experts": {str(k): v for k, v in host.assignment.items()},
-                    "load_stats": host.load_stats,
-                    "security": {**listener.stats.snapshot(), "refused_requests": guard.refused}}
-        if op == "load":
-            await blocking(host.add, {int(k): v for k, v in msg["experts"].items()})
-            return {str(k): v for k, v in host.assignment.items()}
-        if op == "unload":
-            await blocking(host.remove, {int(k): v for k, v in msg["experts"].items()})
-            return {str(k): v for k, v in host.assignment.items()}
-        if op == "delay":
-            delay = float(msg["seconds"])
-            return "ok"
-        raise ValueError(f"unknown request op {op!r}; "
-                         "allowed: compute, ping, stats, load, unload, delay")
-
-    async def on_connection(conn: Any) -> None:
-        await serve_rpc(conn, handle)
-
-    listener = await listen(args.listen, on_connection, security=TransportSecurity.from_env())
-    info = {"url": listener.url, "pid": os.getpid(), "load_stats": host.load_stats}
-    try:
-        if on_listening is not None:
-            await on_listening(info)
-        else:
-            print(json.dumps(info), flush=True)
-        if until is not None:
-            await until()
-            return
-        parent = args.parent_pid
-        while os.getppid() == parent:
-            await asyncio.sleep(0.25)
-    finally:
-        await listener.aclose()
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The server's flags (as ServerProcess.argv writes them); --fabric parses to
-    (store, rank, world), --fabric-slots to (slot_bytes, num_slots)."""
-    p = argparse.ArgumentParser(prog="eaas-expert-server")
-    p.add_argument("--model", required=True)
-    p.add_argument("--assignment", required=True, help='JSON {"layer": [expert ids]}')
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--listen", default="tcp://127.0.0.1:0")
-    p.add_argument("--parent-pid", type=int, default=os.getppid())
-    p.add_argument("--fabric", type=_fabric_arg, default=None,
-                   help="STORE_HOST:PORT,RANK,WORLD: join the engine's NVSHMEM job first "
-                   "(and listen on nvshmem://)")
-    p.add_argument("--fabric-slots", type=_ints2, default=(4 << 20, 16),
-                   help="SLOT_BYTES,NUM_SLOTS")
-    p.add_argument("--fabric-timeout", type=float, default=120.0)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)  # several servers share the host's cores
-    if args.device.startswith("cuda"):
-        # this process's GPU is the current device: the default streams, the Triton launches
-        # and the transports' copies then all run on it (cuda:0 is only the default)
-        torch.cuda.set_device(args.device)
-    if args.fabric is None:
-        asyncio.run(_serve(args))
-        return 0
-    rc = 1
-    try:
-        _join(args)
-        asyncio.run(_serve(args))
-        rc = 0
-    except BaseException:
-        import traceback
-
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(rc)  # NVSHMEM finalize is collective: with a dead peer it would wait forever
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    async def on_receive(self, msg: Any) -> Any:
+        if isinstance(msg, ComputeBatch):
+            return await self._compute(msg)
+        if isinstance(msg, Stats):
+            return await self.rpc.call({"op": "stats"}, timeout=self.call_timeout_s)
+        if isinstance(msg, LoadExperts):
+            return await self.rpc.call({"op": "load", "experts": {
+                str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
+        if isinstance(msg, UnloadExperts):
+            return await self.rpc.call({"op": "unload", "experts": {
+                str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
+        if isinstance(msg, Crash):
+            self.slot.signal(signal.SIGKILL)
+            return None
+        if isinstance(msg, dict) and msg.get("op") == "delay":
+            return await self.rpc.call(msg, timeout=self.call_timeout_s)
+        raise TypeError(f"ServerProcess {self.slot.name} cannot handle {type(msg).__name__}")

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from eaas import AsyncEngine, EngineConfig
-from eaas.engine.server_process import parse_args
-from eaas.engine.server_proxy import FabricSeat, ProcessSlot, ServerProcess, plan_fabric
+from eaas.engine.server_main import parse_args
+from eaas.engine.server_process import FabricSeat, ProcessSlot, ServerProcess, plan_fabric
 from eaas.errors import EaasError
 
 
@@ -46,7 +46,7 @@ def test_the_engine_is_rank_0_of_one_plus_the_start_up_servers():
 def test_first_start_joins_the_fabric_and_the_server_parses_its_seat():
     seat = plan_fabric(_cfg(), port=29555).for_rank(2)
     argv = _server(ProcessSlot("expert-1"), seat).argv()
-    assert argv[1:3] == ["-m", "eaas.engine.server_process"]
+    assert argv[1:3] == ["-m", "eaas.engine.server_main"]
     args = parse_args(argv[3:])
     assert args.listen == "nvshmem://"
     assert args.fabric == ("127.0.0.1:29555", 2, 4)
@@ -86,7 +86,7 @@ def _server_children() -> list[int]:
                 cmd = f.read()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == os.getpid() and b"eaas.engine.server_process" in cmd:
+        if ppid == os.getpid() and b"eaas.engine.server_main" in cmd:
             out.append(int(pid))
     return out
 

@@ -56,7 +56,7 @@ async def _run(engine: AsyncEngine, prompts: list, started: asyncio.Event | None
 
 @pytest.fixture(autouse=True)
 def _child_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # server processes are `python -m eaas.engine.server_process`: they must import this tree
+    # server processes are `python -m eaas.engine.server_main`: they must import this tree
     monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
     for key, value in child_env().items():
         if key.startswith(("NVSHMEM_", "NCCL_", "TORCH_SYMM")):

@@ -7,7 +7,7 @@ import pytest
 
 from eaas.config import EngineConfig
 from eaas.engine.server_policy import RequestGuard
-from eaas.engine.server_proxy import prepare_server_env, server_argv
+from eaas.engine.server_process import prepare_server_env, server_argv
 from eaas.errors import ConfigError
 from eaas.transport.auth import SECRET_ENV, SETTINGS_ENV, TransportSecurity, exported_settings
 

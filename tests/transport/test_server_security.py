@@ -1,4 +1,4 @@
-"""The issue's attacks on a REAL expert-server process (`python -m eaas.engine.server_process`,
+"""The issue's attacks on a REAL expert-server process (`python -m eaas.engine.server_main`,
 one per module, not in fault-injection mode): each is refused and counted, and the process
 keeps serving (its compute answers stay right, it never exits)."""
 
@@ -34,7 +34,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subp
     env = {**os.environ, SECRET_ENV: SECRET.decode(), "PYTHONPATH": os.getcwd(),
            SETTINGS_ENV: json.dumps({"fault_injection": False})}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eaas.engine.server_process", "--model", str(model),
+        [sys.executable, "-m", "eaas.engine.server_main", "--model", str(model),
          "--assignment", json.dumps({"0": [0, 1, 2, 3]}), "--listen", "tcp://127.0.0.1:0"],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
