@@ -174,9 +174,10 @@ class DecodeGraphs:
             ints[i, _COLS:_COLS + t] = table  # entries past t are never read
             head.append((r.token, p, int(table[p // bs]) * bs + p % bs, p + 1, r.top_k, r.key))
         self._tables = known
-        ints[:n, :_COLS] = head
-        ints[:n, _COLS + width] = [r.step for r in rows]
-        floats[:n] = [(r.temperature, r.top_p) for r in rows]
+        if rows:
+            ints[:n, :_COLS] = head
+            ints[:n, _COLS + width] = [r.step for r in rows]
+            floats[:n] = [(r.temperature, r.top_p) for r in rows]
         ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0)  # padding: scratch, no keys
         ints[n:b, _COLS + width] = 0
         floats[n:b] = (0.0, 1.0)
