@@ -2,7 +2,8 @@
 
 Installed from the top-level folder `kernels/` under the import name `eaas_kernels` (so it never
 shadows the PyPI package `kernels`). The entry points dispatch on the device: CUDA tensors
-run Triton kernels, anything else runs the references in `eaas_kernels.reference`.
+run Triton kernels, anything else runs the references in `eaas_kernels.reference` and
+`eaas_kernels.reference_attention`.
 
     from eaas_kernels import topk_softmax, fused_moe
     weights, ids = topk_softmax(router_logits, k=8, renormalize=True)  # [T, K] each

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
+from . import reference_attention as attention_ref
 from .reference import Routing
 
 __all__ = [
@@ -134,8 +135,8 @@ def paged_decode_gqa(
 
         return paged_decode_gqa_triton(q, k_cache, v_cache, block_tables, seq_lens, scale,
                                        max_seq_len, window, out)
-    return reference.paged_decode_gqa_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
-                                          max_seq_len, window, out)
+    return attention_ref.paged_decode_gqa_ref(q, k_cache, v_cache, block_tables, seq_lens, scale,
+                                              max_seq_len, window, out)
 
 
 def paged_decode_mla(
@@ -163,8 +164,8 @@ def paged_decode_mla(
 
         return paged_decode_mla_triton(q_lat, q_rope, kv_cache, rope_cache, block_tables,
                                        seq_lens, scale, max_seq_len, out)
-    return reference.paged_decode_mla_ref(q_lat, q_rope, kv_cache, rope_cache, block_tables,
-                                          seq_lens, scale, max_seq_len, out)
+    return attention_ref.paged_decode_mla_ref(q_lat, q_rope, kv_cache, rope_cache, block_tables,
+                                              seq_lens, scale, max_seq_len, out)
 
 
 def rope_cache_write(
@@ -184,5 +185,5 @@ def rope_cache_write(
         with torch.cuda.device(q.device):
             return rope_cache_write_triton(q, k, v, positions, slots, table, q_norm, k_norm,
                                            eps, k_cache, v_cache, out)
-    return reference.rope_cache_write_ref(q, k, v, positions, slots, table, q_norm, k_norm, eps,
-                                          k_cache, v_cache, out)
+    return attention_ref.rope_cache_write_ref(q, k, v, positions, slots, table, q_norm, k_norm,
+                                              eps, k_cache, v_cache, out)

@@ -26,7 +26,8 @@ The tile configuration is one per kind (`GQA_CONFIG`, `MLA_CONFIG`) and dtype, n
 Rounding: q.K (and the rope term) accumulate in float32 on the matrix units from q's dtype
 (float32: IEEE products); the softmax is float32; the weights exp(s - m) are rounded to the
 cache's dtype for the P @ V product, which accumulates in float32; the output is rounded to q's
-dtype once. References: `reference.paged_decode_gqa_ref` / `paged_decode_mla_ref` (all float32).
+dtype once. References: `reference_attention.paged_decode_gqa_ref` / `paged_decode_mla_ref`
+(all float32).
 
 CUDA graphs: the grid and the workspace, float32 [B, heads, P, Dv] and [B, heads, P, 2] with
 P = cdiv(min(max_seq_len, max_blocks * block_size), PARTITION), come from host ints only, and
@@ -44,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_paged_gqa, check_paged_mla
+from .reference_attention import check_paged_gqa, check_paged_mla
 
 __all__ = [
     "PagedAttentionConfig",
@@ -275,7 +276,7 @@ def paged_decode_gqa_triton(
     seq_lens: torch.Tensor, scale: float, max_seq_len: int, window: int | None = None,
     out: torch.Tensor | None = None, config: PagedAttentionConfig | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.paged_decode_gqa_ref` (same arguments and result);
+    """Triton version of `reference_attention.paged_decode_gqa_ref` (same arguments and result);
     `config` overrides `GQA_CONFIG` (tests use small partitions)."""
     check_paged_gqa(q, k_cache, v_cache, block_tables, seq_lens, max_seq_len, window, out)
     return _launch(q, k_cache, v_cache, None, block_tables, seq_lens, scale, max_seq_len,
@@ -287,7 +288,7 @@ def paged_decode_mla_triton(
     block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float, max_seq_len: int,
     out: torch.Tensor | None = None, config: PagedAttentionConfig | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.paged_decode_mla_ref` (same arguments and result);
+    """Triton version of `reference_attention.paged_decode_mla_ref` (same arguments and result);
     `config` overrides `MLA_CONFIG`. The latent is read once per chunk, for both products."""
     check_paged_mla(q_lat, q_rope, kv_cache, rope_cache, block_tables, seq_lens, max_seq_len, out)
     kv = kv_cache.unsqueeze(2)  # [NB, BS, 1, L]: one shared "kv head"

@@ -16,7 +16,7 @@ the norm's mean of squares: with x in the model dtype DT,
 with (c, s) = the DT cos/sin table row of the position (`rope_table`: cos(p f) * factor and
 sin(p f) * factor rounded to DT, as `ops.rope_cos_sin`). Every row is independent of the others
 (batch-invariant by construction); nothing reads a device value on the host (capturable).
-Reference: `reference.rope_cache_write_ref`.
+Reference: `reference_attention.rope_cache_write_ref`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import check_rope_cache_args
+from .reference_attention import check_rope_cache_args
 
 __all__ = ["rope_cache_write_triton"]
 
@@ -91,9 +91,9 @@ def rope_cache_write_triton(
     k_norm: torch.Tensor | None, eps: float, k_cache: torch.Tensor, v_cache: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.rope_cache_write_ref` (same arguments, same result): returns
-    the prepared queries [T, NH, D]; writes k/v of every row to k_cache/v_cache [S, NKV, D] at
-    `slots`."""
+    """Triton version of `reference_attention.rope_cache_write_ref` (same arguments, same
+    result): returns the prepared queries [T, NH, D]; writes k/v of every row to k_cache/v_cache
+    [S, NKV, D] at `slots`."""
     check_rope_cache_args(q, k, v, positions, slots, table, q_norm, k_norm, k_cache, v_cache)
     t, nh, d = q.shape
     nkv = k.shape[1]

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eaas_kernels import paged_decode_gqa, paged_decode_mla
-from eaas_kernels import reference as ref
+from eaas_kernels import reference_attention as ref
 from eaas_kernels.paged_attention import (
     PagedAttentionConfig,
     paged_decode_gqa_triton,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from eaas.model import ops
-from eaas_kernels import reference as ref
+from eaas_kernels import reference_attention as ref
 from eaas_kernels import rope_cache_write
 from eaas_kernels.rope_cache import rope_cache_write_triton
 

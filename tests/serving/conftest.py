@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -65,3 +67,25 @@ def sse_data(raw: str) -> list[Any]:
             text = "\n".join(lines)
             out.append(text if text == "[DONE]" else json.loads(text))
     return out
+
+
+def post_json(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    """POST `body` as JSON to a live server -> (status, decoded reply); HTTP errors returned."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def status_of(url: str) -> int:
+    """GET `url` -> its HTTP status; 0 while nothing answers (a server still starting)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0

@@ -20,30 +20,13 @@ from pathlib import Path
 import pytest
 
 from eaas.model import Checkpoint, DecoderModel
+from tests.serving.conftest import post_json, status_of
 
 pytestmark = pytest.mark.slow
 
 CLIENTS, PER_CLIENT, TOKENS = 12, 4, 12
 
 
-def _post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
-
-
-def _status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
 
 
 def test_kills_and_a_hang_lose_no_request_and_change_no_token(tiny_dir, tmp_path):
@@ -73,7 +56,7 @@ def test_kills_and_a_hang_lose_no_request_and_change_no_token(tiny_dir, tmp_path
             for j in range(PER_CLIENT):
                 i = c * PER_CLIENT + j
                 started.set()
-                results[i] = _post(url + "/v1/completions", {
+                results[i] = post_json(url + "/v1/completions", {
                     "prompt": prompts[i], "max_tokens": TOKENS, "temperature": 0,
                     "ignore_eos": True, "return_token_ids": True})
 
@@ -120,7 +103,7 @@ def test_kills_and_a_hang_lose_no_request_and_change_no_token(tiny_dir, tmp_path
         assert got == want
         assert took < 150, f"48 requests took {took:.0f} s under faults"
         deadline = time.monotonic() + 60
-        while _status(url + "/ready") != 200:
+        while status_of(url + "/ready") != 200:
             assert time.monotonic() < deadline, "not ready again after the faults"
             time.sleep(0.2)
         topo = json.loads(urllib.request.urlopen(url + "/admin/api/topology").read())

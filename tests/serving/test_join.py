@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from eaas.model import Checkpoint, DecoderModel
+from tests.serving.conftest import post_json
 
 pytestmark = pytest.mark.slow
 
@@ -37,15 +38,6 @@ def _get(url: str, timeout: float = 5.0) -> dict:
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
 
-
-def _post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"{}")
 
 
 def wait_for(cond: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
@@ -157,7 +149,7 @@ class Load:
         i = c
         while not self._stop.is_set():
             k = i % len(PROMPTS)
-            status, body = _post(self.url + "/v1/completions", {
+            status, body = post_json(self.url + "/v1/completions", {
                 "prompt": PROMPTS[k], "max_tokens": TOKENS, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True})
             self.results.append((k, status, body))
@@ -188,7 +180,7 @@ def test_joined_servers_serve_the_reference_tokens(cluster: Cluster) -> None:
     table = cluster.routing()["table"]
     assert all(set(srv) == set(servers) for ex in table.values() for srv in ex.values())
     for k, prompt in enumerate(PROMPTS[:4]):
-        status, body = _post(cluster.url + "/v1/completions", {
+        status, body = post_json(cluster.url + "/v1/completions", {
             "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
             "return_token_ids": True})
         assert status == 200, body

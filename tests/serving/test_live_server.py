@@ -9,14 +9,13 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
 
 from eaas import Engine, EngineConfig, SamplingParams
+from tests.serving.conftest import status_of
 
 TOKEN = "live-admin-token-0123456789"
 PROMPT = "Experts are stateless services"
@@ -31,15 +30,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
 
 @pytest.fixture(scope="module")
 def live(tiny_dir, tmp_path_factory):
@@ -52,7 +42,7 @@ def live(tiny_dir, tmp_path_factory):
                                 env={**os.environ, "EAAS_ADMIN_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while _get(url + "/ready") != 200:
+    while status_of(url + "/ready") != 200:
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"eaas serve did not become ready:\n{log.read_text()}")
