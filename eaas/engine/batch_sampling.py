@@ -4,9 +4,11 @@
 The host builds a few small per-row tensors from the requests (their parameters, token
 histories padded to one length, grammar bitmasks filled by xgrammar's matchers) and uploads
 them; everything after that runs on the logits' device as batched tensor ops with no
-per-request loop. Features the captured decode step lacks route a request here
-(`needs_eager_step`); a request without them is sampled the same either way (rows are
-independent and the noise is counter-based).
+per-request loop. The captured decode step does the same math on the device
+(`eaas.engine.sampling_slots.SamplingSlots.sample_processed`, equal to `sample_rows` over the
+same logits); only a grammar routes a request's decode steps here (`needs_eager_step`), and a
+prefill in the step brings its decode rows here too. A request without processors is sampled
+the same either way (rows are independent and the noise is counter-based).
 """
 
 from __future__ import annotations
@@ -22,15 +24,21 @@ from eaas.engine.sampling import sample_batch
 from eaas.engine.structured import GrammarCompiler
 from eaas.model.ops import upload
 
-__all__ = ["SampledRows", "needs_eager_step", "position_logprobs", "prompt_logprob_rows",
-           "sample_rows"]
+__all__ = ["SampledRows", "needs_batched_sampling", "needs_eager_step", "position_logprobs",
+           "prompt_logprob_rows", "sample_rows"]
 
 
 def needs_eager_step(reqs: Sequence[Any]) -> bool:
-    """Whether a decode step of `reqs` must run eagerly: some request asks for what the
-    captured step's sampler does not do (`SamplingParams.needs_eager`: penalties, min_p,
-    min_tokens, logit_bias, logprobs, best_of, a grammar)."""
+    """Whether a decode step of `reqs` must run eagerly: some request has a grammar
+    (`SamplingParams.needs_eager`), whose bitmask needs the host after every token."""
     return any(r.params.needs_eager for r in reqs)
+
+
+def needs_batched_sampling(reqs: Sequence[Any]) -> bool:
+    """Whether the eager step must sample `reqs` with `sample_rows` rather than the plain
+    sampler: some request has a processor or wants log probabilities
+    (`SamplingParams.needs_processors`)."""
+    return any(r.params.needs_processors for r in reqs)
 
 
 @dataclass(slots=True)

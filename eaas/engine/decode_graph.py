@@ -8,8 +8,22 @@ bucket >= B runs, rows past B are padding (token 0 into the scratch block, atten
 
 Per step the host writes one packed int64 row per sequence and one float row (copied with two
 non-blocking uploads), replays, and gets back a copy of the new token ids: nothing inside the
-step reads a device value on the host. Two graph variants per bucket: greedy only (argmax), and
-sampling (temperature, top-k, top-p, per-request noise keys — `eaas.engine.sampling`).
+step reads a device value on the host. Three graph variants per bucket, the step picking the
+cheapest its rows need: greedy only (argmax); sampling (temperature, top-k, top-p, per-request
+noise keys — `eaas.engine.sampling`); processors (sampling after min_tokens, logit_bias,
+presence / frequency / repetition penalties and min_p, plus the log probabilities of the raw
+logits: the sampled token's, its rank and the top `MAX_LOGPROBS`), which read per-sequence state
+in sampling slots (`eaas.engine.sampling_slots`) named by a column of the packed row and count
+each sampled token into its slot inside the graph. Plain batches never replay the processors
+graph, so they pay nothing for it (their rows' processor numbers are not even filled in). A
+batch with one such request pays for every row (estimated, not measured): on the device some 20-30
+elementwise passes over [B, V] (the gathered int32 slot rows, float32 logits, masks), a
+log_softmax and a top-20 — a few GB of memory traffic at B = 256, V = 151936, about 1 ms on an
+H200, proportionally less for smaller buckets (a fused kernel would cut it to ~2 passes); on the
+host four more floats and two ints per row; in the shared graph pool, a few more [B, V]
+temporaries at the largest bucket (~0.5-1 GB at B = 256). Only grammars (structured output)
+keep a request on the eager step: their token bitmask comes from the host matcher after every
+token, a host round trip per step.
 
 `DecodeGraphs(..., captured=False)` runs the very same step eagerly (enforce_eager, CPU), which
 is what the captured one must equal (bitwise in batch-invariant mode).
@@ -24,12 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from eaas.engine.params import MAX_LOGPROBS
 from eaas.engine.sampling import sample_batch
+from eaas.engine.sampling_slots import SamplingSlots
 from eaas.model.kv_cache import SCRATCH_BLOCK, AttentionBatch
 
-__all__ = ["DecodeGraphs", "DecodeRow", "buckets_for"]
+__all__ = ["DecodeGraphs", "DecodeOut", "DecodeRow", "buckets_for"]
 
 _COLS = 6  # packed int64 columns before the block table: id, pos, slot, len, top_k, key
+_TAIL = 3  # packed int64 columns after it: step, sampling slot, min_tokens
+_FLOATS = 6  # temperature, top_p, presence, frequency, repetition, min_p
+_PAD_FLOATS = (0.0, 1.0, 0.0, 0.0, 1.0, 0.0)  # padding rows: greedy, no processors
+GREEDY, SAMPLING, PROCESSORS = 0, 1, 2  # graph variants
 
 
 def buckets_for(max_num_seqs: int) -> list[int]:
@@ -44,7 +64,9 @@ def buckets_for(max_num_seqs: int) -> list[int]:
 @dataclass(frozen=True, slots=True)
 class DecodeRow:
     """One sequence of a decode step: feed `token` at `position`; `block_ids` its block table;
-    sampling: temperature (0 greedy), top_k (<= 0 off), top_p, noise key, step (output length)."""
+    sampling: temperature (0 greedy), top_k (<= 0 off), top_p, noise key, step (output length);
+    processors: slot (its sampling slot, 0: none; `SamplingSlots.slot_of`), min_tokens,
+    presence / frequency / repetition penalties, min_p, logprobs (compute log probabilities)."""
 
     token: int
     position: int
@@ -54,37 +76,80 @@ class DecodeRow:
     top_p: float = 1.0
     key: int = 0
     step: int = 0
+    slot: int = 0
+    min_tokens: int = 0
+    presence: float = 0.0
+    frequency: float = 0.0
+    repetition: float = 1.0
+    min_p: float = 0.0
+    logprobs: bool = False
+
+    @property
+    def processed(self) -> bool:
+        """Whether the row needs the processors variant."""
+        return self.slot > 0 or self.min_p > 0 or self.logprobs
+
+
+@dataclass(slots=True)
+class DecodeOut:
+    """One step's results on the device (copies, safe past the next step).
+
+    ids: int64 [n] the new tokens. finite: bool [n] each row's logits were finite. logprobs:
+    None, or (logprob float32 [n], rank int64 [n], top_logprobs float32 [n, N], top_ids int64
+    [n, N]) of the raw logits (`logits.compute_logprobs`, N = min(V, MAX_LOGPROBS)) when a row
+    asked for them (every row of that step gets them).
+    """
+
+    ids: torch.Tensor
+    finite: torch.Tensor
+    logprobs: tuple[torch.Tensor, ...] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.ids, self.finite, *(self.logprobs or ())]
 
 
 class DecodeGraphs:
     """Decode steps over `model` and its paged `cache`; `experts` is the executor's experts step
-    (the device's whole-layer banks: `eaas.model.bank_experts`)."""
+    (the device's whole-layer banks: `eaas.model.bank_experts`). num_slots: sampling slots for
+    the processors (default max_num_seqs: every running sequence may hold one)."""
 
     def __init__(self, model: Any, cache: Any, *, max_num_seqs: int, max_blocks: int,
-                 experts: Any, captured: bool) -> None:
+                 experts: Any, captured: bool, num_slots: int | None = None) -> None:
         self.model, self.cache, self.experts = model, cache, experts
         self.max_blocks, self.block_size = max_blocks, cache.block_size
         self.buckets = buckets_for(max_num_seqs)
         self.captured = captured and model.device.type == "cuda"
         dev, bmax = model.device, self.buckets[-1]
-        # packed per row: the _COLS scalars, the block table, the step (sampling counter)
-        self._ints = torch.zeros(bmax, _COLS + max_blocks + 1, dtype=torch.long, device=dev)
-        self._floats = torch.zeros(bmax, 2, dtype=torch.float32, device=dev)  # temp, top_p
+        vocab = model.lm_head_weight.shape[0]
+        self.slots = SamplingSlots(num_slots or max_num_seqs, vocab, dev)
+        self.num_top = min(vocab, MAX_LOGPROBS)
+        # packed per row: the _COLS scalars, the block table, the _TAIL columns
+        width = _COLS + max_blocks + _TAIL
+        self._step_col = _COLS + max_blocks
+        self._ints = torch.zeros(bmax, width, dtype=torch.long, device=dev)
+        self._floats = torch.zeros(bmax, _FLOATS, dtype=torch.float32, device=dev)
         self._out = torch.zeros(bmax, dtype=torch.long, device=dev)
         self._finite = torch.zeros(bmax, dtype=torch.bool, device=dev)  # rows' logits finite
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        n = self.num_top
+        self._lp = (torch.zeros(bmax, dtype=torch.float32, device=dev),  # chosen's logprob
+                    torch.zeros(bmax, dtype=torch.long, device=dev),  # its rank
+                    torch.zeros(bmax, n, dtype=torch.float32, device=dev),  # top logprobs
+                    torch.zeros(bmax, n, dtype=torch.long, device=dev))  # top ids
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._pinned = dev.type == "cuda"
         self._stage: list[tuple[torch.Tensor, torch.Tensor, Any]] = [
-            (torch.zeros(bmax, _COLS + max_blocks + 1, dtype=torch.long, pin_memory=self._pinned),
-             torch.zeros(bmax, 2, dtype=torch.float32, pin_memory=self._pinned), None)
+            (torch.zeros(bmax, width, dtype=torch.long, pin_memory=self._pinned),
+             torch.zeros(bmax, _FLOATS, dtype=torch.float32, pin_memory=self._pinned), None)
             for _ in range(2)]
         self._turn = 0
         self._tables: dict[int, tuple[Sequence[int], np.ndarray]] = {}  # id -> (ids, array)
         self._pool: Any = None
         self.replays = 0
+        self.steps = 0  # steps run (replayed or eager)
+        self.processor_steps = 0  # of which on the processors variant
 
     # ---- the step itself (what a graph records) ----------------------------------------------
-    def _forward(self, b: int, sampling: bool) -> None:
+    def _forward(self, b: int, mode: int) -> None:
         ints, floats = self._ints[:b], self._floats[:b]
         batch = AttentionBatch(
             positions=ints[:, 1], slots=ints[:, 2], single_rows=None,
@@ -92,11 +157,19 @@ class DecodeGraphs:
             seq_lens=ints[:, 3].to(torch.int32),
             max_seq_len=self.max_blocks * self.block_size, multi=[], num_single=b)
         h = self.model.forward_hidden(ints[:, 0], self.cache, batch, self.experts)
-        logits = self.model.lm_head(self.model.final_norm(h), float32=sampling)  # [b, V]
+        logits = self.model.lm_head(self.model.final_norm(h), float32=mode != GREEDY)  # [b, V]
         best = logits.argmax(dim=-1)  # [b]
-        if sampling:
+        c = self._step_col
+        if mode == PROCESSORS:
+            ids, lp = self.slots.sample_processed(
+                logits, floats[:, 0], ints[:, 4], floats[:, 1], ints[:, 5], ints[:, c],
+                ints[:, c + 1], ints[:, c + 2], (floats[:, 2], floats[:, 3], floats[:, 4]),
+                floats[:, 5], self.num_top)
+            for buf, t in zip(self._lp, lp):
+                buf[:b].copy_(t)
+        elif mode == SAMPLING:
             ids = sample_batch(logits, floats[:, 0], ints[:, 4], floats[:, 1], ints[:, 5],
-                               ints[:, _COLS + self.max_blocks])
+                               ints[:, c])
         else:
             ids = best
         self._out[:b].copy_(ids)
@@ -109,28 +182,28 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Record every bucket's graphs (largest first, sharing one memory pool), after a
         warm-up run of each on a side stream (kernels compiled and loaded, allocator primed).
-        The padding rows write the scratch block: capture touches no sequence's cache."""
+        The padding rows write the scratch block (and sampling slot 0, adding nothing): capture
+        touches no sequence's cache or slot."""
         if not self.captured:
             return
         self._ints.zero_()
-        self._floats[:, 0].zero_()
-        self._floats[:, 1].fill_(1.0)
+        self._floats.copy_(torch.tensor(_PAD_FLOATS, device=self._floats.device))
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(side):
             for b in reversed(self.buckets):
-                for sampling in (False, True):
-                    self._forward(b, sampling)
+                for mode in (GREEDY, SAMPLING, PROCESSORS):
+                    self._forward(b, mode)
         torch.cuda.current_stream(self.model.device).wait_stream(side)
         torch.cuda.synchronize(self.model.device)
         for b in reversed(self.buckets):
-            for sampling in (False, True):
+            for mode in (GREEDY, SAMPLING, PROCESSORS):
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=self._pool):
-                    self._forward(b, sampling)
+                    self._forward(b, mode)
                 if self._pool is None:
                     self._pool = g.pool()
-                self._graphs[(b, sampling)] = g
+                self._graphs[(b, mode)] = g
         torch.cuda.synchronize(self.model.device)
 
     # ---- one step ----------------------------------------------------------------------------
@@ -141,14 +214,41 @@ class DecodeGraphs:
         raise ValueError(f"a decode step of {n} sequences exceeds the largest bucket "
                          f"({self.buckets[-1]} = scheduler.max_num_seqs)")
 
+    def rows_of(self, reqs: Sequence[Any]) -> list[DecodeRow]:
+        """The decode rows of `reqs` (eaas.engine.request.Request, each prefilled, feeding its
+        last token) for the step about to run: frees the sampling slots of finished requests,
+        then gives each request whose processors need one its slot (`SamplingSlots.slot_of`)."""
+        self.slots.release_finished()
+        rows = []
+        for r in reqs:
+            p = r.params
+            head = (r.output_ids[-1], r.num_computed, r.blocks.block_ids, float(p.temperature),
+                    p.top_k, float(p.top_p), r.noise_key, len(r.output_ids))
+            if not p.needs_processors:
+                rows.append(DecodeRow(*head))
+                continue
+            rows.append(DecodeRow(
+                *head, slot=self.slots.slot_of(r), min_tokens=p.min_tokens,
+                presence=float(p.presence_penalty), frequency=float(p.frequency_penalty),
+                repetition=float(p.repetition_penalty), min_p=float(p.min_p),
+                logprobs=p.logprobs is not None or p.num_sequences > p.n))
+        return rows
+
     @torch.inference_mode()
     def step(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one decode step; returns (int64 [len(rows)] the new token ids, bool [len(rows)]
         whether each row's logits were finite), on the device (copies: the next step may
-        overwrite the graph's output buffers at once)."""
+        overwrite the graph's output buffers at once). `run` also returns log probabilities."""
+        out = self.run(rows)
+        return out.ids, out.finite
+
+    @torch.inference_mode()
+    def run(self, rows: Sequence[DecodeRow]) -> DecodeOut:
+        """Run one decode step of `rows` (see `step`), on the processors variant when a row
+        needs it (`DecodeRow.processed`)."""
         n = len(rows)
         b = self.bucket(n)
-        bs, width = self.block_size, self.max_blocks
+        bs, width, c = self.block_size, self.max_blocks, self._step_col
         # two pinned staging buffers, used in turn: the upload of one may still be queued
         # (behind another lane's step) while the next step fills the other
         ints_t, floats_t, done = self._stage[self._turn]
@@ -174,13 +274,20 @@ class DecodeGraphs:
             ints[i, _COLS:_COLS + t] = table  # entries past t are never read
             head.append((r.token, p, int(table[p // bs]) * bs + p % bs, p + 1, r.top_k, r.key))
         self._tables = known
+        mode = PROCESSORS if any(r.processed for r in rows) else \
+            SAMPLING if any(r.temperature > 0 for r in rows) else GREEDY
         if rows:
             ints[:n, :_COLS] = head
-            ints[:n, _COLS + width] = [r.step for r in rows]
-            floats[:n] = [(r.temperature, r.top_p) for r in rows]
+            if mode == PROCESSORS:  # the processors' columns are read by that variant only
+                ints[:n, c:c + _TAIL] = [(r.step, r.slot, r.min_tokens) for r in rows]
+                floats[:n] = [(r.temperature, r.top_p, r.presence, r.frequency, r.repetition,
+                               r.min_p) for r in rows]
+            else:
+                ints[:n, c] = [r.step for r in rows]
+                floats[:n, :2] = [(r.temperature, r.top_p) for r in rows]
         ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0)  # padding: scratch, no keys
-        ints[n:b, _COLS + width] = 0
-        floats[n:b] = (0.0, 1.0)
+        ints[n:b, c:c + _TAIL] = 0  # no slot, no min_tokens
+        floats[n:b] = _PAD_FLOATS
         # whole rows: contiguous copies (one DMA each), table entries past a row's own unread
         self._ints[:b].copy_(ints_t[:b], non_blocking=self._pinned)
         self._floats[:b].copy_(floats_t[:b], non_blocking=self._pinned)
@@ -188,11 +295,17 @@ class DecodeGraphs:
             ev = torch.cuda.Event()
             ev.record()
             self._stage[self._turn ^ 1] = (ints_t, floats_t, ev)
-        sampling = any(r.temperature > 0 for r in rows)
-        g = self._graphs.get((b, sampling))
+        g = self._graphs.get((b, mode))
         if g is not None:
             g.replay()
             self.replays += 1
         else:
-            self._forward(b, sampling)
-        return self._out[:n].clone(), self._finite[:n].clone()
+            self._forward(b, mode)
+        self.steps += 1
+        lp = None
+        if mode == PROCESSORS:
+            self.processor_steps += 1
+            if any(r.logprobs for r in rows):
+                lp = tuple(t[:n].clone() for t in self._lp)
+        return DecodeOut(self._out[:n].clone(), self._finite[:n].clone(), lp)
+

@@ -224,12 +224,19 @@ class SamplingParams:
         return self.best_of if self.best_of is not None else self.n
 
     @property
-    def needs_eager(self) -> bool:
-        """Whether picking this request's tokens needs more than the captured decode step does
-        (temperature, top-k, top-p, seed): penalties, min_p, min_tokens, logit_bias, log
-        probabilities (best_of ranks by them) or a grammar. Such requests decode on the eager
-        step, which runs `eaas.engine.logits` over the batch."""
+    def needs_processors(self) -> bool:
+        """Whether picking this request's tokens needs more than temperature, top-k, top-p and
+        a seed: penalties, min_p, min_tokens, logit_bias, log probabilities (best_of ranks by
+        them) or a grammar — the batched processors of `eaas.engine.logits`."""
         return (self.min_p > 0 or self.min_tokens > 0 or self.presence_penalty != 0
                 or self.frequency_penalty != 0 or self.repetition_penalty != 1
                 or self.logit_bias is not None or self.logprobs is not None
                 or self.num_sequences > self.n or self.structured_outputs is not None)
+
+    @property
+    def needs_eager(self) -> bool:
+        """Whether this request's decode steps must run eagerly: only a grammar
+        (structured_outputs), whose token bitmask the host's matcher computes after every
+        token (a host round trip per step). Every other processor runs inside the captured
+        decode step (`eaas.engine.decode_graph`, `eaas.engine.sampling_slots`)."""
+        return self.structured_outputs is not None

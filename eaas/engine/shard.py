@@ -23,9 +23,9 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import EngineConfig
-from eaas.engine.batch_sampling import needs_eager_step, sample_rows
+from eaas.engine.batch_sampling import needs_batched_sampling, needs_eager_step, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
-from eaas.engine.decode_graph import DecodeGraphs, DecodeRow
+from eaas.engine.decode_graph import DecodeGraphs
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.emission import TokenEmission
 from eaas.engine.forking import SeqForking
@@ -372,7 +372,7 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
                      for f in reqs[b].group.followers if not f.finished]
             self._copy_prompt_tail(reqs, emit)
             prompt_lp = self._prompt_logprobs(reqs, chunks, rows, h)
-            batched = bool(forks) or needs_eager_step([reqs[b] for b in emit])
+            batched = bool(forks) or needs_batched_sampling([reqs[b] for b in emit])
             srows: list[Request] = []
             if batched:
                 srows = [reqs[b] for b in emit] + [f for _, f in forks]
@@ -436,7 +436,8 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
 
     async def _decode_step(self, reqs: list[Request], lane: int) -> None:
         """A decode-only step on the co-located fast path: one graph replay (or the same step
-        eagerly under enforce_eager), one device->host copy of the new token ids.
+        eagerly under enforce_eager), one device->host copy of the new token ids (and, when a
+        request asks, their log probabilities).
 
         The host work of the previous step's tokens — detokenizing, stop strings, handing each
         caller its output — runs while this step's graph runs on the GPU (`_settle_all` after
@@ -444,30 +445,32 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         ids, which `_take` records; a request whose last token ends it by the token alone (a
         stop id, max_tokens, the context length) is not stepped again, and one that a stop
         string ends during the settling has its row of this step dropped (its blocks are freed
-        after the step, as for an abort)."""
+        after the step, as for an abort). Penalties, min_tokens, logit_bias, min_p and logprobs
+        run inside the step (`DecodeGraphs.rows_of` gives those requests sampling slots and
+        frees the slots of finished ones)."""
+        graphs = self.graphs
+        assert graphs is not None  # `_step` takes this path only with graphs
         live = [r for r in reqs if not r.finished and self._token_end(r) is None]
         step = None
         if live:
-            step = self.graphs.step([
-                DecodeRow(r.output_ids[-1], r.num_computed, r.blocks.block_ids,
-                          float(r.params.temperature), r.params.top_k, float(r.params.top_p),
-                          r.noise_key, len(r.output_ids)) for r in live])
+            step = graphs.run(graphs.rows_of(live))
         self._settle_all(lane)
         if step is None:
             return
-        ids, finite = await download(*step)
+        ids, finite, *lp = await download(*step.tensors())
         self.steps += 1
+        tokens = ids.tolist()
+        entries = self._logprob_entries(live, dict(enumerate(tokens)), lp) if lp else {}
         pending = self._unsettled[lane]
-        for r, token, ok in zip(live, ids.tolist(), finite.tolist()):
+        for j, (r, token, ok) in enumerate(zip(live, tokens, finite.tolist())):
             if r.finished:
                 continue
             r.num_computed += 1
             if not ok:
                 self._emit(r, token, False)
                 continue
-            self._take(r, token, None)
+            self._take(r, token, entries.get(j))
             pending.append(r)
-
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and
