@@ -146,6 +146,7 @@ async def run_batch(engine: AsyncEngine, batch: list[list[int]], n_tokens: int,
     clock = TokenClock()
     first: dict[int, float] = {}
     finish: dict[int, str | None] = {}
+    finished_at: dict[int, float] = {}
 
     async def one(i: int, p: list[int]) -> None:
         async for out in engine.generate(p, params):
@@ -155,6 +156,7 @@ async def run_batch(engine: AsyncEngine, batch: list[list[int]], n_tokens: int,
             first.setdefault(i, t)
             if out.finished:
                 finish[i] = out.finish_reason
+                finished_at[i] = t
 
     t0 = time.perf_counter()
     partial = False
@@ -168,7 +170,12 @@ async def run_batch(engine: AsyncEngine, batch: list[list[int]], n_tokens: int,
     t_first = max(first.values()) if len(first) == len(batch) else t_end
     decode = clock.tokens_between(t_first + 1e-9, t_end + 1)
     lost = sum(1 for i in range(len(batch)) if finish.get(i) != "length")
+    # steady: from the last first token to the first finish, every request of the batch decodes
+    t_fin = min(finished_at.values(), default=t_end)
+    steady = clock.tokens_between(t_first + 1e-9, t_fin - 1e-9)
     return {"decode_tok_s": decode / (t_end - t_first) if t_end > t_first else float("nan"),
+            "steady_tok_s": steady / (t_fin - t_first) if t_fin > t_first and steady
+            else float("nan"),
             "e2e_tok_s": total / (t_end - t0), "tokens": total, "wall_s": t_end - t0,
             "partial": partial, "not_length": 0 if partial else lost}
 
