@@ -60,19 +60,39 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="row results independent of batching (default on)")
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                    help="no CUDA graphs: run every step eagerly (default off)")
+    from eaas.cli_transport import add_transport_flags
+
+    add_transport_flags(p)
 
 
 def engine_config(args: argparse.Namespace) -> Any:
+    """The EngineConfig of the flags over --config over the defaults. ConfigError of a field
+    that a flag sets names that flag first."""
+    from eaas.cli_transport import check_tls_files, flag_of_field, transport_overrides
     from eaas.config import EngineConfig
+    from eaas.errors import ConfigError
 
     overrides = {dotted: getattr(args, flag[2:].replace("-", "_"))
                  for flag, (dotted, _, _) in _FLAGS.items()}
+    overrides.update(transport_overrides(args))
     overrides["batch_invariant"] = args.batch_invariant
     overrides["enforce_eager"] = args.enforce_eager
     overrides["model"] = args.model
-    if args.config:
-        return EngineConfig.from_yaml_file(args.config, **overrides)
-    return EngineConfig.from_dict({k: v for k, v in _nest(overrides).items()})
+    try:
+        if args.config:
+            cfg = EngineConfig.from_yaml_file(args.config, **overrides)
+        else:
+            cfg = EngineConfig.from_dict({k: v for k, v in _nest(overrides).items()})
+    except ConfigError as e:
+        field = str(e).split("=", 1)[0]
+        flag = flag_of_field(field) or next(
+            (f for f, (dotted, _, _) in _FLAGS.items() if dotted == field), None)
+        if flag is None or (overrides.get(field) is None and "=None " not in str(e)):
+            raise  # a bad value from --config, not a flag's: the message names its field
+        raise ConfigError(f"{flag}: {e}") from None
+    t = cfg.transport
+    check_tls_files(t.tls_cert, t.tls_key, t.tls_ca)
+    return cfg
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -148,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser.description = ("The `eaas` command: " + ", ".join(sub.choices)
                           + " (`eaas COMMAND --help` for its flags).")
+    from eaas.cli_transport import EPILOG
+
+    parser.epilog = EPILOG
     args = parser.parse_args(argv)
     from eaas.errors import EaasError
 

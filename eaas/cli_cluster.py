@@ -2,6 +2,7 @@
 
     eaas expert-server --join http://engine:8000 --token-file F [--device cuda:0]
                        [--listen 10.0.0.7:0] [--name gpu-7] [--transport tcp] [--model PATH]
+                       [--cluster-secret-file PATH] [--tls-cert PEM --tls-key PEM [--tls-ca PEM]]
     eaas rollout http://engine:8000 --token-file F [--model PATH] [--servers a,b]
 
 The admin token comes from --token, --token-file or EAAS_ADMIN_TOKEN (a token on the command
@@ -40,6 +41,9 @@ def add_cluster_commands(sub: Any) -> None:
                    help="the checkpoint as this host sees it (default: the engine's path)")
     p.add_argument("--engine-timeout-s", type=float, default=30.0,
                    help="exit (75) when the engine has not answered for this long")
+    from eaas.cli_transport import add_transport_flags
+
+    add_transport_flags(p, join=True)
 
     p = sub.add_parser("rollout", help="rolling upgrade: replace every expert server, one at "
                        "a time, while serving")
@@ -79,11 +83,15 @@ def _token(args: argparse.Namespace) -> str:
 
 def run_cluster_command(args: argparse.Namespace) -> int:
     if args.cmd == "expert-server":
+        from eaas.cli_transport import check_tls_files
         from eaas.engine.joiner import JoinOptions, run_joined_server
 
+        check_tls_files(args.tls_cert, args.tls_key, args.tls_ca)
         opts = JoinOptions(url=args.join, token=_token(args), device=args.device,
                            listen=args.listen, name=args.name, transport=args.transport,
                            model=args.model, engine_timeout_s=args.engine_timeout_s,
+                           secret_file=args.cluster_secret_file, tls_cert=args.tls_cert,
+                           tls_key=args.tls_key, tls_ca=args.tls_ca,
                            argv=tuple(sys.argv[1:]))
         return asyncio.run(run_joined_server(opts))
     if args.cmd == "rollout":

@@ -52,8 +52,9 @@ from eaas.engine.request import Request, SeqGroup
 from eaas.engine.routing import RoutingTable
 from eaas.engine.sampling import SamplingParams, sequence_key
 from eaas.engine.shard import AttentionShard, ShardDeps
-from eaas.engine.server_process import FabricSeat, plan_fabric, prepare_server_env
+from eaas.engine.server_process import prepare_server_env
 from eaas.errors import ActorStateError, EngineOverloadedError, RequestError
+from eaas.transport.fabric_seat import FabricSeat, plan_fabric
 
 
 SHARD_START_TIMEOUT_S = 900.0  # on a GPU: weights + KV pool + every bucket's decode graphs

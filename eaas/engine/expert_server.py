@@ -2,7 +2,8 @@
 
 `ExpertHost` is the plain compute core (it loads only its experts' tensors and runs rows through
 them); `ExpertServer` is the actor that wraps it in-process. A server process (server_mode
-"process") wraps the same `ExpertHost` behind a transport.
+"process", eaas.engine.server_main) wraps the same `ExpertHost` behind a transport. Both answer
+the requests of eaas.engine.protocol through one `HostDispatcher` (eaas.engine.host_dispatch).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any, Callable, Mapping
 import torch
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
+from eaas.engine.host_dispatch import HostDispatcher
+from eaas.engine.messages import Crash, Hang
+from eaas.engine.protocol import SERVER_PROTOCOL
+from eaas.engine.server_policy import RequestGuard
 from eaas.errors import EaasError, InjectedFault
 
 
@@ -99,41 +103,25 @@ class ExpertServer(Actor):
                                        device=device, batch_invariant=batch_invariant,
                                        store=store, load_format=load_format)
         self.host: ExpertHost | None = None
-        self.delay_s = 0.0  # fault injection: extra latency per batch
+        self.dispatch: HostDispatcher | None = None
 
     async def on_start(self) -> None:
         # Loading is blocking file I/O; keep the event loop responsive.
         self.host = await asyncio.to_thread(self._load)
+        self.dispatch = HostDispatcher(self.host, RequestGuard.in_process())
         if self._on_ready is not None:
             self._on_ready()
 
-    async def on_receive(self, msg):
-        if isinstance(msg, ComputeBatch):
-            assert self.host is not None
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
-            return self.host.compute(msg.layer, msg.x, msg.expert_ids)
-        if isinstance(msg, LoadExperts):
-            assert self.host is not None
-            await asyncio.to_thread(self.host.add, msg.experts)
-            return self.host.assignment
-        if isinstance(msg, UnloadExperts):
-            assert self.host is not None
-            await asyncio.to_thread(self.host.remove, msg.experts)
-            return self.host.assignment
-        if isinstance(msg, Stats):
-            h = self.host
-            return {"calls": h.calls if h else 0, "rows": h.rows if h else 0,
-                    "experts": h.assignment if h else {}, "load_stats": h.load_stats if h else {}}
+    async def on_receive(self, msg: Any) -> Any:
         if isinstance(msg, Crash):
             raise InjectedFault(f"{self.name}: {msg.reason}")
-        if isinstance(msg, dict) and msg.get("op") == "hang":
+        if isinstance(msg, Hang):
             # fault injection: stop answering for `seconds` (like SIGSTOP on a process)
-            t_end = time.monotonic() + float(msg["seconds"])
+            t_end = time.monotonic() + float(msg.seconds)
             while time.monotonic() < t_end:
                 await asyncio.sleep(0.01)
             return "resumed"
-        if isinstance(msg, dict) and msg.get("op") == "delay":
-            self.delay_s = float(msg["seconds"])
-            return "ok"
-        raise TypeError(f"ExpertServer {self.name} cannot handle {type(msg).__name__}")
+        if msg not in SERVER_PROTOCOL:
+            raise TypeError(f"ExpertServer {self.name} cannot handle {type(msg).__name__}")
+        assert self.dispatch is not None  # the runtime runs on_start before any message
+        return await self.dispatch.handle(msg)

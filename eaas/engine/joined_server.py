@@ -26,7 +26,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from eaas.engine.messages import Crash
+from eaas.engine.messages import Crash, Ping
+from eaas.engine.protocol import SERVER_PROTOCOL
 from eaas.engine.server_process import ServerProcess
 from eaas.errors import EaasError, InjectedFault
 
@@ -151,7 +152,7 @@ class JoinedServer(ServerProcess):
         try:
             rpc = RpcClient(await connect(slot.url, timeout=10.0,
                                           security=TransportSecurity.from_env()))
-            await rpc.call({"op": "ping"}, timeout=10.0)
+            await rpc.call(SERVER_PROTOCOL.encode(Ping()), timeout=10.0)
         except Exception as e:
             slot.detach()
             raise EaasError(f"expert server {slot.name}: cannot reach its process at "

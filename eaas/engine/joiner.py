@@ -49,6 +49,10 @@ class JoinOptions:
     transport: str = "tcp"  # tcp | shm | cudaipc
     model: str | None = None  # the checkpoint path here (default: the engine's path)
     engine_timeout_s: float = 30.0
+    secret_file: str | None = None  # the cluster secret held here (the engine's must equal it)
+    tls_cert: str | None = None  # this host's paths of the cluster's TLS files (default: the
+    tls_key: str | None = None  # engine's paths, from the ticket)
+    tls_ca: str | None = None
     argv: tuple[str, ...] = ()  # this process's own `eaas` arguments (to start a successor)
 
     def listen_url(self) -> str:
@@ -107,7 +111,7 @@ async def run_joined_server(opts: JoinOptions) -> int:
         name, incarnation = ticket["name"], int(ticket["incarnation"])
         _say(f"eaas expert-server: joining {opts.url} as {name} (incarnation {incarnation}); "
              f"loading {sum(map(len, ticket['assignment'].values()))} experts")
-        _adopt_transport_env(ticket)
+        _adopt_transport_env(ticket, opts)
         model = opts.model or ticket["model"]
         args = server_main.parse_args([
             "--model", model, "--assignment", json.dumps(ticket["assignment"]),
@@ -205,15 +209,33 @@ def _start_successor(opts: JoinOptions, name: str, model: str) -> subprocess.Pop
     return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def _adopt_transport_env(ticket: dict) -> None:
+def _adopt_transport_env(ticket: dict, opts: JoinOptions) -> None:
     """Before the listener opens (the transport layer reads these when it does): the cluster
-    secret, and the engine's transport settings (TLS file paths must exist on this host too)."""
+    secret, and the engine's transport settings, TLS paths replaced by this host's if given
+    (--tls-cert/--tls-key/--tls-ca). With --cluster-secret-file the secret is the file's, and
+    the engine's must be the same. JoinRefused (as a 400) when they disagree."""
+    import hmac
+
     from eaas.engine.join import CLUSTER_SECRET_ENV, SETTINGS_ENV
 
-    if ticket.get("cluster_secret"):
-        os.environ[CLUSTER_SECRET_ENV] = ticket["cluster_secret"]
-    if ticket.get("transport_settings"):
-        os.environ[SETTINGS_ENV] = json.dumps(ticket["transport_settings"], sort_keys=True)
+    offered = ticket.get("cluster_secret")
+    if opts.secret_file is not None:
+        from eaas.transport.auth import ensure_cluster_secret
+
+        mine = ensure_cluster_secret(opts.secret_file)  # sets CLUSTER_SECRET_ENV
+        if offered and not hmac.compare_digest(offered.strip().encode(), mine):
+            raise JoinRefused(400, f"the engine's cluster secret is not the one in "
+                              f"--cluster-secret-file {opts.secret_file}")
+    elif offered:
+        os.environ[CLUSTER_SECRET_ENV] = offered
+    settings = dict(ticket.get("transport_settings") or {})
+    if opts.tls_cert is not None:
+        if not settings.get("tls_cert"):
+            raise JoinRefused(400, "the engine does not run tcp:// over TLS (its "
+                              "transport.tls_cert is unset): drop --tls-cert/--tls-key/--tls-ca")
+        settings.update(tls_cert=opts.tls_cert, tls_key=opts.tls_key, tls_ca=opts.tls_ca)
+    if settings:
+        os.environ[SETTINGS_ENV] = json.dumps(settings, sort_keys=True)
 
 
 def _init_torch(device: str) -> None:

@@ -117,3 +117,24 @@ class UnloadExperts:
     """Expert-server command: stop hosting these experts ({layer: ids}) and free their weights."""
 
     experts: Any  # Mapping[int, Sequence[int]]
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Expert-server liveness probe (the heartbeat); a server process replies {"pid": int}."""
+
+
+@dataclass(frozen=True, slots=True)
+class SetDelay:
+    """Fault injection: add `seconds` of latency to every compute batch from now on (0 clears).
+    Refused by a server not in fault-injection mode (eaas.engine.server_policy)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Hang:
+    """Fault injection, in-process servers only: stop answering for `seconds` (a server process
+    gets SIGSTOP instead)."""
+
+    seconds: float

@@ -27,12 +27,12 @@ from eaas.engine.join import Joining
 from eaas.engine.joined_server import JoinedServer, JoinSlot
 from eaas.engine.process_home import ProcessHome
 from eaas.engine.scaling import Scaling
-from eaas.engine.messages import (Crash, SetServerState)
+from eaas.engine.messages import Crash, Hang, SetDelay, SetServerState
 from eaas.engine.placement import RoutingSnapshot, server_name
 from eaas.errors import EaasError
 
 if TYPE_CHECKING:
-    from eaas.engine.server_process import FabricSeat
+    from eaas.transport.fabric_seat import FabricSeat
 
 
 class ExpertPool(Scaling, Joining):
@@ -142,7 +142,7 @@ class ExpertPool(Scaling, Joining):
         """
         import torch.distributed as dist
 
-        from eaas.engine.server_process import join_fabric_in_thread
+        from eaas.transport.fabric_seat import join_fabric_in_thread
 
         if dist.is_available() and dist.is_initialized():
             raise EaasError("placement.transport 'nvshmem': torch.distributed is already "
@@ -327,9 +327,9 @@ class ExpertPool(Scaling, Joining):
         elif kind == "kill":
             await s["ref"].tell(Crash("killed by fault injection"))
         elif kind == "hang":
-            await s["ref"].tell({"op": "hang", "seconds": seconds})
+            await s["ref"].tell(Hang(seconds))
         else:
-            await s["ref"].ask({"op": "delay", "seconds": seconds}, timeout=5.0)
+            await s["ref"].ask(SetDelay(seconds), timeout=5.0)
 
     def _get(self, server: str) -> dict:
         s = self.servers.get(server)

@@ -45,7 +45,8 @@ class ServerActor:
 
     async def start(self, args: list[str], env: dict[str, str]) -> dict:
         """Load the experts `args` name (server_main flags, without --listen), listen on
-        this node's IP, and return {"url", "pid", "host", "load_stats"} once listening."""
+        this node's IP, and return {"url", "pid", "host", "node_id", "load_stats"} once
+        listening (node_id: the Ray node, several of which may share one host)."""
         import ray
         import torch
 
@@ -70,7 +71,8 @@ class ServerActor:
         if not listening.done():
             self._task.result()  # raises what ended it
             raise EaasError("the expert server ended before it listened")
-        return {**listening.result(), "host": socket.gethostname()}
+        return {**listening.result(), "host": socket.gethostname(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def stop(self) -> None:
         if self._stop is not None and self._task is not None:
@@ -89,6 +91,7 @@ class RayLauncher:
         self._owns_ray = False  # this engine called ray.init (so it calls ray.shutdown)
         self._actors: dict[str, Any] = {}  # server name -> its Ray actor handle
         self._bundles: dict[str, int] = {}  # start-up server name -> its bundle index
+        self.server_nodes: dict[str, str] = {}  # server name -> Ray node id of its actor
 
     async def start(self) -> None:
         """Connect to the cluster and reserve the start-up servers' placement group."""
@@ -126,7 +129,8 @@ class RayLauncher:
     def describe(self) -> dict:
         pl, ray = self.config.placement, self._ray
         return {"address": pl.ray_address or "local", "strategy": pl.ray_placement_strategy,
-                "nodes": len([n for n in ray.nodes() if n.get("Alive")]) if ray else 0}
+                "nodes": len([n for n in ray.nodes() if n.get("Alive")]) if ray else 0,
+                "server_nodes": dict(self.server_nodes)}
 
     def slot(self, name: str, assignment: Mapping[int, list[int]], *, device: str,
              model: str) -> JoinSlot:
@@ -163,10 +167,12 @@ class RayLauncher:
         self._actors[slot.name] = actor
         info = await actor.start.remote(args, _transport_env())
         slot.host = str(info.get("host", ""))
+        self.server_nodes[slot.name] = str(info.get("node_id", ""))
         return info
 
     async def _stop(self, name: str) -> None:
         actor = self._actors.pop(name, None)
+        self.server_nodes.pop(name, None)
         if actor is None:
             return
         try:

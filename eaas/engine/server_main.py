@@ -1,16 +1,15 @@
 """An expert server in its own OS process: `python -m eaas.engine.server_main ...`.
 
 The process loads only its experts' tensors (ExpertHost), listens on a transport URL, prints one
-JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers RPC requests:
-
-    {"op": "compute", "layer": L, "x": [N, H] tensor, "expert_ids": [N] tensor} -> [N, H] tensor
-    {"op": "ping"} -> {"pid": ...}      {"op": "stats"} -> {...}
-    {"op": "delay", "seconds": s}       (fault injection: extra latency per compute)
+JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers the RPC requests of
+the expert-server protocol (eaas.engine.protocol: compute, ping, stats, load, unload, delay),
+each a tagged tree such as {"op": "compute", "layer": L, "x": [N, H], "expert_ids": [N]}, run
+by the same `HostDispatcher` as an in-process server (eaas.engine.host_dispatch).
 
 Every connection must first pass the cluster-secret handshake (EAAS_CLUSTER_SECRET, read when
 the listener opens; eaas.transport.auth), and every request the RequestGuard
-(eaas.engine.server_policy: row limit, `delay` only in fault-injection mode); "stats" reports
-what was refused under "security".
+(eaas.engine.server_policy: field checks, row limit, `delay` only in fault-injection mode);
+"stats" reports what was refused under "security".
 
 It exits when its parent process goes away, so a killed engine leaves no orphans.
 
@@ -66,13 +65,13 @@ async def _serve(args: argparse.Namespace, *,
     `on_listening(info)` (it tells the engine) and `until()` (it returns when the server is to
     stop: SIGTERM after a drain, or the engine let it go)."""
     from eaas.engine.expert_server import ExpertHost
+    from eaas.engine.host_dispatch import HostDispatcher
     from eaas.engine.server_policy import RequestGuard
     from eaas.transport import TransportSecurity, listen, serve_rpc
 
     assignment = {int(k): v for k, v in json.loads(args.assignment).items()}
     host = ExpertHost(args.model, assignment, dtype=args.dtype, device=args.device,
                       batch_invariant=args.batch_invariant, load_format=args.load_format)
-    delay = 0.0
     guard = RequestGuard.from_env()
     # On a GPU the first batch of a new size compiles Triton kernels for seconds: compute (and
     # expert loading) then run on one worker thread, in order, so the loop keeps answering
@@ -91,34 +90,15 @@ async def _serve(args: argparse.Namespace, *,
             return fn(*fn_args)
         return await asyncio.get_running_loop().run_in_executor(worker, fn, *fn_args)
 
-    async def handle(msg: Any) -> Any:
-        nonlocal delay
-        op = guard.check(msg)  # refused requests raise here, before anything runs
-        if op == "compute":
-            if delay:
-                await asyncio.sleep(delay)
-            return await blocking(host.compute, int(msg["layer"]), msg["x"], msg["expert_ids"])
-        if op == "ping":
-            return {"pid": os.getpid()}
-        if op == "stats":
-            return {"calls": host.calls, "rows": host.rows, "pid": os.getpid(),
-                    "experts": {str(k): v for k, v in host.assignment.items()},
-                    "load_stats": host.load_stats,
-                    "security": {**listener.stats.snapshot(), "refused_requests": guard.refused}}
-        if op == "load":
-            await blocking(host.add, {int(k): v for k, v in msg["experts"].items()})
-            return {str(k): v for k, v in host.assignment.items()}
-        if op == "unload":
-            await blocking(host.remove, {int(k): v for k, v in msg["experts"].items()})
-            return {str(k): v for k, v in host.assignment.items()}
-        if op == "delay":
-            delay = float(msg["seconds"])
-            return "ok"
-        raise ValueError(f"unknown request op {op!r}; "
-                         "allowed: compute, ping, stats, load, unload, delay")
+    def process_stats() -> dict:
+        return {"pid": os.getpid(),
+                "security": {**listener.stats.snapshot(), "refused_requests": guard.refused}}
+
+    dispatch = HostDispatcher(host, guard, compute_in=blocking, load_in=blocking,
+                              extra_stats=process_stats, pid=os.getpid())
 
     async def on_connection(conn: Any) -> None:
-        await serve_rpc(conn, handle)
+        await serve_rpc(conn, dispatch.handle)
 
     listener = await listen(args.listen, on_connection, security=TransportSecurity.from_env())
     info = {"url": listener.url, "pid": os.getpid(), "load_stats": host.load_stats}

@@ -1,14 +1,16 @@
 """ServerProcess: the supervised actor that stands for an expert server in its own OS process.
 
 It spawns the process (which loads only its experts), connects over the configured transport,
-forwards `ComputeBatch` as RPC, and watches the process: an exit, or `heartbeat_misses`
-heartbeats unanswered (a hung process, e.g. SIGSTOP), crashes the actor, so its supervisor
-restarts it — which kills what is left of the old process and spawns a fresh one.
+forwards the requests of the expert-server protocol (eaas.engine.protocol: `ComputeBatch`,
+`Stats`, `LoadExperts`, ...) as RPC, encoded by `SERVER_PROTOCOL`, and watches the process:
+an exit, or `heartbeat_misses` heartbeats unanswered (a hung process, e.g. SIGSTOP), crashes
+the actor, so its supervisor restarts it — which kills what is left of the old process and
+spawns a fresh one.
 
 Transport nvshmem: a slot's FIRST process joins the engine's NVSHMEM fabric as the rank its
-`FabricSeat` names and listens on nvshmem://; every later process of the slot (a restart), and
-a server added while serving (no seat), listens on cudaipc:// — NVSHMEM admits no process after
-start-up.
+`FabricSeat` (eaas.transport.fabric_seat) names and listens on nvshmem://; every later process
+of the slot (a restart), and a server added while serving (no seat), listens on cudaipc:// —
+NVSHMEM admits no process after start-up.
 """
 
 from __future__ import annotations
@@ -19,104 +21,20 @@ import os
 import signal
 import sys
 import tempfile
-import threading
-import socket
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from eaas.actors import Actor
-from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Stats, UnloadExperts
+from eaas.engine.messages import ComputeBatch, Crash, LoadExperts, Ping, UnloadExperts
+from eaas.engine.protocol import SERVER_PROTOCOL
 from eaas.errors import EaasError, InjectedFault
 
 if TYPE_CHECKING:
     from eaas.engine.process_home import SpareProcesses
+    from eaas.transport.fabric_seat import FabricSeat
 
 
 FALLBACK_TRANSPORT = "cudaipc"  # for processes that cannot join the NVSHMEM job
-
-
-@dataclass(frozen=True, slots=True)
-class FabricSeat:
-    """One rank's place in the engine's NVSHMEM job (eaas.transport.fabric.join_fabric).
-
-    store: "host:port" of the rendezvous, hosted by rank 0 (the engine); world_size: 1 + the
-    servers that exist at start-up; rank: 0 for the engine, i + 1 for start-up server i.
-    """
-
-    store: str
-    rank: int
-    world_size: int
-    slot_bytes: int
-    num_slots: int
-    timeout_s: float = 120.0
-
-    def for_rank(self, rank: int) -> FabricSeat:
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} is not in a fabric of {self.world_size} ranks")
-        return replace(self, rank=rank)
-
-    def argv(self) -> list[str]:
-        """The server-process flags that give it this seat (parsed by server_main)."""
-        return ["--fabric", f"{self.store},{self.rank},{self.world_size}",
-                "--fabric-slots", f"{self.slot_bytes},{self.num_slots}",
-                "--fabric-timeout", str(self.timeout_s)]
-
-
-def plan_fabric(config: Any, port: int | None = None) -> FabricSeat | None:
-    """The engine's seat (rank 0) when placement.transport is nvshmem, else None.
-
-    config: an EngineConfig; port: the rendezvous port (None: a free one on 127.0.0.1).
-    Start-up server i gets `seat.for_rank(i + 1)`.
-    """
-    pl = config.placement
-    if pl.transport != "nvshmem":
-        return None
-    return FabricSeat(f"127.0.0.1:{free_port() if port is None else port}", 0,
-                      1 + pl.num_expert_servers, pl.nvshmem_slot_bytes, pl.nvshmem_slots)
-
-
-async def join_fabric_in_thread(seat: FabricSeat, device: str, joined: asyncio.Event) -> None:
-    """`join_fabric` for `seat` on a daemon thread; sets `joined` once it returned.
-
-    It blocks until every rank joins (or seat.timeout_s passes); the event loop keeps running,
-    and a start-up that fails meanwhile neither waits for the thread nor is held by it at exit.
-    """
-    from eaas.transport.fabric import join_fabric
-
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def settle(error: BaseException | None) -> None:
-        if done.done():
-            return
-        if error is None:
-            done.set_result(None)
-        else:
-            done.set_exception(error)
-
-    def run() -> None:
-        error: BaseException | None = None
-        try:
-            join_fabric(seat.store, seat.rank, seat.world_size, device,
-                        slot_bytes=seat.slot_bytes, num_slots=seat.num_slots,
-                        timeout_s=seat.timeout_s)
-        except BaseException as e:  # reported to the loop, not lost on this thread
-            error = e
-        try:
-            loop.call_soon_threadsafe(settle, error)
-        except RuntimeError:
-            pass  # the loop is gone: the start-up that waited for us has ended
-
-    threading.Thread(target=run, name="eaas-fabric-join", daemon=True).start()
-    await done
-    joined.set()
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the rendezvous binds it soon after)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(slots=True)
@@ -294,8 +212,7 @@ class ServerProcess(Actor):
             self.rpc = RpcClient(await connect(info["url"], timeout=10.0,
                                                security=server_security()))
             if spare is not None:  # give the adopted spare this server's experts
-                await self.rpc.call({"op": "load", "experts": {
-                    str(k): v for k, v in self.assignment.items()}}, timeout=self.start_timeout_s)
+                await self._ask(LoadExperts(self.assignment), timeout=self.start_timeout_s)
         except BaseException:  # also a cancelled start (a failed fabric join): no orphan
             await self._reap_old()
             raise
@@ -339,7 +256,7 @@ class ServerProcess(Actor):
         while True:
             await asyncio.sleep(self.heartbeat_interval_s)
             try:
-                await self.rpc.call({"op": "ping"}, timeout=self.heartbeat_interval_s)
+                await self._ask(Ping(), timeout=self.heartbeat_interval_s)
                 misses = 0
             except asyncio.CancelledError:
                 raise
@@ -350,21 +267,24 @@ class ServerProcess(Actor):
                     raise EaasError(f"expert server {self.slot.name} (pid {self.slot.pid}) missed "
                                     f"{misses} heartbeats") from None
 
+    async def _ask(self, msg: Any, timeout: float) -> Any:
+        """One request of the expert-server protocol to the process; its reply."""
+        return await self.rpc.call(SERVER_PROTOCOL.encode(msg), timeout=timeout)
+
     async def _compute(self, msg: ComputeBatch) -> Any:
         """One compute RPC, or several of at most max_rows rows each (the server refuses more)."""
         if self._max_rows is None:
             from eaas.engine.server_policy import RequestGuard
 
-            self._max_rows = RequestGuard.from_env().max_rows
+            self._max_rows = RequestGuard.from_env().max_rows or 1 << 62
         n, step = int(msg.x.shape[0]), self._max_rows
         if n <= step:
-            return await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x,
-                                        "expert_ids": msg.expert_ids}, timeout=self.call_timeout_s)
+            return await self._ask(msg, timeout=self.call_timeout_s)
         import torch
 
-        parts = [await self.rpc.call({"op": "compute", "layer": msg.layer, "x": msg.x[i:i + step],
-                                      "expert_ids": msg.expert_ids[i:i + step]},
-                                     timeout=self.call_timeout_s) for i in range(0, n, step)]
+        parts = [await self._ask(ComputeBatch(msg.layer, msg.x[i:i + step],
+                                              msg.expert_ids[i:i + step]),
+                                 timeout=self.call_timeout_s) for i in range(0, n, step)]
         return torch.cat(parts)  # [N, H]
 
     async def on_stop(self) -> None:
@@ -379,17 +299,10 @@ class ServerProcess(Actor):
     async def on_receive(self, msg: Any) -> Any:
         if isinstance(msg, ComputeBatch):
             return await self._compute(msg)
-        if isinstance(msg, Stats):
-            return await self.rpc.call({"op": "stats"}, timeout=self.call_timeout_s)
-        if isinstance(msg, LoadExperts):
-            return await self.rpc.call({"op": "load", "experts": {
-                str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
-        if isinstance(msg, UnloadExperts):
-            return await self.rpc.call({"op": "unload", "experts": {
-                str(k): [int(e) for e in v] for k, v in msg.experts.items()}}, timeout=120.0)
         if isinstance(msg, Crash):
             self.slot.signal(signal.SIGKILL)
             return None
-        if isinstance(msg, dict) and msg.get("op") == "delay":
-            return await self.rpc.call(msg, timeout=self.call_timeout_s)
+        if msg in SERVER_PROTOCOL:  # Stats, LoadExperts, UnloadExperts, SetDelay, Ping
+            slow = isinstance(msg, (LoadExperts, UnloadExperts))  # loading reads weights
+            return await self._ask(msg, timeout=120.0 if slow else self.call_timeout_s)
         raise TypeError(f"ServerProcess {self.slot.name} cannot handle {type(msg).__name__}")

@@ -5,6 +5,7 @@
     await conn.send({"rows": x, "expert_ids": ids})         # nested values + torch.Tensor leaves
     msg = await conn.recv(timeout=5.0)
     reply = await RpcClient(conn).call(msg, timeout=1.0)    # request/response on a connection
+    tree = types.encode(ComputeBatch(...))                  # typed messages: MessageTypes
 
 Between processes, pass `security=TransportSecurity.from_env()` to both `listen` and `connect`:
 every connection then starts with a mutual HMAC handshake over the cluster secret
@@ -20,10 +21,11 @@ from eaas.transport.limits import TransportLimits
 from eaas.transport.registry import SCHEMES, connect, listen
 from eaas.transport.remote import RemoteActorRef, remote_ref, serve_actors
 from eaas.transport.rpc import RpcClient, serve_rpc
+from eaas.transport.wire import Field, MessageType, MessageTypes
 
 __all__ = [
     "Connection", "Listener", "SendHandle", "Lease", "TransportLimits", "connect", "listen",
     "SCHEMES", "DTYPES", "encode_message", "decode_message", "RpcClient", "serve_rpc",
     "serve_actors", "remote_ref", "RemoteActorRef", "TransportSecurity", "TlsFiles",
-    "cluster_secret", "ensure_cluster_secret",
+    "cluster_secret", "ensure_cluster_secret", "MessageTypes", "MessageType", "Field",
 ]

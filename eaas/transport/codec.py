@@ -16,6 +16,10 @@ the tree is walked as raw bytes first (eaas.transport.scan: nesting depth, value
 declared lengths, extension types), so a hostile frame is refused before msgpack allocates or
 recurses for it (the header has no extension types: msgpack unpacks it without recursing,
 lengths capped by max_header_bytes).
+
+Typed messages (frozen dataclasses) travel as tagged maps {"op": tag, field: value, ...}:
+their registry (`eaas.transport.wire.MessageTypes`, passed as `types=`) encodes them and
+decodes a received tree back, checking every field; the frame itself stays a plain tree.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import msgpack
 import torch
@@ -31,6 +35,9 @@ import torch
 from eaas.errors import FrameError
 from eaas.transport.limits import TransportLimits
 from eaas.transport.scan import check_msgpack
+
+if TYPE_CHECKING:
+    from eaas.transport.wire import MessageTypes
 
 __all__ = ["encode_message", "decode_message", "EncodedMessage", "DTYPES"]
 
@@ -276,20 +283,28 @@ def check_prefix(prefix: bytes | memoryview, limits: TransportLimits) -> tuple[i
     return header_len, body_len
 
 
-def encode_message(msg: Any, *, limits: TransportLimits = _DEFAULT_LIMITS) -> bytes:
+def encode_message(msg: Any, *, limits: TransportLimits = _DEFAULT_LIMITS,
+                   types: MessageTypes | None = None) -> bytes:
     """One complete frame (prefix + header + body) for `msg`, as tcp:// sends it.
 
     msg: nested dict/list/tuple of str/int/float/bool/None/bytes with torch.Tensor leaves of a
     dtype in DTYPES (any shape, any device, contiguous or not). TypeError/ValueError if not.
+    types: a registry of message dataclasses (eaas.transport.wire); a `msg` of a registered
+    type is sent as its tagged tree.
     """
+    if types is not None and msg in types:
+        msg = types.encode(msg)
     return b"".join(bytes(p) for p in flatten(msg, limits).frame_parts(limits))
 
 
 def decode_message(frame: bytes | bytearray | memoryview, *,
-                   limits: TransportLimits = _DEFAULT_LIMITS) -> Any:
+                   limits: TransportLimits = _DEFAULT_LIMITS,
+                   types: MessageTypes | None = None) -> Any:
     """Inverse of encode_message; tensors are fresh (they own a copy of the frame's body).
 
     FrameError if the frame is truncated, has trailing bytes, breaks `limits` or is malformed.
+    types: the message must be a tagged tree of one of these types; it comes back as that
+    dataclass (ValueError naming the field if it is not one exactly).
     """
     view = memoryview(frame).cast("B")
     if len(view) < PREFIX_BYTES:
@@ -302,4 +317,5 @@ def decode_message(frame: bytes | bytearray | memoryview, *,
     if head["k"] != KIND_MESSAGE:
         raise FrameError(f"unexpected frame kind {head['k']}")
     body = bytearray(view[PREFIX_BYTES + header_len:])
-    return unflatten(head["m"], build_tensors(head["t"], body, limits), limits)
+    msg = unflatten(head["m"], build_tensors(head["t"], body, limits), limits)
+    return msg if types is None else types.decode(msg)

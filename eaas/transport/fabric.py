@@ -273,7 +273,10 @@ def join_fabric(store: str, rank: int, world_size: int, device: str, *,
         raise ValueError(f"join_fabric: device must be an explicit cuda:N, got {device!r}")
     torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group("nccl", init_method=f"tcp://{store}", rank=rank,
+        from eaas.transport.rendezvous import rendezvous_store  # binds `store`'s host only
+
+        dist.init_process_group("nccl", store=rendezvous_store(store, rank, world_size,
+                                                               timeout_s), rank=rank,
                                 world_size=world_size, device_id=dev,
                                 timeout=datetime.timedelta(seconds=timeout_s))
     elif dist.get_world_size() != world_size or dist.get_rank() != rank:

@@ -2,9 +2,9 @@
 
 Both ends hold the cluster secret K (eaas.transport.auth). On connect, before any frame:
 
-    server -> client   b"EAH1" + Ns                                          (36 bytes)
-    client -> server   b"EAH1" + Nc + HMAC-SHA256(K, b"eaas/client\\0" + Ns + Nc)  (68 bytes)
-    server -> client   HMAC-SHA256(K, b"eaas/server\\0" + Nc + Ns)            (32 bytes)
+    server -> client   b"EAH1" + Ns                                               (36 bytes)
+    client -> server   b"EAH1" + Nc + HMAC-SHA256(K, b"eaas/client\\0" + Ns + Nc + B)  (68 bytes)
+    server -> client   HMAC-SHA256(K, b"eaas/server\\0" + Nc + Ns + B)                 (32 bytes)
 
 Ns and Nc are 32 fresh random bytes per connection, so a recorded handshake replayed on a new
 connection fails (the server's Ns differs); the role labels keep one side's proof from being
@@ -15,11 +15,30 @@ server's port (`connect` returns only after the server's proof checked out). The
 no frame until the client's proof checks out; before that, a peer can make it buffer at most
 one read of bytes.
 
+B is the channel binding (RFC 5929 / RFC 9266 style; `channel_binding`): empty on a plain
+connection; over TLS (tcp://), b"tls-unique:" + the TLS channel's `tls-unique` value, which each
+end reads from its own TLS session. A man in the middle who terminates TLS separately towards
+each side (he holds a certificate the cluster trusts, but not the secret) can relay the
+handshake bytes, but the two TLS sessions have different bindings, so the relayed proofs fail
+on both sides (`bad_proof`) and he never gets a session to either.
+
+Why tls-unique, on TLS 1.3 too: RFC 9266 defines `tls-exporter` for TLS 1.3 (and leaves
+tls-unique undefined there), but Python 3.11's `ssl` has no keying-material exporter, and
+`tls-unique` is the only type it offers (`ssl.CHANNEL_BINDING_TYPES`). On TLS 1.3 OpenSSL returns
+for it the first Finished message's verify_data (the client's, in a full handshake): an HMAC over
+the whole handshake transcript, both ephemeral key shares included, so both ends of one session
+read the same value and two sessions never share one, which is what the relay defence needs.
+Its known caveats do not bite here: a resumed session would bind to the abbreviated handshake,
+but eaas never resumes one; on TLS 1.2 the triple-handshake attack needs a peer without extended
+master secret, which OpenSSL 3 negotiates by default. When Python's ssl gains `tls-exporter`,
+switch to it here.
+Without TLS nothing binds the handshake to the wire: an active relay between two hosts is then
+not stopped (run tcp:// across untrusted networks over TLS).
+
 `HandshakeGate` is the asyncio protocol of a connection during the handshake; once it succeeds
 it hands the transport to the real StreamConnection (`transport.set_protocol`) together with
 any bytes that arrived behind the handshake. Failures close the connection and are counted in
-the listener's `SecurityStats`. It is not a defence against an active man in the middle on
-the wire (who can relay the handshake and then the traffic): that is what TLS (tcp://) is for.
+the listener's `SecurityStats`.
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ from typing import Any
 
 from eaas.errors import AuthError
 
-__all__ = ["HandshakeGate", "SecurityStats", "HELLO_MAGIC"]
+__all__ = ["HandshakeGate", "SecurityStats", "HELLO_MAGIC", "channel_binding"]
 
 log = logging.getLogger("eaas.transport")
 
@@ -50,8 +69,28 @@ _CLIENT_LABEL = b"eaas/client\0"
 REFUSALS = ("no_handshake", "bad_proof", "timeout", "incomplete", "tls")
 
 
-def _mac(secret: bytes, label: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.new(secret, label + first + second, hashlib.sha256).digest()
+TLS_BINDING = "tls-unique"  # the one type Python 3.11's ssl offers (see the module docstring)
+
+
+def _mac(secret: bytes, label: bytes, first: bytes, second: bytes, binding: bytes = b"") -> bytes:
+    # label and nonces have fixed lengths, so the variable-length binding last is unambiguous
+    return hmac.new(secret, label + first + second + binding, hashlib.sha256).digest()
+
+
+def channel_binding(transport: asyncio.BaseTransport) -> bytes:
+    """B of the handshake for this connection: b"" without TLS, else b"tls-unique:" + the TLS
+    session's tls-unique value (the same at both ends of one TLS session, different for two).
+
+    Call it once the TLS handshake completed. AuthError if TLS runs but gives no binding.
+    """
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return b""
+    value = ssl_object.get_channel_binding(TLS_BINDING)
+    if not value:
+        raise AuthError(f"the TLS session ({ssl_object.version()}) has no {TLS_BINDING} "
+                        "channel binding; refusing to authenticate over it")
+    return TLS_BINDING.encode() + b":" + value
 
 
 class SecurityStats:
@@ -105,6 +144,7 @@ class HandshakeGate(asyncio.Protocol):
         self._tls = tls
         self._tls_task: asyncio.Task[None] | None = None
         self._tls_pending = tls is not None
+        self._binding = b""  # the TLS channel binding B (set once TLS is up; b"" without TLS)
         self.ready: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -120,6 +160,8 @@ class HandshakeGate(asyncio.Protocol):
         self._timer = asyncio.get_running_loop().call_later(
             self._timeout_s, self._refuse, "timeout",
             f"no complete handshake within {self._timeout_s} s")
+        if not self._server and not self._bind(transport):
+            return  # a client's TLS (if any) is complete by now: create_connection did it
         if self._tls is not None:
             transport.pause_reading()  # start_tls takes over the socket before a byte is read
             self._tls_task = asyncio.get_running_loop().create_task(self._start_tls(transport))
@@ -142,7 +184,16 @@ class HandshakeGate(asyncio.Protocol):
         if tls_transport is None or self._state != "open":
             return
         self._transport = tls_transport
-        tls_transport.write(HELLO_MAGIC + self._nonce)
+        if self._bind(tls_transport):
+            tls_transport.write(HELLO_MAGIC + self._nonce)
+
+    def _bind(self, transport: asyncio.BaseTransport) -> bool:
+        try:
+            self._binding = channel_binding(transport)
+        except AuthError as exc:
+            self._refuse("tls", str(exc))
+            return False
+        return True
 
     def data_received(self, data: bytes) -> None:
         if self._state != "open":
@@ -164,11 +215,12 @@ class HandshakeGate(asyncio.Protocol):
         client_nonce = bytes(self._buf[4:4 + NONCE_BYTES])
         got = bytes(self._buf[4 + NONCE_BYTES:_PROOF])
         if not hmac.compare_digest(got, _mac(self._secret, _CLIENT_LABEL, self._nonce,
-                                             client_nonce)):
+                                             client_nonce, self._binding)):
             self._refuse("bad_proof", "the peer's proof is wrong (another cluster secret, "
-                         "or a replayed handshake)")
+                         "a replayed handshake, or a relay between two TLS sessions)")
             return
-        self._transport.write(_mac(self._secret, _SERVER_LABEL, client_nonce, self._nonce))
+        self._transport.write(_mac(self._secret, _SERVER_LABEL, client_nonce, self._nonce,
+                                   self._binding))
         self._done(bytes(self._buf[_PROOF:]))
 
     def _client_step(self) -> None:
@@ -178,12 +230,12 @@ class HandshakeGate(asyncio.Protocol):
                 return
             self._peer_nonce = bytes(self._buf[4:_CHALLENGE])
             self._transport.write(HELLO_MAGIC + self._nonce + _mac(
-                self._secret, _CLIENT_LABEL, self._peer_nonce, self._nonce))
+                self._secret, _CLIENT_LABEL, self._peer_nonce, self._nonce, self._binding))
         if len(self._buf) < _CHALLENGE + MAC_BYTES:
             return
         got = bytes(self._buf[_CHALLENGE:_CHALLENGE + MAC_BYTES])
         if not hmac.compare_digest(got, _mac(self._secret, _SERVER_LABEL, self._nonce,
-                                             self._peer_nonce)):
+                                             self._peer_nonce, self._binding)):
             self._refuse("bad_proof", "the server's proof is wrong (it does not hold this "
                          "cluster secret)")
             return

@@ -12,7 +12,8 @@ import torch
 
 from eaas import AsyncEngine, EngineConfig
 from eaas.engine.server_main import parse_args
-from eaas.engine.server_process import FabricSeat, ProcessSlot, ServerProcess, plan_fabric
+from eaas.engine.server_process import ProcessSlot, ServerProcess
+from eaas.transport.fabric_seat import FabricSeat, plan_fabric
 from eaas.errors import EaasError
 
 

@@ -29,8 +29,10 @@ def test_bad_transport_keys_name_the_field(transport: dict, field: str) -> None:
 
 def test_the_engine_exports_its_settings_to_its_server_processes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(SECRET_ENV, raising=False)
-    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    monkeypatch.setenv(SECRET_ENV, "")  # recorded: teardown restores (or unsets) it
+    monkeypatch.delenv(SECRET_ENV)
+    monkeypatch.setenv(SETTINGS_ENV, "")  # recorded: teardown restores (or unsets) it
+    monkeypatch.delenv(SETTINGS_ENV)
     argv = server_argv("m", {}, dtype="float32", device="cpu", load_format="auto",
                        batch_invariant=True, transport="tcp")
     assert argv[argv.index("--listen") + 1] == "tcp://127.0.0.1:0"  # the default: loopback
@@ -51,7 +53,8 @@ def test_the_engine_exports_its_settings_to_its_server_processes(
 
 def test_a_server_started_without_the_engines_settings_refuses_fault_injection(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(SETTINGS_ENV, raising=False)
+    monkeypatch.setenv(SETTINGS_ENV, "")  # recorded: teardown restores (or unsets) it
+    monkeypatch.delenv(SETTINGS_ENV)
     guard = RequestGuard.from_env()
     with pytest.raises(PermissionError):
         guard.check({"op": "delay", "seconds": 0.1})
