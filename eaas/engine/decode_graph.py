@@ -7,23 +7,28 @@ experts, combine), final norm, LM head and sampling — is recorded once per buc
 bucket >= B runs, rows past B are padding (token 0 into the scratch block, attending to nothing).
 
 Per step the host writes one packed int64 row per sequence and one float row (copied with two
-non-blocking uploads), replays, and gets back a copy of the new token ids: nothing inside the
-step reads a device value on the host. Three graph variants per bucket, the step picking the
-cheapest its rows need: greedy only (argmax); sampling (temperature, top-k, top-p, per-request
-noise keys — `eaas.engine.sampling`); processors (sampling after min_tokens, logit_bias,
-presence / frequency / repetition penalties and min_p, plus the log probabilities of the raw
-logits: the sampled token's, its rank and the top `MAX_LOGPROBS`), which read per-sequence state
-in sampling slots (`eaas.engine.sampling_slots`) named by a column of the packed row and count
-each sampled token into its slot inside the graph. Plain batches never replay the processors
-graph, so they pay nothing for it (their rows' processor numbers are not even filled in). A
-batch with one such request pays for every row (estimated, not measured): on the device some 20-30
-elementwise passes over [B, V] (the gathered int32 slot rows, float32 logits, masks), a
-log_softmax and a top-20 — a few GB of memory traffic at B = 256, V = 151936, about 1 ms on an
-H200, proportionally less for smaller buckets (a fused kernel would cut it to ~2 passes); on the
-host four more floats and two ints per row; in the shared graph pool, a few more [B, V]
-temporaries at the largest bucket (~0.5-1 GB at B = 256). Only grammars (structured output)
-keep a request on the eager step: their token bitmask comes from the host matcher after every
-token, a host round trip per step.
+non-blocking uploads), replays, and queues the copy of the new token ids to the host
+(`DecodeOut.host`): nothing inside the step reads a device value on the host. A row may feed a
+token the host does not know yet — the previous step's output for that sequence, still on its
+way — by naming its row in that step (`DecodeRow.src`): the graph gathers it on the device
+(`run(rows, prev=...)`), so the shard can launch step n + 1 before step n's ids reach the host
+(async scheduling: the host's work of a step overlaps the GPU's).
+
+Three graph variants per bucket, the step picking the cheapest its rows need: greedy only (argmax);
+sampling (temperature, top-k, top-p, per-request noise keys — `eaas.engine.sampling`); processors
+(sampling after min_tokens, logit_bias, presence / frequency / repetition penalties and min_p, plus
+the log probabilities of the raw logits: the sampled token's, its rank and the top `MAX_LOGPROBS`),
+which read per-sequence state in sampling slots (`eaas.engine.sampling_slots`) named by a column of
+the packed row and count each sampled token into its slot inside the graph. Plain batches never
+replay the processors graph, so they pay nothing for it (their rows' processor numbers are not even
+filled in). A batch with one such request pays for every row (estimated, not measured): on the
+device some 20-30 elementwise passes over [B, V] (the gathered int32 slot rows, float32 logits,
+masks), a log_softmax and a top-20 — a few GB of memory traffic at B = 256, V = 151936, about 1 ms
+on an H200, proportionally less for smaller buckets (a fused kernel would cut it to ~2 passes); on
+the host four more floats and two ints per row; in the shared graph pool, a few more [B, V]
+temporaries at the largest bucket (~0.5-1 GB at B = 256). Only grammars (structured output) keep a
+request on the eager step: their token bitmask comes from the host matcher after every token, a
+host round trip per step.
 
 `DecodeGraphs(..., captured=False)` runs the very same step eagerly (enforce_eager, CPU), which
 is what the captured one must equal (bitwise in batch-invariant mode).
@@ -41,15 +46,17 @@ import torch
 from eaas.engine.params import MAX_LOGPROBS
 from eaas.engine.sampling import sample_batch
 from eaas.engine.sampling_slots import SamplingSlots
+from eaas.gpu.waiter import HostCopy, start_download
 from eaas.model.kv_cache import SCRATCH_BLOCK, AttentionBatch
 
 __all__ = ["DecodeGraphs", "DecodeOut", "DecodeRow", "buckets_for"]
 
-_COLS = 6  # packed int64 columns before the block table: id, pos, slot, len, top_k, key
+_COLS = 7  # packed int64 columns before the block table: id, pos, slot, len, top_k, key, src
 _TAIL = 3  # packed int64 columns after it: step, sampling slot, min_tokens
 _FLOATS = 6  # temperature, top_p, presence, frequency, repetition, min_p
 _PAD_FLOATS = (0.0, 1.0, 0.0, 0.0, 1.0, 0.0)  # padding rows: greedy, no processors
 GREEDY, SAMPLING, PROCESSORS = 0, 1, 2  # graph variants
+_STAGES = 4  # pinned staging buffers: steps in flight at once (two per lane, two lanes)
 
 
 def buckets_for(max_num_seqs: int) -> list[int]:
@@ -66,7 +73,8 @@ class DecodeRow:
     """One sequence of a decode step: feed `token` at `position`; `block_ids` its block table;
     sampling: temperature (0 greedy), top_k (<= 0 off), top_p, noise key, step (output length);
     processors: slot (its sampling slot, 0: none; `SamplingSlots.slot_of`), min_tokens,
-    presence / frequency / repetition penalties, min_p, logprobs (compute log probabilities)."""
+    presence / frequency / repetition penalties, min_p, logprobs (compute log probabilities).
+    src >= 0: feed the previous step's output of its row `src` instead of `token`."""
 
     token: int
     position: int
@@ -83,6 +91,7 @@ class DecodeRow:
     repetition: float = 1.0
     min_p: float = 0.0
     logprobs: bool = False
+    src: int = -1
 
     @property
     def processed(self) -> bool:
@@ -97,12 +106,14 @@ class DecodeOut:
     ids: int64 [n] the new tokens. finite: bool [n] each row's logits were finite. logprobs:
     None, or (logprob float32 [n], rank int64 [n], top_logprobs float32 [n, N], top_ids int64
     [n, N]) of the raw logits (`logits.compute_logprobs`, N = min(V, MAX_LOGPROBS)) when a row
-    asked for them (every row of that step gets them).
+    asked for them (every row of that step gets them). host: their copies to the host, queued
+    right behind the step (`await out.host.wait()` -> the `tensors()` on the host).
     """
 
     ids: torch.Tensor
     finite: torch.Tensor
     logprobs: tuple[torch.Tensor, ...] | None = None
+    host: HostCopy | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.ids, self.finite, *(self.logprobs or ())]
@@ -129,6 +140,7 @@ class DecodeGraphs:
         self._ints = torch.zeros(bmax, width, dtype=torch.long, device=dev)
         self._floats = torch.zeros(bmax, _FLOATS, dtype=torch.float32, device=dev)
         self._out = torch.zeros(bmax, dtype=torch.long, device=dev)
+        self._prev = torch.zeros(bmax, dtype=torch.long, device=dev)  # the `src` rows' tokens
         self._finite = torch.zeros(bmax, dtype=torch.bool, device=dev)  # rows' logits finite
         n = self.num_top
         self._lp = (torch.zeros(bmax, dtype=torch.float32, device=dev),  # chosen's logprob
@@ -140,7 +152,7 @@ class DecodeGraphs:
         self._stage: list[tuple[torch.Tensor, torch.Tensor, Any]] = [
             (torch.zeros(bmax, width, dtype=torch.long, pin_memory=self._pinned),
              torch.zeros(bmax, _FLOATS, dtype=torch.float32, pin_memory=self._pinned), None)
-            for _ in range(2)]
+            for _ in range(_STAGES)]
         self._turn = 0
         self._tables: dict[int, tuple[Sequence[int], np.ndarray]] = {}  # id -> (ids, array)
         self._pool: Any = None
@@ -156,7 +168,9 @@ class DecodeGraphs:
             block_tables=ints[:, _COLS:_COLS + self.max_blocks].to(torch.int32),
             seq_lens=ints[:, 3].to(torch.int32),
             max_seq_len=self.max_blocks * self.block_size, multi=[], num_single=b)
-        h = self.model.forward_hidden(ints[:, 0], self.cache, batch, self.experts)
+        src = ints[:, 6]
+        tokens = torch.where(src >= 0, self._prev[src.clamp(min=0)], ints[:, 0])  # [b]
+        h = self.model.forward_hidden(tokens, self.cache, batch, self.experts)
         logits = self.model.lm_head(self.model.final_norm(h), float32=mode != GREEDY)  # [b, V]
         best = logits.argmax(dim=-1)  # [b]
         c = self._step_col
@@ -214,24 +228,31 @@ class DecodeGraphs:
         raise ValueError(f"a decode step of {n} sequences exceeds the largest bucket "
                          f"({self.buckets[-1]} = scheduler.max_num_seqs)")
 
-    def rows_of(self, reqs: Sequence[Any]) -> list[DecodeRow]:
-        """The decode rows of `reqs` (eaas.engine.request.Request, each prefilled, feeding its
-        last token) for the step about to run: frees the sampling slots of finished requests,
-        then gives each request whose processors need one its slot (`SamplingSlots.slot_of`)."""
+    def rows_of(self, reqs: Sequence[Any], pending: dict[str, int] | None = None
+                ) -> list[DecodeRow]:
+        """The decode rows of `reqs` (eaas.engine.request.Request, each prefilled) for the step
+        about to run: frees the sampling slots of finished requests, then gives each request
+        whose processors need one its slot (`SamplingSlots.slot_of`). A request feeds its last
+        token, or — named in `pending` (request id -> its row in the step still in flight) —
+        that step's output for it, not yet on the host (`DecodeRow.src`)."""
         self.slots.release_finished()
+        pending = pending or {}
         rows = []
         for r in reqs:
             p = r.params
-            head = (r.output_ids[-1], r.num_computed, r.blocks.block_ids, float(p.temperature),
-                    p.top_k, float(p.top_p), r.noise_key, len(r.output_ids))
+            src = pending.get(r.request_id, -1) if pending else -1
+            ahead = src >= 0
+            head = (0 if ahead else r.output_ids[-1], r.num_computed, r.blocks.block_ids,
+                    float(p.temperature), p.top_k, float(p.top_p), r.noise_key,
+                    len(r.output_ids) + ahead)
             if not p.needs_processors:
-                rows.append(DecodeRow(*head))
+                rows.append(DecodeRow(*head, src=src))
                 continue
             rows.append(DecodeRow(
-                *head, slot=self.slots.slot_of(r), min_tokens=p.min_tokens,
+                *head, slot=self.slots.slot_of(r, pending=int(ahead)), min_tokens=p.min_tokens,
                 presence=float(p.presence_penalty), frequency=float(p.frequency_penalty),
                 repetition=float(p.repetition_penalty), min_p=float(p.min_p),
-                logprobs=p.logprobs is not None or p.num_sequences > p.n))
+                logprobs=p.logprobs is not None or p.num_sequences > p.n, src=src))
         return rows
 
     @torch.inference_mode()
@@ -243,18 +264,25 @@ class DecodeGraphs:
         return out.ids, out.finite
 
     @torch.inference_mode()
-    def run(self, rows: Sequence[DecodeRow]) -> DecodeOut:
+    def run(self, rows: Sequence[DecodeRow], prev: torch.Tensor | None = None) -> DecodeOut:
         """Run one decode step of `rows` (see `step`), on the processors variant when a row
-        needs it (`DecodeRow.processed`)."""
+        needs it (`DecodeRow.processed`). prev: the ids of the previous step of these
+        sequences (its `DecodeOut.ids`, on the device), which rows with `src >= 0` feed."""
         n = len(rows)
+        if prev is not None:  # queued behind the step that makes them: no wait here
+            self._prev[:prev.shape[0]].copy_(prev)
+        elif any(r.src >= 0 for r in rows):
+            raise ValueError("a row feeds the previous step's output (src >= 0) but no "
+                             "previous ids were given")
         b = self.bucket(n)
         bs, width, c = self.block_size, self.max_blocks, self._step_col
-        # two pinned staging buffers, used in turn: the upload of one may still be queued
-        # (behind another lane's step) while the next step fills the other
-        ints_t, floats_t, done = self._stage[self._turn]
-        self._turn ^= 1
+        # pinned staging buffers, used in turn: the upload of one may still be queued (behind
+        # the steps in flight of this lane and the others) while the next step fills another
+        turn = self._turn
+        ints_t, floats_t, done = self._stage[turn]
+        self._turn = (turn + 1) % _STAGES
         if done is not None:
-            done.synchronize()  # normally long finished: the step that used it was awaited
+            done.synchronize()  # normally long finished: uploads run ahead of their steps
         ints, floats = ints_t.numpy(), floats_t.numpy()
         # block tables as int64 arrays, converted once per table: a request's table is one tuple
         # for its whole life, so this step's cache holds last step's conversions by identity
@@ -272,7 +300,8 @@ class DecodeGraphs:
                 raise ValueError(f"row {i}: position {p} is outside its block table "
                                  f"({t} blocks of {bs}; at most {width} blocks)")
             ints[i, _COLS:_COLS + t] = table  # entries past t are never read
-            head.append((r.token, p, int(table[p // bs]) * bs + p % bs, p + 1, r.top_k, r.key))
+            head.append((r.token, p, int(table[p // bs]) * bs + p % bs, p + 1, r.top_k, r.key,
+                         r.src))
         self._tables = known
         mode = PROCESSORS if any(r.processed for r in rows) else \
             SAMPLING if any(r.temperature > 0 for r in rows) else GREEDY
@@ -285,7 +314,7 @@ class DecodeGraphs:
             else:
                 ints[:n, c] = [r.step for r in rows]
                 floats[:n, :2] = [(r.temperature, r.top_p) for r in rows]
-        ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0)  # padding: scratch, no keys
+        ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0, -1)  # padding: scratch, no keys
         ints[n:b, c:c + _TAIL] = 0  # no slot, no min_tokens
         floats[n:b] = _PAD_FLOATS
         # whole rows: contiguous copies (one DMA each), table entries past a row's own unread
@@ -294,7 +323,7 @@ class DecodeGraphs:
         if self._pinned:
             ev = torch.cuda.Event()
             ev.record()
-            self._stage[self._turn ^ 1] = (ints_t, floats_t, ev)
+            self._stage[turn] = (ints_t, floats_t, ev)
         g = self._graphs.get((b, mode))
         if g is not None:
             g.replay()
@@ -307,5 +336,7 @@ class DecodeGraphs:
             self.processor_steps += 1
             if any(r.logprobs for r in rows):
                 lp = tuple(t[:n].clone() for t in self._lp)
-        return DecodeOut(self._out[:n].clone(), self._finite[:n].clone(), lp)
+        out = DecodeOut(self._out[:n].clone(), self._finite[:n].clone(), lp)
+        out.host = start_download(*out.tensors())
+        return out
 

@@ -1,12 +1,12 @@
 """How a shard's new tokens become its requests' outputs: text, stop strings, log
 probabilities, finishing, publishing.
 
-A token is first *taken* (`_take`: its id, logprob and times — all the next step needs) and then
-*settled* (`_settle`: grammar, detokenized text, stop strings, then finish or publish). The eager
-step does both at once (`_emit`); the co-located decode step takes a step's tokens, launches the
-next graph, and settles them while it runs (`_settle_all`), so this host work overlaps the GPU.
-`_token_end` is the part of the end test that needs no text: the scheduler leaves a request it
-names out of the next step, and `_settle` always finishes it.
+A token is *taken* (`_take`: its id, logprob and times) and *settled* (`_settle`: grammar,
+detokenized text, stop strings, then finish or publish), both by `_emit`. The co-located decode
+step emits a step's tokens while the next step already runs on the GPU (async scheduling,
+`AttentionShard._decode_step`), so this host work overlaps the GPU. `_token_end` is the part of
+the end test that needs no text (`_settle` always finishes a request it names);
+`_ends_by_count` is what the scheduler can tell before a step's token is on the host.
 
 `TokenEmission` is a mixin of `AttentionShard` (eaas/engine/shard.py), which owns the requests,
 the lanes and the KV blocks.
@@ -28,26 +28,15 @@ __all__ = ["TokenEmission"]
 
 
 class TokenEmission:
-    """_emit / _take / _settle / _settle_all / _finish, and the log probabilities of a step."""
+    """_emit / _take / _settle / _finish, and the log probabilities of a step."""
 
     deps: Any
     model: Any
     tokenizer: Any
     by_id: dict[str, Request]
-    _unsettled: list[list[Request]]
     _unforked: list[Any]
     _release: Any
     _admit: Any
-
-    def _settle_all(self, lane: int) -> None:
-        """Settle the lane's taken tokens (see `_decode_step`)."""
-        pending, self._unsettled[lane] = self._unsettled[lane], []
-        for r in pending:
-            if not r.finished:
-                try:
-                    self._settle(r)
-                except Exception as e:
-                    self._finish(r, "error", error=f"{type(e).__name__}: {e}")
 
     def _emit(self, r: Request, token: int, finite: bool,
               logprob: tuple[float, Any] | None = None) -> None:
@@ -92,6 +81,17 @@ class TokenEmission:
                 len(r.prompt_ids) + len(r.output_ids) >= r.max_len:
             return "length"
         return None
+
+    @classmethod
+    def _ends_by_count(cls, r: Request, pending: bool) -> bool:
+        """Whether r must not be stepped again: its last token ends it (`_token_end`), or — with
+        a token still on its way from the step in flight (`pending`) — that token will be its
+        max_tokens-th or fill its context. (Whether the pending token is a stop id or completes
+        a stop string is known only once it lands.)"""
+        if not pending:
+            return cls._token_end(r) is not None
+        n = len(r.output_ids) + 1
+        return n >= r.params.max_tokens or len(r.prompt_ids) + n >= r.max_len
 
     def _settle(self, r: Request) -> None:
         """After `_take`: r's grammar, text and stop strings, then finish or publish it."""

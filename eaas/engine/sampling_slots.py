@@ -89,12 +89,13 @@ class SamplingSlots:
                 del self._held[key]
                 self._free.append(s)
 
-    def slot_of(self, r: Any) -> int:
+    def slot_of(self, r: Any, pending: int = 0) -> int:
         """r's slot for the step about to run (0 if r needs none), taken and filled on first use;
         tokens r got off the graph since its last captured step are counted now. The step then
         counts the token it samples for r (`sample_processed`), so call this only for a step that
-        runs. r: eaas.engine.request.Request (params, prompt_ids, output_ids, stop_ids,
-        finished)."""
+        runs. pending: r's tokens sampled on the graph (so counted) but not yet on the host (a
+        step still in flight). r: eaas.engine.request.Request (params, prompt_ids, output_ids,
+        stop_ids, finished)."""
         if not uses_slot(r.params):
             return 0
         held = self._held.get(id(r))
@@ -103,7 +104,7 @@ class SamplingSlots:
         if self._counted[s] < n:
             tail = upload(r.output_ids[self._counted[s]:], self.device)
             self.table[s].index_add_(0, tail, torch.ones_like(tail, dtype=torch.int32))
-        self._counted[s] = n + 1
+        self._counted[s] = n + pending + 1  # the pending tokens were counted by their step
         return s
 
     def _take(self, r: Any) -> int:

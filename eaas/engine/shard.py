@@ -25,7 +25,7 @@ from eaas.actors import Actor
 from eaas.config import EngineConfig
 from eaas.engine.batch_sampling import needs_batched_sampling, needs_eager_step, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
-from eaas.engine.decode_graph import DecodeGraphs
+from eaas.engine.decode_graph import DecodeGraphs, DecodeOut
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.emission import TokenEmission
 from eaas.engine.forking import SeqForking
@@ -101,9 +101,9 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         self.by_id: dict[str, Request] = {}
         self._wake = [asyncio.Event() for _ in self.lanes]
         self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
-        # per lane: requests whose last token is taken but not yet settled (text, stop strings,
-        # published), which the lane's next captured step does while its graph runs
-        self._unsettled: list[list[Request]] = [[] for _ in self.lanes]
+        # per lane: the co-located decode step in flight whose ids are not on the host yet
+        # (its live requests, its DecodeOut); the lane's next step feeds them on the device
+        self._ahead: list[tuple[list[Request], DecodeOut] | None] = [None for _ in self.lanes]
         self._stepping: set[str] = set()  # requests of the steps in flight (their blocks stay)
         self._unforked: list[SeqGroup] = []  # admitted groups whose followers await the fork
         self.steps = 0
@@ -286,7 +286,7 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
             lane = self.lanes[i]
             lane[:] = [r for r in lane if not r.finished]
             self._admit()
-            if not lane:
+            if not lane and self._ahead[i] is None:
                 self._wake[i].clear()
                 await self._wake[i].wait()
                 continue
@@ -295,13 +295,17 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
             board.running += 1
             self._stepping.update(r.request_id for r in reqs)
             try:
-                await self._step(reqs, i)
+                if reqs:
+                    await self._step(reqs, i)
+                else:  # every row of the lane's step in flight has ended: land it
+                    await self._drain(i)
             except StepCancelled:
                 pass
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a bug or a model error: fail these requests, keep serving
-                for r in reqs:
+                ahead, self._ahead[i] = self._ahead[i], None
+                for r in reqs + (ahead[0] if ahead is not None else []):
                     self._finish(r, "error", error=f"{type(e).__name__}: {e}")
                 self.deps.emit({"type": "step_failed", "shard": self.name, "error": repr(e),
                                 "time": time.time()})
@@ -339,7 +343,10 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         if self.local and self.graphs is not None and all(r.prefilled for r in reqs) \
                 and not needs_eager_step(reqs):
             return await self._decode_step(reqs, lane)
-        self._settle_all(lane)
+        await self._drain(lane)  # the eager step feeds the tokens of the step in flight
+        reqs = [r for r in reqs if not r.finished]
+        if not reqs:
+            return
         model = self.model
         chunks = self._chunks(reqs)
         spans = [SeqSpan(self._table(r), r.num_computed, len(c)) for r, c in zip(reqs, chunks)]
@@ -439,38 +446,50 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         eagerly under enforce_eager), one device->host copy of the new token ids (and, when a
         request asks, their log probabilities).
 
-        The host work of the previous step's tokens — detokenizing, stop strings, handing each
-        caller its output — runs while this step's graph runs on the GPU (`_settle_all` after
-        the launch), not between two steps with the GPU idle. The next step only needs the new
-        ids, which `_take` records; a request whose last token ends it by the token alone (a
-        stop id, max_tokens, the context length) is not stepped again, and one that a stop
-        string ends during the settling has its row of this step dropped (its blocks are freed
-        after the step, as for an abort). Penalties, min_tokens, logit_bias, min_p and logprobs
-        run inside the step (`DecodeGraphs.rows_of` gives those requests sampling slots and
-        frees the slots of finished ones)."""
+        Async scheduling: this step is launched before the previous step's ids reach the host —
+        its rows feed those tokens on the device (`DecodeGraphs.rows_of(..., pending)`) — and
+        only then does the host wait for them, take them and settle them (detokenizing, stop
+        strings, handing each caller its output, `_land`) while this step runs. So the GPU
+        never waits for the host's work of a step, only for the launch. A request whose
+        tokens end it by their count (max_tokens, the context length) is not stepped past its
+        last token; one that its in-flight token ends (a stop id, a stop string) has a row of
+        this step computed for nothing, dropped when it lands (its blocks are reused only by
+        work queued after this step on the same stream). Penalties, min_tokens, logit_bias,
+        min_p and logprobs run inside the step (`DecodeGraphs.rows_of` gives those requests
+        sampling slots and frees the slots of finished ones)."""
         graphs = self.graphs
         assert graphs is not None  # `_step` takes this path only with graphs
-        live = [r for r in reqs if not r.finished and self._token_end(r) is None]
-        step = None
+        ahead, self._ahead[lane] = self._ahead[lane], None
+        pending = {r.request_id: j for j, r in enumerate(ahead[0])} if ahead is not None else {}
+        live = [r for r in reqs if not r.finished and not self._ends_by_count(
+            r, r.request_id in pending)]
         if live:
-            step = graphs.run(graphs.rows_of(live))
-        self._settle_all(lane)
-        if step is None:
-            return
-        ids, finite, *lp = await download(*step.tensors())
+            out = graphs.run(graphs.rows_of(live, pending),
+                             prev=ahead[1].ids if ahead is not None else None)
+            for r in live:
+                r.num_computed += 1  # its KV at this position is written by the step
+            self._ahead[lane] = (live, out)
+        if ahead is not None:
+            await self._land(*ahead)
+
+    async def _drain(self, lane: int) -> None:
+        """Land the lane's step in flight, if any (before an eager step, or when it is the
+        lane's last)."""
+        ahead, self._ahead[lane] = self._ahead[lane], None
+        if ahead is not None:
+            await self._land(*ahead)
+
+    async def _land(self, live: list[Request], out: DecodeOut) -> None:
+        """Wait for a decode step's ids on the host, then take and settle each row's token;
+        rows whose request ended meanwhile (a stop, an abort) are dropped."""
+        assert out.host is not None
+        ids, finite, *lp = await out.host.wait()
         self.steps += 1
         tokens = ids.tolist()
         entries = self._logprob_entries(live, dict(enumerate(tokens)), lp) if lp else {}
-        pending = self._unsettled[lane]
         for j, (r, token, ok) in enumerate(zip(live, tokens, finite.tolist())):
-            if r.finished:
-                continue
-            r.num_computed += 1
-            if not ok:
-                self._emit(r, token, False)
-                continue
-            self._take(r, token, entries.get(j))
-            pending.append(r)
+            if not r.finished:
+                self._emit(r, token, ok, entries.get(j))
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and

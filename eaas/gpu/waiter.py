@@ -11,6 +11,7 @@ is answered on the loop without the thread.
     await wait_done(event)               # a recorded torch.cuda.Event (or anything with
                                          # query() and synchronize())
     a, b = await download(a, b)          # GPU tensors -> host (pinned), waiting only for them
+    copy = start_download(a, b)          # the same, queued now; `await copy.wait()` later
     when_done(event, callback)           # callback(error) on the loop once the event completed
                                          # (error: None, or what synchronize raised)
 
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["wait_done", "when_done", "download"]
+__all__ = ["wait_done", "when_done", "download", "start_download", "HostCopy"]
 
 
 Callback = Callable[[BaseException | None], None]
@@ -117,17 +118,30 @@ async def wait_done(event: Any, timeout: float | None = None) -> None:
         await future
 
 
-async def download(*tensors: torch.Tensor, timeout: float | None = None
-                   ) -> tuple[torch.Tensor, ...]:
-    """Host copies of `tensors`, awaited without stalling the loop (CPU tensors pass through).
+class HostCopy:
+    """Host copies of device tensors on their way (`start_download`): the copies are queued on
+    the stream now, behind the work that produces the tensors and before anything queued later,
+    so `wait` covers exactly that work even when more is launched in between."""
 
-    Each CUDA tensor is copied into pinned memory with non_blocking=True and one event is
-    awaited: the wait covers the work that produces these tensors, not work other coroutines
-    queue on the stream later (a `.cpu()`, even after awaiting the whole stream, would wait for
-    that too). The pinned buffers come from torch's caching host allocator: the first buffer
-    of a size class is a cudaHostAlloc, which may wait for the device; repeated downloads of the
-    same sizes (a decode step's) reuse freed buffers and never block.
-    """
+    __slots__ = ("tensors", "_event")
+
+    def __init__(self, tensors: tuple[torch.Tensor, ...], event: Any) -> None:
+        self.tensors, self._event = tensors, event
+
+    async def wait(self, timeout: float | None = None) -> tuple[torch.Tensor, ...]:
+        """The host tensors, once copied (always a suspension point: a step loop that computes
+        on the host never starves the loop's other tasks, e.g. an abort)."""
+        if self._event is not None:
+            await wait_done(self._event, timeout)
+        else:
+            await asyncio.sleep(0)
+        return self.tensors
+
+
+def start_download(*tensors: torch.Tensor) -> HostCopy:
+    """Queue the device->host copies of `tensors` now (CPU tensors pass through); await
+    `.wait()` for them. Each CUDA tensor is copied into pinned memory with non_blocking=True and
+    one event is recorded behind the copies."""
     out, last = [], None
     for t in tensors:
         if t.device.type != "cuda":
@@ -137,10 +151,21 @@ async def download(*tensors: torch.Tensor, timeout: float | None = None
         host.copy_(t, non_blocking=True)
         out.append(host)
         last = t.device
+    event = None
     if last is not None:
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(last))
-        await wait_done(event, timeout)
-    else:  # nothing to wait for, but still a suspension point: a step loop that computes on
-        await asyncio.sleep(0)  # the host never starves the loop's other tasks (an abort)
-    return tuple(out)
+    return HostCopy(tuple(out), event)
+
+
+async def download(*tensors: torch.Tensor, timeout: float | None = None
+                   ) -> tuple[torch.Tensor, ...]:
+    """Host copies of `tensors`, awaited without stalling the loop (CPU tensors pass through).
+
+    The wait covers the work that produces these tensors, not work other coroutines queue on
+    the stream later (a `.cpu()`, even after awaiting the whole stream, would wait for that
+    too). The pinned buffers come from torch's caching host allocator: the first buffer of a
+    size class is a cudaHostAlloc, which may wait for the device; repeated downloads of the
+    same sizes (a decode step's) reuse freed buffers and never block.
+    """
+    return await start_download(*tensors).wait(timeout)

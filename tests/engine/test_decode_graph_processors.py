@@ -168,3 +168,40 @@ def test_engine_decodes_processors_on_the_graph_path(tiny_dirs, reference_greedy
             for o in got] == [len(o.outputs[0].token_ids) if sp.logprobs is not None else None
                               for o, sp in zip(got, params)]
     assert second[2] not in got[2].outputs[0].token_ids[:4]
+
+
+async def _run_joined(model_dir: str, params: list[SamplingParams], late: list[int]):
+    """The requests together, and a late one (greedy) submitted once r0 has 3 tokens: its
+    prefill makes an eager step in the middle of the others' graph steps."""
+    async with AsyncEngine(_cfg(model_dir)) as engine:
+        joined = asyncio.Event()
+
+        async def one(i: int, p: list[int], sp: SamplingParams):
+            out = None
+            async for out in engine.generate(p, sp, request_id=f"r{i}"):
+                if i == 0 and len(out.outputs[0].token_ids) >= 3:
+                    joined.set()
+            return out
+
+        async def later():
+            await joined.wait()
+            sp = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+            async for _ in engine.generate(late, sp, request_id="late"):
+                pass
+
+        outs = await asyncio.gather(*(one(i, p, sp) for i, (p, sp) in
+                                      enumerate(zip(PROMPTS, params))), later())
+    return outs[:-1]
+
+
+def test_slot_counts_survive_an_eager_step_between_async_steps(tiny_dirs, reference_greedy,
+                                                               monkeypatch):
+    """A prefill joining mid-decode lands the step in flight and runs eagerly: the penalised
+    requests' device counts must neither miss nor double-count the tokens around it."""
+    d = tiny_dirs["qwen3_moe"]
+    params = _params([reference_greedy(d, p, 2)[1] for p in PROMPTS])[:4]  # 4 seats of 6
+    monkeypatch.setattr(AttentionShard, "_colocated", lambda self, snap: True)
+    got = asyncio.run(_run_joined(d, params, [7, 8, 9, 10, 11, 12]))
+    monkeypatch.setattr(shard_mod, "needs_eager_step", lambda reqs: True)
+    want = asyncio.run(_run_joined(d, params, [7, 8, 9, 10, 11, 12]))
+    assert [_summary(o) for o in got] == [_summary(o) for o in want]

@@ -1,7 +1,8 @@
-"""The co-located decode step settles the previous step's tokens (text, stop strings, finishing,
-publishing) while its own step runs: the outputs must be exactly those of the plain dispatch
+"""The co-located decode step is launched before the previous step's ids reach the host (async
+scheduling: its rows feed those tokens on the device) and settles them (text, stop strings,
+finishing, publishing) while it runs: the outputs must be exactly those of the plain dispatch
 path — every token, text, finish and stop reason — for requests that end at different steps and
-for every way of ending (max_tokens, a stop id, a stop string, an abort).
+for every way of ending (max_tokens, a stop id, a stop string, an abort), greedy and sampled.
 
 On CPU the co-located path is the same code with the step run eagerly (DecodeGraphs with
 captured=False); it is taken here by declaring every expert local (`_colocated`), since a CPU
@@ -79,6 +80,41 @@ def test_local_decode_outputs_equal_the_dispatch_path(tiny_dirs, params, monkeyp
     for (o, seen), sp in zip(got, params):  # streamed cumulatively, one token at a time
         n = len(o.outputs[0].token_ids)
         assert seen == list(range(1, n + 1)) or seen[-1] == n and seen == sorted(seen)
+
+
+def test_steps_launch_before_the_previous_tokens_land(tiny_dirs, params, monkeypatch):
+    """White box: most decode steps feed at least one token the host does not have yet, and at
+    each launch those rows' requests have one token fewer on the host than the step counts."""
+    from eaas.engine.decode_graph import DecodeGraphs
+
+    monkeypatch.setattr(AttentionShard, "_colocated", lambda self, snap: True)
+    launches: list[tuple[int, int]] = []  # (rows, rows fed from the device)
+    run = DecodeGraphs.run
+
+    def spy(self, rows, prev=None):
+        ahead = [r for r in rows if r.src >= 0]
+        assert all(r.token == 0 for r in ahead)  # the host does not know it
+        launches.append((len(rows), len(ahead)))
+        return run(self, rows, prev)
+
+    monkeypatch.setattr(DecodeGraphs, "run", spy)
+    got, _ = asyncio.run(_run(tiny_dirs["qwen3_moe"], params))
+    fed = [a for _, a in launches]
+    assert len(launches) >= 8 and sum(1 for a in fed if a) >= len(launches) - 2, launches
+    assert [o.outputs[0].finish_reason for o, _ in got] == ["length", "length", "stop", "stop",
+                                                             "length"]
+
+
+def test_sampled_requests_equal_the_dispatch_path(tiny_dirs, monkeypatch):
+    """Seeded sampling: the step index of a row fed from the device counts its pending token."""
+    d = tiny_dirs["qwen3_moe"]
+    params = [SamplingParams(max_tokens=n, temperature=0.9, top_p=0.9, top_k=20, seed=s,
+                             ignore_eos=True) for n, s in zip((9, 3, 12, 6, 1), range(5))]
+    want, _ = asyncio.run(_run(d, params))
+    monkeypatch.setattr(AttentionShard, "_colocated", lambda self, snap: True)
+    got, paths = asyncio.run(_run(d, params))
+    assert paths == ["local"]
+    assert [_summary(o) for o, _ in got] == [_summary(o) for o, _ in want]
 
 
 def test_abort_while_a_token_is_unsettled(tiny_dirs, params, monkeypatch):

@@ -108,6 +108,27 @@ def test_slot_counts_equal_the_histories():
     assert not slots.table[0].any()  # the scratch slot of rows without one stays zero
 
 
+def test_counts_with_a_pending_token_and_an_eager_step_between():
+    """Async steps: a step launched while the previous token is still on its way (pending=1),
+    then an eager step's token (counted on the host only): the table holds each token once."""
+    reqs = [_req(p, i, stop=(2, 11)) for i, p in enumerate(PARAMS)]
+    used = [r for r in reqs if uses_slot(r.params)]
+    slots = SamplingSlots(8, V, "cpu")
+    in_flight: list[int] = []
+    for step in range(4):  # step k+1 launches before step k's ids are on the host
+        ids, _ = _graph_side(slots, _logits(step, len(used)), used,
+                             [slots.slot_of(r, pending=int(step > 0)) for r in used])
+        if in_flight:
+            for r, t in zip(used, in_flight):
+                r.output_ids.append(t)
+        in_flight = ids.tolist()
+    for r, t in zip(used, in_flight):  # the last step lands, then an eager step's token
+        r.output_ids.extend((t, 5))
+    for r in used:
+        row = slots.table[slots.slot_of(r)]
+        assert (row & 0x1FFF_FFFF).tolist() == [r.output_ids.count(t) for t in range(V)]
+
+
 def test_finished_slots_are_freed_and_reset():
     slots = SamplingSlots(2, V, "cpu")
     a = _req(SamplingParams(presence_penalty=1.0, logit_bias={9: 1.0}), 0)
