@@ -3,8 +3,10 @@
 `forward(x, cache, batch)` runs every row of a step at once: projections, norms and RoPE over
 all rows, each row's K/V written to its slot, then single-row sequences (decodes) through the
 paged decode kernel (`eaas_kernels.paged_decode_gqa` / `paged_decode_mla`: Triton on CUDA, the
-references elsewhere) and multi-row sequences (prefill chunks) one by one over their gathered
-context. The decode path reads no device value on the host, so it can be captured in a CUDA graph.
+references elsewhere) and multi-row sequences (prefill chunks) over their gathered context:
+in a few padded groups, one gather and one attention call per group
+(`eaas.model.prefill_attention`), or one by one in batch-invariant mode. The decode path reads
+no device value on the host, so it can be captured in a CUDA graph.
 
 batch_invariant: every row's result is independent of the other rows. On CUDA the kernels are
 (one fixed tile configuration each); on CPU the projections run row by row and each decode row
@@ -21,44 +23,9 @@ from eaas.model import ops
 from eaas.model.checkpoint import Checkpoint
 from eaas.model.config import ModelConfig
 from eaas.model.kv_cache import AttentionBatch, PagedKVCache
+from eaas.model.prefill_attention import attend_eager, attend_one, attend_sdpa
 
 __all__ = ["GQAAttention", "MLAAttention", "load_attention"]
-
-
-def _attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    q_pos: torch.Tensor,
-    window: int | None = None,
-) -> torch.Tensor:
-    """Eager causal attention over a padded batch of sequences, GQA heads grouped (no repeat).
-
-    q: [B, Tq, nh, d] queries; q_pos: int64 [B, Tq] their positions; k: [B, nkv, S, d] and
-    v: [B, nkv, S, dv] keys/values at positions 0..S-1 (nh = nkv * rep: query head h reads kv head
-    h // rep). Sequence b's keys past its own length must be padding at positions > q_pos[b], which
-    the causal mask hides: query at position p sees keys j <= p (and j > p - window).
-    Returns [B, Tq, nh * dv].
-    """
-    b, tq, nh, d = q.shape
-    nkv, s = k.shape[1], k.shape[2]
-    rep = nh // nkv
-    q = q.view(b, tq, nkv, rep, d).permute(0, 2, 3, 1, 4).reshape(b, nkv, rep * tq, d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, nkv, rep*Tq, S]
-    k_pos = torch.arange(s, device=q.device)
-    qp = q_pos[:, :, None]  # [B, Tq, 1]
-    hidden = k_pos > qp  # [B, Tq, S]
-    if window is not None:
-        hidden = hidden | (k_pos <= qp - window)
-    hidden = hidden[:, None, None].expand(b, 1, rep, tq, s).reshape(b, 1, rep * tq, s)
-    scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)  # [B, nkv, rep*Tq, dv]
-    out = out.view(b, nkv, rep, tq, -1).permute(0, 3, 1, 2, 4)  # [B, Tq, nkv, rep, dv]
-    return out.reshape(b, tq, -1)
-
-
 
 
 class _Base:
@@ -186,13 +153,24 @@ class GQAAttention(_Base):
         if exact is not None:
             for r, p, ctx in exact:
                 kc, vc = cache.gather(li, ctx)  # [p + 1, nkv, d]
-                out[r] = _attend_one(q[None, r:r + 1], kc, vc, scale, p, window)[0, 0].view(nh, d)
+                out[r] = attend_one(q[None, r:r + 1], kc, vc, scale, p, window)[0, 0].view(nh, d)
         elif batch.num_single:
             o = self._decode(self._single_q(q, batch), cache, batch, scale, window)
             self._scatter_single(out, batch, o)
-        for s, e, p0, ctx in batch.multi:
-            kc, vc = cache.gather(li, ctx)  # [p0 + e - s, nkv, d]
-            out[s:e] = _attend_one(q[None, s:e], kc, vc, scale, p0, window)[0].view(e - s, nh, d)
+        if self.batch_invariant:  # one sequence at a time: padding would change its reductions
+            for s, e, p0, ctx in batch.multi:
+                kc, vc = cache.gather(li, ctx)  # [p0 + e - s, nkv, d]
+                out[s:e] = attend_one(q[None, s:e], kc, vc, scale, p0, window)[0].view(
+                    e - s, nh, d)
+        else:
+            for g in batch.prefill_groups():
+                kc, vc = cache.gather(li, g.slots)  # [G, S_max, nkv, d]
+                if g.row_span is not None:  # one sequence, unpadded (flash on CUDA)
+                    o = attend_one(g.queries(q), kc[0], vc[0], scale, g.start, window)
+                else:  # [G, L_max, nh * d]
+                    mask = None if g.causal and window is None else g.mask(window, q.dtype)
+                    o = attend_sdpa(g.queries(q), kc, vc, scale, mask)
+                g.scatter(out, o)
         return self._lin(out.reshape(t, nh * d), "o_proj")
 
     def _decode(self, q: torch.Tensor, cache: PagedKVCache, batch: AttentionBatch, scale: float,
@@ -203,42 +181,6 @@ class GQAAttention(_Base):
         li = self.layer_idx
         return eaas_kernels.paged_decode_gqa(q, cache.k[li], cache.v[li], batch.block_tables,
                                              batch.seq_lens, scale, batch.max_seq_len, window)
-
-
-def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int,
-               window: int | None) -> torch.Tensor:
-    """One sequence through `scaled_dot_product_attention` (flash / memory-efficient kernels on
-    CUDA), GQA heads grouped: q [1, Tq, nh, d] at positions start.., k/v [S, nkv, d] of
-    positions 0..S-1 -> [1, Tq, nh * d]. A whole prompt from position 0 is plain causal; a later
-    chunk sees every key up to its own position (causal aligned to the lower right); a sliding
-    window passes its mask: query at p sees keys j <= p (j > p - window)."""
-    tq, s, nh = q.shape[1], k.shape[0], q.shape[2]
-    # [1, heads, T|S, d]: SDPA's fused CUDA kernels take 4-D inputs only (3-D ones fall back to
-    # the float32 math kernel, ~6x slower for a 2048-token prompt on an H200)
-    qh, kh, vh = q.transpose(1, 2), k.transpose(0, 1)[None], v.transpose(0, 1)[None]
-    gqa = kh.shape[1] != nh
-    if gqa and q.is_cuda:  # the fused kernels take no enable_gqa (with it CUDA falls back to
-        # the math kernel too): repeat the K/V heads, as the captured peer does
-        kh = kh.repeat_interleave(nh // kh.shape[1], dim=1)
-        vh = vh.repeat_interleave(nh // vh.shape[1], dim=1)
-        gqa = False
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    if start == 0 and tq == s and window is None:
-        out = sdpa(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
-    elif window is None and q.is_cuda:  # a later chunk: flash with lower-right causal alignment
-        # (imported here: torch.nn.attention.bias imports triton, which must not happen before
-        # a process picks Triton's mode, e.g. the CPU interpreter)
-        from torch.nn.attention.bias import causal_lower_right
-
-        out = sdpa(qh, kh, vh, attn_mask=causal_lower_right(tq, s), scale=scale)
-    else:
-        q_pos = torch.arange(start, start + tq, device=q.device)[:, None]  # [Tq, 1]
-        k_pos = torch.arange(s, device=q.device)[None, :]  # [1, S]
-        seen = k_pos <= q_pos
-        if window is not None:
-            seen = seen & (k_pos > q_pos - window)
-        out = sdpa(qh, kh, vh, attn_mask=seen, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2).reshape(1, tq, nh * v.shape[-1])  # [1, Tq, nh*d]
 
 
 class MLAAttention(_Base):
@@ -289,7 +231,7 @@ class MLAAttention(_Base):
                 k, v = self._expand(lat[None], kr[None])  # [1, nh, S, d], [1, nh, S, dv]
                 qr = torch.cat([q_pass[r:r + 1], q_rot[r:r + 1]], dim=-1)[None]  # [1,1,nh,d]
                 pos = torch.tensor([[p]], device=x.device)
-                out[r] = _attend(qr, k, v, self.scale, pos)[0, 0].view(nh, dv)
+                out[r] = attend_eager(qr, k, v, self.scale, pos)[0, 0].view(nh, dv)
         elif batch.num_single:
             import eaas_kernels
 
@@ -298,12 +240,19 @@ class MLAAttention(_Base):
                 q_lat, self._single_q(q_rot, batch).contiguous(), cache.k[li], cache.v[li],
                 batch.block_tables, batch.seq_lens, self.scale, batch.max_seq_len)  # [B, nh, L]
             self._scatter_single(out, batch, self._lift(o))
-        for s, e, p0, ctx in batch.multi:
-            lat, kr = cache.gather(li, ctx)
-            k, v = self._expand(lat[None], kr[None])
-            qs = torch.cat([q_pass[s:e], q_rot[s:e]], dim=-1)[None]  # [1, T_i, nh, d]
-            pos = torch.arange(p0, p0 + e - s, device=x.device)[None]
-            out[s:e] = _attend(qs, k, v, self.scale, pos)[0].view(e - s, nh, dv)
+        if self.batch_invariant:  # one sequence at a time: padding would change its reductions
+            for s, e, p0, ctx in batch.multi:
+                lat, kr = cache.gather(li, ctx)
+                k, v = self._expand(lat[None], kr[None])
+                qs = torch.cat([q_pass[s:e], q_rot[s:e]], dim=-1)[None]  # [1, T_i, nh, d]
+                pos = torch.arange(p0, p0 + e - s, device=x.device)[None]
+                out[s:e] = attend_eager(qs, k, v, self.scale, pos)[0].view(e - s, nh, dv)
+        elif groups := batch.prefill_groups():
+            q_all = torch.cat([q_pass, q_rot], dim=-1)  # [T, nh, d]
+            for g in groups:  # padded keys sit past every real query: the causal mask hides them
+                lat, kr = cache.gather(li, g.slots)  # [G, S_max, kv_lora], [G, S_max, rope]
+                k, v = self._expand(lat, kr)  # [G, nh, S_max, d], [G, nh, S_max, dv]
+                g.scatter(out, attend_eager(g.queries(q_all), k, v, self.scale, g.q_pos))
         return self._lin(out.reshape(t, nh * dv), "o_proj")
 
     def _absorb(self, q_nope: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 
 from eaas.model import ops
 from eaas.model.config import ModelConfig
+from eaas.model.prefill_attention import PrefillGroup, plan_prefill
 
 __all__ = ["SCRATCH_BLOCK", "AttentionBatch", "PagedKVCache", "SeqSpan", "SequenceCache"]
 
@@ -90,8 +91,9 @@ class AttentionBatch:
     kernel: `single_rows` int64 [B] their rows (None: every row, in order — a decode-only step),
     `block_tables` int32 [B, max_blocks], `seq_lens` int32 [B] (positions cached after this step;
     0 for a row that attends to nothing). `max_seq_len`: host bound on seq_lens.
-    Multi-row sequences (prefill chunks) attend one by one: `multi` holds (row start, row end,
-    first position, context slots int64 [first position + rows] on the device).
+    Multi-row sequences (prefill chunks): `multi` holds (row start, row end, first position,
+    context slots int64 [first position + rows] on the device), for attention one by one
+    (batch-invariant mode); `prefill_groups()` batches them (fast mode).
     """
 
     positions: torch.Tensor
@@ -103,6 +105,17 @@ class AttentionBatch:
     multi: list[tuple[int, int, int, torch.Tensor]]
     num_single: int
     _contexts: list[tuple[int, int, torch.Tensor]] | None = None  # see single_contexts
+    # (pad slot, multi on the host) for prefill_groups, and its cached result
+    _multi_host: tuple[int, list[tuple[int, int, int, list[int]]]] | None = None
+    _groups: list[PrefillGroup] | None = None
+
+    def prefill_groups(self) -> list[PrefillGroup]:
+        """The multi-row sequences in padded groups (`eaas.model.prefill_attention`), planned and
+        uploaded once per batch (every layer asks); [] for a batch without them."""
+        if self._groups is None:
+            pad, seqs = self._multi_host or (0, [])
+            self._groups = plan_prefill(seqs, pad, self.positions.device) if seqs else []
+        return self._groups
 
     def single_contexts(self, block_size: int) -> list[tuple[int, int, torch.Tensor]]:
         """(row, position, context slots int64 [position + 1]) of each single-row sequence that
@@ -167,9 +180,20 @@ class AttentionBatch:
             block_tables=up(tables_t, device),
             seq_lens=up(lens, device, torch.int32),
             max_seq_len=width * block_size,
-            multi=[(s, e, p0, up(sl, device)) for s, e, p0, sl in multi_host],
+            multi=_upload_multi(multi_host, device),
             num_single=len(singles),
+            _multi_host=(SCRATCH_BLOCK * block_size, multi_host),
         )
+
+
+def _upload_multi(multi_host: list[tuple[int, int, int, list[int]]], device: str | torch.device
+                  ) -> list[tuple[int, int, int, torch.Tensor]]:
+    """`multi` with every context uploaded in one copy (views of it)."""
+    if not multi_host:
+        return []
+    flat = ops.upload([x for *_, sl in multi_host for x in sl], device)
+    ctxs = flat.split([len(sl) for *_, sl in multi_host])
+    return [(s, e, p0, c) for (s, e, p0, _), c in zip(multi_host, ctxs)]
 
 
 class SequenceCache:
