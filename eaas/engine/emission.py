@@ -100,7 +100,9 @@ class TokenEmission:
             raise ValueError(f"token {token} does not follow the request's structured output "
                              "grammar")
         before = len(r.text)
-        r.text = self.tokenizer.decode(r.output_ids)
+        if r.detok is None:
+            r.detok = self.tokenizer.stream()
+        r.text += r.detok.step(token)
         hit = _find_stop(r.text, p.stop, before) \
             if p.stop and len(r.output_ids) >= p.min_tokens else None
         end = self._token_end(r)

@@ -35,6 +35,7 @@ class Request:
     index: int = 0  # this sequence's index among its group's (0 without a group)
     group: SeqGroup | None = None  # n > 1 or best_of: the sequences sharing this prompt
     text: str = ""  # the output text so far (cut before a stop string)
+    detok: Any = None  # eaas.model.TextStream of output_ids, once the first token is settled
     logprobs: list[PositionLogprobs] | None = None  # when params.logprobs is not None
     cumulative_logprob: float = 0.0
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # when params.prompt_logprobs

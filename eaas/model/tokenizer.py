@@ -10,7 +10,7 @@ from typing import Any
 
 from eaas.errors import CheckpointError
 
-__all__ = ["Tokenizer"]
+__all__ = ["Tokenizer", "TextStream"]
 
 
 class Tokenizer:
@@ -61,6 +61,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def stream(self, skip_special_tokens: bool = True) -> TextStream:
+        """An incremental decoder of one sequence's tokens (each token's new text in O(1))."""
+        return TextStream(self._tok, skip_special_tokens)
+
     def apply_chat_template(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
@@ -79,3 +83,23 @@ class Tokenizer:
             )
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return text + ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+class TextStream:
+    """The text of a growing token sequence, one token at a time: `step(id)` returns the text
+    that token adds ("" while it ends inside a multi-byte character, which a later token
+    completes). The concatenated steps equal `Tokenizer.decode` of the whole sequence whenever
+    that ends on a complete character. `tokenizers`' DecodeStream (the prefix-window method of
+    vLLM and TGI): decoding the n-th token costs the same as the first, where decoding the whole
+    output again per token costs O(n)."""
+
+    __slots__ = ("_tok", "_stream")
+
+    def __init__(self, tok: Any, skip_special_tokens: bool = True) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self._tok = tok
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token: int) -> str:
+        return self._stream.step(self._tok, int(token)) or ""
