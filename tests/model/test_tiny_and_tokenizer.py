@@ -78,6 +78,29 @@ def test_tokenizer_round_trip_and_specials(tiny_dir):
     )  # merges were learned
 
 
+def test_text_stream_equals_decode_of_the_whole_sequence(tiny_dir):
+    """Each token's new text, concatenated, is the decode of the whole sequence — also when a
+    character spans tokens (its bytes split by byte-level BPE) and around special tokens."""
+    import random
+
+    tok = Checkpoint.open(tiny_dir("mixtral")).tokenizer
+    eos = tok.eos_token_ids[0]
+    texts = ["Hello, world!", "héllo ✓ 😀 \n\t 42", "the quick brown fox " * 20]
+    for ids in [tok.encode(t) for t in texts] + [tok.encode("a 😀 b") + [eos] + tok.encode("c")]:
+        stream = tok.stream()
+        steps = [stream.step(t) for t in ids]
+        assert "".join(steps) == tok.decode(ids)
+    rng = random.Random(0)
+    for _ in range(20):  # random ids: whenever the decode so far is whole, the stream agrees
+        ids = [rng.randrange(tok.vocab_size) for _ in range(30)]
+        stream, text = tok.stream(), ""
+        for n, t in enumerate(ids, 1):
+            text += stream.step(t)
+            full = tok.decode(ids[:n])
+            if "\ufffd" not in full:
+                assert text == full
+
+
 def test_default_chat_template(tiny_dir):
     tok = Checkpoint.open(tiny_dir("qwen3_moe")).tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
