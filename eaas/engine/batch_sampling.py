@@ -6,8 +6,8 @@ histories padded to one length, grammar bitmasks filled by xgrammar's matchers) 
 them; everything after that runs on the logits' device as batched tensor ops with no
 per-request loop. The captured decode step does the same math on the device
 (`eaas.engine.sampling_slots.SamplingSlots.sample_processed`, equal to `sample_rows` over the
-same logits); only a grammar routes a request's decode steps here (`needs_eager_step`), and a
-prefill in the step brings its decode rows here too. A request without processors is sampled
+same logits, grammar bitmasks included); a step that also holds a prefill chunk brings its
+decode rows here. A request without processors is sampled
 the same either way (rows are independent and the noise is counter-based).
 """
 
@@ -24,14 +24,8 @@ from eaas.engine.sampling import sample_batch
 from eaas.engine.structured import GrammarCompiler
 from eaas.model.ops import upload
 
-__all__ = ["SampledRows", "needs_batched_sampling", "needs_eager_step", "position_logprobs",
-           "prompt_logprob_rows", "sample_rows"]
-
-
-def needs_eager_step(reqs: Sequence[Any]) -> bool:
-    """Whether a decode step of `reqs` must run eagerly: some request has a grammar
-    (`SamplingParams.needs_eager`), whose bitmask needs the host after every token."""
-    return any(r.params.needs_eager for r in reqs)
+__all__ = ["SampledRows", "needs_batched_sampling", "position_logprobs", "prompt_logprob_rows",
+           "sample_rows"]
 
 
 def needs_batched_sampling(reqs: Sequence[Any]) -> bool:

@@ -26,9 +26,11 @@ device some 20-30 elementwise passes over [B, V] (the gathered int32 slot rows, 
 masks), a log_softmax and a top-20 — a few GB of memory traffic at B = 256, V = 151936, about 1 ms
 on an H200, proportionally less for smaller buckets (a fused kernel would cut it to ~2 passes); on
 the host four more floats and two ints per row; in the shared graph pool, a few more [B, V]
-temporaries at the largest bucket (~0.5-1 GB at B = 256). Only grammars (structured output) keep a
-request on the eager step: their token bitmask comes from the host matcher after every token, a
-host round trip per step.
+temporaries at the largest bucket (~0.5-1 GB at B = 256). Grammars (structured output) run on the
+processors variant too: the host's matcher fills a row's token bitmask (xgrammar's layout, one
+pinned upload) before the step and the step applies it first; since the matcher must accept a
+token before it fills the next mask, a lane holding a grammar request lands each step before
+launching the next (no async overlap for it).
 
 `DecodeGraphs(..., captured=False)` runs the very same step eagerly (enforce_eager, CPU), which
 is what the captured one must equal (bitwise in batch-invariant mode).
@@ -52,7 +54,7 @@ from eaas.model.kv_cache import SCRATCH_BLOCK, AttentionBatch
 __all__ = ["DecodeGraphs", "DecodeOut", "DecodeRow", "buckets_for"]
 
 _COLS = 7  # packed int64 columns before the block table: id, pos, slot, len, top_k, key, src
-_TAIL = 3  # packed int64 columns after it: step, sampling slot, min_tokens
+_TAIL = 4  # packed int64 columns after it: step, sampling slot, min_tokens, grammar
 _FLOATS = 6  # temperature, top_p, presence, frequency, repetition, min_p
 _PAD_FLOATS = (0.0, 1.0, 0.0, 0.0, 1.0, 0.0)  # padding rows: greedy, no processors
 GREEDY, SAMPLING, PROCESSORS = 0, 1, 2  # graph variants
@@ -74,7 +76,9 @@ class DecodeRow:
     sampling: temperature (0 greedy), top_k (<= 0 off), top_p, noise key, step (output length);
     processors: slot (its sampling slot, 0: none; `SamplingSlots.slot_of`), min_tokens,
     presence / frequency / repetition penalties, min_p, logprobs (compute log probabilities).
-    src >= 0: feed the previous step's output of its row `src` instead of `token`."""
+    src >= 0: feed the previous step's output of its row `src` instead of `token`. grammar: the
+    request's structured-output matcher (eaas.engine.structured.Matcher) when it constrains
+    this token: it fills the row's token bitmask on the host before the step."""
 
     token: int
     position: int
@@ -92,11 +96,12 @@ class DecodeRow:
     min_p: float = 0.0
     logprobs: bool = False
     src: int = -1
+    grammar: Any = None
 
     @property
     def processed(self) -> bool:
         """Whether the row needs the processors variant."""
-        return self.slot > 0 or self.min_p > 0 or self.logprobs
+        return self.slot > 0 or self.min_p > 0 or self.logprobs or self.grammar is not None
 
 
 @dataclass(slots=True)
@@ -141,6 +146,10 @@ class DecodeGraphs:
         self._floats = torch.zeros(bmax, _FLOATS, dtype=torch.float32, device=dev)
         self._out = torch.zeros(bmax, dtype=torch.long, device=dev)
         self._prev = torch.zeros(bmax, dtype=torch.long, device=dev)  # the `src` rows' tokens
+        # grammar rows' token bitmasks (xgrammar's layout), filled on the host per step
+        words = -(-vocab // 32)
+        self._bitmask = torch.zeros(bmax, words, dtype=torch.int32, device=dev)
+        self._mask_stage: tuple[torch.Tensor, Any] | None = None  # pinned, made on first use
         self._finite = torch.zeros(bmax, dtype=torch.bool, device=dev)  # rows' logits finite
         n = self.num_top
         self._lp = (torch.zeros(bmax, dtype=torch.float32, device=dev),  # chosen's logprob
@@ -160,6 +169,26 @@ class DecodeGraphs:
         self.steps = 0  # steps run (replayed or eager)
         self.processor_steps = 0  # of which on the processors variant
 
+    def _fill_bitmasks(self, rows: Sequence[DecodeRow]) -> None:
+        """Upload the token bitmasks of the grammar rows (others' bitmask rows are not read)."""
+        if not any(r.grammar is not None for r in rows):
+            return
+        if self._mask_stage is None:
+            self._mask_stage = (torch.empty(self._bitmask.shape, dtype=torch.int32,
+                                            pin_memory=self._pinned), None)
+        stage, done = self._mask_stage
+        if done is not None:
+            done.synchronize()  # the previous grammar step's upload (long done, normally)
+        n = len(rows)
+        for i, r in enumerate(rows):
+            if r.grammar is not None:
+                r.grammar.fill(stage, i)
+        self._bitmask[:n].copy_(stage[:n], non_blocking=self._pinned)
+        if self._pinned:
+            ev = torch.cuda.Event()
+            ev.record()
+            self._mask_stage = (stage, ev)
+
     # ---- the step itself (what a graph records) ----------------------------------------------
     def _forward(self, b: int, mode: int) -> None:
         ints, floats = self._ints[:b], self._floats[:b]
@@ -178,7 +207,7 @@ class DecodeGraphs:
             ids, lp = self.slots.sample_processed(
                 logits, floats[:, 0], ints[:, 4], floats[:, 1], ints[:, 5], ints[:, c],
                 ints[:, c + 1], ints[:, c + 2], (floats[:, 2], floats[:, 3], floats[:, 4]),
-                floats[:, 5], self.num_top)
+                floats[:, 5], (self._bitmask[:b], ints[:, c + 3] > 0), self.num_top)
             for buf, t in zip(self._lp, lp):
                 buf[:b].copy_(t)
         elif mode == SAMPLING:
@@ -252,7 +281,9 @@ class DecodeGraphs:
                 *head, slot=self.slots.slot_of(r, pending=int(ahead)), min_tokens=p.min_tokens,
                 presence=float(p.presence_penalty), frequency=float(p.frequency_penalty),
                 repetition=float(p.repetition_penalty), min_p=float(p.min_p),
-                logprobs=p.logprobs is not None or p.num_sequences > p.n, src=src))
+                logprobs=p.logprobs is not None or p.num_sequences > p.n, src=src,
+                grammar=r.grammar if r.grammar is not None and not r.grammar.terminated
+                else None))
         return rows
 
     @torch.inference_mode()
@@ -308,14 +339,16 @@ class DecodeGraphs:
         if rows:
             ints[:n, :_COLS] = head
             if mode == PROCESSORS:  # the processors' columns are read by that variant only
-                ints[:n, c:c + _TAIL] = [(r.step, r.slot, r.min_tokens) for r in rows]
+                ints[:n, c:c + _TAIL] = [(r.step, r.slot, r.min_tokens, r.grammar is not None)
+                                         for r in rows]
+                self._fill_bitmasks(rows)
                 floats[:n] = [(r.temperature, r.top_p, r.presence, r.frequency, r.repetition,
                                r.min_p) for r in rows]
             else:
                 ints[:n, c] = [r.step for r in rows]
                 floats[:n, :2] = [(r.temperature, r.top_p) for r in rows]
         ints[n:b, :_COLS] = (0, 0, SCRATCH_BLOCK * bs, 0, -1, 0, -1)  # padding: scratch, no keys
-        ints[n:b, c:c + _TAIL] = 0  # no slot, no min_tokens
+        ints[n:b, c:c + _TAIL] = 0  # no slot, no min_tokens, no grammar
         floats[n:b] = _PAD_FLOATS
         # whole rows: contiguous copies (one DMA each), table entries past a row's own unread
         self._ints[:b].copy_(ints_t[:b], non_blocking=self._pinned)

@@ -232,11 +232,3 @@ class SamplingParams:
                 or self.frequency_penalty != 0 or self.repetition_penalty != 1
                 or self.logit_bias is not None or self.logprobs is not None
                 or self.num_sequences > self.n or self.structured_outputs is not None)
-
-    @property
-    def needs_eager(self) -> bool:
-        """Whether this request's decode steps must run eagerly: only a grammar
-        (structured_outputs), whose token bitmask the host's matcher computes after every
-        token (a host round trip per step). Every other processor runs inside the captured
-        decode step (`eaas.engine.decode_graph`, `eaas.engine.sampling_slots`)."""
-        return self.structured_outputs is not None

@@ -133,7 +133,8 @@ class SamplingSlots:
     def sample_processed(self, logits: torch.Tensor, temperature: torch.Tensor,
                          top_k: torch.Tensor, top_p: torch.Tensor, keys: torch.Tensor,
                          steps: torch.Tensor, slots: torch.Tensor, min_tokens: torch.Tensor,
-                         penalties: Sequence[torch.Tensor], min_p: torch.Tensor, num_top: int
+                         penalties: Sequence[torch.Tensor], min_p: torch.Tensor,
+                         grammar: tuple[torch.Tensor, torch.Tensor], num_top: int
                          ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """One token per row after the logits processors, and its log probabilities; counts the
         token into each row's slot. Capturable: no host read, no value-dependent shape.
@@ -142,21 +143,26 @@ class SamplingSlots:
         row's output length): int64 [B], as `sample_batch`. slots: int64 [B] (0: none).
         min_tokens: int64 [B] (stop ids banned while steps < min_tokens). penalties: (presence,
         frequency, repetition) float32 [B] each (0, 0, 1: off). min_p: float32 [B] (0: off).
+        grammar: (bitmask int32 [B, ceil(V / 32)] in xgrammar's layout, bool [B] the rows it
+        constrains).
         num_top: top alternatives per row (<= V). Returns (ids int64 [B], (logprob [B], rank
         [B], top_logprobs [B, num_top], top_ids [B, num_top])) as `logits.compute_logprobs`.
 
-        Rows with neither a slot nor min_p get exactly `sample_batch` of their raw logits (the
-        final `where`), so they sample as on the plain sampling graph.
+        Rows with neither a slot, min_p nor a grammar get exactly `sample_batch` of their raw
+        logits (the final `where`), so they sample as on the plain sampling graph.
         """
         table = self.table[slots]  # [B, V] int32 (slot 0: zeros)
+        bitmask, constrained = grammar
+        x = torch.where(constrained[:, None], lp_ops.apply_token_bitmask(logits, bitmask),
+                        logits)  # first, as in `sample_rows`
         active = (steps < min_tokens)[:, None]  # [B, 1]
-        x = logits.masked_fill(((table & STOP_BIT) != 0) & active, -math.inf)
+        x = x.masked_fill(((table & STOP_BIT) != 0) & active, -math.inf)
         x = lp_ops.apply_logit_bias(x, self.bias_ids[slots], self.bias_values[slots])
         presence, frequency, repetition = penalties
         x = lp_ops.apply_penalties(x, table & PROMPT_BIT, table & COUNT_MASK, presence,
                                    frequency, repetition)
         x = lp_ops.apply_min_p(x, temperature, min_p)
-        x = torch.where(((slots > 0) | (min_p > 0))[:, None], x, logits)
+        x = torch.where(((slots > 0) | (min_p > 0) | constrained)[:, None], x, logits)
         ids = sample_batch(x, temperature, top_k, top_p, keys, steps)  # [B]
         lp = lp_ops.compute_logprobs(logits, ids, num_top)
         # the sampled token joins its slot's output counts (slot 0 rows add nothing)

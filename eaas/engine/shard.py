@@ -23,7 +23,7 @@ import torch
 
 from eaas.actors import Actor
 from eaas.config import EngineConfig
-from eaas.engine.batch_sampling import needs_batched_sampling, needs_eager_step, sample_rows
+from eaas.engine.batch_sampling import needs_batched_sampling, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.decode_graph import DecodeGraphs, DecodeOut
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
@@ -340,8 +340,7 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         return chunks
 
     async def _step(self, reqs: list[Request], lane: int) -> None:
-        if self.local and self.graphs is not None and all(r.prefilled for r in reqs) \
-                and not needs_eager_step(reqs):
+        if self.local and self.graphs is not None and all(r.prefilled for r in reqs):
             return await self._decode_step(reqs, lane)
         await self._drain(lane)  # the eager step feeds the tokens of the step in flight
         reqs = [r for r in reqs if not r.finished]
@@ -455,10 +454,15 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
         last token; one that its in-flight token ends (a stop id, a stop string) has a row of
         this step computed for nothing, dropped when it lands (its blocks are reused only by
         work queued after this step on the same stream). Penalties, min_tokens, logit_bias,
-        min_p and logprobs run inside the step (`DecodeGraphs.rows_of` gives those requests
-        sampling slots and frees the slots of finished ones)."""
+        min_p, logprobs and grammar bitmasks run inside the step (`DecodeGraphs.rows_of` gives
+        those requests sampling slots and frees the slots of finished ones); a lane with a
+        grammar request lands each step before the next (its matcher must accept the token
+        before it fills the next bitmask), so it runs without the overlap."""
         graphs = self.graphs
         assert graphs is not None  # `_step` takes this path only with graphs
+        if any(r.grammar is not None for r in reqs):
+            # a grammar's next bitmask needs its last token accepted on the host: land first
+            await self._drain(lane)
         ahead, self._ahead[lane] = self._ahead[lane], None
         pending = {r.request_id: j for j, r in enumerate(ahead[0])} if ahead is not None else {}
         live = [r for r in reqs if not r.finished and not self._ends_by_count(

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from eaas import AsyncEngine, EngineConfig, SamplingParams
-from eaas.engine import shard as shard_mod
 from eaas.engine.batch_sampling import sample_rows
 from eaas.engine.decode_graph import DecodeGraphs
 from eaas.engine.sampling import fold_seed
@@ -160,7 +159,7 @@ def test_engine_decodes_processors_on_the_graph_path(tiny_dirs, reference_greedy
     assert used > 0  # decode steps with these requests ran on the processors variant
     assert [_summary(o) for o in again] == [_summary(o) for o in got]  # slots freed, reset
     # the eager path: every step through `_step`, sampled by `sample_rows`
-    monkeypatch.setattr(shard_mod, "needs_eager_step", lambda reqs: True)
+    monkeypatch.setattr(AttentionShard, "_capture", lambda self: None)  # no DecodeGraphs
     (want,), used_eager = asyncio.run(_run(d, params))
     assert used_eager == 0
     assert [_summary(o) for o in got] == [_summary(o) for o in want]
@@ -178,9 +177,12 @@ async def _run_joined(model_dir: str, params: list[SamplingParams], late: list[i
 
         async def one(i: int, p: list[int], sp: SamplingParams):
             out = None
-            async for out in engine.generate(p, sp, request_id=f"r{i}"):
-                if i == 0 and len(out.outputs[0].token_ids) >= 3:
-                    joined.set()
+            try:
+                async for out in engine.generate(p, sp, request_id=f"r{i}"):
+                    if i == 0 and len(out.outputs[0].token_ids) >= 3:
+                        joined.set()
+            finally:
+                joined.set()  # r0 ended early (or failed): the late request still runs
             return out
 
         async def later():
@@ -202,6 +204,33 @@ def test_slot_counts_survive_an_eager_step_between_async_steps(tiny_dirs, refere
     params = _params([reference_greedy(d, p, 2)[1] for p in PROMPTS])[:4]  # 4 seats of 6
     monkeypatch.setattr(AttentionShard, "_colocated", lambda self, snap: True)
     got = asyncio.run(_run_joined(d, params, [7, 8, 9, 10, 11, 12]))
-    monkeypatch.setattr(shard_mod, "needs_eager_step", lambda reqs: True)
+    monkeypatch.setattr(AttentionShard, "_capture", lambda self: None)  # no DecodeGraphs
     want = asyncio.run(_run_joined(d, params, [7, 8, 9, 10, 11, 12]))
+    assert [_summary(o) for o in got] == [_summary(o) for o in want]
+
+
+def test_grammar_requests_decode_on_the_graph_path(tiny_dirs, monkeypatch):
+    """A JSON-schema request's bitmask is filled on the host and applied inside the step: the
+    same text as the eager step, valid JSON, on the processors variant; a plain request beside
+    it is unchanged."""
+    import json
+
+    from eaas.engine.params import StructuredOutputsParams
+
+    d = tiny_dirs["qwen3_moe"]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    so = StructuredOutputsParams(json=schema)
+    params = [SamplingParams(max_tokens=30, temperature=1.0, seed=s, structured_outputs=so)
+              for s in range(2)] + [SamplingParams(max_tokens=8, temperature=0,
+                                                   ignore_eos=True)]
+    monkeypatch.setattr(AttentionShard, "_colocated", lambda self, snap: True)
+    (got,), used = asyncio.run(_run(d, params))
+    assert used > 0
+    for o in got[:2]:
+        assert o.outputs[0].finish_reason == "stop"
+        assert set(json.loads(o.outputs[0].text)) == {"ok"}
+    monkeypatch.setattr(AttentionShard, "_capture", lambda self: None)  # no DecodeGraphs
+    (want,), used_eager = asyncio.run(_run(d, params))
+    assert used_eager == 0
     assert [_summary(o) for o in got] == [_summary(o) for o in want]

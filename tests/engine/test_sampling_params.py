@@ -1,5 +1,5 @@
 """SamplingParams: vLLM's fields checked with errors naming the field; which requests need the
-logits processors, and which the eager step (a grammar only)."""
+logits processors."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from eaas.engine.params import StructuredOutputsParams
 from eaas.errors import RequestError
 
 
-def test_needs_processors_names_them_and_only_a_grammar_needs_eager():
+def test_needs_processors_names_them():
     plain = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, seed=1, n=4, stop=["x"])
-    assert not plain.needs_processors and not plain.needs_eager
+    assert not plain.needs_processors
     for kw in ({"min_p": 0.1}, {"min_tokens": 1}, {"presence_penalty": 0.5},
                {"frequency_penalty": -0.5}, {"repetition_penalty": 1.1}, {"logit_bias": {1: 1}},
-               {"logprobs": 0}, {"n": 1, "best_of": 2}):
-        assert SamplingParams(**kw).needs_processors and not SamplingParams(**kw).needs_eager, kw
-    grammar = SamplingParams(structured_outputs=StructuredOutputsParams(json_object=True))
-    assert grammar.needs_processors and grammar.needs_eager
+               {"logprobs": 0}, {"n": 1, "best_of": 2},
+               {"structured_outputs": StructuredOutputsParams(json_object=True)}):
+        assert SamplingParams(**kw).needs_processors, kw
 
 
 @pytest.mark.parametrize("kw,field", [({"n": 0}, "n"), ({"n": 2, "best_of": 1}, "best_of"),

@@ -49,7 +49,9 @@ def _graph_side(slots: SamplingSlots, logits: torch.Tensor, reqs, slot_ids: list
         f([p.top_p for p in ps]), i([r.noise_key for r in reqs]),
         i([len(r.output_ids) for r in reqs]), i(slot_ids), i([p.min_tokens for p in ps]),
         (f([p.presence_penalty for p in ps]), f([p.frequency_penalty for p in ps]),
-         f([p.repetition_penalty for p in ps])), f([p.min_p for p in ps]), MAX_LOGPROBS)
+         f([p.repetition_penalty for p in ps])), f([p.min_p for p in ps]),
+        (torch.zeros(len(reqs), -(-V // 32), dtype=torch.int32),
+         torch.zeros(len(reqs), dtype=torch.bool)), MAX_LOGPROBS)
 
 
 def _logits(step: int, b: int) -> torch.Tensor:
