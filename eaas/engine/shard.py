@@ -5,9 +5,10 @@ Each shard runs `scheduler.micro_batches` lanes (ping-pong): a lane runs one dec
 requests layer by layer, following the layer's dataflow graph; while one lane waits for its
 expert rows, the other computes attention. Shards never wait for each other.
 
-How new tokens become outputs (text, stop strings, logprobs, finishing) is the `TokenEmission`
-mixin (eaas/engine/emission.py); the n > 1 / best_of forks of a prefilled prompt are
-`SeqForking` (eaas/engine/forking.py).
+The co-located decode step, scheduled asynchronously, is the `AsyncDecode` mixin
+(eaas/engine/decode_lane.py); how new tokens become outputs (text, stop strings, logprobs,
+finishing) is the `TokenEmission` mixin (eaas/engine/emission.py); the n > 1 / best_of forks
+of a prefilled prompt are `SeqForking` (eaas/engine/forking.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from eaas.config import EngineConfig
 from eaas.engine.batch_sampling import needs_batched_sampling, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.decode_graph import DecodeGraphs, DecodeOut
+from eaas.engine.decode_lane import AsyncDecode
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.emission import TokenEmission
 from eaas.engine.forking import SeqForking
@@ -89,7 +91,7 @@ class ShardDeps:
     server_devices: Callable[[], dict[str, str]] = dict  # server name -> its device
 
 
-class AttentionShard(TokenEmission, SeqForking, Actor):
+class AttentionShard(AsyncDecode, TokenEmission, SeqForking, Actor):
     def __init__(self, name: str, deps: ShardDeps, device: str) -> None:
         self.name = name
         self.deps = deps
@@ -439,61 +441,6 @@ class AttentionShard(TokenEmission, SeqForking, Actor):
                 self._finish(r, "error", error=f"sampling failed: {type(e).__name__}: {e}")
                 continue
             self._emit(r, token, True, entries.get(pos[b]))
-
-    async def _decode_step(self, reqs: list[Request], lane: int) -> None:
-        """A decode-only step on the co-located fast path: one graph replay (or the same step
-        eagerly under enforce_eager), one device->host copy of the new token ids (and, when a
-        request asks, their log probabilities).
-
-        Async scheduling: this step is launched before the previous step's ids reach the host —
-        its rows feed those tokens on the device (`DecodeGraphs.rows_of(..., pending)`) — and
-        only then does the host wait for them, take them and settle them (detokenizing, stop
-        strings, handing each caller its output, `_land`) while this step runs. So the GPU
-        never waits for the host's work of a step, only for the launch. A request whose
-        tokens end it by their count (max_tokens, the context length) is not stepped past its
-        last token; one that its in-flight token ends (a stop id, a stop string) has a row of
-        this step computed for nothing, dropped when it lands (its blocks are reused only by
-        work queued after this step on the same stream). Penalties, min_tokens, logit_bias,
-        min_p, logprobs and grammar bitmasks run inside the step (`DecodeGraphs.rows_of` gives
-        those requests sampling slots and frees the slots of finished ones); a lane with a
-        grammar request lands each step before the next (its matcher must accept the token
-        before it fills the next bitmask), so it runs without the overlap."""
-        graphs = self.graphs
-        assert graphs is not None  # `_step` takes this path only with graphs
-        if any(r.grammar is not None for r in reqs):
-            # a grammar's next bitmask needs its last token accepted on the host: land first
-            await self._drain(lane)
-        ahead, self._ahead[lane] = self._ahead[lane], None
-        pending = {r.request_id: j for j, r in enumerate(ahead[0])} if ahead is not None else {}
-        live = [r for r in reqs if not r.finished and not self._ends_by_count(
-            r, r.request_id in pending)]
-        if live:
-            out = graphs.run(graphs.rows_of(live, pending),
-                             prev=ahead[1].ids if ahead is not None else None)
-            for r in live:
-                r.num_computed += 1  # its KV at this position is written by the step
-            self._ahead[lane] = (live, out)
-        if ahead is not None:
-            await self._land(*ahead)
-
-    async def _drain(self, lane: int) -> None:
-        """Land the lane's step in flight, if any (before an eager step, or when it is the
-        lane's last)."""
-        ahead, self._ahead[lane] = self._ahead[lane], None
-        if ahead is not None:
-            await self._land(*ahead)
-
-    async def _land(self, live: list[Request], out: DecodeOut) -> None:
-        """Wait for a decode step's ids on the host, then take and settle each row's token;
-        rows whose request ended meanwhile (a stop, an abort) are dropped."""
-        assert out.host is not None
-        ids, finite, *lp = await out.host.wait()
-        self.steps += 1
-        tokens = ids.tolist()
-        entries = self._logprob_entries(live, dict(enumerate(tokens)), lp) if lp else {}
-        for j, (r, token, ok) in enumerate(zip(live, tokens, finite.tolist())):
-            if not r.finished:
-                self._emit(r, token, ok, entries.get(j))
 
     def _table(self, r: Request) -> list[int] | None:
         """r's cache block ids, None once finished: its rows then write the scratch block and
