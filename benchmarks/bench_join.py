@@ -17,6 +17,8 @@ Peer in the same run: `POST /admin/api/servers` (the engine spawns a server proc
 timed from the call to routed.
 
     python benchmarks/bench_join.py [--clients 3] [--window-s 8]
+    python benchmarks/bench_join.py --device cuda:0   # the same on a GPU: shard, the local
+        # server and the joined one on that device (server processes over cudaipc://)
 """
 
 from __future__ import annotations
@@ -67,17 +69,22 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--window-s", type=float, default=8.0)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where the engine and "
+                    "both expert servers run (on CUDA the servers use cudaipc://)")
     args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
     from eaas.model import make_tiny
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-join-"))
     model = make_tiny(tmp / "tiny", "qwen3_moe", seed=3) or tmp / "tiny"
-    (tmp / "eaas.yaml").write_text("placement: {num_expert_servers: 1, expert_replicas: 1}\n"
-                                   "fault: {warm_spares: 0}\n")
+    transport = ", transport: cudaipc" if gpu else ""
+    (tmp / "eaas.yaml").write_text("placement: {num_expert_servers: 1, expert_replicas: 1"
+                                   f"{transport}}}\nfault: {{warm_spares: 0}}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EAAS_ADMIN_TOKEN": TOKEN}
     ready = tmp / "ready.json"
     serve = subprocess.Popen([sys.executable, "-m", "eaas.cli", "serve", str(model), "--config",
-                              str(tmp / "eaas.yaml"), "--port", "0", "--ready-file", str(ready)],
+                              str(tmp / "eaas.yaml"), "--port", "0", "--ready-file", str(ready),
+                              "--device", args.device],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     done: list[float] = []  # finish times of completions
     stop = threading.Event()
@@ -105,7 +112,9 @@ def main() -> int:
         time.sleep(args.window_s + 1.0)  # the before-window (the load's own start excluded)
         t1 = time.monotonic()
         joiner = subprocess.Popen([sys.executable, "-m", "eaas.cli", "expert-server", "--join",
-                                   url, "--name", "joined-0"], stdout=subprocess.DEVNULL,
+                                   url, "--name", "joined-0", "--device", args.device,
+                                   *(["--transport", "cudaipc"] if gpu else [])],
+                                  stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, env=env, text=True)
         t_ticket = None
 
@@ -149,7 +158,7 @@ def main() -> int:
     after = rate(t_routed + 1.0, t_routed + 1.0 + args.window_s)
     cpu = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     print(f"bench_join on {platform.node()} ({cpu}), {time.strftime('%Y-%m-%d')}, "
-          f"{args.clients} clients x {TOKENS} tokens, tiny qwen3_moe, CPU")
+          f"{args.clients} clients x {TOKENS} tokens, tiny qwen3_moe, on {args.device}")
     print(f"{'phase':<34}{'seconds after start':>20}")
     print(f"{'join ticket (joiner stderr)':<34}{(t_ticket or float('nan')) - t1:>20.2f}")
     print(f"{'routed (topology)':<34}{t_routed - t1:>20.2f}")
