@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from eaas.config import EngineConfig
-from eaas.engine.server_process import read_ready, restart_transport, server_argv, spawn_server
+from eaas.engine.server_process import (read_ready, reap, restart_transport, server_argv,
+                                         spawn_server)
 
 __all__ = ["ProcessHome", "Spare", "SpareProcesses"]
 
@@ -125,8 +126,7 @@ class SpareProcesses:
                 set_priority(proc.pid, self.priority + self.nice)
             info = await read_ready(proc, "warm spare expert server", path, self.start_timeout_s)
         except BaseException:
-            if proc.returncode is None:
-                proc.kill()
+            await reap(proc)
             raise
         self._ready.append(Spare(proc, info, path))
 
@@ -153,9 +153,7 @@ class SpareProcesses:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for spare in self._ready:
-            if spare.proc.returncode is None:
-                spare.proc.kill()
-                await spare.proc.wait()
+            await reap(spare.proc)
         self._ready.clear()
 
 

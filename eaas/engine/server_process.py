@@ -147,8 +147,21 @@ async def read_ready(proc: asyncio.subprocess.Process, what: str, log_path: str,
     except TimeoutError:
         raise EaasError(f"{name} did not become ready within {timeout_s}s; see {log_path}"
                         ) from None
-    raise EaasError(f"{name} did not become ready: it exited with code {await proc.wait()}; "
+    await reap(proc)
+    raise EaasError(f"{name} did not become ready: it exited with code {proc.returncode}; "
                     f"see {log_path}")
+
+
+async def reap(proc: asyncio.subprocess.Process) -> None:
+    """Kill `proc` if it runs, wait for its exit and read its stdout to EOF, so that its pipes'
+    transport is closed now, on this loop — not garbage-collected later, after the loop
+    closed ("Event loop is closed" raised in the transport's __del__)."""
+    if proc.returncode is None:
+        proc.kill()
+    await proc.wait()
+    if proc.stdout is not None:
+        await proc.stdout.read()
+    await asyncio.sleep(0)  # the transport's connection_lost callbacks run
 
 
 class ServerProcess(Actor):
