@@ -70,17 +70,19 @@ class TokenEmission:
         self.deps.counters["tokens_generated"] = self.deps.counters.get("tokens_generated", 0) + 1
 
     @staticmethod
-    def _token_end(r: Request) -> str | None:
+    def _full(r: Request, n: int) -> bool:
+        """Whether n output tokens end r by their count: max_tokens, or the context length."""
+        return n >= r.params.max_tokens or len(r.prompt_ids) + n >= r.max_len
+
+    @classmethod
+    def _token_end(cls, r: Request) -> str | None:
         """How r's last token ends it by itself ("stop": a stop id; "length": max_tokens or the
         context length), else None. `_settle` always finishes a request this names."""
         if not r.output_ids:
             return None
         if r.output_ids[-1] in r.stop_ids:
             return "stop"
-        if len(r.output_ids) >= r.params.max_tokens or \
-                len(r.prompt_ids) + len(r.output_ids) >= r.max_len:
-            return "length"
-        return None
+        return "length" if cls._full(r, len(r.output_ids)) else None
 
     @classmethod
     def _ends_by_count(cls, r: Request, pending: bool) -> bool:
@@ -90,8 +92,7 @@ class TokenEmission:
         a stop string is known only once it lands.)"""
         if not pending:
             return cls._token_end(r) is not None
-        n = len(r.output_ids) + 1
-        return n >= r.params.max_tokens or len(r.prompt_ids) + n >= r.max_len
+        return cls._full(r, len(r.output_ids) + 1)
 
     def _settle(self, r: Request) -> None:
         """After `_take`: r's grammar, text and stop strings, then finish or publish it."""
