@@ -1,15 +1,13 @@
 """Package discovery only (metadata is in pyproject.toml).
 
-kernels/ is installed under the import name `eaas_kernels`, so the folder never shadows the
-PyPI package `kernels` that transformers probes for.
+The Triton kernels live in the top-level folder `eaas_kernels/`, named for their import name, so
+nothing in a checkout shadows the PyPI package `kernels` that transformers imports.
 """
 
-from setuptools import find_namespace_packages, find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
-    packages=find_namespace_packages(include=["eaas", "eaas.*"], exclude=["*.__pycache__"])
-    + ["eaas_kernels"]
-    + [f"eaas_kernels.{p}" for p in find_packages("kernels")],
-    package_dir={"eaas_kernels": "kernels"},
+    packages=find_namespace_packages(include=["eaas", "eaas.*", "eaas_kernels", "eaas_kernels.*"],
+                                     exclude=["*.__pycache__"]),
     package_data={"eaas.serving.static": ["*"], "eaas_kernels": ["configs/*.json"]},
 )

@@ -20,8 +20,8 @@ can be slow at batch 128): its requests are aborted and the row is marked partia
     python benchmarks/bench_e2e_gpu.py [--layers 8] [--batches 1,32,128] [--tokens 32]
     python benchmarks/bench_e2e_gpu.py --smoke        # CPU, tiny shape, tcp://, < 30 s
 
-Needs no install on a GPU machine: it puts the checkout and an `eaas_kernels` -> kernels/ link on
-sys.path and on the expert-server processes' PYTHONPATH, and turns NVLink multicast off.
+Needs no install on a GPU machine: it puts the checkout on sys.path and on the expert-server
+processes' PYTHONPATH, and turns NVLink multicast off.
 `bench_scale.py` reuses the helpers here.
 """
 
@@ -51,20 +51,10 @@ SMOKE_SHAPE: dict[str, Any] = dict(
 
 def setup_paths() -> None:
     """Make `eaas` and `eaas_kernels` importable here and in child processes, multicast off."""
-    shim = Path(tempfile.gettempdir()) / "eaas-bench-pp"
-    shim.mkdir(exist_ok=True)
-    link = shim / "eaas_kernels"
-    if not link.exists():
-        try:
-            link.symlink_to(ROOT / "kernels")
-        except FileExistsError:
-            pass
-    paths = [str(ROOT), str(shim)]
-    for p in reversed(paths):
-        if p not in sys.path:
-            sys.path.insert(0, p)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths + old))
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(ROOT)] + old))
     os.environ.update({"NVSHMEM_DISABLE_NVLS": "1", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
                        "NCCL_NVLS_ENABLE": "0"})
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

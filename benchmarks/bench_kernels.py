@@ -13,7 +13,7 @@ Times are medians of CUDA-graph replays (eager in parentheses) over 4 routings r
 repeated calls do not find one routing's experts in L2.
 
     PYTHONPATH=... python benchmarks/bench_kernels.py [--tune] [--quick] [--out DIR]
---tune sweeps block configs per (shape, T) and writes <card>.json (kernels/configs format).
+--tune sweeps block configs per (shape, T) and writes <card>.json (eaas_kernels/configs format).
 """
 
 from __future__ import annotations

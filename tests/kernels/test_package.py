@@ -1,4 +1,4 @@
-"""The folder kernels/ is installed as `eaas_kernels` and never shadows PyPI's `kernels`."""
+"""`eaas_kernels` imports from its folder and nothing of eaas shadows PyPI's `kernels`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
+KERNELS_DIR = Path(__file__).resolve().parents[2] / "eaas_kernels"
 
 PROBE = """
 import importlib.util, json

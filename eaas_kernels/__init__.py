@@ -1,7 +1,7 @@
 """eaas_kernels: Triton kernels for the MoE expert path, each beside a pure-torch reference.
 
-Installed from the top-level folder `kernels/` under the import name `eaas_kernels` (so it never
-shadows the PyPI package `kernels`). The entry points dispatch on the device: CUDA tensors
+The folder is named for its import name, so it never shadows the PyPI package `kernels` that
+transformers imports. The entry points dispatch on the device: CUDA tensors
 run Triton kernels, anything else runs the references in `eaas_kernels.reference` and
 `eaas_kernels.reference_attention`.
 

@@ -1,6 +1,6 @@
 """Block configurations of the fused-MoE kernels: tuned ones as JSON data, and a heuristic.
 
-`kernels/configs/<card>.json` (card = `torch.cuda.get_device_name()` with spaces as `_`) maps
+`eaas_kernels/configs/<card>.json` (card = `torch.cuda.get_device_name()` with spaces as `_`) maps
 a layer shape key "E=128,H=2048,F=768,dtype=bfloat16" to {str(T): config dict}; the entry of
 the nearest T (|T - T_tuned| smallest) is used, and `default_config` when there is no file or key.
 A config dict: {"block_m": 64, "gate_up": {"block_n": 128, "block_k": 64, "group_m": 8,
