@@ -14,6 +14,12 @@ Worked example (S = 2 slots, C = 4 CTAs per send):
 
 A sender never overwrites a slot its receiver has not consumed, and messages between one pair
 arrive in send order. Different pairs are independent: no rank waits for a third one.
+
+With a timeout (the direct path's `NvshmemChannel.timeout_s`) a wait that runs out changes
+nothing of its pair: the send is not made (it is retried by the next one), the receive takes
+nothing (the message, if it comes, is the next receive's); a failure word counts it.
+`exchange_reference` is one round of the direct path; `ExchangeModel` any sequence of puts and
+gathers, dead or late peers included, with the failure words the kernels count.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ChannelLayout", "slot_of", "credit_needed", "arrival_target", "PairState",
-           "exchange_reference"]
+           "exchange_reference", "ExchangeModel"]
 
 
 def slot_of(seq: int, num_slots: int) -> int:
@@ -148,33 +154,119 @@ class PairState:
         return payload
 
 
-def exchange_reference(puts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                       max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def exchange_reference(
+        puts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None],
+        max_rows: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What one round of the direct path computes: every rank puts, then every rank gathers.
 
     puts[s] = (rows [N_s, H], offsets [W + 1], tags [N_s] or None) of rank s, as given to
-    `NvshmemChannel.put`. Returns per rank d (out [W, R, H], out_meta [W, R + 1]) as
-    `NvshmemChannel.gather` leaves them: out[s, :n] = rank s's rows for d and
-    out_meta[s] = [n, tags...] with n = min(group size, R); entries past n are zero here (the
-    kernels leave them untouched). Pure torch on any device.
+    `NvshmemChannel.put`, or None: rank s put nothing (a gather from it times out: n = 0).
+    Returns per rank d (out [W, R, H], out_meta [W, R + 1]) as `NvshmemChannel.gather` leaves
+    them: out[s, :n] = rank s's rows for d and out_meta[s] = [n, tags...] with
+    n = min(group size, R) (0 from a rank that put nothing); entries past n are zero here (the
+    kernels leave them untouched). Pure torch on any device. One round of `ExchangeModel` from
+    fresh counters; use the model for several rounds, dead peers and the failure words.
     """
-    import torch
+    first = next((p for p in puts if p is not None), None)
+    if first is None:
+        raise ValueError("exchange_reference: no rank put anything (rows give H and the dtype)")
+    model = ExchangeModel(len(puts), 1, max_rows, first[0].shape[1], first[0].dtype)
+    return model.round(puts)  # type: ignore[return-value]  (every rank gathers)
 
-    world = len(puts)
-    hidden = puts[0][0].shape[1]
-    outs = []
-    for d in range(world):
-        out = torch.zeros(world, max_rows, hidden, dtype=puts[0][0].dtype)
-        meta = torch.zeros(world, max_rows + 1, dtype=torch.int64)
-        for s, (rows, offsets, tags) in enumerate(puts):
-            if offsets.shape != (world + 1,):
-                raise ValueError(f"rank {s}: offsets must have {world + 1} entries, got "
-                                 f"{tuple(offsets.shape)}")
-            a, b = int(offsets[d]), int(offsets[d + 1])
-            n = min(b - a, max_rows)
-            out[s, :n] = rows[a:a + n].cpu()
+
+class ExchangeModel:
+    """Host model of one channel's direct path over any sequence of puts and gathers, with the
+    kernels' timeouts: a test says which ranks put or gather when, dead peers included, and gets
+    every gather's output and every rank's failure words (`NvshmemChannel.failures()`).
+
+    Every ordered pair is a `PairState` (S slots, credits); a put or a gather of rank r acts on
+    its W pairs in one go, as one kernel launch does, and ops apply in the order called. Where a
+    kernel with `timeout_s` gives up, the model does what the kernel does: a put to a rank that
+    still holds all S slots of the pair sends it nothing (failures(r)[0, d] += 1), a gather from
+    a rank with no message in flight gives n = 0 rows (failures(r)[1, s] += 1); that pair's
+    state does not change either way, so a late message is the next gather's.
+
+    Worked example (W = 2, S = 1; rank 1 stops after round 0, round(puts) = all put, all gather):
+
+        round 1, rank 0 alone: its put reaches both ranks (rank 1 handed slot 0 back in round 0);
+                 its gather: from 0 its rows, from 1 n = 0         failures(0) = [[0, 0], [0, 1]]
+        round 2, rank 0 alone: its put to 1 waits for message 1's slot and is not sent, its
+                 gather gets n = 0 from 1 again                     failures(0) = [[0, 1], [0, 2]]
+        rank 1 resumes: its gather takes rank 0's round-1 message (round 2's was never sent);
+                 its next put is what rank 0's next gather reads from 1.
+    """
+
+    def __init__(self, world_size: int, num_slots: int, max_rows: int, hidden: int,
+                 dtype: torch.dtype) -> None:
+        import torch
+
+        self.world_size, self.max_rows, self.hidden, self.dtype = (world_size, max_rows, hidden,
+                                                                   dtype)
+        self.pairs = [[PairState(num_slots) for _ in range(world_size)]
+                      for _ in range(world_size)]  # pairs[s][d]: sender s -> receiver d
+        self._fail = torch.zeros(world_size, 2, world_size, dtype=torch.int64)
+
+    @classmethod
+    def for_layout(cls, layout: ChannelLayout) -> ExchangeModel:
+        import torch
+
+        return cls(layout.world_size, layout.num_slots, layout.max_rows, layout.hidden,
+                   getattr(torch, layout.dtype))
+
+    def put(self, rank: int, rows: torch.Tensor, offsets: torch.Tensor,
+            tags: torch.Tensor | None = None) -> None:
+        """Rank `rank` runs `NvshmemChannel.put(rows, offsets, tags)`."""
+        w = self.world_size
+        if offsets.shape != (w + 1,):
+            raise ValueError(f"rank {rank}: offsets must have {w + 1} entries, got "
+                             f"{tuple(offsets.shape)}")
+        for d in range(w):
+            pair = self.pairs[rank][d]
+            if not pair.can_send():  # the kernel's wait for credit times out
+                self._fail[rank, 0, d] += 1
+                continue
+            a = int(offsets[d])
+            n = max(min(int(offsets[d + 1]) - a, self.max_rows), 0)
+            pair.send((rows[a:a + n].cpu(), None if tags is None else tags[a:a + n].cpu()))
+
+    def gather(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank `rank` runs `NvshmemChannel.gather`: returns (out [W, R, H], out_meta [W, R+1]),
+        zero past each n."""
+        import torch
+
+        w, r = self.world_size, self.max_rows
+        out = torch.zeros(w, r, self.hidden, dtype=self.dtype)
+        meta = torch.zeros(w, r + 1, dtype=torch.int64)
+        for s in range(w):
+            pair = self.pairs[s][rank]
+            if not pair.can_recv():  # the kernel's wait for the signal times out: n = 0
+                self._fail[rank, 1, s] += 1
+                continue
+            rows, tags = pair.recv()  # type: ignore[misc]
+            n = rows.shape[0]
+            out[s, :n] = rows
             meta[s, 0] = n
             if tags is not None:
-                meta[s, 1:1 + n] = tags[a:a + n].cpu()
-        outs.append((out, meta))
-    return outs
+                meta[s, 1:1 + n] = tags
+        return out, meta
+
+    def round(self, puts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None],
+              gather: Sequence[int] | None = None
+              ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Every rank with puts[s] not None puts, then every rank in `gather` (default: all)
+        gathers; returns each rank's gather output, None for a rank that did not gather."""
+        if len(puts) != self.world_size:
+            raise ValueError(f"puts: one entry per rank ({self.world_size}), got {len(puts)}")
+        for s, p in enumerate(puts):
+            if p is not None:
+                self.put(s, *p)
+        takers = range(self.world_size) if gather is None else set(gather)
+        return [self.gather(d) if d in takers else None for d in range(self.world_size)]
+
+    def failures(self, rank: int) -> torch.Tensor:
+        """Rank `rank`'s failure words as `NvshmemChannel.failures()`: [2, W] int64, row 0 puts
+        per destination, row 1 gathers per source."""
+        return self._fail[rank].clone()
+
+    def clear_failures(self, rank: int) -> None:
+        self._fail[rank].zero_()

@@ -15,8 +15,24 @@ IBGDA NICs, across hosts). Every rank creates the same channels in the same orde
 Both calls only enqueue kernels on the current stream (no host sync, no allocation), so they can
 be captured in a CUDA graph after one warm-up launch. A send waits on the GPU for credit when
 the receiver still holds all S slots of the pair; a receive waits on the GPU for the signal.
-Hazard: a send or receive whose partner never comes spins its kernel forever; put receives on
-a stream of their own when the same stream must also run the sends that feed them.
+Put receives on a stream of their own when the same stream must also run the sends that feed
+them.
+
+Bounded waits (direct path): with `timeout_s` (per channel, `create(..., timeout_s=0.5)`; None,
+the default, waits forever) a wait that runs out gives up without consuming or overwriting
+anything and counts a failure on the device (`ch.failures()`, [2, W] int64, no host sync):
+
+    put: rank d still holds all S slots    -> d gets nothing, failures()[0, d] += 1; the next
+                                              put to d retries the same slot
+    gather: nothing arrived from rank s    -> out_meta[s, 0] = 0 (no rows), failures()[1, s] += 1;
+                                              s's message, if it comes, is the next gather's
+
+so a late partner's messages still arrive in order, one round late. What to do about a timed-out
+step is the caller's choice: retry it, drop it on every rank and `reset_counters()` everywhere,
+or stop using the peer (every wait on a dead peer costs timeout_s again); `clear_failures()`
+zeroes the words.
+Hazard: a send/recv (the NVSHMEM device-library path), or a direct-path wait without
+`timeout_s`, whose partner never comes spins its kernel forever.
 Hazard: a kernel's first launch loads its module, which may synchronise the whole context
 (CUDA lazy loading; NVSHMEM kernels also run `nvshmemx_cumodule_init`'s synchronous copy): if a
 send or put of this process spins for credit meanwhile, the load never returns and both ranks
@@ -38,6 +54,7 @@ NVSHMEM cannot admit a process after start-up: a restarted server joins over cud
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -89,6 +106,13 @@ class NvshmemChannel:
                         row 2: rows cut from puts whose group exceeded R, per destination.
     nvshmem             the buffers are NVSHMEM's (send/recv work); False: torch's CUDA
                         symmetric memory (CUDA IPC mappings), where only the direct path runs.
+    timeout_s           bound of every wait of put / gather / wait_all (None: wait forever). Read
+                        at each launch: a CUDA graph keeps the value it was captured with.
+    fail   [4, W]       int64 (allocated when None): row 0 puts that timed out per destination,
+                        row 1 gathers / wait_all per source (`failures()`); rows 2-3 the verdict
+                        of the put / gather in flight per peer, which its CTAs agree on
+                        (`eaas_kernels.nvlink_p2p._wait`; 0 between launches, except that
+                        wait_all leaves it for release_all).
     """
 
     layout: ChannelLayout
@@ -102,10 +126,19 @@ class NvshmemChannel:
     delta: torch.Tensor | None = None
     done: torch.Tensor | None = None
     nvshmem: bool = True
+    timeout_s: float | None = None
+    fail: torch.Tensor | None = None
     _host_recvd: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._host_recvd = [0] * self.layout.world_size
+        w = self.layout.world_size
+        self._host_recvd = [0] * w
+        check_timeout(self.timeout_s)
+        if self.fail is None:
+            self.fail = torch.zeros(4, w, dtype=torch.int64, device=self.recv_buf.device)
+        elif self.fail.shape != (4, w) or self.fail.dtype != torch.int64:
+            raise ValueError(f"fail must be int64 [4, {w}], got {self.fail.dtype} "
+                             f"{tuple(self.fail.shape)}")
 
     def send(self, peer: int, rows: torch.Tensor, meta: torch.Tensor) -> None:
         """Enqueue a put of meta[0] rows of `rows` into `peer`'s mailbox for this rank.
@@ -179,7 +212,8 @@ class NvshmemChannel:
                  R rows is cut to R (split it over several puts); `rows_cut()` counts the loss.
         tags:    [N] int64 on the GPU (e.g. token index or expert id), delivered beside the rows;
                  without tags the receiver's tag entries are undefined (whatever the slot held).
-        Rank d's slot is written only after d handed it back (credit): a put may wait on the GPU.
+        Rank d's slot is written only after d handed it back (credit): a put may wait on the GPU,
+        at most `timeout_s`; past it d gets nothing this time (`failures()[0, d]` counts it).
         """
         lay = self.layout
         if offsets.dtype != torch.int64 or offsets.shape != (lay.world_size + 1,):
@@ -211,17 +245,21 @@ class NvshmemChannel:
         if tags is not None and (tags.dtype != torch.int64 or tags.shape != rows.shape[:1]):
             raise ValueError(f"put: tags must be int64 [{rows.shape[0]}], got "
                              f"{tags.dtype} {tuple(tags.shape)}")
+        timeout, clock = self._wait_bound()
         _direct().put_kernel[(lay.ctas_per_send, lay.world_size)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.sent, self.done[0],
-            self.done[2], rows, a, a_stride, n, n_stride, a if tags is None else tags,
-            self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden,
-            BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, num_warps=8)
+            self.done[2], self.fail, rows, a, a_stride, n, n_stride, a if tags is None else tags,
+            self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden, timeout,
+            BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, CLOCK=clock,
+            num_warps=8)
 
     def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 64) -> None:
         """Enqueue: wait for the next message from every rank, copy each out, give slots back.
 
         out:      [W, R, H]: out[s, :n_s] = the rows rank s put for this rank.
-        out_meta: [W, R + 1] int64: out_meta[s] = [n_s, tags...].
+        out_meta: [W, R + 1] int64: out_meta[s] = [n_s, tags...]. A source whose message did not
+                  come within `timeout_s` gets n_s = 0 (`failures()[1, s]` counts it; its message,
+                  if it comes later, is the next gather's).
         """
         self._need_direct("gather")
         lay = self.layout
@@ -236,11 +274,12 @@ class NvshmemChannel:
 
     def _gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int) -> None:
         lay = self.layout
+        timeout, clock = self._wait_bound()
         _direct().gather_kernel[(ctas, lay.world_size)](
             self.recv_buf, self.meta, self.sig, self.credit, self.delta, self.recvd,
-            self.done[1], out, out_meta, self.rank, lay.world_size, lay.num_slots,
-            lay.max_rows, lay.hidden, lay.ctas_per_send, BLOCK=DIRECT_BLOCK, COPY=True,
-            num_warps=8)
+            self.done[1], self.fail, out, out_meta, self.rank, lay.world_size, lay.num_slots,
+            lay.max_rows, lay.hidden, lay.ctas_per_send, timeout, BLOCK=DIRECT_BLOCK, COPY=True,
+            CLOCK=clock, num_warps=8)
         self._host_recvd = [n + 1 for n in self._host_recvd]  # eager mirror (see wait_all)
 
     def wait_all(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -251,14 +290,19 @@ class NvshmemChannel:
         from a host-side mirror of the counters: a CUDA graph may capture wait_all/release_all
         only as S rounds in a row, starting from a count that is a multiple of S (each replay
         then sees the same slots in the same order); after replays of `gather`, call
-        `sync_counters()` first.
+        `sync_counters()` first. A source whose message did not come within `timeout_s` counts
+        in `failures()[1, s]` and its views show a stale slot: check before reading them;
+        release_all then leaves that source's slot alone, and the host mirror is one ahead
+        (`sync_counters()` before the next wait_all, as after any failure).
         """
         lay, delta = self.layout, self._need_direct("wait_all")
         w = lay.world_size
+        timeout, clock = self._wait_bound()
         _direct().gather_kernel[(1, w)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
-            self.recv_buf, self.meta, self.rank, w, lay.num_slots, lay.max_rows, lay.hidden,
-            lay.ctas_per_send, BLOCK=DIRECT_BLOCK, COPY=False, num_warps=1)
+            self.fail, self.recv_buf, self.meta, self.rank, w, lay.num_slots, lay.max_rows,
+            lay.hidden, lay.ctas_per_send, timeout, BLOCK=DIRECT_BLOCK, COPY=False, CLOCK=clock,
+            num_warps=1)
         slots = [n % lay.num_slots for n in self._host_recvd]
         return ([self.recv_buf[s, slot] for s, slot in enumerate(slots)],
                 [self.meta[s, slot] for s, slot in enumerate(slots)])
@@ -271,11 +315,24 @@ class NvshmemChannel:
         """
         return [int(n) for n in self.done[2].tolist()]
 
+    def failures(self) -> torch.Tensor:
+        """Waits that timed out so far: a live [2, W] int64 view on the device (no host sync;
+        `.tolist()` syncs). Row 0: puts per destination that found no free slot within
+        `timeout_s` (nothing sent); row 1: gathers / wait_all per source whose message did not
+        come (n = 0 rows, nothing consumed). Always zero without `timeout_s`.
+        """
+        return self.fail[:2]
+
+    def clear_failures(self) -> None:
+        """Enqueue: zero the failure words (e.g. once a timed-out step has been dealt with)."""
+        self.fail[:2].zero_()
+
     def sync_counters(self) -> None:
         """Re-read the device's receive counters into the host mirror `wait_all` uses.
 
         Needed after CUDA-graph replays of `gather` (they advance the device counters behind
-        the host's back). Synchronises the device: start-up / between phases only.
+        the host's back) and after a timed-out gather or wait_all (the mirror advanced, the
+        device did not). Synchronises the device: start-up / between phases only.
         """
         self._host_recvd = [int(n) for n in self.recvd.tolist()]
 
@@ -283,8 +340,8 @@ class NvshmemChannel:
         """Enqueue: every slot returned by `wait_all` is consumed; hand them back (credit)."""
         lay, delta = self.layout, self._need_direct("release_all")
         self._host_recvd = [n + 1 for n in self._host_recvd]
-        _direct().release_kernel[(lay.world_size,)](self.credit, delta, self.recvd, self.rank,
-                                                    lay.world_size, num_warps=1)
+        _direct().release_kernel[(lay.world_size,)](self.credit, delta, self.recvd, self.fail,
+                                                    self.rank, lay.world_size, num_warps=1)
 
     # -- warm-up (see NvshmemPlane.warm_up): step i of every channel, all ranks in lockstep --
 
@@ -326,12 +383,23 @@ class NvshmemChannel:
             self.release(self.rank)
 
     def reset_counters(self) -> None:
-        """Zero this rank's signal, credit and counter words (start-up only: no message may be
-        in flight to or from this rank, on any rank)."""
-        for t in (self.sig, self.credit, self.sent, self.recvd, self.done):
+        """Zero this rank's signal, credit, counter and failure words (start-up, or every rank
+        resynchronising after a failed step: no message may be in flight to or from this rank,
+        on any rank)."""
+        for t in (self.sig, self.credit, self.sent, self.recvd, self.done, self.fail):
             if t is not None:
                 t.zero_()
         self._host_recvd = [0] * self.layout.world_size
+
+    def _wait_bound(self) -> tuple[int, bool]:
+        """(timeout, CLOCK) of the direct path's kernels: nanoseconds of %globaltimer on a GPU;
+        in Triton's CPU interpreter, which runs no inline asm and no other program during a
+        launch, one poll per millisecond. 0: wait forever."""
+        clock = os.environ.get("TRITON_INTERPRET") != "1"
+        seconds = check_timeout(self.timeout_s)
+        if seconds is None:
+            return 0, clock
+        return max(1, round(seconds * (1e9 if clock else 1e3))), clock
 
     def _check_on_gpu(self, what: str, **tensors: torch.Tensor | None) -> None:
         """Row tensors in the channel's dtype, everything on this rank's device."""
@@ -361,6 +429,17 @@ class NvshmemChannel:
                                "mapping (NVSHMEM's nvshmem_ptr is NULL, e.g. another host) or "
                                "hidden is not a multiple of 8; use send/recv (putmem_signal)")
         return self.delta
+
+
+def check_timeout(timeout_s: object) -> float | None:
+    """A channel's `timeout_s`: None (wait forever) or a finite number of seconds > 0."""
+    if timeout_s is None:
+        return None
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+            or not 0 < timeout_s < 1e9:
+        raise ValueError(f"timeout_s={timeout_s!r}: must be None (wait forever) or a number of "
+                         "seconds > 0 (and < 1e9)")
+    return float(timeout_s)
 
 
 def lay_check(lay: ChannelLayout, peer: int, rows: torch.Tensor, meta: torch.Tensor) -> None:
@@ -410,7 +489,7 @@ class NvshmemPlane:
     @classmethod
     def create(cls, group: Any, device: torch.device | str,
                layouts: Mapping[str, ChannelLayout], backend: str = "NVSHMEM",
-               warm_up: bool = True) -> NvshmemPlane:
+               warm_up: bool = True, timeout_s: float | None = None) -> NvshmemPlane:
         """Allocate every channel's symmetric buffers (collective) and zero the words.
 
         group:   a torch.distributed ProcessGroup (NCCL) whose ranks are this plane's PEs.
@@ -418,6 +497,8 @@ class NvshmemPlane:
         backend: torch symmetric-memory backend: "NVSHMEM" (both paths) or "CUDA" (CUDA IPC
                  mappings, same host only: the direct path alone, the cudaipc:// flavour).
         warm_up: run every kernel once (`warm_up`; compiles on a fresh machine take seconds).
+        timeout_s: every channel's bound on the direct path's waits (`NvshmemChannel.timeout_s`;
+                 None: forever). The warm-up itself waits without bound (peers may compile).
         Sets torch's symmetric-memory backend (must precede any other symmetric allocation in
         this process).
         """
@@ -429,6 +510,7 @@ class NvshmemPlane:
             raise ValueError(f"device must be an explicit cuda:N, got {device}")
         if backend not in ("NVSHMEM", "CUDA"):
             raise ValueError(f"backend {backend!r}: must be 'NVSHMEM' or 'CUDA'")
+        check_timeout(timeout_s)
         if symm_mem.get_backend(device) != backend:
             symm_mem.set_backend(backend)
         rank = dist.get_rank(group)
@@ -455,6 +537,8 @@ class NvshmemPlane:
         plane = cls(channels, name)
         if warm_up:
             plane.warm_up(group, device)
+        for ch in channels.values():  # after the warm-up: the timeout is a runtime value, so the
+            ch.timeout_s = timeout_s  # warmed-up variants serve it (no module load later)
         return plane
 
     def warm_up(self, group: Any, device: torch.device) -> None:

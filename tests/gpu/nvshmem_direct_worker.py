@@ -1,9 +1,10 @@
 """Two-rank check of the nvshmem:// direct path (put / gather through NVLink mappings).
 
-    torchrun --nproc-per-node 2 tests/gpu/nvshmem_direct_worker.py [NVSHMEM|CUDA]
+    torchrun --nproc-per-node 2 tests/gpu/nvshmem_direct_worker.py [NVSHMEM|CUDA] [timeouts]
 
-The argument picks torch's symmetric-memory backend of the mailboxes: NVSHMEM's heap
+The first argument picks torch's symmetric-memory backend of the mailboxes: NVSHMEM's heap
 (nvshmem://, the default) or CUDA IPC mappings (cudaipc://); the kernels are the same.
+`timeouts` runs check 5 alone.
 
 Every rank can build every rank's inputs (seeded by rank and round), so each checks its own
 gathers against `eaas.gpu.credits.exchange_reference` bit for bit.
@@ -14,19 +15,26 @@ gathers against `eaas.gpu.credits.exchange_reference` bit for bit.
 3. graph: dispatch put + gather, then combine put (the gathered rows, doubled) + gather, captured
    once and replayed 20 times with new inputs, no host sync in between.
 4. view: wait_all / release_all (zero copy) for 3 rounds.
+5. timeouts (timeout_s = 0.5): rank 0 stops rank 1 (SIGSTOP), then gathers (nothing from rank 1:
+   n = 0) and puts until rank 1's two slots are full; the gather and the last put return after
+   timeout_s to 2 * timeout_s with their failure words set (wall times printed). Rank 1 resumes
+   (SIGCONT), takes what it missed, and a round of both after that is in step. Every gather is
+   checked against `eaas.gpu.credits.ExchangeModel`, which both ranks run through the same story.
 Prints "PASS <name>" per check; exits non-zero on the first failure.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from eaas.gpu import ChannelLayout, NvshmemPlane, init_rank
-from eaas.gpu.credits import exchange_reference
+from eaas.gpu.credits import ExchangeModel, exchange_reference
 
 R, H, S, W = 64, 512, 2, 2
 
@@ -61,11 +69,94 @@ def check(out: torch.Tensor, meta: torch.Tensor, want: tuple[torch.Tensor, torch
         assert torch.equal(out[s, :n].cpu(), w_out[s, :n]), f"{what}: rows from {s}"
 
 
+def timeouts(rank: int, dev: str, backend: str) -> None:
+    """Check 5 (see the module docstring)."""
+    timeout = 0.5
+    lay = ChannelLayout(world_size=W, num_slots=S, max_rows=R, hidden=H, ctas_per_send=8)
+    plane = NvshmemPlane.create(dist.group.WORLD, dev, {"dispatch": lay}, backend=backend,
+                                timeout_s=timeout)
+    ch = plane.channels["dispatch"]
+    assert ch.delta is not None, "no NVLink mapping between the two GPUs"
+    model = ExchangeModel.for_layout(lay)
+    out = torch.empty(W, R, H, dtype=torch.bfloat16, device=dev)
+    meta = torch.empty(W, R + 1, dtype=torch.int64, device=dev)
+    pids = [0] * W
+    dist.all_gather_object(pids, os.getpid())
+
+    def step(actor: int, rnd: int | None = None) -> float:
+        """One op of the story: with `rnd`, rank `actor` puts its round-rnd rows, else it
+        gathers. Every rank runs it on the model (so all know what comes next), only `actor` on
+        the channel, checking gathers and failure words. Returns the op's wall time there."""
+        if rnd is not None:
+            model.put(actor, *puts_of(actor, rnd, "cpu"))
+        else:
+            want = model.gather(actor)
+        if rank != actor:
+            return 0.0
+        args = puts_of(actor, rnd, dev) if rnd is not None else ()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if rnd is not None:
+            ch.put(*args)
+        else:
+            ch.gather(out, meta)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if rnd is None:
+            check(out, meta, want, f"gather of rank {actor}")
+        fails = ch.failures().tolist()
+        assert fails == model.failures(actor).tolist(), f"rank {actor} failures {fails}"
+        return dt
+
+    if rank == 0:
+        os.kill(pids[1], signal.SIGSTOP)
+    try:  # rank 1 is stopped: nothing comes from it, and it hands no slot back
+        step(0, 0)
+        t_gather = step(0)  # from rank 1: n = 0
+        step(0, 1)  # rank 1's second slot
+        t_put = step(0, 2)  # to rank 1: no free slot
+    finally:
+        if rank == 0:
+            os.kill(pids[1], signal.SIGCONT)
+    if rank == 0:
+        for what, dt in (("gather", t_gather), ("put", t_put)):
+            print(f"[rank0] {what} with rank 1 stopped returned after {dt:.3f} s "
+                  f"(timeout_s {timeout})", flush=True)
+            assert 0.9 * timeout <= dt < 2 * timeout, f"{what} took {dt:.3f} s"
+        assert ch.failures().tolist() == [[0, 1], [0, 1]], ch.failures().tolist()
+        ch.clear_failures()
+    model.clear_failures(0)
+    dist.barrier()
+    step(1, 0)  # rank 1 is back: it sends two rounds and takes rank 0's two messages
+    step(1, 1)
+    step(1)
+    step(1)
+    dist.barrier()
+    step(0)  # rank 0 takes its own two and rank 1's two
+    step(0)
+    dist.barrier()
+    step(0, 3)  # in step again: one round of both is what fresh counters give
+    step(1, 2)
+    dist.barrier()
+    step(0)
+    step(1)
+    check(out, meta, exchange_reference([puts_of(0, 3, "cpu"), puts_of(1, 2, "cpu")], R)[rank],
+          "round after the recovery")
+    assert not ch.failures().any()
+    dist.barrier()
+    print(f"[rank{rank}] PASS timeouts", flush=True)
+
+
 def main() -> int:
     info = init_rank()
     rank, dev = info.rank, info.device
     lay = ChannelLayout(world_size=W, num_slots=S, max_rows=R, hidden=H, ctas_per_send=8)
     backend = sys.argv[1] if len(sys.argv) > 1 else "NVSHMEM"
+    if sys.argv[2:] == ["timeouts"]:
+        timeouts(rank, dev, backend)
+        torch.cuda.synchronize()
+        sys.stdout.flush()
+        os._exit(0)
     plane = NvshmemPlane.create(dist.group.WORLD, dev, {"dispatch": lay, "combine": lay},
                                 backend=backend)
     disp, comb = plane.channels["dispatch"], plane.channels["combine"]

@@ -1,12 +1,15 @@
-"""Slot/credit bookkeeping of the nvshmem:// mailboxes (the reference the kernels follow)."""
+"""Slot/credit bookkeeping of the nvshmem:// mailboxes (the reference the kernels follow), and
+the host model of the direct path with timeouts (`ExchangeModel`)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eaas.gpu import ChannelLayout, PairState, arrival_target, credit_needed, slot_of
+from eaas.gpu.credits import ExchangeModel, exchange_reference
 
 
 def test_worked_example_from_the_module_docstring() -> None:
@@ -67,3 +70,34 @@ def test_layout_rejects_bad_fields_by_name(field: str, value: object) -> None:
     kwargs[field] = value
     with pytest.raises(ValueError, match=field if field != "max_rows" else "max_rows"):
         ChannelLayout(**kwargs)  # type: ignore[arg-type]
+
+
+def rows_for_each(rnd: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 2-rank put of round `rnd`: one row to each rank d, every element 10 * rnd + d."""
+    rows = torch.tensor([[10.0 * rnd + d] * 8 for d in range(2)])
+    return rows, torch.tensor([0, 1, 2]), torch.tensor([rnd, rnd])
+
+
+def test_exchange_model_follows_its_worked_example() -> None:
+    model = ExchangeModel.for_layout(ChannelLayout(world_size=2, num_slots=1, max_rows=4,
+                                                   hidden=8, dtype="float32"))
+    model.round([rows_for_each(0), rows_for_each(0)])
+    _, meta = model.round([rows_for_each(1), None], gather=[0])[0]  # rank 1 stopped
+    assert meta[:, 0].tolist() == [1, 0] and model.failures(0).tolist() == [[0, 0], [0, 1]]
+    _, meta = model.round([rows_for_each(2), None], gather=[0])[0]
+    assert meta[:, 0].tolist() == [1, 0] and model.failures(0).tolist() == [[0, 1], [0, 2]]
+    out, meta = model.gather(1)  # rank 1 resumes: rank 0's round-1 row (round 2's never went)
+    assert meta[0, :2].tolist() == [1, 1] and out[0, 0, 0] == 11 and meta[1, 0] == 0
+    assert model.failures(1).tolist() == [[0, 0], [0, 1]]  # (nothing from itself)
+    model.clear_failures(0)
+    assert not model.failures(0).any()
+
+
+def test_exchange_reference_of_a_rank_that_put_nothing() -> None:
+    out, meta = exchange_reference([rows_for_each(3), None], max_rows=4)[1]
+    assert meta[:, 0].tolist() == [1, 0] and out[0, 0, 0] == 31 and not out[1].any()
+    with pytest.raises(ValueError, match="no rank put anything"):
+        exchange_reference([None, None], max_rows=4)
+    rows, _, tags = rows_for_each(0)
+    with pytest.raises(ValueError, match="rank 0: offsets must have 3 entries"):
+        exchange_reference([(rows, torch.tensor([0, 2]), tags), None], max_rows=4)

@@ -2,19 +2,24 @@
 
 W "ranks" live in this one process: each has its own buffers, and the deltas the kernels add to
 reach a peer are plain address differences, as NVSHMEM's peer mappings are on a GPU. Launches
-run one after another here, so a put that would wait for credit is not exercised (the two-GPU
-worker, tests/gpu/nvshmem_direct_worker.py, does that); everything else is: rows, tags, counts,
-slots, signals, credits, spans, the zero-copy view, against `exchange_reference`.
+run one after another here, so a wait that a later launch would end is not exercised (the
+two-GPU worker, tests/gpu/nvshmem_direct_worker.py, does that); everything else is: rows, tags,
+counts, slots, signals, credits, spans, the zero-copy view, against `exchange_reference`, and
+waits that can never end here time out (`timeout_s`: a poll budget in the interpreter), against
+`ExchangeModel`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from eaas.gpu import ChannelLayout
-from eaas.gpu.credits import exchange_reference
+from eaas.gpu.credits import ExchangeModel, exchange_reference
 from eaas.gpu.nvshmem_plane import NvshmemChannel
+from eaas_kernels.nvlink_p2p import TIMED_OUT
 
 from .conftest import interpreter_only
 
@@ -22,7 +27,8 @@ pytestmark = interpreter_only
 W, S, R, H = 3, 2, 6, 16
 
 
-def host_plane(dtype: torch.dtype = torch.float32, ctas: int = 2) -> list[NvshmemChannel]:
+def host_plane(dtype: torch.dtype = torch.float32, ctas: int = 2,
+               timeout_s: float | None = None) -> list[NvshmemChannel]:
     lay = ChannelLayout(world_size=W, num_slots=S, max_rows=R, hidden=H,
                         dtype=str(dtype).removeprefix("torch."), ctas_per_send=ctas)
     i64 = torch.int64
@@ -35,7 +41,7 @@ def host_plane(dtype: torch.dtype = torch.float32, ctas: int = 2) -> list[Nvshme
                               for k in range(4)], dtype=torch.int64)
         chans.append(NvshmemChannel(lay, me, *bufs[me], torch.zeros(W, dtype=torch.int64),
                                     torch.zeros(W, dtype=torch.int64), delta,
-                                    torch.zeros(3, W, dtype=torch.int64)))
+                                    torch.zeros(3, W, dtype=torch.int64), timeout_s=timeout_s))
     return chans
 
 
@@ -49,9 +55,9 @@ def inputs(rank: int, rnd: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
             torch.randint(0, 1 << 40, (n,), generator=g))
 
 
-def check(out, meta, want) -> None:
+def check(out, meta, want, sources=range(W)) -> None:
     w_out, w_meta = want
-    for s in range(W):
+    for s in sources:
         n = int(w_meta[s, 0])
         assert int(meta[s, 0]) == n
         assert torch.equal(meta[s, :1 + n], w_meta[s, :1 + n])
@@ -131,6 +137,131 @@ def test_wait_all_views_alias_the_slots_until_release() -> None:
         assert all(ch.credit.tolist() == [rnd + 1] * W for ch in chans)
 
 
+TIMEOUT = 0.005  # 5 polls in the interpreter: nothing else runs during a launch there
+
+
+def run_round(chans, model, puts, gather=None) -> list:
+    """The ranks with puts[r] not None put, then the ranks in `gather` (default all) gather, on
+    the channels and on the model; every gather and every failure word must match the model.
+    Returns the model's outputs."""
+    for ch, p in zip(chans, puts):
+        if p is not None:
+            ch.put(*p)
+    want = model.round(puts, gather)
+    for ch, w in zip(chans, want):
+        if w is not None:
+            out = torch.full((W, R, H), -1.0)
+            meta = torch.full((W, R + 1), -1, dtype=torch.int64)
+            ch.gather(out, meta)
+            check(out, meta, w)
+    for ch in chans:
+        assert ch.failures().tolist() == model.failures(ch.rank).tolist()
+        assert not ch.fail[2:].any()  # every launch put its verdicts back
+    return want
+
+
+def clear_failures(chans, model) -> None:
+    for ch in chans:
+        ch.clear_failures()
+        model.clear_failures(ch.rank)
+        assert not ch.failures().any()
+
+
+def test_gather_from_a_rank_that_never_put_times_out_and_the_rank_can_come_back() -> None:
+    chans = host_plane(timeout_s=TIMEOUT)
+    model = ExchangeModel.for_layout(chans[0].layout)
+    puts = [inputs(r, 0, torch.float32) for r in range(W)]
+    run_round(chans, model, [puts[0], puts[1], None], gather=[0, 1])  # rank 2 is dead
+    for ch in chans[:2]:  # n = 0 from rank 2 (run_round checked it), the others' rows intact
+        assert ch.failures().tolist() == [[0, 0, 0], [0, 0, 1]]
+        assert ch.recvd.tolist() == [1, 1, 0]  # nothing taken from rank 2 ...
+    assert chans[2].credit.tolist() == [0, 0, 0]  # ... and no slot handed back to it
+    run_round(chans, model, [None] * W, gather=[2])  # back: it takes what it missed
+    assert chans[2].failures().tolist() == [[0, 0, 0], [0, 0, 1]]  # (from itself: nothing)
+    clear_failures(chans, model)
+    nxt = [inputs(r, 1, torch.float32) for r in range(W)]
+    for got, fresh in zip(run_round(chans, model, nxt), exchange_reference(nxt, R)):
+        check(*got, fresh)  # every pair in step again: what fresh counters would give
+    assert all(not ch.failures().any() for ch in chans)
+
+
+def test_put_to_a_rank_that_gives_no_credit_back_times_out_and_leaves_its_slots() -> None:
+    chans = host_plane(timeout_s=TIMEOUT)
+    model = ExchangeModel.for_layout(chans[0].layout)
+    rounds = [[inputs(r, k, torch.float32) for r in range(W)] for k in range(S + 2)]
+    for k in range(S):  # rank 2 puts but never gathers: then it holds all S slots of each pair
+        run_round(chans, model, rounds[k], gather=[0, 1])
+    held = chans[2].recv_buf.clone(), chans[2].meta.clone()
+    run_round(chans, model, rounds[S], gather=[0, 1])  # one more put to rank 2: no free slot
+    c = chans[0].layout.ctas_per_send
+    for ch in chans:
+        assert ch.failures().tolist() == [[0, 0, 1], [0, 0, 0]]
+        assert ch.sent.tolist() == [S + 1, S + 1, S]  # not sent: the next put retries the slot
+    assert chans[2].sig.tolist() == [S * c] * W  # no signal ...
+    assert torch.equal(chans[2].recv_buf, held[0]) and torch.equal(chans[2].meta, held[1])
+    for _ in range(S):  # ... and no slot touched: rank 2 comes back and takes its S messages
+        run_round(chans, model, [None] * W, gather=[2])
+    clear_failures(chans, model)
+    for got, fresh in zip(run_round(chans, model, rounds[S + 1]),
+                          exchange_reference(rounds[S + 1], R)):
+        check(*got, fresh)
+
+
+def test_one_ctas_timeout_vetoes_the_launch_for_every_cta() -> None:
+    """On a GPU a signal landing at the deadline can be seen by some CTAs of a launch and not
+    by others; the first verdict holds for all of them. Here the verdict word is set as a CTA
+    that timed out first leaves it, while every CTA finds its target already reached."""
+    chans = host_plane(timeout_s=TIMEOUT)
+    puts = [inputs(r, 0, torch.float32) for r in range(W)]
+    chans[0].fail[2, 1] = TIMED_OUT.value  # rank 0's put to rank 1
+    chans[2].fail[3, 1] = TIMED_OUT.value  # rank 2's gather from rank 1
+    for ch, p in zip(chans, puts):
+        ch.put(*p)
+    assert chans[0].sent.tolist() == [1, 0, 1] and chans[1].sig.tolist()[0] == 0  # nothing sent
+    assert chans[0].failures().tolist() == [[0, 1, 0], [0, 0, 0]]
+    out = torch.full((W, R, H), -1.0)
+    meta = torch.full((W, R + 1), -1, dtype=torch.int64)
+    chans[2].gather(out, meta)
+    want = exchange_reference(puts, R)[2]
+    check(out, meta, want, sources=(0, 2))
+    assert int(meta[1, 0]) == 0 and bool((out[1] == -1).all())  # nothing copied from rank 1
+    assert chans[2].recvd.tolist() == [1, 0, 1] and chans[1].credit.tolist()[2] == 0
+    assert chans[2].failures().tolist() == [[0, 0, 0], [0, 1, 0]]
+    assert not chans[0].fail[2:].any() and not chans[2].fail[2:].any()
+    chans[2].gather(out, meta)  # rank 1's message stayed in its slot: this gather takes it
+    check(out, meta, want, sources=(1,))
+    assert int(meta[0, 0]) == int(meta[2, 0]) == 0  # (nothing more came from 0 and 2)
+    assert chans[2].failures().tolist() == [[0, 0, 0], [1, 1, 1]]
+
+
+def test_wait_all_from_a_rank_that_never_put_times_out_and_release_all_skips_it() -> None:
+    chans = host_plane(timeout_s=TIMEOUT)
+    puts = [inputs(r, 0, torch.float32) for r in range(2)] + [None]  # rank 2 is dead
+    for ch, p in zip(chans[:2], puts[:2]):
+        ch.put(*p)
+    ch = chans[0]
+    views, metas = ch.wait_all()
+    check(torch.stack(views), torch.stack(metas), exchange_reference(puts, R)[0], sources=(0, 1))
+    assert ch.failures().tolist() == [[0, 0, 0], [0, 0, 1]]  # rank 2's view: a stale slot
+    ch.release_all()
+    assert ch.recvd.tolist() == [1, 1, 0] and not ch.fail[2:].any()
+    assert [int(c.credit[0]) for c in chans] == [1, 1, 0]  # no slot handed back to rank 2
+    ch.sync_counters()  # the host mirror had counted rank 2's message too
+    views, _ = ch.wait_all()
+    assert views[2].data_ptr() == ch.recv_buf[2, 0].data_ptr()  # still its first slot
+    ch.release_all()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
+def test_bad_timeouts_are_named(bad) -> None:
+    with pytest.raises(ValueError, match=r"timeout_s=.* must be None \(wait forever\) or"):
+        host_plane(timeout_s=bad)
+    ch = host_plane()[0]
+    ch.timeout_s = bad  # set later: checked at the next launch
+    with pytest.raises(ValueError, match="timeout_s="):
+        ch.gather(torch.zeros(W, R, H), torch.zeros(W, R + 1, dtype=torch.int64))
+
+
 def test_bad_arguments_are_named() -> None:
     ch = host_plane()[0]
     rows = torch.zeros(4, H)
@@ -151,6 +282,8 @@ def test_bad_arguments_are_named() -> None:
     odd = torch.zeros(4 * H + 1)[1:].view(4, H)  # 4 bytes past a 16-byte boundary
     with pytest.raises(ValueError, match="rows must start on a 16-byte boundary"):
         ch.put(odd, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"fail must be int64 \[4, 3\]"):
+        dataclasses.replace(ch, fail=torch.zeros(2, W, dtype=torch.int64))
     ch.delta = None
     with pytest.raises(RuntimeError, match="no direct path"):
         ch.put(rows, torch.zeros(4, dtype=torch.int64))
