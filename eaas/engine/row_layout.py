@@ -178,9 +178,10 @@ def serve_rows_ref(x_rows: torch.Tensor, pair_experts: torch.Tensor, pair_weight
     expert_forward(rows [N, H], local expert ids [N]) -> [N, H]. Returns [C, H].
     """
     C, K = pair_experts.shape
+    H = x_rows.shape[1]
     present = pair_experts >= 0  # [C, K]
-    flat_rows = x_rows[:, None, :].expand(C, K, x_rows.shape[1]).reshape(C * K, -1)
-    out = expert_forward(flat_rows, pair_experts.clamp(min=0).reshape(-1)).view(C, K, -1)
+    flat_rows = x_rows[:, None, :].expand(C, K, H).reshape(C * K, H)
+    out = expert_forward(flat_rows, pair_experts.clamp(min=0).reshape(-1)).view(C, K, H)
     w = torch.where(present, pair_weights, 0).to(out.dtype)  # [C, K]
     return (out * w[:, :, None]).sum(1)  # [C, H]
 
@@ -193,7 +194,8 @@ def moe_per_pair_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     [T, K]; expert_forward(rows [N, H], global expert ids [N]) -> [N, H]. Returns [T, H].
     """
     T, K = topk_ids.shape
-    rows = x[:, None, :].expand(T, K, x.shape[1]).reshape(T * K, -1)  # [T * K, H]
-    out = expert_forward(rows, topk_ids.clamp(min=0).reshape(-1)).view(T, K, -1)
+    H = x.shape[1]
+    rows = x[:, None, :].expand(T, K, H).reshape(T * K, H)  # [T * K, H]
+    out = expert_forward(rows, topk_ids.clamp(min=0).reshape(-1)).view(T, K, H)
     w = torch.where(topk_ids >= 0, topk_weights, 0).to(out.dtype)  # [T, K]
     return (out * w[:, :, None]).sum(1)  # [T, H]

@@ -146,3 +146,11 @@ def test_pack_and_combine_keep_fixed_shapes_and_never_sync():
         shapes.add((tuple(lay.rows.shape), tuple(lay.pair_experts.shape),
                     tuple(lay.token_slots.shape), tuple(lay.overflow.shape), tuple(y.shape)))
     assert shapes == {((3, 4), (3, 4, 2), (7, 2), (), (7, H))}
+
+
+def test_the_references_take_an_empty_batch():
+    """A step with no tokens (an idle shard's round) is legal: both references return [0, H]."""
+    f = lambda rows, ids: rows * (ids[:, None] + 1)  # noqa: E731
+    none = torch.zeros(0, 2, dtype=torch.long)
+    assert moe_per_pair_ref(torch.zeros(0, 8), none, torch.zeros(0, 2), f).shape == (0, 8)
+    assert serve_rows_ref(torch.zeros(0, 8), none, torch.zeros(0, 2), f).shape == (0, 8)

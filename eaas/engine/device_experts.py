@@ -1,0 +1,404 @@
+"""One MoE layer's device data path between attention shards and expert servers (issue 17).
+
+A shard's experts step packs its token rows once per server (`row_layout.pack_rows`), stores
+them straight into each server's receive slots over the nvshmem:// direct path
+(`NvshmemChannel.put_spans`: NVLink stores through peer mappings, or CUDA IPC mappings), and
+waits on the device for the results (`gather`) before combining them (`combine_rows`). A server
+gathers the rows of every shard, runs the grouped GEMM over its local experts on the pairs that
+arrived (`eaas_kernels.fused_moe`, masked by the device-side counts) and puts one weighted sum
+per row back where the row came from. Nothing reads a device value on the host and every shape
+is fixed, so both ends can be captured in CUDA graphs.
+
+Wire format (`ExchangeFormat`): three channels over ONE plane whose ranks are the shards and
+the servers (W = shards + servers), S slots per pair, R rows per message (= pack_rows' capacity:
+R >= the largest step's token count means nothing can overflow, since a token crosses to a
+server at most once):
+
+    moe_rows    [H] activation dtype   the token row x[t]; int64 tag = t (the shard's token index)
+    moe_pairs   [P] float32, P = 2K rounded up to 8: [w_0 .. w_K-1, e_0 .. e_K-1, 0 ...], the
+                row's (local expert, weight) pairs on that server in the token's k order; ids are
+                exact float32 integers (< 2**24), -1 pads with weight 0
+    moe_results [H] activation dtype   sum_j w_j * expert_e_j(x[t]) for that server; tag = t
+
+Why a companion float32 channel: the weights stay exact float32 by value (no bit casts through a
+bf16 payload, which a copy that converts, or a later fp8 dispatch of the row payload, would
+corrupt); the ids need no packing limit (an int64 tag holds 8 ids of 7 bits at most, and still
+no weights); the activation rows keep exactly [H] (the same buffers and copy kernels as any
+row); the cost is one more put/gather of 4P bytes per row in the same round.
+
+Lockstep: the direct path's put writes a message to EVERY rank of the channel and its gather
+waits for one from every rank, so in each round every rank puts once and gathers once on each of
+the three channels; messages nobody needs are empty (n = 0, only a signal): shards put empty
+results and receive empty rows and pairs, servers put empty rows and pairs and send empty
+results to servers. Each MoE layer of each step is one round, in layer order, on every rank.
+
+Worked example: ranks 0 = shard, 1 = server 0, 2 = server 1; R = 2, K = 2 (P = 8); experts 0, 1
+on server 0 and 2, 3 on server 1 (local ids 0, 1 on each), as in row_layout's example:
+
+    topk_ids = [[0, 2], [1, 0], [3, 2]], topk_weights = [[.6, .4], [.7, .3], [.5, .5]]
+    pack_rows: rows = [[0, 1], [0, 2]], counts = [2, 2]
+    shard, moe_rows:  put_spans(x[rows.flat] = [x0, x1, x0, x2], starts = [0, 0, 2],
+                                counts = [0, 2, 2], tags = [0, 1, 0, 2])
+    shard, moe_pairs: the same spans of [[.6, 0, 0, -1, 0..], [.7, .3, 1, 0, 0..],
+                                         [.4, 0, 0, -1, 0..], [.5, .5, 1, 0, 0..]]
+    server 0 gathers: rows_in[0] = [x0, x1], meta_in[0] = [2, 0, 1]; rows_in[1, 2]: n = 0
+    server 0, moe_results: put_spans(y [W * R, H], starts = [0, R, 2R], counts = meta_in[:, 0]
+                                     = [2, 0, 0], tags = meta_in[:, 1:]): y[0] = .6 e0(x0),
+                                     y[1] = .7 e1(x1) + .3 e0(x1)
+    shard gathers results_in [W, R, H]; combine_rows(results_in[[1, 2]], layout) -> [T, H]
+
+Wiring (not done here):
+- The channels: every shard and server process creates one plane at start-up, collectively over
+  all of them (`NvshmemPlane.create(group, device, fmt.layouts())`); `ExchangeChannels` picks the
+  three channels out of it and the process's `ShardExchange` or `ServerExchange` owns them for
+  every MoE layer (one round per layer per step). The shard hands its `ShardExchange` to the
+  executor as the experts step (`DecodeGraphs(experts=...)`): each layer's send + receive is
+  captured inside the decode graph of every bucket (R is fixed, so one channel set serves all
+  buckets); routing changes are copied into the `ExpertPlacement` tensors in place between
+  replays (`update`), so the captured graphs read the new map.
+- A server's device loop: one CUDA graph per MoE layer capturing `server(layer)` (post, serve,
+  drain over fixed buffers and that layer's weights); a host loop enqueues them ahead (for each
+  step, for each MoE layer: replay), each replay waiting on the device for the shards' puts, so
+  there is no per-layer host round trip; the host only keeps a bounded number of steps queued
+  (an event per step). Every rank must run the same rounds in the same order: a shard with
+  nothing to do still steps with T = 0.
+- A server failure: with the plane's `timeout_s`, a wait that does not complete in time ends
+  and counts a per-peer failure word instead of spinning forever (a put sends that peer
+  nothing, a gather reports n = 0 rows from it: `receive` then adds 0 for that server, never a
+  stale slot). The shard's step returns `failures()` ([2, W], on the device) with its token
+  ids, and the step-replay ledger (`eaas.engine.step_ledger`) decides: REPLAY drops the server
+  from routing (a new generation, copied into the placements) and replays the step. A timed-out
+  pair is not consumed (its message arrives one round late), so before the replay every rank
+  re-aligns its rounds (`reset_counters` everywhere, or the peer leaves the plane's rounds).
+  Tokens routed to no live replica are orphans (their pairs' server is -1: pack_rows drops
+  them; the ledger fails those requests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eaas.engine.row_layout import RowLayout, combine_rows, pack_rows
+from eaas.gpu.credits import ChannelLayout
+from eaas.gpu.nvshmem_plane import NvshmemChannel
+from eaas_kernels import fused_moe
+
+__all__ = ["ExchangeFormat", "ExchangeChannels", "ExpertPlacement", "ShardExchange",
+           "ServerExchange", "serve_pairs", "bank_rows", "ROWS", "PAIRS", "RESULTS"]
+
+ROWS, PAIRS, RESULTS = "moe_rows", "moe_pairs", "moe_results"  # the plane's channel names
+MAX_LOCAL_EXPERTS = 1 << 24  # local ids travel as float32 integers: exact below 2**24
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeFormat:
+    """The wire format of one layer's exchange (see the module docstring), the same on every rank.
+
+    shard_ranks / server_ranks: the plane's ranks of the shards and of the servers, together
+                  exactly 0..W-1; server index s (pack_rows' servers) is rank server_ranks[s].
+    max_rows:     R, rows per (shard, server) message: the shard's packing capacity per server.
+    hidden:       H. top_k: K. dtype: the activation dtype name ("bfloat16", ...).
+    num_slots, ctas_per_send: the channels' S and put CTAs; gather_ctas: CTAs per gather.
+    """
+
+    shard_ranks: tuple[int, ...]
+    server_ranks: tuple[int, ...]
+    max_rows: int
+    hidden: int
+    top_k: int
+    dtype: str = "bfloat16"
+    num_slots: int = 2
+    ctas_per_send: int = 16
+    gather_ctas: int = 64
+
+    def __post_init__(self) -> None:
+        ranks = sorted(self.shard_ranks + self.server_ranks)
+        if not self.shard_ranks or not self.server_ranks or ranks != list(range(len(ranks))):
+            raise ValueError(f"shard_ranks {self.shard_ranks} and server_ranks "
+                             f"{self.server_ranks} must be non-empty and split 0..W-1")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: must be >= 1")
+        self.layouts()  # ChannelLayout checks the sizes
+
+    @property
+    def world_size(self) -> int:
+        return len(self.shard_ranks) + len(self.server_ranks)
+
+    @property
+    def pair_width(self) -> int:
+        """P: K weights and K ids, rounded up to 8 floats (the direct path's 16-byte vectors)."""
+        return -(-2 * self.top_k // 8) * 8
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def layouts(self) -> dict[str, ChannelLayout]:
+        """The three channels' layouts, for `NvshmemPlane.create`."""
+        def lay(hidden: int, dtype: str) -> ChannelLayout:
+            return ChannelLayout(world_size=self.world_size, num_slots=self.num_slots,
+                                 max_rows=self.max_rows, hidden=hidden, dtype=dtype,
+                                 ctas_per_send=self.ctas_per_send)
+
+        return {ROWS: lay(self.hidden, self.dtype), PAIRS: lay(self.pair_width, "float32"),
+                RESULTS: lay(self.hidden, self.dtype)}
+
+    def encode_pairs(self, pair_experts: torch.Tensor, pair_weights: torch.Tensor
+                     ) -> torch.Tensor:
+        """[..., K] int64 ids (-1 pads) and [..., K] weights -> [..., P] float32 pair rows."""
+        k = self.top_k
+        out = pair_weights.new_zeros(*pair_weights.shape[:-1], self.pair_width,
+                                     dtype=torch.float32)
+        out[..., :k] = pair_weights
+        out[..., k:2 * k] = pair_experts
+        return out
+
+    def decode_pairs(self, pairs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[..., P] float32 pair rows -> (ids int64 [..., K], weights float32 [..., K])."""
+        k = self.top_k
+        return pairs[..., k:2 * k].long(), pairs[..., :k]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeChannels:
+    """This rank's three channels of the exchange (one set for every MoE layer)."""
+
+    rows: NvshmemChannel
+    pairs: NvshmemChannel
+    results: NvshmemChannel
+
+    @classmethod
+    def from_plane(cls, plane: Any) -> ExchangeChannels:
+        """The channels `fmt.layouts()` named in an `NvshmemPlane`."""
+        return cls(plane.channels[ROWS], plane.channels[PAIRS], plane.channels[RESULTS])
+
+    @property
+    def rank(self) -> int:
+        return self.rows.rank
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.recv_buf.device
+
+    def check(self, fmt: ExchangeFormat) -> None:
+        want = fmt.layouts()
+        for name, ch in ((ROWS, self.rows), (PAIRS, self.pairs), (RESULTS, self.results)):
+            if ch.layout != want[name] or ch.rank != self.rank:
+                raise ValueError(f"channel {name}: layout {ch.layout} (rank {ch.rank}) does not "
+                                 f"match the format's {want[name]} (rank {self.rank})")
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertPlacement:
+    """The routing of one layer as device tensors: where each expert's pairs go.
+
+    server: [E] int64, the server index (position in `ExchangeFormat.server_ranks`) chosen for
+            each expert (one replica of a replicated expert); -1: no live replica (dropped).
+    local:  [E] int64, the expert's row in that server's weights (its id on the wire).
+    """
+
+    server: torch.Tensor
+    local: torch.Tensor
+
+    @classmethod
+    def build(cls, num_experts: int, choice: Mapping[int, tuple[int, int]],
+              device: torch.device | str = "cpu") -> ExpertPlacement:
+        """choice: expert -> (server index, local row); experts left out go nowhere."""
+        server = torch.full((num_experts,), -1, dtype=torch.long)
+        local = torch.zeros(num_experts, dtype=torch.long)
+        for e, (s, row) in choice.items():
+            if not 0 <= row < MAX_LOCAL_EXPERTS:
+                raise ValueError(f"expert {e}: local row {row} is not in [0, 2**24)")
+            server[e], local[e] = s, row
+        return cls(server.to(device), local.to(device))
+
+    def update(self, other: ExpertPlacement) -> None:
+        """Take `other`'s routing in place (captured graphs keep reading these tensors)."""
+        self.server.copy_(other.server, non_blocking=True)
+        self.local.copy_(other.local, non_blocking=True)
+
+
+def bank_rows(bank: Any) -> dict[int, int]:
+    """Row of each expert an `ExpertBank` hosts in its weight tensors: its index in a loaded
+    bank, its global id in a view of a whole-layer bank (whose tensors hold every expert)."""
+    if bank.gate.shape[0] == len(bank.expert_ids):
+        return {e: i for i, e in enumerate(bank.expert_ids)}
+    return {e: e for e in bank.expert_ids}
+
+
+def serve_pairs(rows_in: torch.Tensor, pairs_in: torch.Tensor, counts: torch.Tensor,
+                fmt: ExchangeFormat, w_gate_up: torch.Tensor, w_down: torch.Tensor
+                ) -> torch.Tensor:
+    """What a server computes on one round's arrivals: y[s, c] = sum_j w * expert_e(x) over row
+    c's pairs from rank s, for c < counts[s]; 0 elsewhere.
+
+    rows_in [W, R, H], pairs_in [W, R, P] float32 (a gather's outputs: rows past counts hold
+    stale data), counts [W] int64 on the device. Returns [W * R, H] in rows_in's dtype. One
+    grouped GEMM over the W * R * K flattened pairs (`fused_moe`: Triton on CUDA, no host
+    sync); padding pairs run local expert 0 on a zero row with weight 0 (exactly 0).
+    """
+    w, r, h = rows_in.shape
+    valid = torch.arange(r, device=rows_in.device)[None, :] < counts[:, None]  # [W, R]
+    ids, weights = fmt.decode_pairs(pairs_in)  # [W, R, K]
+    present = valid[..., None] & (ids >= 0)
+    x = torch.where(valid[..., None], rows_in, 0).view(w * r, h)
+    return fused_moe(x, w_gate_up, w_down, torch.where(present, ids, 0).view(w * r, -1),
+                     torch.where(present, weights, 0).view(w * r, -1))
+
+
+class ShardExchange:
+    """A shard's experts step over the device exchange, with `bank_experts`' signature.
+
+    `step(layer, x, topk_ids, topk_weights, params)` = `send` then `receive`: one round on
+    every channel. The two halves are public so that one process can interleave fake ranks
+    (tests), or a caller can overlap work between them. `overflow` ([] int64, on the device)
+    counts every row dropped so far because a server's R rows were full.
+    """
+
+    def __init__(self, fmt: ExchangeFormat, channels: ExchangeChannels,
+                 placements: Mapping[int, ExpertPlacement]) -> None:
+        channels.check(fmt)
+        if channels.rank not in fmt.shard_ranks:
+            raise ValueError(f"rank {channels.rank} is not a shard rank {fmt.shard_ranks}")
+        self.fmt, self.channels, self.placements = fmt, channels, dict(placements)
+        dev, dt, i64 = channels.device, fmt.torch_dtype, torch.int64
+        w, r, h, p = fmt.world_size, fmt.max_rows, fmt.hidden, fmt.pair_width
+        self._server_rank = torch.tensor(fmt.server_ranks, dtype=i64, device=dev)  # [S]
+        self._starts = torch.zeros(w, dtype=i64, device=dev).index_copy_(
+            0, self._server_rank, torch.arange(len(fmt.server_ranks), device=dev) * r)
+        self._none = torch.zeros(w, dtype=i64, device=dev)  # starts / counts of empty puts
+        self._blank = torch.zeros(1, h, dtype=dt, device=dev)  # an empty put's rows (unread)
+        self.results_in = torch.zeros(w, r, h, dtype=dt, device=dev)
+        self.results_meta = torch.zeros(w, r + 1, dtype=i64, device=dev)
+        # rows and pairs only ever bring empty messages here: nothing but their meta is written
+        self._void_meta = torch.zeros(2, w, r + 1, dtype=i64, device=dev)
+        self._void_pairs = torch.zeros(w, r, p, dtype=torch.float32, device=dev)
+        self.overflow = torch.zeros((), dtype=i64, device=dev)
+        self._pending: RowLayout | None = None
+
+    def __call__(self, layer: Any, x: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, params: Mapping[str, Any] | None = None
+                 ) -> torch.Tensor:
+        """The executor's experts step: x [T, H], topk_ids/topk_weights [T, K] -> [T, H]."""
+        self.send(layer.layer_idx, x, topk_ids, topk_weights)
+        return self.receive()
+
+    def send(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
+             topk_weights: torch.Tensor) -> None:
+        """Enqueue this round's puts: each server's packed rows and pairs, empty results."""
+        fmt, ch = self.fmt, self.channels
+        if self._pending is not None:
+            raise RuntimeError("send: the previous round was not received")
+        if layer_idx not in self.placements:
+            raise ValueError(f"layer {layer_idx} has no expert placement here "
+                             f"(layers: {sorted(self.placements)})")
+        if x.dtype != fmt.torch_dtype or x.dim() != 2 or x.shape[1] != fmt.hidden:
+            raise ValueError(f"x must be [T, {fmt.hidden}] {fmt.torch_dtype}, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if topk_ids.dim() != 2 or topk_ids.shape != (x.shape[0], fmt.top_k):
+            raise ValueError(f"topk_ids must be [{x.shape[0]}, {fmt.top_k}], got "
+                             f"{tuple(topk_ids.shape)}")
+        place = self.placements[layer_idx]
+        layout = pack_rows(topk_ids, topk_weights, place.server, len(fmt.server_ranks),
+                           fmt.max_rows, place.local)
+        counts = torch.zeros_like(self._none).index_copy_(0, self._server_rank, layout.counts)
+        tokens = layout.rows.reshape(-1)  # [S * R]: row s * R + c is token rows[s, c]
+        rows = x[tokens.clamp(min=0)] if x.shape[0] else x.new_zeros(tokens.shape[0], fmt.hidden)
+        ch.rows.put_spans(rows, self._starts, counts, tokens)
+        pairs = fmt.encode_pairs(layout.pair_experts, layout.pair_weights)
+        ch.pairs.put_spans(pairs.view(-1, fmt.pair_width), self._starts, counts)
+        ch.results.put_spans(self._blank, self._none, self._none)
+        self.overflow += layout.overflow
+        self._pending = layout
+
+    def receive(self) -> torch.Tensor:
+        """Enqueue this round's gathers (waits on the device for every server); combine."""
+        layout, self._pending = self._pending, None
+        if layout is None:
+            raise RuntimeError("receive: no round was sent")
+        ch, ctas = self.channels, self.fmt.gather_ctas
+        ch.rows.gather(self.results_in, self._void_meta[0], ctas)
+        ch.pairs.gather(self._void_pairs, self._void_meta[1], ctas)
+        ch.results.gather(self.results_in, self.results_meta, ctas)
+        y = self.results_in.index_select(0, self._server_rank)  # [S, R, H]
+        got = self.results_meta.index_select(0, self._server_rank)[:, :1]  # [S, 1]
+        arrived = torch.arange(self.fmt.max_rows, device=y.device)[None, :] < got  # [S, R]
+        # a gather that timed out reports n = 0: that server's rows add 0, not stale slots
+        return combine_rows(torch.where(arrived[..., None], y, 0), layout)
+
+    def failures(self) -> torch.Tensor:
+        """[2, W] int64 on the device (no host sync): timed-out waits of this rank's three
+        channels so far, row 0 puts per destination, row 1 gathers per source
+        (`NvshmemChannel.failures`; always 0 without the channels' `timeout_s`)."""
+        ch = self.channels
+        return ch.rows.failures() + ch.pairs.failures() + ch.results.failures()
+
+
+class ServerExchange:
+    """An expert server's side of every MoE layer's round: `server(layer_idx)` = post, serve,
+    drain, what one captured graph per layer replays.
+
+    experts: layer -> (w_gate_up [E_local, 2F, H], w_down [E_local, H, F]) in the activation
+    dtype, local row i = the wire's expert id i. After `serve`, `rows_in` [W, R, H], `meta_in`
+    [W, R + 1] and `pairs_in` [W, R, P] hold what arrived (valid until the next round).
+    """
+
+    def __init__(self, fmt: ExchangeFormat, channels: ExchangeChannels,
+                 experts: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        channels.check(fmt)
+        if channels.rank not in fmt.server_ranks:
+            raise ValueError(f"rank {channels.rank} is not a server rank {fmt.server_ranks}")
+        for l, (w13, _) in experts.items():
+            if w13.shape[0] > MAX_LOCAL_EXPERTS or w13.dtype != fmt.torch_dtype:
+                raise ValueError(f"layer {l}: {w13.shape[0]} local experts in {w13.dtype}; "
+                                 f"at most 2**24 in {fmt.torch_dtype}")
+        self.fmt, self.channels, self.experts = fmt, channels, dict(experts)
+        dev, dt, i64 = channels.device, fmt.torch_dtype, torch.int64
+        w, r, h, p = fmt.world_size, fmt.max_rows, fmt.hidden, fmt.pair_width
+        self.rows_in = torch.zeros(w, r, h, dtype=dt, device=dev)
+        self.meta_in = torch.zeros(w, r + 1, dtype=i64, device=dev)
+        self.pairs_in = torch.zeros(w, r, p, dtype=torch.float32, device=dev)
+        self._void_meta = torch.zeros(2, w, r + 1, dtype=i64, device=dev)
+        self._starts = torch.arange(w, dtype=i64, device=dev) * r  # where each rank's rows landed
+        self._none = torch.zeros(w, dtype=i64, device=dev)
+        self._blank = torch.zeros(1, h, dtype=dt, device=dev)
+        self._blank_pairs = torch.zeros(1, p, dtype=torch.float32, device=dev)
+
+    @classmethod
+    def from_banks(cls, fmt: ExchangeFormat, channels: ExchangeChannels,
+                   banks: Mapping[int, Any]) -> ServerExchange:
+        """From the server's `ExpertBank`s per layer; wire ids are `bank_rows(bank)`' rows.
+        (Stacks gate and up into one tensor: a copy; a GPU server should hand over the bank's
+        stacked weights instead.)"""
+        return cls(fmt, channels, {l: (torch.cat([b.gate, b.up], dim=1), b.down)
+                                   for l, b in banks.items()})
+
+    def __call__(self, layer_idx: int) -> None:
+        self.post()
+        self.serve(layer_idx)
+        self.drain()
+
+    def post(self) -> None:
+        """Enqueue this round's empty puts of rows and pairs (servers send shards none)."""
+        self.channels.rows.put_spans(self._blank, self._none, self._none)
+        self.channels.pairs.put_spans(self._blank_pairs, self._none, self._none)
+
+    def serve(self, layer_idx: int) -> None:
+        """Enqueue: gather every rank's rows and pairs, run the layer's experts, put the
+        weighted sums back to each source, from where its rows landed (tags: its token ids)."""
+        if layer_idx not in self.experts:
+            raise ValueError(f"layer {layer_idx}: no experts here (layers: {sorted(self.experts)})")
+        ch, ctas = self.channels, self.fmt.gather_ctas
+        ch.rows.gather(self.rows_in, self.meta_in, ctas)
+        ch.pairs.gather(self.pairs_in, self._void_meta[0], ctas)
+        counts = self.meta_in[:, 0]  # [W] on the device
+        y = serve_pairs(self.rows_in, self.pairs_in, counts, self.fmt, *self.experts[layer_idx])
+        ch.results.put_spans(y, self._starts, counts, self.meta_in[:, 1:].reshape(-1))
+
+    def drain(self) -> None:
+        """Enqueue this round's gather of results: only empty messages come to a server."""
+        self.channels.results.gather(self.rows_in, self._void_meta[1], self.fmt.gather_ctas)
