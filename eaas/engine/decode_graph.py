@@ -257,34 +257,67 @@ class DecodeGraphs:
         raise ValueError(f"a decode step of {n} sequences exceeds the largest bucket "
                          f"({self.buckets[-1]} = scheduler.max_num_seqs)")
 
-    def rows_of(self, reqs: Sequence[Any], pending: dict[str, int] | None = None
-                ) -> list[DecodeRow]:
-        """The decode rows of `reqs` (eaas.engine.request.Request, each prefilled) for the step
-        about to run: frees the sampling slots of finished requests, then gives each request
-        whose processors need one its slot (`SamplingSlots.slot_of`). A request feeds its last
+    def rows_of(self, reqs: Sequence[Any], pending: dict[str, int] | None = None,
+                chunks: Sequence[Sequence[int] | None] | None = None) -> list[DecodeRow]:
+        """The rows of `reqs` (eaas.engine.request.Request) for the step about to run: frees the
+        sampling slots of finished requests, then gives each request whose processors need one
+        its slot (`SamplingSlots.slot_of`). A prefilled request is one row: it feeds its last
         token, or — named in `pending` (request id -> its row in the step still in flight) —
-        that step's output for it, not yet on the host (`DecodeRow.src`)."""
+        that step's output for it, not yet on the host (`DecodeRow.src`).
+
+        chunks[i] (when given and not None): request i's next prompt tokens instead, one row per
+        token at its position (a short prompt rides the captured step: the rows' K/V are written
+        before any row attends, and row p attends to positions <= p). Only the chunk's last row
+        samples, and only when it ends the prompt; the others are plain greedy rows whose output
+        is dropped. `sampled_rows` gives each request's sampling row."""
         self.slots.release_finished()
         pending = pending or {}
         rows = []
-        for r in reqs:
-            p = r.params
-            src = pending.get(r.request_id, -1) if pending else -1
-            ahead = src >= 0
-            head = (0 if ahead else r.output_ids[-1], r.num_computed, r.blocks.block_ids,
-                    float(p.temperature), p.top_k, float(p.top_p), r.noise_key,
-                    len(r.output_ids) + ahead)
-            if not p.needs_processors:
-                rows.append(DecodeRow(*head, src=src))
+        for i, r in enumerate(reqs):
+            chunk = chunks[i] if chunks is not None else None
+            if chunk is not None:
+                p0, table = r.num_computed, r.blocks.block_ids
+                last = len(chunk) - 1 if p0 + len(chunk) >= len(r.prompt_ids) else len(chunk)
+                rows.extend(DecodeRow(t, p0 + k, table) for k, t in enumerate(chunk[:last]))
+                if last < len(chunk):
+                    rows.append(self._sampling_row(r, chunk[-1], p0 + last, -1))
                 continue
-            rows.append(DecodeRow(
-                *head, slot=self.slots.slot_of(r, pending=int(ahead)), min_tokens=p.min_tokens,
-                presence=float(p.presence_penalty), frequency=float(p.frequency_penalty),
-                repetition=float(p.repetition_penalty), min_p=float(p.min_p),
-                logprobs=p.logprobs is not None or p.num_sequences > p.n, src=src,
-                grammar=r.grammar if r.grammar is not None and not r.grammar.terminated
-                else None))
+            src = pending.get(r.request_id, -1) if pending else -1
+            rows.append(self._sampling_row(r, 0 if src >= 0 else r.output_ids[-1],
+                                           r.num_computed, src))
         return rows
+
+    @staticmethod
+    def sampled_rows(reqs: Sequence[Any], chunks: Sequence[Sequence[int] | None] | None = None
+                     ) -> list[int]:
+        """The row of `rows_of(reqs, ..., chunks)` that samples each request's next token, -1
+        for a prompt chunk that does not end its prompt."""
+        out, n = [], 0
+        for i, r in enumerate(reqs):
+            chunk = chunks[i] if chunks is not None else None
+            if chunk is None:
+                out.append(n)
+                n += 1
+                continue
+            n += len(chunk)
+            out.append(n - 1 if r.num_computed + len(chunk) >= len(r.prompt_ids) else -1)
+        return out
+
+    def _sampling_row(self, r: Any, token: int, position: int, src: int) -> DecodeRow:
+        """The row that samples r's next token (fed `token`, or the row `src` of the step in
+        flight), with its sampling parameters and, if its processors need one, its slot."""
+        p = r.params
+        ahead = src >= 0
+        head = (token, position, r.blocks.block_ids, float(p.temperature), p.top_k,
+                float(p.top_p), r.noise_key, len(r.output_ids) + ahead)
+        if not p.needs_processors:
+            return DecodeRow(*head, src=src)
+        return DecodeRow(
+            *head, slot=self.slots.slot_of(r, pending=int(ahead)), min_tokens=p.min_tokens,
+            presence=float(p.presence_penalty), frequency=float(p.frequency_penalty),
+            repetition=float(p.repetition_penalty), min_p=float(p.min_p),
+            logprobs=p.logprobs is not None or p.num_sequences > p.n, src=src,
+            grammar=r.grammar if r.grammar is not None and not r.grammar.terminated else None)
 
     @torch.inference_mode()
     def step(self, rows: Sequence[DecodeRow]) -> tuple[torch.Tensor, torch.Tensor]:

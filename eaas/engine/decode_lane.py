@@ -14,20 +14,23 @@ __all__ = ["AsyncDecode"]
 
 class AsyncDecode:
     """_decode_step / _drain / _land over the shard's DecodeGraphs and its lanes' steps in flight
-    (`_ahead`: per lane, the live requests and DecodeOut of the step whose ids are not on the
-    host yet)."""
+    (`_ahead`: per lane, the (request, sampling row) pairs and DecodeOut of the step whose ids
+    are not on the host yet)."""
 
     graphs: DecodeGraphs | None
-    _ahead: list[tuple[list[Request], DecodeOut] | None]
+    _ahead: list[tuple[list[tuple[Request, int]], DecodeOut] | None]
     steps: int
     _emit: Any
     _ends_by_count: Any
     _logprob_entries: Any
 
-    async def _decode_step(self, reqs: list[Request], lane: int) -> None:
-        """A decode-only step on the co-located fast path: one graph replay (or the same step
-        eagerly under enforce_eager), one device->host copy of the new token ids (and, when a
-        request asks, their log probabilities).
+    async def _decode_step(self, reqs: list[Request], lane: int,
+                           chunks: list[list[int] | None] | None = None) -> None:
+        """A step on the co-located fast path: one graph replay (or the same step eagerly under
+        enforce_eager), one device->host copy of the new token ids (and, when a request asks,
+        their log probabilities). Decode rows, and — `chunks[i]` not None — request i's prompt
+        chunk as one row per token (short prompts beside the decodes, fast mode: the shard
+        decides which steps qualify, `AttentionShard._graph_chunks`).
 
         Async scheduling: this step is launched before the previous step's ids reach the host —
         its rows feed those tokens on the device (`DecodeGraphs.rows_of(..., pending)`) — and
@@ -48,15 +51,18 @@ class AsyncDecode:
             # a grammar's next bitmask needs its last token accepted on the host: land first
             await self._drain(lane)
         ahead, self._ahead[lane] = self._ahead[lane], None
-        pending = {r.request_id: j for j, r in enumerate(ahead[0])} if ahead is not None else {}
-        live = [r for r in reqs if not r.finished and not self._ends_by_count(
+        pending = {r.request_id: j for r, j in ahead[0]} if ahead is not None else {}
+        keep = [i for i, r in enumerate(reqs) if not r.finished and not self._ends_by_count(
             r, r.request_id in pending)]
+        live = [reqs[i] for i in keep]
+        chunked = [chunks[i] for i in keep] if chunks is not None else None
         if live:
-            out = graphs.run(graphs.rows_of(live, pending),
+            sampled = graphs.sampled_rows(live, chunked)
+            out = graphs.run(graphs.rows_of(live, pending, chunked),
                              prev=ahead[1].ids if ahead is not None else None)
-            for r in live:
-                r.num_computed += 1  # its KV at this position is written by the step
-            self._ahead[lane] = (live, out)
+            for i, r in enumerate(live):  # its KV at these positions is written by the step
+                r.num_computed += 1 if chunked is None or chunked[i] is None else len(chunked[i])
+            self._ahead[lane] = ([(r, j) for r, j in zip(live, sampled) if j >= 0], out)
         if ahead is not None:
             await self._land(*ahead)
 
@@ -67,14 +73,17 @@ class AsyncDecode:
         if ahead is not None:
             await self._land(*ahead)
 
-    async def _land(self, live: list[Request], out: DecodeOut) -> None:
-        """Wait for a decode step's ids on the host, then take and settle each row's token;
-        rows whose request ended meanwhile (a stop, an abort) are dropped."""
+    async def _land(self, live: list[tuple[Request, int]], out: DecodeOut) -> None:
+        """Wait for a step's ids on the host, then take and settle each request's token (from
+        its sampling row); requests that ended meanwhile (a stop, an abort) are dropped."""
         assert out.host is not None
         ids, finite, *lp = await out.host.wait()
         self.steps += 1
-        tokens = ids.tolist()
-        entries = self._logprob_entries(live, dict(enumerate(tokens)), lp) if lp else {}
-        for j, (r, token, ok) in enumerate(zip(live, tokens, finite.tolist())):
+        rows = [j for _, j in live]
+        tokens, ok = ids[rows].tolist(), finite[rows].tolist()
+        reqs = [r for r, _ in live]
+        entries = self._logprob_entries(reqs, dict(enumerate(tokens)),
+                                        [t[rows] for t in lp]) if lp else {}
+        for j, (r, token, good) in enumerate(zip(reqs, tokens, ok)):
             if not r.finished:
-                self._emit(r, token, ok, entries.get(j))
+                self._emit(r, token, good, entries.get(j))

@@ -105,7 +105,8 @@ class AttentionShard(AsyncDecode, TokenEmission, SeqForking, Actor):
         self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
         # per lane: the co-located decode step in flight whose ids are not on the host yet
         # (its live requests, its DecodeOut); the lane's next step feeds them on the device
-        self._ahead: list[tuple[list[Request], DecodeOut] | None] = [None for _ in self.lanes]
+        self._ahead: list[tuple[list[tuple[Request, int]], DecodeOut] | None] = [
+            None for _ in self.lanes]
         self._stepping: set[str] = set()  # requests of the steps in flight (their blocks stay)
         self._unforked: list[SeqGroup] = []  # admitted groups whose followers await the fork
         self.steps = 0
@@ -307,7 +308,7 @@ class AttentionShard(AsyncDecode, TokenEmission, SeqForking, Actor):
                 raise
             except Exception as e:  # a bug or a model error: fail these requests, keep serving
                 ahead, self._ahead[i] = self._ahead[i], None
-                for r in reqs + (ahead[0] if ahead is not None else []):
+                for r in reqs + ([m for m, _ in ahead[0]] if ahead is not None else []):
                     self._finish(r, "error", error=f"{type(e).__name__}: {e}")
                 self.deps.emit({"type": "step_failed", "shard": self.name, "error": repr(e),
                                 "time": time.time()})
@@ -341,9 +342,34 @@ class AttentionShard(AsyncDecode, TokenEmission, SeqForking, Actor):
             chunks.append(r.prompt_ids[r.num_computed:r.num_computed + n])
         return chunks
 
+    def _graph_chunks(self, reqs: list[Request]) -> list[list[int] | None] | None:
+        """The prompt chunks of a step with prompts that the captured step can run as rows
+        (`DecodeGraphs.rows_of`): fast mode only (batch-invariant mode keeps each prompt's
+        prefill on its own path, so a request's tokens never depend on what shared its step),
+        every row of the step within the largest bucket, and no prompt that needs the eager
+        step (prompt logprobs, a group forking its sequences). None: run the step eagerly."""
+        if self.model.batch_invariant:
+            return None
+        reqs = [r for r in reqs if not r.finished]
+        chunks = self._chunks(reqs)
+        rows = 0
+        for r, c in zip(reqs, chunks):
+            rows += len(c)
+            if not r.prefilled and (r.params.prompt_logprobs is not None or self._forking(r)):
+                return None
+        assert self.graphs is not None
+        if rows > self.graphs.buckets[-1]:
+            return None
+        return [None if r.prefilled else c for r, c in zip(reqs, chunks)]
+
     async def _step(self, reqs: list[Request], lane: int) -> None:
-        if self.local and self.graphs is not None and all(r.prefilled for r in reqs):
-            return await self._decode_step(reqs, lane)
+        if self.local and self.graphs is not None:
+            if all(r.prefilled for r in reqs):
+                return await self._decode_step(reqs, lane)
+            chunks = self._graph_chunks(reqs)
+            if chunks is not None:  # short prompts ride the captured step beside the decodes
+                return await self._decode_step([r for r in reqs if not r.finished], lane,
+                                               chunks)
         await self._drain(lane)  # the eager step feeds the tokens of the step in flight
         reqs = [r for r in reqs if not r.finished]
         if not reqs:
