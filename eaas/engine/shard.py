@@ -342,34 +342,50 @@ class AttentionShard(AsyncDecode, TokenEmission, SeqForking, Actor):
             chunks.append(r.prompt_ids[r.num_computed:r.num_computed + n])
         return chunks
 
-    def _graph_chunks(self, reqs: list[Request]) -> list[list[int] | None] | None:
-        """The prompt chunks of a step with prompts that the captured step can run as rows
-        (`DecodeGraphs.rows_of`): fast mode only (batch-invariant mode keeps each prompt's
-        prefill on its own path, so a request's tokens never depend on what shared its step),
-        every row of the step within the largest bucket, and no prompt that needs the eager
-        step (prompt logprobs, a group forking its sequences). None: run the step eagerly."""
-        if self.model.batch_invariant:
-            return None
-        reqs = [r for r in reqs if not r.finished]
-        chunks = self._chunks(reqs)
-        rows = 0
-        for r, c in zip(reqs, chunks):
-            rows += len(c)
-            if not r.prefilled and (r.params.prompt_logprobs is not None or self._forking(r)):
-                return None
+    def _rows_prefill(self, r: Request) -> bool:
+        """Whether r's prompt is prefilled as rows of the captured step (`DecodeGraphs.rows_of`)
+        rather than by an eager step: decided by the request alone — its prompt fits the
+        largest bucket and it needs nothing of the eager step (prompt logprobs, a group forking
+        its sequences)."""
         assert self.graphs is not None
-        if rows > self.graphs.buckets[-1]:
-            return None
-        return [None if r.prefilled else c for r, c in zip(reqs, chunks)]
+        return (len(r.prompt_ids) <= self.graphs.buckets[-1] and r.params.prompt_logprobs is None
+                and not self._forking(r))
+
+    def _plan(self, reqs: list[Request]) -> tuple[list[Request], list[list[int] | None] | None]:
+        """This step's requests and, for a step on the captured path, their prompt chunks (None
+        for a decode row, [] for a prompt that waits for the next step: the bucket is full).
+        A step with a prompt that needs the eager path runs eagerly (chunks None), without the
+        prompts that go as rows: they wait for the next captured step.
+
+        Fast mode only: in batch-invariant mode every prompt is prefilled by the eager step, as
+        on the dispatch path, so the co-located engine's tokens equal the dispatch path's and
+        the eager step's bit for bit (rows and the eager step's attention round differently)."""
+        reqs = [r for r in reqs if not r.finished]
+        prompts = [r for r in reqs if not r.prefilled]
+        if not prompts or self.model.batch_invariant:
+            return reqs, None
+        rows_ok = {id(r) for r in prompts if self._rows_prefill(r)}
+        if len(rows_ok) < len(prompts):
+            return [r for r in reqs if id(r) not in rows_ok], None
+        assert self.graphs is not None
+        room = self.graphs.buckets[-1] - (len(reqs) - len(prompts))
+        chunks: list[list[int] | None] = []
+        for r, c in zip(reqs, self._chunks(reqs)):
+            if r.prefilled:
+                chunks.append(None)
+                continue
+            c = c[:max(room, 0)]
+            room -= len(c)
+            chunks.append(c)
+        return reqs, chunks
 
     async def _step(self, reqs: list[Request], lane: int) -> None:
         if self.local and self.graphs is not None:
+            reqs, chunks = self._plan(reqs)
             if all(r.prefilled for r in reqs):
                 return await self._decode_step(reqs, lane)
-            chunks = self._graph_chunks(reqs)
             if chunks is not None:  # short prompts ride the captured step beside the decodes
-                return await self._decode_step([r for r in reqs if not r.finished], lane,
-                                               chunks)
+                return await self._decode_step(reqs, lane, chunks)
         await self._drain(lane)  # the eager step feeds the tokens of the step in flight
         reqs = [r for r in reqs if not r.finished]
         if not reqs:

@@ -63,9 +63,12 @@ def spy(monkeypatch):
     step = AttentionShard._step
 
     async def counted(self, reqs, lane):
-        if not (self.graphs is not None and (all(r.prefilled for r in reqs)
-                                             or self._graph_chunks(reqs) is not None)):
+        if self.graphs is None:
             seen["eager"] += 1
+        else:
+            planned, chunks = self._plan(reqs)
+            if chunks is None and not all(r.prefilled for r in planned):
+                seen["eager"] += 1
         return await step(self, reqs, lane)
 
     monkeypatch.setattr(DecodeGraphs, "run", graph_run)
@@ -132,9 +135,36 @@ def test_steps_that_need_the_eager_path_still_take_it(tiny_dirs, reference_greed
     assert got[2].outputs[0].token_ids == reference_greedy(d, long_prompt, 3)
 
 
-def test_batch_invariant_mode_keeps_prompts_off_the_decode_rows(tiny_dirs, spy):
+def test_batch_invariant_mode_keeps_prompts_on_the_eager_step(tiny_dirs, spy):
+    """Batch-invariant mode prefills every prompt eagerly (as the dispatch path does: their
+    tokens stay equal bit for bit); its decode-only steps are graph steps."""
     d = tiny_dirs["qwen3_moe"]
-    cfg = _cfg(d, invariant=True)
-    params = [SamplingParams(max_tokens=2, temperature=0, ignore_eos=True) for _ in PROMPTS]
-    asyncio.run(_run(cfg, params))
-    assert spy["eager"] >= 1
+    params = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True) for _ in PROMPTS]
+    asyncio.run(_run(_cfg(d, invariant=True), params))
+    assert spy["eager"] >= 1 and spy["graph"]
+
+
+def test_a_prompt_that_needs_the_eager_step_runs_without_the_row_prompts(tiny_dirs,
+                                                                          reference_greedy,
+                                                                          monkeypatch, spy):
+    """Fast mode: a step with a prompt over the largest bucket is eager and leaves the short
+    prompts of its lane for the next captured step; every request still gets the reference's
+    tokens."""
+    d = tiny_dirs["qwen3_moe"]
+    eager_steps: list[list[int]] = []
+    step = AttentionShard._step
+
+    async def watch(self, reqs, lane):
+        planned, chunks = self._plan(reqs)
+        if chunks is None and not all(r.prefilled for r in planned):
+            eager_steps.append(sorted(len(r.prompt_ids) for r in planned if not r.prefilled))
+        return await step(self, reqs, lane)
+
+    monkeypatch.setattr(AttentionShard, "_step", watch)
+    long_prompt = list(range(3, 3 + 20))  # over the largest bucket (8)
+    prompts = [long_prompt, PROMPTS[3], PROMPTS[2], PROMPTS[4]]  # lanes in turn: 0, 1, 0, 1
+    params = [SamplingParams(max_tokens=4, temperature=0, ignore_eos=True) for _ in prompts]
+    got = asyncio.run(_run(_cfg(d), params, prompts=prompts))
+    assert eager_steps and all(s == [20] for s in eager_steps), eager_steps
+    for p, o in zip(prompts, got):
+        assert o.outputs[0].token_ids == reference_greedy(d, p, 4), p
