@@ -88,7 +88,8 @@ from eaas.gpu.nvshmem_plane import NvshmemChannel
 from eaas_kernels import fused_moe
 
 __all__ = ["ExchangeFormat", "ExchangeChannels", "ExpertPlacement", "ShardExchange",
-           "ServerExchange", "serve_pairs", "bank_rows", "ROWS", "PAIRS", "RESULTS"]
+           "ServerExchange", "serve_pairs", "warm_up_experts", "bank_rows", "ROWS", "PAIRS",
+           "RESULTS"]
 
 ROWS, PAIRS, RESULTS = "moe_rows", "moe_pairs", "moe_results"  # the plane's channel names
 MAX_LOCAL_EXPERTS = 1 << 24  # local ids travel as float32 integers: exact below 2**24
@@ -248,6 +249,20 @@ def serve_pairs(rows_in: torch.Tensor, pairs_in: torch.Tensor, counts: torch.Ten
     x = torch.where(valid[..., None], rows_in, 0).view(w * r, h)
     return fused_moe(x, w_gate_up, w_down, torch.where(present, ids, 0).view(w * r, -1),
                      torch.where(present, weights, 0).view(w * r, -1))
+
+
+def warm_up_experts(fmt: ExchangeFormat,
+                    experts: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Run every layer's grouped GEMM of `serve_pairs` once on zero rows, no channel traffic:
+    its first launch compiles (Triton, on CUDA: seconds) and loads kernel modules, which must
+    happen before the first round — the shards' waits for this server are bounded (timeout_s)
+    and a module load may synchronise the context while a wait of this process spins."""
+    w, r = fmt.world_size, fmt.max_rows
+    for w13, w2 in experts.values():
+        dev = w13.device
+        rows = torch.zeros(w, r, fmt.hidden, dtype=fmt.torch_dtype, device=dev)
+        pairs = torch.zeros(w, r, fmt.pair_width, dtype=torch.float32, device=dev)
+        serve_pairs(rows, pairs, torch.full((w,), r, dtype=torch.long, device=dev), fmt, w13, w2)
 
 
 class ShardExchange:
