@@ -12,7 +12,10 @@ non-blocking uploads), replays, and queues the copy of the new token ids to the 
 token the host does not know yet — the previous step's output for that sequence, still on its
 way — by naming its row in that step (`DecodeRow.src`): the graph gathers it on the device
 (`run(rows, prev=...)`), so the shard can launch step n + 1 before step n's ids reach the host
-(async scheduling: the host's work of a step overlaps the GPU's).
+(async scheduling: the host's work of a step overlaps the GPU's). A row may also be one token of
+a short prompt (`rows_of(..., chunks)`): every row's K/V is written before any row attends, and
+the row at position p attends to positions <= p, so a prompt whose tokens fit the bucket beside
+the decodes is prefilled by the same replay (fast mode; the shard decides, `AttentionShard._plan`).
 
 Three graph variants per bucket, the step picking the cheapest its rows need: greedy only (argmax);
 sampling (temperature, top-k, top-p, per-request noise keys — `eaas.engine.sampling`); processors

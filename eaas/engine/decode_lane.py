@@ -30,7 +30,7 @@ class AsyncDecode:
         enforce_eager), one device->host copy of the new token ids (and, when a request asks,
         their log probabilities). Decode rows, and — `chunks[i]` not None — request i's prompt
         chunk as one row per token (short prompts beside the decodes, fast mode: the shard
-        decides which steps qualify, `AttentionShard._graph_chunks`).
+        decides which steps qualify, `AttentionShard._plan`).
 
         Async scheduling: this step is launched before the previous step's ids reach the host —
         its rows feed those tokens on the device (`DecodeGraphs.rows_of(..., pending)`) — and
