@@ -30,6 +30,10 @@ their `failures()`), if fewer, this server's do (`failures()` here); either way 
 out of step until every rank re-aligns (`reset_counters` everywhere, with no message in flight:
 the step ledger's REPLAY, `eaas.engine.step_ledger`).
 
+Before the first round — before the ranks' lockstep warm-up — compile the experts' GEMM with
+`eaas.engine.device_experts.warm_up_experts`: the shards' waits for this server are bounded, and
+a first Triton compile takes seconds (on the H200 it outlasted a 5 s `timeout_s`).
+
 Graphs. `capture()` records one CUDA graph per layer over the exchange's fixed buffers and
 that layer's weights, sharing one memory pool (the graphs replay one after another on one
 stream, so a layer's temporaries are dead before the next layer's replay). It needs one eager
