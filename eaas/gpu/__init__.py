@@ -9,7 +9,8 @@ from eaas.gpu.credits import ChannelLayout, PairState, arrival_target, credit_ne
 from eaas.gpu.devices import (MULTICAST_OFF, DeviceAssignment, RankInfo, assign_devices,
                               find_rdma_nics, gpu_env, init_rank, wait_event)
 from eaas.gpu.health import HealthConfig, HealthMonitor, open_nvml
-from eaas.gpu.nvshmem_plane import NvshmemChannel, NvshmemPlane, nvshmem_available
+from eaas.gpu.nvshmem_plane import NvshmemChannel, nvshmem_available
+from eaas.gpu.symmetric_plane import NvshmemPlane
 
 __all__ = [
     "ChannelLayout", "PairState", "slot_of", "credit_needed", "arrival_target",

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from eaas.errors import FrameError, TransportError
-from eaas.gpu.nvshmem_plane import peer_offsets
+from eaas.gpu.symmetric_plane import peer_offsets
 from eaas.transport.codec import clone_tensor, copy_bytes
 
 __all__ = ["ALIGN", "Fabric", "NvshmemFabric", "HostFabric", "join_fabric",

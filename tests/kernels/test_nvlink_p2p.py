@@ -334,7 +334,7 @@ def test_copy_kernel_puts_bytes_at_a_delta(nbytes: int) -> None:
 def test_peer_offsets_skip_unmapped_and_misaligned_peers() -> None:
     from types import SimpleNamespace
 
-    from eaas.gpu.nvshmem_plane import peer_offsets
+    from eaas.gpu.symmetric_plane import peer_offsets
 
     hdl = SimpleNamespace(buffer_ptrs=[4096, 0, 4096 + 48, 4096 - 512])
     assert peer_offsets(hdl, 0, 16) == [0, None, 48, -512]
