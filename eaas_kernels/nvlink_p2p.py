@@ -37,6 +37,12 @@ fail[1, s]: a message that comes later is the next gather's. Without COPY (wait_
 stays in fail[3, s] and release_kernel hands back only the slots that were waited for. The CTAs
 of one launch agree on one verdict per peer (`_wait`), so a timeout never leaves a half-written
 slot signalled, nor a half-copied one counted as received.
+Peer masks: peers [W] int64 (local) says which ranks this launch exchanges with. A put skips
+a destination d with peers[d] == 0 (no wait, no copy, no signal, no count) and a gather a
+source s with peers[s] == 0 (out_meta[s, 0] = 0 at once; without COPY its verdict is TIMED_OUT,
+so release_kernel takes nothing): a rank that only ever sends on a channel, or a dead peer,
+costs nothing. With `drop` != 0 a timed-out wait also sets peers[peer] = 0, so a dead peer
+costs one timeout, not one per round: later launches skip it until the caller sets it back.
 Every count lives on the device: both kernels are CUDA-graph capturable. Row tensors must be
 16-byte aligned (the plane checks; the copies are vectorised); index, count, tag and meta
 tensors are alignment-generic and sizes are runtime values, so each (GROUPED, HAS_TAGS, COPY)
@@ -124,17 +130,29 @@ def _wait(word_ptr, target, vote_ptr, timeout, CLOCK: tl.constexpr):
     return verdict != TIMED_OUT
 
 
-@triton.jit(do_not_specialize=["a_stride", "n_stride", "me", "W", "S", "R", "H", "timeout"],
+@triton.jit(do_not_specialize=["a_stride", "n_stride", "me", "W", "S", "R", "H", "timeout",
+                               "drop"],
             do_not_specialize_on_alignment=["a_ptr", "n_ptr", "tag_ptr"])
 def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
-               sent_ptr, done_ptr, cut_ptr, fail_ptr,
+               sent_ptr, done_ptr, cut_ptr, fail_ptr, peers_ptr,
                x_ptr, a_ptr, a_stride, n_ptr, n_stride, tag_ptr,
-               me, W, S, R, H, timeout: tl.int64,
+               me, W, S, R, H, timeout: tl.int64, drop,
                BLOCK: tl.constexpr, GROUPED: tl.constexpr, HAS_TAGS: tl.constexpr,
                CLOCK: tl.constexpr):
+    d = tl.program_id(1)
+    if tl.load(peers_ptr + d) != 0:  # a masked destination: nothing at all
+        _put(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr, sent_ptr, done_ptr, cut_ptr,
+             fail_ptr, peers_ptr, x_ptr, a_ptr, a_stride, n_ptr, n_stride, tag_ptr, me, W, S, R,
+             H, timeout, drop, d, BLOCK, GROUPED, HAS_TAGS, CLOCK)
+
+
+@triton.jit
+def _put(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr, sent_ptr, done_ptr, cut_ptr,
+         fail_ptr, peers_ptr, x_ptr, a_ptr, a_stride, n_ptr, n_stride, tag_ptr, me, W, S, R, H,
+         timeout, drop, d, BLOCK: tl.constexpr, GROUPED: tl.constexpr, HAS_TAGS: tl.constexpr,
+         CLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    d = tl.program_id(1)
     seq = tl.load(sent_ptr + d)
     # slot seq % S still holds message seq - S until d hands it back (credit; target <= 0: free)
     go = _wait(credit_ptr + d, seq + 1 - S, fail_ptr + 2 * W + d, timeout, CLOCK)
@@ -172,18 +190,35 @@ def put_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
             tl.store(sent_ptr + d, seq + 1)
         else:  # nothing sent: the next put to d retries slot seq % S
             tl.atomic_add(fail_ptr + d, 1)
+            if drop != 0:
+                tl.store(peers_ptr + d, 0)
 
 
-@triton.jit(do_not_specialize=["me", "W", "S", "R", "H", "C_put", "timeout"],
+@triton.jit(do_not_specialize=["me", "W", "S", "R", "H", "C_put", "timeout", "drop"],
             do_not_specialize_on_alignment=["out_meta_ptr"])
 def gather_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
-                  recvd_ptr, done_ptr, fail_ptr,
+                  recvd_ptr, done_ptr, fail_ptr, peers_ptr,
                   out_ptr, out_meta_ptr,
-                  me, W, S, R, H, C_put, timeout: tl.int64,
+                  me, W, S, R, H, C_put, timeout: tl.int64, drop,
                   BLOCK: tl.constexpr, COPY: tl.constexpr, CLOCK: tl.constexpr):
+    s = tl.program_id(1)
+    if tl.load(peers_ptr + s) != 0:
+        _gather(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr, recvd_ptr, done_ptr,
+                fail_ptr, peers_ptr, out_ptr, out_meta_ptr, me, W, S, R, H, C_put, timeout,
+                drop, s, BLOCK, COPY, CLOCK)
+    elif tl.program_id(0) == 0:  # a masked source: no rows, nothing taken
+        if COPY:
+            tl.store(out_meta_ptr + s * (R + 1), 0)
+        else:
+            tl.store(fail_ptr + 3 * W + s, TIMED_OUT)  # release_kernel hands nothing back
+
+
+@triton.jit
+def _gather(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr, recvd_ptr, done_ptr, fail_ptr,
+            peers_ptr, out_ptr, out_meta_ptr, me, W, S, R, H, C_put, timeout, drop, s,
+            BLOCK: tl.constexpr, COPY: tl.constexpr, CLOCK: tl.constexpr):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    s = tl.program_id(1)
     r = tl.load(recvd_ptr + s)
     vote = fail_ptr + 3 * W + s
     go = _wait(sig_ptr + s, (r + 1) * C_put, vote, timeout, CLOCK)
@@ -213,6 +248,8 @@ def gather_kernel(recv_ptr, meta_ptr, sig_ptr, credit_ptr, delta_ptr,
                                sem="release", scope="sys")
         else:  # not consumed: the next gather waits for the same message
             tl.atomic_add(fail_ptr + W + s, 1)
+            if drop != 0:
+                tl.store(peers_ptr + s, 0)
         if COPY:  # without COPY the verdict stays for release_kernel
             tl.store(vote, 0)
 

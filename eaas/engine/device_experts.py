@@ -26,11 +26,23 @@ corrupt); the ids need no packing limit (an int64 tag holds 8 ids of 7 bits at m
 no weights); the activation rows keep exactly [H] (the same buffers and copy kernels as any
 row); the cost is one more put/gather of 4P bytes per row in the same round.
 
-Lockstep: the direct path's put writes a message to EVERY rank of the channel and its gather
-waits for one from every rank, so in each round every rank puts once and gathers once on each of
-the three channels; messages nobody needs are empty (n = 0, only a signal): shards put empty
-results and receive empty rows and pairs, servers put empty rows and pairs and send empty
-results to servers. Each MoE layer of each step is one round, in layer order, on every rank.
+Who talks to whom: every channel has a peer mask (`NvshmemChannel.peers`), one per rank shared
+by its three channels. A shard exchanges with the servers only (it puts rows and pairs, gathers
+results), a server with the shards only (it gathers rows and pairs, puts results): shards never
+wait for each other nor servers for each other, and a rank sends nothing it does not need.
+Each MoE layer of each step is one round, in layer order, on every rank of the set. In the
+engine a set has ONE shard (a star: the shard and its servers; each shard has its own set), so
+shards never wait for each other at all.
+
+A failed peer costs one timeout: the channels drop a peer whose wait timed out from the mask
+(`drop_on_timeout`), so later rounds skip it at once, on the device, inside captured graphs.
+A shard's `trouble()` ([W] int64, cumulative, on the device) counts per server the waits that
+timed out AND the rows it had to leave out because the server was masked (rows routed to a
+server that is not exchanged with any more): a step whose delta is not zero for a server had
+some token computed without it (its contribution is 0, never a stale slot), so the step
+ledger replays it with that server out of the routing. A server's timeouts drop the shard from
+its mask too, so it stops answering that set rather than answering out of step: a timed-out
+server round is never followed by a silently misaligned one (the shard then times out on it).
 
 Worked example: ranks 0 = shard, 1 = server 0, 2 = server 1; R = 2, K = 2 (P = 8); experts 0, 1
 on server 0 and 2, 3 on server 1 (local ids 0, 1 on each), as in row_layout's example:
@@ -38,40 +50,18 @@ on server 0 and 2, 3 on server 1 (local ids 0, 1 on each), as in row_layout's ex
     topk_ids = [[0, 2], [1, 0], [3, 2]], topk_weights = [[.6, .4], [.7, .3], [.5, .5]]
     pack_rows: rows = [[0, 1], [0, 2]], counts = [2, 2]
     shard, moe_rows:  put_spans(x[rows.flat] = [x0, x1, x0, x2], starts = [0, 0, 2],
-                                counts = [0, 2, 2], tags = [0, 1, 0, 2])
+                                counts = [0, 2, 2], tags = [0, 1, 0, 2])   (peers: 1, 2)
     shard, moe_pairs: the same spans of [[.6, 0, 0, -1, 0..], [.7, .3, 1, 0, 0..],
                                          [.4, 0, 0, -1, 0..], [.5, .5, 1, 0, 0..]]
-    server 0 gathers: rows_in[0] = [x0, x1], meta_in[0] = [2, 0, 1]; rows_in[1, 2]: n = 0
-    server 0, moe_results: put_spans(y [W * R, H], starts = [0, R, 2R], counts = meta_in[:, 0]
-                                     = [2, 0, 0], tags = meta_in[:, 1:]): y[0] = .6 e0(x0),
+    server 0 gathers (peers: 0): rows_in[0] = [x0, x1], meta_in[0] = [2, 0, 1]
+    server 0, moe_results: put_spans(y [W * R, H], starts = [0, R, 2R], counts = meta_in[:, 0],
+                                     tags = meta_in[:, 1:]) to rank 0: y[0] = .6 e0(x0),
                                      y[1] = .7 e1(x1) + .3 e0(x1)
-    shard gathers results_in [W, R, H]; combine_rows(results_in[[1, 2]], layout) -> [T, H]
+    shard gathers results_in [W, R, H] from 1, 2; combine_rows(results_in[[1, 2]], layout)
 
-Wiring (not done here):
-- The channels: every shard and server process creates one plane at start-up, collectively over
-  all of them (`NvshmemPlane.create(group, device, fmt.layouts())`); `ExchangeChannels` picks the
-  three channels out of it and the process's `ShardExchange` or `ServerExchange` owns them for
-  every MoE layer (one round per layer per step). The shard hands its `ShardExchange` to the
-  executor as the experts step (`DecodeGraphs(experts=...)`): each layer's send + receive is
-  captured inside the decode graph of every bucket (R is fixed, so one channel set serves all
-  buckets); routing changes are copied into the `ExpertPlacement` tensors in place between
-  replays (`update`), so the captured graphs read the new map.
-- A server's device loop: one CUDA graph per MoE layer capturing `server(layer)` (post, serve,
-  drain over fixed buffers and that layer's weights); a host loop enqueues them ahead (for each
-  step, for each MoE layer: replay), each replay waiting on the device for the shards' puts, so
-  there is no per-layer host round trip; the host only keeps a bounded number of steps queued
-  (an event per step). Every rank must run the same rounds in the same order: a shard with
-  nothing to do still steps with T = 0.
-- A server failure: with the plane's `timeout_s`, a wait that does not complete in time ends
-  and counts a per-peer failure word instead of spinning forever (a put sends that peer
-  nothing, a gather reports n = 0 rows from it: `receive` then adds 0 for that server, never a
-  stale slot). The shard's step returns `failures()` ([2, W], on the device) with its token
-  ids, and the step-replay ledger (`eaas.engine.step_ledger`) decides: REPLAY drops the server
-  from routing (a new generation, copied into the placements) and replays the step. A timed-out
-  pair is not consumed (its message arrives one round late), so before the replay every rank
-  re-aligns its rounds (`reset_counters` everywhere, or the peer leaves the plane's rounds).
-  Tokens routed to no live replica are orphans (their pairs' server is -1: pack_rows drops
-  them; the ledger fails those requests).
+Wiring: `eaas.engine.device_path` (the shard's side: one set per shard over shared channels,
+`SharedChannels`, the servers told over the RPC transport) and `eaas.engine.exchange_host` (a
+server process's side: its sets and their `ServerLoop`s).
 """
 
 from __future__ import annotations
@@ -185,6 +175,23 @@ class ExchangeChannels:
     def device(self) -> torch.device:
         return self.rows.recv_buf.device
 
+    def exchange_with(self, ranks: Any) -> torch.Tensor:
+        """One peer mask for the three channels, exchanging with `ranks` only, and a timed-out
+        wait dropping that peer from it (`NvshmemChannel.peers`, `drop_on_timeout`). Returns
+        the mask ([W] int64 on the device; set words back to 1 to re-admit a peer)."""
+        w = self.rows.layout.world_size
+        mask = torch.zeros(w, dtype=torch.int64)
+        mask[sorted(set(ranks))] = 1
+        peers = mask.to(self.device)
+        for ch in (self.rows, self.pairs, self.results):
+            ch.peers, ch.drop_on_timeout = peers, True
+        return peers
+
+    def failures(self) -> torch.Tensor:
+        """[2, W] int64 on the device: timed-out waits of the three channels so far, row 0 puts
+        per destination, row 1 gathers per source (`NvshmemChannel.failures`)."""
+        return self.rows.failures() + self.pairs.failures() + self.results.failures()
+
     def check(self, fmt: ExchangeFormat) -> None:
         want = fmt.layouts()
         for name, ch in ((ROWS, self.rows), (PAIRS, self.pairs), (RESULTS, self.results)):
@@ -268,10 +275,11 @@ def warm_up_experts(fmt: ExchangeFormat,
 class ShardExchange:
     """A shard's experts step over the device exchange, with `bank_experts`' signature.
 
-    `step(layer, x, topk_ids, topk_weights, params)` = `send` then `receive`: one round on
-    every channel. The two halves are public so that one process can interleave fake ranks
-    (tests), or a caller can overlap work between them. `overflow` ([] int64, on the device)
-    counts every row dropped so far because a server's R rows were full.
+    `step(layer, x, topk_ids, topk_weights, params)` = `send` then `receive`: one round. The
+    two halves are public so that one process can interleave fake ranks (tests), or a caller
+    can overlap work between them. `overflow` ([] int64, on the device) counts every row
+    dropped so far because a server's R rows were full; `peers` is the shared peer mask (the
+    servers at first); `trouble()` what went wrong per server (module docstring).
     """
 
     def __init__(self, fmt: ExchangeFormat, channels: ExchangeChannels,
@@ -280,19 +288,16 @@ class ShardExchange:
         if channels.rank not in fmt.shard_ranks:
             raise ValueError(f"rank {channels.rank} is not a shard rank {fmt.shard_ranks}")
         self.fmt, self.channels, self.placements = fmt, channels, dict(placements)
+        self.peers = channels.exchange_with(fmt.server_ranks)
         dev, dt, i64 = channels.device, fmt.torch_dtype, torch.int64
-        w, r, h, p = fmt.world_size, fmt.max_rows, fmt.hidden, fmt.pair_width
+        w, r, h = fmt.world_size, fmt.max_rows, fmt.hidden
         self._server_rank = torch.tensor(fmt.server_ranks, dtype=i64, device=dev)  # [S]
         self._starts = torch.zeros(w, dtype=i64, device=dev).index_copy_(
             0, self._server_rank, torch.arange(len(fmt.server_ranks), device=dev) * r)
-        self._none = torch.zeros(w, dtype=i64, device=dev)  # starts / counts of empty puts
-        self._blank = torch.zeros(1, h, dtype=dt, device=dev)  # an empty put's rows (unread)
         self.results_in = torch.zeros(w, r, h, dtype=dt, device=dev)
         self.results_meta = torch.zeros(w, r + 1, dtype=i64, device=dev)
-        # rows and pairs only ever bring empty messages here: nothing but their meta is written
-        self._void_meta = torch.zeros(2, w, r + 1, dtype=i64, device=dev)
-        self._void_pairs = torch.zeros(w, r, p, dtype=torch.float32, device=dev)
         self.overflow = torch.zeros((), dtype=i64, device=dev)
+        self.lost = torch.zeros(w, dtype=i64, device=dev)  # rows routed to a masked server
         self._pending: RowLayout | None = None
 
     def __call__(self, layer: Any, x: torch.Tensor, topk_ids: torch.Tensor,
@@ -304,7 +309,7 @@ class ShardExchange:
 
     def send(self, layer_idx: int, x: torch.Tensor, topk_ids: torch.Tensor,
              topk_weights: torch.Tensor) -> None:
-        """Enqueue this round's puts: each server's packed rows and pairs, empty results."""
+        """Enqueue this round's puts: each server's packed rows and pairs."""
         fmt, ch = self.fmt, self.channels
         if self._pending is not None:
             raise RuntimeError("send: the previous round was not received")
@@ -320,42 +325,45 @@ class ShardExchange:
         place = self.placements[layer_idx]
         layout = pack_rows(topk_ids, topk_weights, place.server, len(fmt.server_ranks),
                            fmt.max_rows, place.local)
-        counts = torch.zeros_like(self._none).index_copy_(0, self._server_rank, layout.counts)
+        counts = torch.zeros_like(self.lost).index_copy_(0, self._server_rank, layout.counts)
+        self.lost += counts * (self.peers == 0)  # this round's rows a masked server will not see
         tokens = layout.rows.reshape(-1)  # [S * R]: row s * R + c is token rows[s, c]
         rows = x[tokens.clamp(min=0)] if x.shape[0] else x.new_zeros(tokens.shape[0], fmt.hidden)
         ch.rows.put_spans(rows, self._starts, counts, tokens)
         pairs = fmt.encode_pairs(layout.pair_experts, layout.pair_weights)
         ch.pairs.put_spans(pairs.view(-1, fmt.pair_width), self._starts, counts)
-        ch.results.put_spans(self._blank, self._none, self._none)
         self.overflow += layout.overflow
         self._pending = layout
 
     def receive(self) -> torch.Tensor:
-        """Enqueue this round's gathers (waits on the device for every server); combine."""
+        """Enqueue this round's gather of results (waits on the device for every server in the
+        mask); combine."""
         layout, self._pending = self._pending, None
         if layout is None:
             raise RuntimeError("receive: no round was sent")
-        ch, ctas = self.channels, self.fmt.gather_ctas
-        ch.rows.gather(self.results_in, self._void_meta[0], ctas)
-        ch.pairs.gather(self._void_pairs, self._void_meta[1], ctas)
-        ch.results.gather(self.results_in, self.results_meta, ctas)
+        self.channels.results.gather(self.results_in, self.results_meta, self.fmt.gather_ctas)
         y = self.results_in.index_select(0, self._server_rank)  # [S, R, H]
         got = self.results_meta.index_select(0, self._server_rank)[:, :1]  # [S, 1]
         arrived = torch.arange(self.fmt.max_rows, device=y.device)[None, :] < got  # [S, R]
-        # a gather that timed out reports n = 0: that server's rows add 0, not stale slots
+        # a masked or timed-out server reports n = 0: its rows add 0, never stale slots
         return combine_rows(torch.where(arrived[..., None], y, 0), layout)
 
     def failures(self) -> torch.Tensor:
         """[2, W] int64 on the device (no host sync): timed-out waits of this rank's three
-        channels so far, row 0 puts per destination, row 1 gathers per source
-        (`NvshmemChannel.failures`; always 0 without the channels' `timeout_s`)."""
-        ch = self.channels
-        return ch.rows.failures() + ch.pairs.failures() + ch.results.failures()
+        channels so far, row 0 puts per destination, row 1 gathers per source (always 0
+        without the channels' `timeout_s`)."""
+        return self.channels.failures()
+
+    def trouble(self) -> torch.Tensor:
+        """[W] int64 on the device, cumulative: per server rank, waits that timed out plus rows
+        left out because it was masked. A step whose delta is 0 everywhere computed every row
+        with every pair it routed."""
+        return self.failures().sum(0) + self.lost
 
 
 class ServerExchange:
-    """An expert server's side of every MoE layer's round: `server(layer_idx)` = post, serve,
-    drain, what one captured graph per layer replays.
+    """An expert server's side of every MoE layer's round: `server(layer_idx)`, what one
+    captured graph per layer replays.
 
     experts: layer -> (w_gate_up [E_local, 2F, H], w_down [E_local, H, F]) in the activation
     dtype, local row i = the wire's expert id i. After `serve`, `rows_in` [W, R, H], `meta_in`
@@ -372,16 +380,14 @@ class ServerExchange:
                 raise ValueError(f"layer {l}: {w13.shape[0]} local experts in {w13.dtype}; "
                                  f"at most 2**24 in {fmt.torch_dtype}")
         self.fmt, self.channels, self.experts = fmt, channels, dict(experts)
+        self.peers = channels.exchange_with(fmt.shard_ranks)
         dev, dt, i64 = channels.device, fmt.torch_dtype, torch.int64
         w, r, h, p = fmt.world_size, fmt.max_rows, fmt.hidden, fmt.pair_width
         self.rows_in = torch.zeros(w, r, h, dtype=dt, device=dev)
         self.meta_in = torch.zeros(w, r + 1, dtype=i64, device=dev)
         self.pairs_in = torch.zeros(w, r, p, dtype=torch.float32, device=dev)
-        self._void_meta = torch.zeros(2, w, r + 1, dtype=i64, device=dev)
+        self._pairs_meta = torch.zeros(w, r + 1, dtype=i64, device=dev)
         self._starts = torch.arange(w, dtype=i64, device=dev) * r  # where each rank's rows landed
-        self._none = torch.zeros(w, dtype=i64, device=dev)
-        self._blank = torch.zeros(1, h, dtype=dt, device=dev)
-        self._blank_pairs = torch.zeros(1, p, dtype=torch.float32, device=dev)
 
     @classmethod
     def from_banks(cls, fmt: ExchangeFormat, channels: ExchangeChannels,
@@ -393,27 +399,20 @@ class ServerExchange:
                                    for l, b in banks.items()})
 
     def __call__(self, layer_idx: int) -> None:
-        self.post()
-        self.serve(layer_idx)
-        self.drain()
-
-    def post(self) -> None:
-        """Enqueue this round's empty puts of rows and pairs (servers send shards none)."""
-        self.channels.rows.put_spans(self._blank, self._none, self._none)
-        self.channels.pairs.put_spans(self._blank_pairs, self._none, self._none)
-
-    def serve(self, layer_idx: int) -> None:
-        """Enqueue: gather every rank's rows and pairs, run the layer's experts, put the
-        weighted sums back to each source, from where its rows landed (tags: its token ids)."""
+        """Enqueue one round: gather every shard's rows and pairs, run the layer's experts, put
+        the weighted sums back to each shard, from where its rows landed (tags: its token ids).
+        A shard whose rows or pairs did not come in time drops out of the mask (no rows from
+        it, so none are computed, and no results go back: the shard times out on this server
+        instead of getting an answer out of step)."""
         if layer_idx not in self.experts:
             raise ValueError(f"layer {layer_idx}: no experts here (layers: {sorted(self.experts)})")
         ch, ctas = self.channels, self.fmt.gather_ctas
         ch.rows.gather(self.rows_in, self.meta_in, ctas)
-        ch.pairs.gather(self.pairs_in, self._void_meta[0], ctas)
+        ch.pairs.gather(self.pairs_in, self._pairs_meta, ctas)
         counts = self.meta_in[:, 0]  # [W] on the device
         y = serve_pairs(self.rows_in, self.pairs_in, counts, self.fmt, *self.experts[layer_idx])
         ch.results.put_spans(y, self._starts, counts, self.meta_in[:, 1:].reshape(-1))
 
-    def drain(self) -> None:
-        """Enqueue this round's gather of results: only empty messages come to a server."""
-        self.channels.results.gather(self.rows_in, self._void_meta[1], self.fmt.gather_ctas)
+    def failures(self) -> torch.Tensor:
+        """[2, W] int64 on the device: this server's timed-out waits so far (see ShardExchange)."""
+        return self.channels.failures()

@@ -155,8 +155,7 @@ class ServerLoop:
     def failures(self) -> torch.Tensor:
         """[2, W] int64 on the device: timed-out waits of the server's three channels so far,
         row 0 puts per destination, row 1 gathers per source (`NvshmemChannel.failures`)."""
-        ch = self.exchange.channels
-        return ch.rows.failures() + ch.pairs.failures() + ch.results.failures()
+        return self.exchange.failures()
 
     # -- internals --
 

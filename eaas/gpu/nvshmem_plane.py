@@ -117,6 +117,11 @@ class NvshmemChannel:
                         of the put / gather in flight per peer, which its CTAs agree on
                         (`eaas_kernels.nvlink_p2p._wait`; 0 between launches, except that
                         wait_all leaves it for release_all).
+    peers  [W]          int64 (allocated when None: all 1): the ranks put / gather / wait_all
+                        exchange with; a 0 is skipped at once (a put sends it nothing, a gather
+                        reports n = 0 from it, no wait, no failure counted). `set_peers`.
+    drop_on_timeout     a wait that times out also sets that peer's `peers` word to 0 (on the
+                        device): a dead peer costs one timeout, then nothing, until set back.
     """
 
     layout: ChannelLayout
@@ -132,6 +137,8 @@ class NvshmemChannel:
     nvshmem: bool = True
     timeout_s: float | None = None
     fail: torch.Tensor | None = None
+    peers: torch.Tensor | None = None
+    drop_on_timeout: bool = False
     _host_recvd: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -143,6 +150,22 @@ class NvshmemChannel:
         elif self.fail.shape != (4, w) or self.fail.dtype != torch.int64:
             raise ValueError(f"fail must be int64 [4, {w}], got {self.fail.dtype} "
                              f"{tuple(self.fail.shape)}")
+        if self.peers is None:
+            self.peers = torch.ones(w, dtype=torch.int64, device=self.recv_buf.device)
+        elif self.peers.shape != (w,) or self.peers.dtype != torch.int64:
+            raise ValueError(f"peers must be int64 [{w}], got {self.peers.dtype} "
+                             f"{tuple(self.peers.shape)}")
+
+    def set_peers(self, ranks: Any) -> None:
+        """Enqueue: exchange with exactly `ranks` (an iterable of ranks) from now on; every other
+        rank is skipped by put / gather / wait_all (a graph captured earlier reads the words)."""
+        w = self.layout.world_size
+        ranks = sorted(set(int(r) for r in ranks))
+        if any(not 0 <= r < w for r in ranks):
+            raise ValueError(f"set_peers: ranks {ranks} must be in [0, {w})")
+        mask = torch.zeros(w, dtype=torch.int64)
+        mask[ranks] = 1
+        self.peers.copy_(mask, non_blocking=True)
 
     def send(self, peer: int, rows: torch.Tensor, meta: torch.Tensor) -> None:
         """Enqueue a put of meta[0] rows of `rows` into `peer`'s mailbox for this rank.
@@ -252,9 +275,9 @@ class NvshmemChannel:
         timeout, clock = self._wait_bound()
         _direct().put_kernel[(lay.ctas_per_send, lay.world_size)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.sent, self.done[0],
-            self.done[2], self.fail, rows, a, a_stride, n, n_stride, a if tags is None else tags,
-            self.rank, lay.world_size, lay.num_slots, lay.max_rows, lay.hidden, timeout,
-            BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, CLOCK=clock,
+            self.done[2], self.fail, self.peers, rows, a, a_stride, n, n_stride,
+            a if tags is None else tags, self.rank, lay.world_size, lay.num_slots, lay.max_rows,
+            lay.hidden, timeout, int(self.drop_on_timeout), BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, CLOCK=clock,
             num_warps=8)
 
     def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 64) -> None:
@@ -281,8 +304,9 @@ class NvshmemChannel:
         timeout, clock = self._wait_bound()
         _direct().gather_kernel[(ctas, lay.world_size)](
             self.recv_buf, self.meta, self.sig, self.credit, self.delta, self.recvd,
-            self.done[1], self.fail, out, out_meta, self.rank, lay.world_size, lay.num_slots,
-            lay.max_rows, lay.hidden, lay.ctas_per_send, timeout, BLOCK=DIRECT_BLOCK, COPY=True,
+            self.done[1], self.fail, self.peers, out, out_meta, self.rank, lay.world_size,
+            lay.num_slots, lay.max_rows, lay.hidden, lay.ctas_per_send, timeout,
+            int(self.drop_on_timeout), BLOCK=DIRECT_BLOCK, COPY=True,
             CLOCK=clock, num_warps=8)
         self._host_recvd = [n + 1 for n in self._host_recvd]  # eager mirror (see wait_all)
 
@@ -304,8 +328,9 @@ class NvshmemChannel:
         timeout, clock = self._wait_bound()
         _direct().gather_kernel[(1, w)](
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.recvd, self.done[1],
-            self.fail, self.recv_buf, self.meta, self.rank, w, lay.num_slots, lay.max_rows,
-            lay.hidden, lay.ctas_per_send, timeout, BLOCK=DIRECT_BLOCK, COPY=False, CLOCK=clock,
+            self.fail, self.peers, self.recv_buf, self.meta, self.rank, w, lay.num_slots,
+            lay.max_rows, lay.hidden, lay.ctas_per_send, timeout, int(self.drop_on_timeout),
+            BLOCK=DIRECT_BLOCK, COPY=False, CLOCK=clock,
             num_warps=1)
         slots = [n % lay.num_slots for n in self._host_recvd]
         return ([self.recv_buf[s, slot] for s, slot in enumerate(slots)],

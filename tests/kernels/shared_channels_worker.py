@@ -299,3 +299,16 @@ def moe_main(rank: int, conn: Any, steps: int, sizes: tuple[int, ...], timeout_s
     result.update(seconds=time.perf_counter() - t0, failures=failures.tolist())
     conn.send(pickle.dumps(result))
     report_counters(conn, ch)
+
+
+def exchange_counts(rank: int, name: str, messages: int, base: int = 0) -> dict[str, list[int]]:
+    """The counters of a two-rank MoE exchange (rank 0 the shard, 1 the server) after
+    `messages` rounds, plus `base` messages each way of every channel (a warm-up): the shard
+    puts moe_rows / moe_pairs and takes moe_results, the server the reverse."""
+    sends = (name != "moe_results") == (rank == 0)
+    peer = [0, 0]
+    peer[1 - rank] = messages
+    none = [0, 0]
+    plus = [base + n for n in peer], [base + n for n in none]
+    return {"sent": plus[0] if sends else plus[1], "credit": plus[0] if sends else plus[1],
+            "recvd": plus[1] if sends else plus[0]}

@@ -28,7 +28,7 @@ PROMPTS = [[5, 6, 7, 8], [40], [9, 30, 31, 32, 33, 34, 35]]
 
 class InProcessRound:
     """The executor's experts step over the exchange, every rank's half of a layer's round in
-    this stream (shard send; servers post and serve; shard receive; servers drain)."""
+    this stream (shard send; servers serve; shard receive)."""
 
     def __init__(self, shard: ShardExchange, servers: list[ServerExchange]) -> None:
         self.shard, self.servers = shard, servers
@@ -37,13 +37,8 @@ class InProcessRound:
         l = layer.layer_idx
         self.shard.send(l, x, topk_ids, topk_weights)
         for s in self.servers:
-            s.post()
-        for s in self.servers:
-            s.serve(l)
-        out = self.shard.receive()
-        for s in self.servers:
-            s.drain()
-        return out
+            s(l)
+        return self.shard.receive()
 
 
 def exchange_for(model: DecoderModel, max_rows: int) -> InProcessRound:
