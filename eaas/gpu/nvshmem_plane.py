@@ -277,8 +277,8 @@ class NvshmemChannel:
             self.recv_buf, self.meta, self.sig, self.credit, delta, self.sent, self.done[0],
             self.done[2], self.fail, self.peers, rows, a, a_stride, n, n_stride,
             a if tags is None else tags, self.rank, lay.world_size, lay.num_slots, lay.max_rows,
-            lay.hidden, timeout, int(self.drop_on_timeout), BLOCK=DIRECT_BLOCK, GROUPED=grouped, HAS_TAGS=tags is not None, CLOCK=clock,
-            num_warps=8)
+            lay.hidden, timeout, int(self.drop_on_timeout), BLOCK=DIRECT_BLOCK, GROUPED=grouped,
+            HAS_TAGS=tags is not None, CLOCK=clock, num_warps=8)
 
     def gather(self, out: torch.Tensor, out_meta: torch.Tensor, ctas: int = 64) -> None:
         """Enqueue: wait for the next message from every rank, copy each out, give slots back.
