@@ -22,6 +22,7 @@ PLACEMENTS = ("round_robin", "contiguous", "explicit")
 NO_REPLICA_POLICIES = ("fail", "wait", "degrade")
 SERVER_MODES = ("inproc", "process")
 TRANSPORTS = ("tcp", "shm", "cudaipc", "nvshmem")
+DATA_PATHS = ("auto", "host", "device")
 LAUNCHERS = ("local", "ray")
 RAY_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NVSHMEM_ALIGN = 256  # nvshmem:// slot sizes are multiples of this (eaas.transport.fabric.ALIGN)
@@ -82,6 +83,11 @@ class PlacementConfig:
     ray_num_cpus: float = 1.0  # CPUs per server actor
     ray_placement_strategy: str = "PACK"  # the start-up servers' placement group:
                                           # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    # how a CUDA shard's decode steps reach server processes: `device` (the captured step puts
+    # rows into the servers' GPU memory and waits on the GPU: eaas.engine.device_path),
+    # `host` (messages through the transport), or `auto` (device when every server is a CUDA
+    # process on ANOTHER GPU the shard's can map; two processes on one GPU time-slice it)
+    data_path: Literal["auto", "host", "device"] = "auto"
 
     def __post_init__(self) -> None:
         p = "placement."
@@ -101,6 +107,8 @@ class PlacementConfig:
                    "'tcp' when placement.launcher is 'ray' (servers may be on other hosts)")
         _check(self.transport in TRANSPORTS, p + "transport", self.transport,
                f"one of {TRANSPORTS}")
+        _check(self.data_path in DATA_PATHS, p + "data_path", self.data_path,
+               f"one of {DATA_PATHS}")
         _int(p + "nvshmem_slot_bytes", self.nvshmem_slot_bytes, 1)
         _check(self.nvshmem_slot_bytes % NVSHMEM_ALIGN == 0, p + "nvshmem_slot_bytes",
                self.nvshmem_slot_bytes, f"a multiple of {NVSHMEM_ALIGN} bytes")
@@ -230,6 +238,10 @@ class FaultConfig:
     # under 0.15 s) is also sent to another live replica: the first answer wins, a server so
     # beaten is suspect (0: off). Well below the heartbeat's verdict: a hung server stalls no step
     hedge_after_s: float = 0.25
+    # the device data path (placement.data_path): the shard's bound on each device wait for a
+    # server; past it the server is out of the step, which is replayed without it
+    device_timeout_s: float = 1.0
+    max_step_replays: int = 3  # replays of one decode step before its requests fail
 
     def __post_init__(self) -> None:
         _int("fault.max_restarts", self.max_restarts, 0)
@@ -245,6 +257,8 @@ class FaultConfig:
         _int("fault.warm_spares", self.warm_spares, 0, 8)
         _num("fault.hedge_after_s", self.hedge_after_s, 0)
         _int("fault.spare_nice", self.spare_nice, 0, 19)
+        _num("fault.device_timeout_s", self.device_timeout_s, 0, strict=True)
+        _int("fault.max_step_replays", self.max_step_replays, 0, 100)
 
 
 @dataclass(frozen=True, slots=True)

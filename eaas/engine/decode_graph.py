@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -122,19 +122,27 @@ class DecodeOut:
     finite: torch.Tensor
     logprobs: tuple[torch.Tensor, ...] | None = None
     host: HostCopy | None = None
+    flags: torch.Tensor | None = None  # the experts step's report of the step (`step_flags`)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.ids, self.finite, *(self.logprobs or ())]
+        """What `host` copies: ids, finite, the logprobs' tensors if any, then flags if any."""
+        return [self.ids, self.finite, *(self.logprobs or ()),
+                *(() if self.flags is None else (self.flags,))]
 
 
 class DecodeGraphs:
     """Decode steps over `model` and its paged `cache`; `experts` is the executor's experts step
-    (the device's whole-layer banks: `eaas.model.bank_experts`). num_slots: sampling slots for
-    the processors (default max_num_seqs: every running sequence may hold one)."""
+    (the device's whole-layer banks: `eaas.model.bank_experts`, or the device exchange with
+    expert-server processes: `eaas.engine.device_path`). num_slots: sampling slots for the
+    processors (default max_num_seqs: every running sequence may hold one). step_flags: called
+    after each step is enqueued, a device tensor that travels to the host with the step's ids
+    (`DecodeOut.flags`: the exchange's per-server failures of the step)."""
 
     def __init__(self, model: Any, cache: Any, *, max_num_seqs: int, max_blocks: int,
-                 experts: Any, captured: bool, num_slots: int | None = None) -> None:
+                 experts: Any, captured: bool, num_slots: int | None = None,
+                 step_flags: Callable[[], torch.Tensor] | None = None) -> None:
         self.model, self.cache, self.experts = model, cache, experts
+        self.step_flags = step_flags
         self.max_blocks, self.block_size = max_blocks, cache.block_size
         self.buckets = buckets_for(max_num_seqs)
         self.captured = captured and model.device.type == "cuda"
@@ -224,12 +232,19 @@ class DecodeGraphs:
         self._finite[:b].copy_(torch.isfinite(logits.gather(1, best[:, None]))[:, 0])
 
     # ---- capture -----------------------------------------------------------------------------
+    @property
+    def warm_up_steps(self) -> int:
+        """Steps `capture` runs (eagerly, before recording): one per bucket and variant."""
+        return len(self.buckets) * 3 if self.captured else 0
+
     @torch.inference_mode()
-    def capture(self) -> None:
+    def capture(self, before_recording: Callable[[], None] | None = None) -> None:
         """Record every bucket's graphs (largest first, sharing one memory pool), after a
-        warm-up run of each on a side stream (kernels compiled and loaded, allocator primed).
-        The padding rows write the scratch block (and sampling slot 0, adding nothing): capture
-        touches no sequence's cache or slot."""
+        warm-up run of each on a side stream (kernels compiled and loaded, allocator primed;
+        `warm_up_steps` of them). The padding rows write the scratch block (and sampling slot
+        0, adding nothing): capture touches no sequence's cache or slot. before_recording: run
+        between the warm-up and the recording (e.g. the exchange's wait bound: the warm-up's
+        may be longer than what the graphs keep)."""
         if not self.captured:
             return
         self._ints.zero_()
@@ -242,6 +257,8 @@ class DecodeGraphs:
                     self._forward(b, mode)
         torch.cuda.current_stream(self.model.device).wait_stream(side)
         torch.cuda.synchronize(self.model.device)
+        if before_recording is not None:
+            before_recording()
         for b in reversed(self.buckets):
             for mode in (GREEDY, SAMPLING, PROCESSORS):
                 g = torch.cuda.CUDAGraph()
@@ -405,7 +422,8 @@ class DecodeGraphs:
             self.processor_steps += 1
             if any(r.logprobs for r in rows):
                 lp = tuple(t[:n].clone() for t in self._lp)
-        out = DecodeOut(self._out[:n].clone(), self._finite[:n].clone(), lp)
+        out = DecodeOut(self._out[:n].clone(), self._finite[:n].clone(), lp,
+                        flags=self.step_flags() if self.step_flags is not None else None)
         out.host = start_download(*out.tensors())
         return out
 

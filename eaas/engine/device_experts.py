@@ -231,11 +231,9 @@ class ExpertPlacement:
 
 
 def bank_rows(bank: Any) -> dict[int, int]:
-    """Row of each expert an `ExpertBank` hosts in its weight tensors: its index in a loaded
-    bank, its global id in a view of a whole-layer bank (whose tensors hold every expert)."""
-    if bank.gate.shape[0] == len(bank.expert_ids):
-        return {e: i for i, e in enumerate(bank.expert_ids)}
-    return {e: e for e in bank.expert_ids}
+    """Row of each expert an `ExpertBank` hosts in its weight tensors (`ExpertBank.rows`): its
+    index in a loaded bank, its global id in a view of a whole-layer bank."""
+    return bank.rows()
 
 
 def serve_pairs(rows_in: torch.Tensor, pairs_in: torch.Tensor, counts: torch.Tensor,
@@ -265,7 +263,7 @@ def warm_up_experts(fmt: ExchangeFormat,
     happen before the first round — the shards' waits for this server are bounded (timeout_s)
     and a module load may synchronise the context while a wait of this process spins."""
     w, r = fmt.world_size, fmt.max_rows
-    for w13, w2 in experts.values():
+    for w13, w2 in (pair for pair in experts.values() if pair is not None):
         dev = w13.device
         rows = torch.zeros(w, r, fmt.hidden, dtype=fmt.torch_dtype, device=dev)
         pairs = torch.zeros(w, r, fmt.pair_width, dtype=torch.float32, device=dev)
@@ -366,8 +364,10 @@ class ServerExchange:
     captured graph per layer replays.
 
     experts: layer -> (w_gate_up [E_local, 2F, H], w_down [E_local, H, F]) in the activation
-    dtype, local row i = the wire's expert id i. After `serve`, `rows_in` [W, R, H], `meta_in`
-    [W, R + 1] and `pairs_in` [W, R, P] hold what arrived (valid until the next round).
+    dtype, local row i = the wire's expert id i; None for a MoE layer it hosts nothing of (it
+    still takes part in that layer's round: shards route it no rows, it answers zeros). After
+    a round, `rows_in` [W, R, H], `meta_in` [W, R + 1] and `pairs_in` [W, R, P] hold what
+    arrived (valid until the next round).
     """
 
     def __init__(self, fmt: ExchangeFormat, channels: ExchangeChannels,
@@ -375,7 +375,10 @@ class ServerExchange:
         channels.check(fmt)
         if channels.rank not in fmt.server_ranks:
             raise ValueError(f"rank {channels.rank} is not a server rank {fmt.server_ranks}")
-        for l, (w13, _) in experts.items():
+        for l, pair in experts.items():
+            if pair is None:
+                continue
+            w13 = pair[0]
             if w13.shape[0] > MAX_LOCAL_EXPERTS or w13.dtype != fmt.torch_dtype:
                 raise ValueError(f"layer {l}: {w13.shape[0]} local experts in {w13.dtype}; "
                                  f"at most 2**24 in {fmt.torch_dtype}")
@@ -388,14 +391,15 @@ class ServerExchange:
         self.pairs_in = torch.zeros(w, r, p, dtype=torch.float32, device=dev)
         self._pairs_meta = torch.zeros(w, r + 1, dtype=i64, device=dev)
         self._starts = torch.arange(w, dtype=i64, device=dev) * r  # where each rank's rows landed
+        self._zeros = torch.zeros(w * r, h, dtype=dt, device=dev)  # a layer hosted nothing of
 
     @classmethod
     def from_banks(cls, fmt: ExchangeFormat, channels: ExchangeChannels,
                    banks: Mapping[int, Any]) -> ServerExchange:
-        """From the server's `ExpertBank`s per layer; wire ids are `bank_rows(bank)`' rows.
-        (Stacks gate and up into one tensor: a copy; a GPU server should hand over the bank's
-        stacked weights instead.)"""
-        return cls(fmt, channels, {l: (torch.cat([b.gate, b.up], dim=1), b.down)
+        """From the server's `ExpertBank`s per layer (None: a layer it hosts nothing of); wire
+        ids are `bank_rows(bank)`' rows. The banks' stacked weights (`ExpertBank.stacked`: no
+        copy on CUDA)."""
+        return cls(fmt, channels, {l: None if b is None else b.stacked()
                                    for l, b in banks.items()})
 
     def __call__(self, layer_idx: int) -> None:
@@ -410,7 +414,9 @@ class ServerExchange:
         ch.rows.gather(self.rows_in, self.meta_in, ctas)
         ch.pairs.gather(self.pairs_in, self._pairs_meta, ctas)
         counts = self.meta_in[:, 0]  # [W] on the device
-        y = serve_pairs(self.rows_in, self.pairs_in, counts, self.fmt, *self.experts[layer_idx])
+        weights = self.experts[layer_idx]
+        y = self._zeros if weights is None else serve_pairs(
+            self.rows_in, self.pairs_in, counts, self.fmt, *weights)
         ch.results.put_spans(y, self._starts, counts, self.meta_in[:, 1:].reshape(-1))
 
     def failures(self) -> torch.Tensor:

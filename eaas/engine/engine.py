@@ -167,7 +167,9 @@ class AsyncEngine(PoolActions):
                          self._load_shard_model, self.counters, self.events_bus.emit, self.load,
                          pools_on=on_device.count, store=self.pool.store,
                          server_devices=lambda: {n: s["device"]
-                                                 for n, s in self.pool.servers.items()})
+                                                 for n, s in self.pool.servers.items()},
+                         server_urls=lambda: {n: getattr(s.get("slot"), "url", None) or ""
+                                              for n, s in self.pool.servers.items()})
         self._shard_deps = deps
         attn = await system.spawn_supervisor("attention", RestartPolicy("one_for_one"), parent=root)
         for j in range(cfg.placement.num_attention_shards):
@@ -422,6 +424,8 @@ class AsyncEngine(PoolActions):
         deps = self._shard_deps
         shards = [] if deps is None else \
             [{"name": n, **s.stats()} for n, s in sorted(deps.shards.items())]
+        for srv in servers:  # per server: which path each shard's decode steps take to it
+            srv["data_path"] = {sh["name"]: _server_path(sh, srv["name"]) for sh in shards}
         return {"model": self.model_name, "actors": system.get("actors", []), "servers": servers,
                 "shards": shards,
                 "routing": routing, "counters": c, "num_running": len(self._requests) - waiting,
@@ -450,3 +454,12 @@ class AsyncEngine(PoolActions):
 
     def events(self) -> AsyncIterator[dict]:
         return self.events_bus.subscribe()
+
+
+def _server_path(shard: dict, server: str) -> str:
+    """"device" when the shard's decode steps reach `server` through its device exchange set,
+    "host" otherwise (the dispatcher: prompts always, decode steps when the device path is
+    not taken, or the server is out of the set)."""
+    dp = shard.get("device_path") or {}
+    return "device" if shard.get("data_path") == "device" and \
+        dp.get("servers", {}).get(server) == "in" else "host"

@@ -18,8 +18,10 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from eaas.engine.messages import ComputeBatch, LoadExperts, Ping, SetDelay, Stats, UnloadExperts
+from eaas.engine.messages import (ComputeBatch, ExchangeClose, ExchangeConnect, ExchangeOpen,
+                                  ExchangeRun, LoadExperts, Ping, SetDelay, Stats, UnloadExperts)
 from eaas.engine.protocol import experts_reply
+from eaas.errors import EaasError
 
 if TYPE_CHECKING:
     from eaas.engine.expert_server import ExpertHost
@@ -46,12 +48,14 @@ class HostDispatcher:
     load_in:     how loading / freeing experts runs (blocking file I/O): a worker thread.
     extra_stats: more entries of the Stats reply (a process adds "pid" and "security").
     pid:         what Ping answers with; None: {} (in-process, no process of its own).
+    exchange:    the process's device-exchange sets (`eaas.engine.exchange_host.ExchangeSets`,
+                 a CUDA server process); None: xopen / xconnect / xrun / xclose are refused.
     """
 
     def __init__(self, host: ExpertHost, guard: RequestGuard, *, compute_in: Runner = inline,
                  load_in: Runner = asyncio.to_thread,
                  extra_stats: Callable[[], dict[str, Any]] | None = None,
-                 pid: int | None = None) -> None:
+                 pid: int | None = None, exchange: Any = None) -> None:
         self.host = host
         self.guard = guard
         self.delay_s = 0.0  # fault injection (SetDelay): extra latency per compute batch
@@ -61,6 +65,18 @@ class HostDispatcher:
         self._ops: dict[type, Callable[[Any], Awaitable[Any]]] = {
             ComputeBatch: self._compute, Ping: self._ping, Stats: self._stats,
             LoadExperts: self._load, UnloadExperts: self._unload, SetDelay: self._set_delay}
+        self.exchange = exchange
+        for cls, name in ((ExchangeOpen, "open"), (ExchangeConnect, "connect"),
+                          (ExchangeRun, "run"), (ExchangeClose, "close")):
+            self._ops[cls] = self._exchange_op(name)
+
+    def _exchange_op(self, name: str) -> Callable[[Any], Awaitable[Any]]:
+        async def op(msg: Any) -> Any:
+            if self.exchange is None:
+                raise EaasError(f"{type(msg).__name__}: this server has no device data path "
+                                "(only an expert-server process on a CUDA device has one)")
+            return await getattr(self.exchange, name)(msg)
+        return op
 
     async def handle(self, msg: Any) -> Any:
         """The reply to one request (see eaas.engine.protocol for what each returns).
@@ -85,6 +101,8 @@ class HostDispatcher:
                "load_stats": h.load_stats}
         if self._extra_stats is not None:
             out.update(self._extra_stats())
+        if self.exchange is not None:
+            out["exchange_sets"] = self.exchange.stats()
         return out
 
     async def _load(self, msg: LoadExperts) -> dict[str, list[int]]:

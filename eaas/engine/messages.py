@@ -138,3 +138,46 @@ class Hang:
     gets SIGSTOP instead)."""
 
     seconds: float
+
+
+# ---- the device data path (eaas.engine.device_path / eaas.engine.exchange_host) -------------
+
+@dataclass(frozen=True, slots=True)
+class ExchangeOpen:
+    """Expert-server command: allocate this server's buffers of device-exchange set `set_id`
+    as rank `rank` of `format` (`ExchangeFormat` fields as a map); replies {"export": ...}, the
+    description its peers map (`SharedChannels.export`), and {"experts": {layer: [ids]},
+    "rows": {layer: [rows]}}: the weight row (the wire's expert id) of each expert it hosts."""
+
+    set_id: int
+    rank: int
+    format: Any  # Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeConnect:
+    """Expert-server command: map the peers of set `set_id` (`exports`: every rank's export, or
+    None for a rank it never exchanges with), warm the set up in lockstep with the shard, and
+    serve `layers` (the model's MoE layers, in order) for every step asked for; device waits
+    are bounded by `timeout_s`. Replies "ok" once warmed up."""
+
+    set_id: int
+    exports: Any  # Sequence[Mapping | None]
+    layers: Any  # Sequence[int]
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeRun:
+    """Expert-server command: run `steps` more steps of set `set_id` (the shard's announcement:
+    one message per batch of its steps, never one per layer)."""
+
+    set_id: int
+    steps: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExchangeClose:
+    """Expert-server command: stop serving set `set_id` and free its buffers."""
+
+    set_id: int

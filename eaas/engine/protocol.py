@@ -8,6 +8,11 @@
     LoadExperts({layer: [ids]})               load      {"layer": [ids]}: what it hosts now
     UnloadExperts({layer: [ids]})             unload    likewise
     SetDelay(seconds)                         delay     "ok" (fault injection only)
+    ExchangeOpen(set_id, rank, format)        xopen     {"export", "experts", "rows"}  (device
+    ExchangeConnect(set_id, exports, layers,  xconnect  "ok", once warmed up           data path,
+                    timeout_s)                                                         a CUDA
+    ExchangeRun(set_id, steps)                xrun      "ok"                           server
+    ExchangeClose(set_id)                     xclose    "ok"                           process)
 
 In-process servers receive the dataclasses themselves; a server process receives
 `SERVER_PROTOCOL.encode(msg)` ({"op": tag, ...fields}, framed by the transport codec) and
@@ -21,9 +26,12 @@ decodes it with every field checked. Either way one `HostDispatcher`
 
 from __future__ import annotations
 
-from eaas.engine.messages import (ComputeBatch, LoadExperts, Ping, SetDelay, Stats,
-                                  UnloadExperts)
-from eaas.transport.wire import INT, MessageType, MessageTypes, int_lists_by_int, number, tensor
+from typing import Any
+
+from eaas.engine.messages import (ComputeBatch, ExchangeClose, ExchangeConnect, ExchangeOpen,
+                                  ExchangeRun, LoadExperts, Ping, SetDelay, Stats, UnloadExperts)
+from eaas.transport.wire import (INT, Field, MessageType, MessageTypes, int_lists_by_int, number,
+                                 tensor)
 
 __all__ = ["SERVER_PROTOCOL", "experts_reply"]
 
@@ -34,6 +42,38 @@ def _rows_match(msg: ComputeBatch) -> None:
         raise ValueError(f"compute x has {rows} rows but expert_ids {ids}")
 
 
+def _map(value: Any) -> dict:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError
+    return value
+
+
+def _exports(value: Any) -> list:
+    if not isinstance(value, (list, tuple)) or not value \
+            or not all(v is None or isinstance(v, dict) for v in value):
+        raise ValueError
+    return list(value)
+
+
+def _layers(value: Any) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not value or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value) \
+            or len(set(value)) != len(value):
+        raise ValueError
+    return list(value)
+
+
+def _positive(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError
+    return value
+
+
+MAP = Field("a map with string keys", _map)
+EXPORTS = Field("a non-empty list of exports (maps) or nulls", _exports)
+LAYERS = Field("a non-empty list of distinct layer ids >= 0", _layers)
+POSITIVE = Field("an int >= 1", _positive)
+
 SERVER_PROTOCOL = MessageTypes([
     MessageType("compute", ComputeBatch, {"layer": INT, "x": tensor(2, shape="[N, H]"),
                                           "expert_ids": tensor(1, "int", shape="[N]")},
@@ -43,6 +83,12 @@ SERVER_PROTOCOL = MessageTypes([
     MessageType("load", LoadExperts, {"experts": int_lists_by_int()}),
     MessageType("unload", UnloadExperts, {"experts": int_lists_by_int()}),
     MessageType("delay", SetDelay, {"seconds": number(lo=0.0)}),
+    MessageType("xopen", ExchangeOpen, {"set_id": INT, "rank": POSITIVE, "format": MAP}),
+    MessageType("xconnect", ExchangeConnect, {"set_id": INT, "exports": EXPORTS,
+                                              "layers": LAYERS,
+                                              "timeout_s": number(lo=1e-3, hi=3600.0)}),
+    MessageType("xrun", ExchangeRun, {"set_id": INT, "steps": POSITIVE}),
+    MessageType("xclose", ExchangeClose, {"set_id": INT}),
 ], noun="request")
 
 

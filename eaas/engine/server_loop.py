@@ -47,6 +47,7 @@ a cudaipc:// transport) may keep making CUDA calls meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -63,10 +64,16 @@ class ServerLoop:
     """Runs `exchange` for every layer of `layers` per step (see the module docstring).
 
     ahead: steps `run` / `serve` keep enqueued beyond the last one completed (>= 1).
+    stream: the CUDA stream the steps run on (None: the current one). A stream of its own
+        keeps the process's other GPU work (host-path compute batches) from queueing behind
+        a step that waits on the device for the shards.
+    auto_capture: on CUDA, `run` / `serve` capture the graphs by themselves once the first
+        step completed (that step runs alone: nothing else is enqueued until it is captured).
     Counts: `steps_enqueued`, `steps_done` (completed as seen by the host), `requested`.
     """
 
-    def __init__(self, exchange: ServerExchange, layers: Sequence[int], ahead: int = 2) -> None:
+    def __init__(self, exchange: ServerExchange, layers: Sequence[int], ahead: int = 2,
+                 stream: Any = None, auto_capture: bool = False) -> None:
         layers = list(layers)
         if not layers or len(set(layers)) != len(layers):
             raise ValueError(f"layers {layers}: must be non-empty and distinct (the model's MoE "
@@ -79,6 +86,8 @@ class ServerLoop:
             raise ValueError(f"ahead={ahead!r}: must be an int >= 1")
         self.exchange, self.layers, self.ahead = exchange, layers, ahead
         self.device: torch.device = exchange.channels.device
+        self.stream = stream
+        self.auto_capture = auto_capture and self.device.type == "cuda"
         self.steps_enqueued = 0
         self.steps_done = 0
         self.requested = 0
@@ -95,12 +104,18 @@ class ServerLoop:
     def run_step(self) -> None:
         """Enqueue one step: every layer's round, in layer order (replays once captured).
         Use `start` / `run` to have it counted and awaited."""
-        if self._graphs is not None:
-            for l in self.layers:
-                self._graphs[l].replay()
-        else:
-            for l in self.layers:
-                self.exchange(l)
+        with self._on_stream():
+            if self._graphs is not None:
+                for l in self.layers:
+                    self._graphs[l].replay()
+            else:
+                for l in self.layers:
+                    self.exchange(l)
+
+    def _on_stream(self) -> Any:
+        if self.stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self.stream)
 
     def capture(self) -> None:
         """CUDA only: capture one graph per layer (after an eager step; none in flight)."""
@@ -118,7 +133,8 @@ class ServerLoop:
         pool, graphs = torch.cuda.graph_pool_handle(), {}
         for l in self.layers:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=pool, stream=self.stream,
+                                  capture_error_mode="thread_local"):
                 self.exchange(l)  # other threads (waiters, transports) may call CUDA meanwhile
             graphs[l] = graph
         self._pool, self._graphs = pool, graphs
@@ -164,7 +180,7 @@ class ServerLoop:
         self.steps_enqueued += 1
         if self.device.type == "cuda":
             event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
+            event.record(self.stream or torch.cuda.current_stream(self.device))
             self._inflight.append(event)
         else:
             self._inflight.append(None)  # the interpreter ran it to completion
@@ -192,8 +208,12 @@ class ServerLoop:
         self._pumping = True
         try:
             while True:
-                while (self.steps_enqueued < self.requested
-                       and len(self._inflight) < self.ahead):
+                if (self.auto_capture and self._graphs is None and self.steps_done
+                        and not self._inflight):
+                    self.capture()
+                # until captured, one step at a time (capture needs none in flight)
+                window = self.ahead if self._graphs is not None or not self.auto_capture else 1
+                while self.steps_enqueued < self.requested and len(self._inflight) < window:
                     self._enqueue()
                 if self._inflight:
                     await self._complete_oldest(timeout)

@@ -2,7 +2,9 @@
 
 The process loads only its experts' tensors (ExpertHost), listens on a transport URL, prints one
 JSON line {"url", "pid", "load_stats"} on stdout when ready, then answers the RPC requests of
-the expert-server protocol (eaas.engine.protocol: compute, ping, stats, load, unload, delay),
+the expert-server protocol (eaas.engine.protocol: compute, ping, stats, load, unload, delay;
+on a CUDA device also the device data path's xopen / xconnect / xrun / xclose,
+eaas.engine.exchange_host),
 each a tagged tree such as {"op": "compute", "layer": L, "x": [N, H], "expert_ids": [N]}, run
 by the same `HostDispatcher` as an in-process server (eaas.engine.host_dispatch).
 
@@ -94,8 +96,13 @@ async def _serve(args: argparse.Namespace, *,
         return {"pid": os.getpid(),
                 "security": {**listener.stats.snapshot(), "refused_requests": guard.refused}}
 
+    exchange = None
+    if worker is not None:  # a CUDA server: the device data path (eaas.engine.exchange_host)
+        from eaas.engine.exchange_host import ExchangeSets
+
+        exchange = ExchangeSets(host, blocking)
     dispatch = HostDispatcher(host, guard, compute_in=blocking, load_in=blocking,
-                              extra_stats=process_stats, pid=os.getpid())
+                              extra_stats=process_stats, pid=os.getpid(), exchange=exchange)
 
     async def on_connection(conn: Any) -> None:
         await serve_rpc(conn, dispatch.handle)

@@ -27,8 +27,8 @@ from eaas.actors import Actor
 from eaas.config import EngineConfig
 from eaas.engine.batch_sampling import needs_batched_sampling, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
-from eaas.engine.decode_graph import DecodeGraphs, DecodeOut
-from eaas.engine.decode_lane import AsyncDecode
+from eaas.engine.decode_graph import DecodeGraphs
+from eaas.engine.decode_lane import AsyncDecode, Launch
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.emission import TokenEmission
 from eaas.engine.forking import SeqForking
@@ -42,6 +42,9 @@ from eaas.gpu.waiter import download
 from eaas.model import bank_experts, combine_experts
 from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SeqSpan
 from eaas.model.ops import upload
+
+
+SERVER_WAIT_S = 30.0  # a server's bound on its waits for this shard (and the warm-up's)
 
 
 class _Combine:
@@ -91,6 +94,7 @@ class ShardDeps:
     shards: dict[str, Any] = field(default_factory=dict)  # name -> running AttentionShard
     store: Any = None  # eaas.engine.expert_store.ExpertStore of the in-process servers
     server_devices: Callable[[], dict[str, str]] = dict  # server name -> its device
+    server_urls: Callable[[], dict[str, str]] = dict  # server name -> its RPC listener's URL
 
 
 class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor):
@@ -107,8 +111,12 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
         self._calls: list[ExpertCall | None] = [None for _ in self.lanes]  # lane's call in flight
         # per lane: the co-located decode step in flight whose ids are not on the host yet
         # (its live requests, its DecodeOut); the lane's next step feeds them on the device
-        self._ahead: list[tuple[list[tuple[Request, int]], DecodeOut] | None] = [
+        self._ahead: list[Launch | None] = [
             None for _ in self.lanes]
+        self._retry: list[Any] = [None for _ in self.lanes]  # per lane: a replay to launch
+        self.device_path: Any = None  # eaas.engine.device_path.DevicePath, when taken
+        self.device_path_reason = "not decided yet"  # why not, when not taken
+        self.ledger: Any = None  # its StepLedger
         self._stepping: set[str] = set()  # requests of the steps in flight (their blocks stay)
         self._unforked: list[SeqGroup] = []  # admitted groups whose followers await the fork
         self.steps = 0
@@ -127,6 +135,8 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
         self.cache, self.blocks = await asyncio.to_thread(self._new_cache)
         if self.local:
             await asyncio.to_thread(self._capture)
+        else:
+            await self._open_device_path(snap)
         self.deps.shards[self.name] = self  # the engine's snapshot reads stats() of each
         for i in range(len(self.lanes)):
             self.context.create_task(self._lane(i), name=f"{self.name}-lane{i}")
@@ -147,12 +157,61 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
 
     def data_path(self) -> str:
         """How this shard's steps run: "captured" (decode steps replay CUDA graphs, experts
-        computed here), "local" (experts computed here, eagerly), or "dispatch" (rows sent to the
-        expert servers through the dispatcher)."""
+        computed here), "local" (experts computed here, eagerly), "device" (decode steps
+        replay CUDA graphs whose MoE layers exchange rows with the server processes' GPUs:
+        eaas.engine.device_path; prompts go the dispatcher's way), or "dispatch" (rows sent
+        to the expert servers through the dispatcher)."""
+        if self._device_ready():
+            return "device"
         if not getattr(self, "local", False):
             return "dispatch"
         g = getattr(self, "graphs", None)
         return "captured" if g is not None and g.captured else "local"
+
+    def _device_ready(self) -> bool:
+        """Decode steps take the device path: it is open, captured, and every expert has a
+        live replica in its set."""
+        path, g = getattr(self, "device_path", None), getattr(self, "graphs", None)
+        return path is not None and path.covered and g is not None and g.experts is path.exchange
+
+    async def _open_device_path(self, snap: Any) -> None:
+        """Take the device data path to the server processes if placement.data_path and the
+        servers' devices and transports allow it (`device_path_reason`), and capture the
+        decode graphs over it; else the dispatcher's host path, with the reason kept."""
+        from eaas.engine.decode_graph import buckets_for
+        from eaas.engine.device_path import DevicePath, device_path_reason
+        from eaas.engine.server_process import server_security
+        from eaas.engine.step_ledger import StepLedger
+
+        cfg = self.deps.config
+        if cfg.placement.server_mode != "process":
+            self.device_path_reason = "in-process expert servers"
+            return
+        servers = {n: d for n, d in self.deps.server_devices().items() if n not in snap.dead}
+        urls = self.deps.server_urls()
+        reason = device_path_reason(cfg.placement.data_path, self.device, servers, urls)
+        if reason is None and cfg.enforce_eager:
+            reason = "enforce_eager (the device path runs in captured decode steps)"
+        if reason is not None:
+            self.device_path_reason = reason
+            return
+        mc = self.model.config
+        names = sorted(servers, key=lambda n: (len(n), n))
+        self.device_path = await DevicePath.open(
+            set_id=abs(hash((self.name, time.time_ns()))) % (1 << 31), device=self.device,
+            servers={n: urls[n] for n in names}, snapshot=snap,
+            layers=[layer.layer_idx for layer in self.model.layers if layer.is_moe],
+            num_experts=mc.num_experts, hidden=mc.hidden_size, top_k=mc.num_experts_per_tok,
+            dtype=self.model.dtype, max_rows=buckets_for(cfg.scheduler.max_num_seqs)[-1],
+            timeout_s=cfg.fault.device_timeout_s, server_timeout_s=SERVER_WAIT_S,
+            security=server_security())
+        self.ledger = StepLedger(self.device_path.routing,
+                                 max_replays=cfg.fault.max_step_replays, max_in_flight=2,
+                                 counters=self.deps.counters)
+        self.device_path_reason = ""
+        # the capture's warm-up steps are rounds on every server: announced here, in the loop
+        self.device_path.announce(3 * len(buckets_for(cfg.scheduler.max_num_seqs)))
+        await asyncio.to_thread(self._capture, self.device_path)
 
     def _colocate(self) -> None:
         store = self.deps.store
@@ -161,13 +220,26 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
                 layer.experts = store.layer(self.device, layer.layer_idx)
         self.local = True
 
-    def _capture(self) -> None:
+    def _capture(self, path: Any = None) -> None:
+        """The decode graphs over the co-located experts, or over the device path's exchange
+        (its servers told to run the capture's warm-up steps; the warm-up waits as long as a
+        first compile may take, the recorded graphs fault.device_timeout_s)."""
         cfg, mc = self.deps.config, self.model.config
         max_len = cfg.scheduler.max_model_len or mc.max_position_embeddings
-        self.graphs = DecodeGraphs(self.model, self.cache, max_num_seqs=cfg.scheduler.max_num_seqs,
-                                   max_blocks=-(-max_len // cfg.cache.block_size),
-                                   experts=bank_experts, captured=not cfg.enforce_eager)
-        self.graphs.capture()
+        graphs = DecodeGraphs(self.model, self.cache, max_num_seqs=cfg.scheduler.max_num_seqs,
+                              max_blocks=-(-max_len // cfg.cache.block_size),
+                              experts=bank_experts if path is None else path.exchange,
+                              captured=not cfg.enforce_eager,
+                              step_flags=None if path is None else path.step_flags)
+        if path is None:
+            graphs.capture()
+        else:
+            assert graphs.warm_up_steps == path.announced, (graphs.warm_up_steps, path.announced)
+            path.set_timeout(SERVER_WAIT_S)
+            graphs.capture(before_recording=lambda: path.set_timeout(
+                cfg.fault.device_timeout_s))
+            path.step_flags()  # the warm-up's own report is not a step's
+        self.graphs = graphs
 
     def _new_cache(self) -> tuple[PagedKVCache, BlockAllocator]:
         """The shard's paged KV cache, sized now (after the weights are loaded); the allocator
@@ -183,6 +255,9 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
     async def on_stop(self) -> None:
         if self.deps.shards.get(self.name) is self:
             del self.deps.shards[self.name]
+        path, self.device_path = getattr(self, "device_path", None), None
+        if path is not None:
+            await path.aclose()
         # crash or shutdown: every request this shard holds ends now, with the reason
         for r in list(self.by_id.values()):
             self._finish(r, "abort", error=f"attention shard {self.name} stopped "
@@ -195,7 +270,9 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
             self.dispatcher.on_failed(msg)
         elif isinstance(msg, RoutingUpdate):
             self.dispatcher.on_routing(msg.snapshot)
-            if self.graphs is not None:  # a local expert lost its last live server: dispatch
+            if self.device_path is not None:
+                self.device_path.routing.update(msg.snapshot)
+            elif self.graphs is not None:  # a local expert lost its last live server: dispatch
                 self.local = self._colocated(msg.snapshot)
         elif isinstance(msg, AddRequest):
             r: Request = msg.request
@@ -222,6 +299,8 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
                 "kv_blocks_used": blocks.num_used if blocks is not None else 0,
                 "kv_blocks_total": blocks.num_blocks if blocks is not None else 0,
                 "data_path": self.data_path(),
+                "device_path": (self.device_path.describe() if self.device_path is not None
+                                else {"reason": self.device_path_reason}),
                 "graph_replays": self.graphs.replays if getattr(self, "graphs", None) else 0,
                 "inflight_units": self.dispatcher.inflight() if hasattr(self, "dispatcher") else 0,
                 "lanes": [len(lane) for lane in self.lanes]}
@@ -310,7 +389,7 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
                 raise
             except Exception as e:  # a bug or a model error: fail these requests, keep serving
                 ahead, self._ahead[i] = self._ahead[i], None
-                for r in reqs + ([m for m, _ in ahead[0]] if ahead is not None else []):
+                for r in reqs + ([m for m, _ in ahead.live] if ahead is not None else []):
                     self._finish(r, "error", error=f"{type(e).__name__}: {e}")
                 self.deps.emit({"type": "step_failed", "shard": self.name, "error": repr(e),
                                 "time": time.time()})
@@ -329,7 +408,7 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
 
     # ---- one step of one micro-batch ----------------------------------------------------------
     async def _step(self, reqs: list[Request], lane: int) -> None:
-        if self.local and self.graphs is not None:
+        if (self.local or self._device_ready()) and self.graphs is not None:
             reqs, chunks = self._plan(reqs)
             if all(r.prefilled for r in reqs):
                 return await self._decode_step(reqs, lane)

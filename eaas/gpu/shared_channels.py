@@ -232,15 +232,22 @@ class SharedChannels:
     def connect(self, exports: Sequence[Mapping[str, Any]], timeout_s: float | None = None
                 ) -> dict[str, SharedChannel]:
         """Map every peer's arena (`exports`: every rank's `export()`, this one's included, any
-        order) and build this rank's channels, name -> channel, with `timeout_s` as every
-        wait's bound (None: forever). Start-up only (CUDA: imports may synchronise)."""
+        order; None in place of a rank this one never exchanges with: it is not mapped, its
+        deltas are 0, and its peer word is 0 in every channel: keep it masked) and build this
+        rank's channels, name -> channel, with `timeout_s` as every wait's bound (None:
+        forever). Start-up only (CUDA: imports may synchronise)."""
         if self._channels is not None:
             raise RuntimeError("connect: this set is already connected")
         check_timeout(timeout_s)
         world = next(iter(self.layouts.values())).world_size
-        by_rank = self._check_exports(exports, world)
-        mapped = tuple(None if r == self.rank else self._map(by_rank[r]) for r in range(world))
+        if len(exports) != world:
+            raise ValueError(f"connect: one export (or None) per rank ({world}), got "
+                             f"{len(exports)}")
+        by_rank = self._check_exports([e for e in exports if e is not None], world)
+        mapped = tuple(None if r == self.rank or r not in by_rank else self._map(by_rank[r])
+                       for r in range(world))
         bases = [self.arena.data_ptr() if m is None else m.data_ptr() for m in mapped]
+        live = torch.tensor([int(r in by_rank) for r in range(world)], dtype=torch.int64)
         for r, base in enumerate(bases):
             if base % ALIGN:
                 raise ValueError(f"rank {r}'s arena is mapped at {base:#x} here, not on a "
@@ -268,7 +275,7 @@ class SharedChannels:
                 recvd=torch.zeros(w, dtype=i64, device=dev),
                 delta=torch.tensor(rows, dtype=i64, device=dev),
                 done=torch.zeros(3, w, dtype=i64, device=dev), nvshmem=False,
-                timeout_s=timeout_s)
+                timeout_s=timeout_s, peers=live.to(dev))
             ch.mappings = peers
             channels[name] = ch
         self._mapped, self._channels = mapped, channels
@@ -328,8 +335,6 @@ class SharedChannels:
 
     def _check_exports(self, exports: Sequence[Mapping[str, Any]], world: int
                        ) -> dict[int, Mapping[str, Any]]:
-        if len(exports) != world:
-            raise ValueError(f"connect: one export per rank ({world}), got {len(exports)}")
         mine, by_rank = self.export(), {}
         for e in exports:
             if not isinstance(e, Mapping) or e.get("version") != EXPORT_VERSION:
@@ -347,6 +352,8 @@ class SharedChannels:
                 raise ValueError(f"connect: rank {r}'s buffers are on {e.get('device')!r}, this "
                                  f"rank's on {mine['device']!r}")
             by_rank[r] = e
+        if self.rank not in by_rank:
+            raise ValueError(f"connect: the exports lack this rank's own ({self.rank})")
         if _wire(by_rank[self.rank]["handle"]) != _wire(mine["handle"]):
             raise ValueError(f"connect: the export of rank {self.rank} is not this rank's")
         return by_rank

@@ -191,6 +191,19 @@ class ExpertBank:
             self._kernel_cfg = None  # batch-invariant: one block config for every batch size
             self._fused_cfg = None
 
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w_gate_up [E_rows, 2F, H], w_down [E_rows, H, F]) as the grouped GEMM takes them
+        (`eaas_kernels.fused_moe`); row i is `self._local`'s row of an expert. On CUDA the
+        bank's own stacked tensors (no copy); on CPU a concatenation (a copy)."""
+        if self._w13 is not None:
+            return self._w13, self._w2
+        return torch.cat([self.gate, self.up], dim=1), self.down
+
+    def rows(self) -> dict[int, int]:
+        """The weight row of each hosted expert (its index here, or its global id in a view of
+        a whole-layer bank)."""
+        return dict(self._local)
+
     def view(self, expert_ids: Iterable[int]) -> ExpertBank:
         """A bank hosting only `expert_ids` over this whole-layer bank's weights (no copy): what
         an in-process server gets from the device's shared store."""
