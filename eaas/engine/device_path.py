@@ -23,9 +23,12 @@ with the step's token ids. A step with a flag lands in the step ledger
 is 0 already: the channel dropped it on the timeout), re-routes its experts to the replicas
 in place (the captured graphs read the placements' tensors), and the shard replays the
 step (the routing table is not told: the process's supervisor decides whether it is
-dead). A dropped server stays out of this set; an expert left with no live replica in the
-set makes `covered` False and the shard falls back to the host path (the
-dispatcher, which routes around dead servers and waits for restarts).
+dead). An expert left with no live replica in the set makes `covered` False and the shard
+falls back to the host path (the dispatcher, which routes around dead servers and waits for
+restarts). A dropped server whose process was replaced (SIGKILL, or killed after missed
+heartbeats, then restarted: a new URL) is readmitted while the set keeps serving (`readmit`:
+same rank, the new arena mapped in place, the pair reset, warmed up alone) and routed to again
+once ready; one dropped while its process lives on (a slow answer) stays out of this set.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from eaas.engine.device_experts import (PAIRS, RESULTS, ROWS, ExchangeChannels, 
                                         ExpertPlacement, ShardExchange)
 from eaas.engine.messages import (ExchangeClose, ExchangeConnect, ExchangeOpen, ExchangeRun)
 from eaas.engine.protocol import SERVER_PROTOCOL
+from eaas.errors import EaasError
 
 __all__ = ["DevicePath", "DeviceRouting", "device_path_reason"]
 
@@ -106,11 +110,20 @@ class DeviceRouting:
                     server, self.path.set_id, self._generation)
         return self._generation
 
+    def restore(self, server: str) -> int:
+        """`server` is back in the set (a restarted process, readmitted): routed again, in a
+        new generation."""
+        if server in self.dropped:
+            self.dropped.discard(server)
+            self._generation += 1
+            self.path.reroute()
+        return self._generation
+
     def live_replicas(self, expert: Any) -> tuple[str, ...]:
         layer, e = expert
         return tuple(s for s in self.snapshot.servers_for(layer, e)
                      if s in self.path.ranks and s not in self.dropped
-                     and s not in self.snapshot.dead)
+                     and s not in self.snapshot.dead and e in self.path.rows[s].get(layer, {}))
 
     def experts_of(self, server: str) -> list[Any]:
         return [(l, e) for l, ids in self.snapshot.hosted_by(server).items() for e in ids]
@@ -133,6 +146,11 @@ class DevicePath:
         self.clients, self.ranks, self.rows = clients, ranks, rows
         self.layers, self.num_experts, self.set_id = layers, num_experts, set_id
         self.routing: DeviceRouting | None = None
+        self.urls: dict[str, str] = {}  # the URL of each server's process in the set
+        self.readmitting: set[str] = set()
+        self._connect: Any = None
+        self._security: Any = None
+        self._server_timeout_s = 30.0
         self.covered = False
         self.uncovered: list[tuple[int, int]] = []
         self._last = exchange.trouble().clone()
@@ -200,9 +218,67 @@ class DevicePath:
             raise
         path = cls(fmt, shared, exchange, clients, ranks, rows, list(layers), num_experts,
                    set_id)
+        path.urls, path._connect, path._security = dict(servers), connect, security
+        path._server_timeout_s = server_timeout_s
         path.routing = DeviceRouting(path, snapshot)
         path.reroute()
         return path
+
+    async def readmit(self, name: str, url: str) -> None:
+        """Bring dropped server `name` back into the set as its restarted process at `url`:
+        the new process allocates its arena (xopen, same rank), the shard maps it in place of
+        the dead one's (`SharedChannels.readmit`: the pair's words reset), the process maps the
+        shard and warms up alone (xconnect), and only then is it unmasked and routed to again
+        (a new generation). The shard's steps go on meanwhile: the rank stays masked until
+        the end, so no round waits for it. On any failure it stays out."""
+        from eaas.transport import RpcClient
+
+        assert self.routing is not None and name in self.routing.dropped, name
+        rank = self.ranks[name]
+        self.readmitting.add(name)
+        try:
+            old = self.clients.pop(name, None)
+            if old is not None:
+                await _close(old)
+            client = self.clients[name] = RpcClient(await self._connect(
+                url, timeout=10.0, security=self._security))
+            wire = {k: list(v) if isinstance(v, tuple) else v
+                    for k, v in asdict(self.fmt).items()}
+            opened = await client.call(SERVER_PROTOCOL.encode(
+                ExchangeOpen(self.set_id, rank, wire)), timeout=120.0)
+            rows = {int(l): dict(zip(opened["experts"][l], opened["rows"][l]))
+                    for l in opened["experts"]}
+            hosted = self.routing.snapshot.hosted_by(name)
+            missing = sorted((l, e) for l, ids in hosted.items() if l in self.layers
+                             for e in ids if e not in rows.get(l, {}))
+            if missing:  # a restart's process before it loaded its experts: try again later
+                await client.call(SERVER_PROTOCOL.encode(ExchangeClose(self.set_id)),
+                                  timeout=10.0)
+                raise EaasError(f"server {name} does not host {len(missing)} of its experts "
+                                f"yet (first: layer {missing[0][0]} expert {missing[0][1]})")
+            await asyncio.to_thread(self.shared.readmit, opened["export"])
+            exports: list[Any] = [None] * self.fmt.world_size
+            exports[0], exports[rank] = self.shared.export(), opened["export"]
+            await client.call(SERVER_PROTOCOL.encode(ExchangeConnect(
+                self.set_id, exports, self.layers, self._server_timeout_s, alone=True)),
+                timeout=CONNECT_TIMEOUT_S)
+            self.rows[name] = rows
+            self.urls[name] = url
+            self.exchange.peers[rank] = 1  # stream order: launches from now on include it
+            self.routing.restore(name)
+            log.warning("device path: server %s readmitted to exchange set %d (%s)", name,
+                        self.set_id, url)
+        finally:
+            self.readmitting.discard(name)
+
+    def restarted(self, urls: Mapping[str, str], dead: Iterable[str]) -> list[str]:
+        """Dropped servers whose process was replaced (a new URL) and is not dead: the ones
+        `readmit` can bring back now."""
+        assert self.routing is not None
+        dead = set(dead)
+        return [n for n in sorted(self.routing.dropped)
+                if n not in dead and n not in self.readmitting and urls.get(n)
+                and urls[n] != self.urls.get(n)]
 
     # ---- routing ------------------------------------------------------------------------------
     def reroute(self) -> None:
@@ -253,8 +329,8 @@ class DevicePath:
 
     def flagged(self, flags: Iterable[int]) -> frozenset[str]:
         """Server names whose entry of a step's host flags is not 0."""
-        flags = list(flags)
-        return frozenset(n for n, r in self.ranks.items() if flags[r])
+        flags = list(flags)  # (negative after a readmission reset the rank's words)
+        return frozenset(n for n, r in self.ranks.items() if flags[r] > 0)
 
     def set_timeout(self, timeout_s: float | None) -> None:
         """Every wait's bound from the next launch on (a graph keeps the one it was captured

@@ -13,6 +13,8 @@ server through four requests of the expert-server protocol (eaas.engine.protocol
                                      up in lockstep with the shard, start the set's
                                      `ServerLoop` (its own CUDA stream; graphs captured after
                                      its first step) -> "ok"
+                                     (alone: a restarted server joining a running set warms
+                                     up with itself only)
     xrun(set_id, steps)              the shard's "run k steps" (one message per step batch)
     xclose(set_id)                   stop the loop, free the buffers
 
@@ -116,7 +118,10 @@ class ExchangeSets:
         warm_up_experts(fmt, exchange.experts)
         stream = torch.cuda.Stream(shared.device)
         with torch.cuda.stream(stream):
-            shared.warm_up()  # lockstep with the shard's warm-up (its rounds are the barrier)
+            if msg.alone:  # joining a running set: the shard's kernels are loaded already
+                shared.warm_up_alone(exchange.peers)
+            else:  # lockstep with the shard's warm-up (its rounds are the barrier)
+                shared.warm_up()
         stream.synchronize()
         shared.unlink()
         return ServerLoop(exchange, msg.layers, ahead=self.ahead, stream=stream,

@@ -159,12 +159,15 @@ class ExchangeConnect:
     """Expert-server command: map the peers of set `set_id` (`exports`: every rank's export, or
     None for a rank it never exchanges with), warm the set up in lockstep with the shard, and
     serve `layers` (the model's MoE layers, in order) for every step asked for; device waits
-    are bounded by `timeout_s`. Replies "ok" once warmed up."""
+    are bounded by `timeout_s`. Replies "ok" once warmed up. `alone`: warm up with itself
+    only (a restarted server joining a running set: the shard's kernels are loaded already and
+    its rounds go on meanwhile)."""
 
     set_id: int
     exports: Any  # Sequence[Mapping | None]
     layers: Any  # Sequence[int]
     timeout_s: float
+    alone: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@
     SetDelay(seconds)                         delay     "ok" (fault injection only)
     ExchangeOpen(set_id, rank, format)        xopen     {"export", "experts", "rows"}  (device
     ExchangeConnect(set_id, exports, layers,  xconnect  "ok", once warmed up           data path,
-                    timeout_s)                                                         a CUDA
+                    timeout_s[, alone])                                                a CUDA
     ExchangeRun(set_id, steps)                xrun      "ok"                           server
     ExchangeClose(set_id)                     xclose    "ok"                           process)
 
@@ -69,7 +69,14 @@ def _positive(value: Any) -> int:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
 MAP = Field("a map with string keys", _map)
+BOOL = Field("true or false", _bool)
 EXPORTS = Field("a non-empty list of exports (maps) or nulls", _exports)
 LAYERS = Field("a non-empty list of distinct layer ids >= 0", _layers)
 POSITIVE = Field("an int >= 1", _positive)
@@ -86,7 +93,8 @@ SERVER_PROTOCOL = MessageTypes([
     MessageType("xopen", ExchangeOpen, {"set_id": INT, "rank": POSITIVE, "format": MAP}),
     MessageType("xconnect", ExchangeConnect, {"set_id": INT, "exports": EXPORTS,
                                               "layers": LAYERS,
-                                              "timeout_s": number(lo=1e-3, hi=3600.0)}),
+                                              "timeout_s": number(lo=1e-3, hi=3600.0),
+                                              "alone": BOOL}),
     MessageType("xrun", ExchangeRun, {"set_id": INT, "steps": POSITIVE}),
     MessageType("xclose", ExchangeClose, {"set_id": INT}),
 ], noun="request")

@@ -45,6 +45,7 @@ from eaas.model.ops import upload
 
 
 SERVER_WAIT_S = 30.0  # a server's bound on its waits for this shard (and the warm-up's)
+READMIT_POLL_S = 0.25  # how often the device path looks for restarted servers
 
 
 class _Combine:
@@ -212,6 +213,25 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
         # the capture's warm-up steps are rounds on every server: announced here, in the loop
         self.device_path.announce(3 * len(buckets_for(cfg.scheduler.max_num_seqs)))
         await asyncio.to_thread(self._capture, self.device_path)
+        self.context.create_task(self._watch_device_path(), name=f"{self.name}-readmit")
+
+    async def _watch_device_path(self) -> None:
+        """Readmit dropped servers of the device path whose process was restarted (a new
+        URL), one at a time; a failed readmission is retried at the next look."""
+        path = self.device_path
+        while path is not None and path is self.device_path:
+            await asyncio.sleep(READMIT_POLL_S)
+            assert path.routing is not None
+            for name in path.restarted(self.deps.server_urls(), path.routing.snapshot.dead):
+                try:
+                    await path.readmit(name, self.deps.server_urls()[name])
+                    self.deps.emit({"type": "device_path_readmitted", "shard": self.name,
+                                    "server": name, "time": time.time()})
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self.deps.emit({"type": "device_path_readmit_failed", "shard": self.name,
+                                    "server": name, "error": repr(e), "time": time.time()})
 
     def _colocate(self) -> None:
         store = self.deps.store

@@ -281,6 +281,58 @@ class SharedChannels:
         self._mapped, self._channels = mapped, channels
         return channels
 
+    def reset_peer(self, rank: int) -> None:
+        """Enqueue: zero this rank's side of the pair with `rank` in every channel (the signal
+        and credit words the peer writes here, the pair's counters, done and failure words):
+        the pair starts afresh, as at allocation. The peer must be masked in every channel
+        (`NvshmemChannel.peers`) while this runs, and no message of the pair may be in flight."""
+        for ch in self.channels.values():
+            for t in (ch.sig, ch.credit, ch.sent, ch.recvd):
+                t[rank] = 0
+            ch.done[:, rank] = 0
+            ch.fail[:, rank] = 0
+
+    def readmit(self, export: Mapping[str, Any]) -> None:
+        """Map the NEW arena of a restarted peer (`export`: its process's `export()`, same
+        rank, same layouts) in place of the old one: every channel's deltas to that rank are
+        rewritten and the pair's words reset (`reset_peer`). The peer must be masked in every
+        channel until this returns (stream order: launches before it skip the peer, launches
+        after it see the new mapping); unmask it once the peer is connected and warmed up."""
+        world = next(iter(self.layouts.values())).world_size
+        by_rank = self._check_exports([self.export(), export], world)
+        (rank,) = (r for r in by_rank if r != self.rank)
+        mapped = self._map(by_rank[rank])
+        if mapped.data_ptr() % ALIGN:
+            raise ValueError(f"rank {rank}'s new arena is mapped at {mapped.data_ptr():#x}, not "
+                             f"on a {ALIGN}-byte boundary")
+        diff = mapped.data_ptr() - self.arena.data_ptr()
+        for name, ch in self.channels.items():
+            for k, (kind, buf) in enumerate(zip(_KINDS, self.plan[name])):
+                size = buf.dtype.itemsize
+                if diff % (size * (VEC if kind == "recv" else 1)):
+                    raise ValueError(f"channel {name!r}: rank {rank}'s new {kind} buffer is "
+                                     f"{diff} bytes from this rank's, not aligned")
+                ch.delta[k, rank] = diff // size
+            ch.mappings = ch.mappings + (mapped,)  # the old mapping goes with the channel set
+        self.reset_peer(rank)
+        self._mapped = tuple(mapped if r == rank else m for r, m in enumerate(self._mapped))
+
+    def warm_up_alone(self, peers: torch.Tensor) -> None:
+        """Warm up this rank's kernels with itself only (no peer takes part): every channel's
+        mask `peers` is set to this rank alone for four rounds to itself, then the self pair is
+        reset and `peers` put back. For a rank joining a set that is already running (its
+        peers' kernels are loaded): its own first launches must not happen in a real round."""
+        saved = peers.clone()
+        peers.zero_()
+        peers[self.rank] = 1
+        try:
+            self.warm_up()
+        finally:
+            self.reset_peer(self.rank)
+            peers.copy_(saved)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+
     def warm_up(self, timeout_s: float | None = None) -> None:
         """Run every direct-path kernel variant of every channel once: four real rounds (put /
         put_spans x tags, taken by gather or wait_all + release_all), every rank in lockstep

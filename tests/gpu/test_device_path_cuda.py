@@ -131,13 +131,32 @@ async def test_a_server_failing_mid_decode_costs_a_replay_not_a_token(tiny_dirs,
         outs, _ = await asyncio.gather(_run(engine, prompts, started), fail_mid_run())
         took = time.perf_counter() - t0
         snap = engine.snapshot()
-    assert all(o.finished and o.finish_reason == "length" for o in outs)
-    assert [o.outputs[0].token_ids for o in outs] == want
-    (shard,) = snap["shards"]
-    assert shard["device_path"]["servers"][victim] == "dropped"
-    assert snap["counters"]["step_replays"] >= 1
-    assert shard["data_path"] == "device"  # the other server holds every expert
-    print(f"{fault}: {took:.2f} s for the run, {snap['counters']['step_replays']} replays")
+        assert all(o.finished and o.finish_reason == "length" for o in outs)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        (shard,) = snap["shards"]
+        assert snap["counters"]["step_replays"] >= 1
+        assert shard["data_path"] == "device"  # the other server holds every expert
+        print(f"{fault}: {took:.2f} s for the run, {snap['counters']['step_replays']} replays")
+        # the process was replaced (SIGKILL; SIGSTOP: killed after missed heartbeats): the
+        # shard readmits the new one into the set, and routes to it again
+        t1 = time.perf_counter()
+        while engine.snapshot()["shards"][0]["device_path"]["servers"][victim] != "in":
+            assert time.perf_counter() - t1 < 120, engine.snapshot()["shards"][0]
+            await asyncio.sleep(0.2)
+        print(f"{fault}: readmitted {time.perf_counter() - t1:.2f} s after the run")
+        steps_before = await _device_steps(engine, victim)
+        again = await _run(engine, prompts)
+        assert [o.outputs[0].token_ids for o in again] == want
+        snap = engine.snapshot()
+        assert snap["shards"][0]["data_path"] == "device"
+        assert all(s["data_path"] == {"shard-0": "device"} for s in snap["servers"])
+        assert await _device_steps(engine, victim) >= steps_before + N_TOKENS - 1
+
+
+async def _device_steps(engine, name: str) -> int:
+    """Device steps the server's process ran (its exchange sets, from its `Stats` reply)."""
+    sets = (await engine.stats())[name].get("exchange_sets", {})
+    return sum(s.get("done", 0) for s in sets.values())
 
 
 @pytest.mark.multi_gpu

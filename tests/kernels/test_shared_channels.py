@@ -180,6 +180,55 @@ def test_two_ranks_in_one_process_map_each_other_and_exchange(pair) -> None:
         assert torch.equal(got, ref_rows) and torch.equal(meta, ref_meta)
 
 
+@interpreter_only
+def test_a_restarted_peer_is_readmitted_in_place_and_warms_up_alone(pair) -> None:
+    """Rank 1's process 'restarts' (a new arena, same rank) after rounds with rank 0: rank 0
+    maps the new arena in place (`readmit`: new deltas, the pair's words reset), the new rank
+    1 connects to rank 0 only and warms up with itself alone (nothing sent to rank 0), and the
+    next round between them is exact, with both sides counting from 0 again."""
+    chans = [s.connect([pair[0].export(), pair[1].export()], timeout_s=1.0) for s in pair]
+    rows, starts = torch.randn(3, 16).bfloat16(), torch.tensor([0, 0])
+
+    def round_(a, b) -> tuple[torch.Tensor, torch.Tensor]:
+        a.put_spans(rows, starts, torch.tensor([0, 3]), torch.arange(3))
+        got, meta = torch.zeros(2, 4, 16, dtype=torch.bfloat16), torch.zeros(2, 5,
+                                                                              dtype=torch.long)
+        b.gather(got, meta, 2)
+        return got, meta
+
+    for ch in (chans[0]["a"], chans[1]["a"]):
+        ch.set_peers([1 - ch.rank])
+    round_(chans[0]["a"], chans[1]["a"])
+    assert chans[0]["a"].sent.tolist() == [0, 1]
+    new = SharedChannels.allocate(pair[1].layouts, 1)
+    try:
+        mask = torch.tensor([0, 0])  # rank 0 keeps rank 1 masked until it is warmed up
+        for ch in chans[0].values():
+            ch.peers = mask
+        pair[0].readmit(new.export())
+        fresh = new.connect([pair[0].export(), new.export()], timeout_s=1.0)
+        peers = torch.tensor([1, 0])
+        for ch in fresh.values():
+            ch.peers = peers
+        new.warm_up_alone(peers)
+        assert peers.tolist() == [1, 0]
+        for ch in fresh.values():  # the self rounds left nothing behind
+            assert ch.sent.tolist() == ch.recvd.tolist() == [0, 0] and ch.sig.tolist() == [0, 0]
+        a0 = chans[0]["a"]
+        assert a0.sent.tolist() == [0, 0] and a0.credit.tolist() == [0, 0]
+        mapped = a0.mappings[-1]  # the new arena as rank 0 maps it (its own mapping)
+        assert len(a0.mappings) == 2
+        want = (mapped.data_ptr() - pair[0].arena.data_ptr()) // a0.recv_buf.element_size()
+        assert a0.delta[0].tolist() == [0, want]
+        mask[1] = 1
+        got, meta = round_(a0, fresh["a"])
+        assert torch.equal(got[0, :3], rows) and meta[0, :4].tolist() == [3, 0, 1, 2]
+        assert a0.sent.tolist() == [0, 1] and fresh["a"].recvd.tolist() == [1, 0]
+        assert a0.credit.tolist() == [0, 1]  # the new process handed the slot back
+    finally:
+        new.close()
+
+
 def test_bad_layouts_and_exports_are_named(pair, tmp_path) -> None:
     with pytest.raises(ValueError, match="hidden=12 must be a multiple of 8"):
         SharedChannels.allocate({"a": _lay(hidden=12)}, 0)
