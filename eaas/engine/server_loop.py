@@ -19,16 +19,16 @@ oldest with `eaas.gpu.waiter.wait_done` (the asyncio loop keeps serving RPCs mea
 (Triton's interpreter) a step runs to completion inside `run_step`; `run` / `serve` then
 yield to the loop between steps.
 
-Agreeing on the number of steps. Every rank must run the same rounds: the shards own the
-schedule, so a shard tells each server "run k steps" with ONE host message per batch of steps
-(the decode lane's step batch; k >= 1), never one per layer or per round. The server's handler
-calls `request(k)` and the serving task (`serve()`) enqueues them as the window allows; a shard
-with nothing to decode still steps (T = 0: empty messages) for every step it announced. A
-mismatch shows up as timed-out waits, never as a hang when the channels have `timeout_s`: if
-the shards run more steps than announced, their gathers from this server time out (n = 0 rows;
-their `failures()`), if fewer, this server's do (`failures()` here); either way the rounds are
-out of step until every rank re-aligns (`reset_counters` everywhere, with no message in flight:
-the step ledger's REPLAY, `eaas.engine.step_ledger`).
+Agreeing on the number of steps. A server and its shard must run the same rounds: the shard
+owns the schedule and tells each server "run k steps" with ONE host message per batch of steps
+(in the engine: a one-way note per step, written before the step is launched:
+`eaas.engine.device_path`), never one per layer or per round. The server's handler calls
+`request(k)` and the serving task (`serve()`) enqueues them as the window allows; the shard
+runs every step it announced. A mismatch shows up as timed-out waits, never as a hang when the
+channels have `timeout_s`, and it never goes on silently: a wait that times out drops that peer
+from the rank's mask (`drop_on_timeout`), so the shard stops sending to this server and the
+server stops answering the shard; the shard's step ledger replays the step without it, and the
+server's process comes back only as a new process readmitted into the set.
 
 Before the first round — before the ranks' lockstep warm-up — compile the experts' GEMM with
 `eaas.engine.device_experts.warm_up_experts`: the shards' waits for this server are bounded, and

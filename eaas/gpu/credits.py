@@ -185,6 +185,9 @@ class ExchangeModel:
     still holds all S slots of the pair sends it nothing (failures(r)[0, d] += 1), a gather from
     a rank with no message in flight gives n = 0 rows (failures(r)[1, s] += 1); that pair's
     state does not change either way, so a late message is the next gather's.
+    Peer masks (`NvshmemChannel.peers`): `peers[r]` ([W] of 0/1, all 1 at first) says whom rank
+    r exchanges with; a masked pair is skipped (no message, no failure; a gather reports n = 0
+    from it), and with `drop_on_timeout[r]` a timed-out wait of rank r masks that peer.
 
     Worked example (W = 2, S = 1; rank 1 stops after round 0, round(puts) = all put, all gather):
 
@@ -205,6 +208,8 @@ class ExchangeModel:
         self.pairs = [[PairState(num_slots) for _ in range(world_size)]
                       for _ in range(world_size)]  # pairs[s][d]: sender s -> receiver d
         self._fail = torch.zeros(world_size, 2, world_size, dtype=torch.int64)
+        self.peers = torch.ones(world_size, world_size, dtype=torch.int64)  # [rank, peer]
+        self.drop_on_timeout = [False] * world_size
 
     @classmethod
     def for_layout(cls, layout: ChannelLayout) -> ExchangeModel:
@@ -222,8 +227,11 @@ class ExchangeModel:
                              f"{tuple(offsets.shape)}")
         for d in range(w):
             pair = self.pairs[rank][d]
+            if not self.peers[rank, d]:  # masked: nothing at all
+                continue
             if not pair.can_send():  # the kernel's wait for credit times out
                 self._fail[rank, 0, d] += 1
+                self._timed_out(rank, d)
                 continue
             a = int(offsets[d])
             n = max(min(int(offsets[d + 1]) - a, self.max_rows), 0)
@@ -239,8 +247,11 @@ class ExchangeModel:
         meta = torch.zeros(w, r + 1, dtype=torch.int64)
         for s in range(w):
             pair = self.pairs[s][rank]
+            if not self.peers[rank, s]:  # masked: n = 0 at once
+                continue
             if not pair.can_recv():  # the kernel's wait for the signal times out: n = 0
                 self._fail[rank, 1, s] += 1
+                self._timed_out(rank, s)
                 continue
             rows, tags = pair.recv()  # type: ignore[misc]
             n = rows.shape[0]
@@ -249,6 +260,10 @@ class ExchangeModel:
             if tags is not None:
                 meta[s, 1:1 + n] = tags
         return out, meta
+
+    def _timed_out(self, rank: int, peer: int) -> None:
+        if self.drop_on_timeout[rank]:
+            self.peers[rank, peer] = 0
 
     def round(self, puts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None],
               gather: Sequence[int] | None = None

@@ -252,6 +252,59 @@ def test_wait_all_from_a_rank_that_never_put_times_out_and_release_all_skips_it(
     ch.release_all()
 
 
+def test_masks_and_dropped_peers_match_the_model_over_rounds() -> None:
+    """Random peer masks, ranks that skip their put or their gather, one rank dropping peers
+    that time out: every gather, failure word and mask equals ExchangeModel's."""
+    chans = host_plane(timeout_s=TIMEOUT)
+    model = ExchangeModel.for_layout(chans[0].layout)
+    chans[1].drop_on_timeout = model.drop_on_timeout[1] = True
+    g = torch.Generator().manual_seed(3)
+    for rnd in range(6):
+        if rnd % 3 == 0:  # new masks now and then (rank 1's drops stay until then)
+            for ch in chans:
+                mask = (torch.rand(W, generator=g) < 0.7).long()
+                ch.peers.copy_(mask)
+                model.peers[ch.rank] = mask
+        puts = [inputs(r, rnd, torch.float32) if torch.rand(1, generator=g) < 0.8 else None
+                for r in range(W)]
+        takers = [r for r in range(W) if torch.rand(1, generator=g) < 0.8]
+        run_round(chans, model, puts, gather=takers)
+        for ch in chans:
+            assert ch.peers.tolist() == model.peers[ch.rank].tolist(), (rnd, ch.rank)
+
+
+def test_masked_peers_are_skipped_at_once_and_a_timeout_drops_its_peer() -> None:
+    """peers: a put sends a masked destination nothing (no signal, no count), a gather reports
+    n = 0 from a masked source without waiting or counting a failure, wait_all's verdict for
+    it keeps release_all from handing its slot back. drop_on_timeout: a wait that timed out
+    masks its peer, so the next launch does not wait for it again."""
+    chans = host_plane(timeout_s=0.002)
+    x = torch.randn(3, H)
+    offsets = torch.tensor([0, 1, 2, 3])  # one row for each rank
+    chans[0].set_peers([1])
+    chans[0].put(x, offsets)
+    assert chans[1].sig[0] == chans[0].layout.ctas_per_send and chans[2].sig.tolist() == [0] * W
+    assert chans[0].sent.tolist() == [0, 1, 0]
+    out, meta = torch.zeros(W, R, H), torch.full((W, R + 1), 7, dtype=torch.int64)
+    chans[1].set_peers([0])
+    chans[1].gather(out, meta, 2)
+    assert meta[:, 0].tolist() == [1, 0, 0] and torch.equal(out[0, :1], x[1:2])
+    assert chans[1].failures().sum() == 0 and chans[1].recvd.tolist() == [1, 0, 0]
+    chans[0].put(x, offsets)
+    rows, _ = chans[1].wait_all()  # masked 1 and 2: nothing waited for, nothing handed back
+    chans[1].release_all()
+    assert torch.equal(rows[0][:1], x[1:2])
+    assert chans[1].failures().sum() == 0 and chans[1].recvd.tolist() == [2, 0, 0]
+    assert chans[0].credit.tolist() == [0, 2, 0]
+    chans[1].set_peers([0, 2])  # rank 2 never puts: the wait times out once, then is skipped
+    chans[1].drop_on_timeout = True
+    chans[1].gather(out, meta, 2)
+    assert chans[1].failures()[1].tolist() == [1, 0, 1]  # 0 sent nothing new either
+    assert chans[1].peers.tolist() == [0, 0, 0]
+    chans[1].gather(out, meta, 2)
+    assert chans[1].failures()[1].tolist() == [1, 0, 1] and meta[:, 0].tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "1"])
 def test_bad_timeouts_are_named(bad) -> None:
     with pytest.raises(ValueError, match=r"timeout_s=.* must be None \(wait forever\) or"):
