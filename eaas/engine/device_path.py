@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -46,10 +47,12 @@ from eaas.engine.messages import (ExchangeClose, ExchangeConnect, ExchangeOpen, 
 from eaas.engine.protocol import SERVER_PROTOCOL
 from eaas.errors import EaasError
 
-__all__ = ["DevicePath", "DeviceRouting", "device_path_reason"]
+__all__ = ["DevicePath", "DeviceRouting", "DeviceShard", "device_path_reason"]
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 600.0  # xconnect: a fresh server compiles the GEMM and the channel kernels
+SERVER_WAIT_S = 30.0  # a server's bound on its waits for its shard (and the warm-up's)
+READMIT_POLL_S = 0.25  # how often a shard looks for restarted servers to readmit
 
 
 def device_path_reason(mode: str, shard_device: str, servers: Mapping[str, str],
@@ -354,6 +357,91 @@ class DevicePath:
                 pass
             await _close(c)
         self.shared.close()
+
+
+class DeviceShard:
+    """The device data path of an `AttentionShard` (a mixin): whether to take it and open it
+    (`_open_device_path`), whether decode steps take it now (`_device_ready`), and the
+    readmission of restarted servers (`_watch_device_path`)."""
+
+    name: str
+    device: str
+    deps: Any
+    model: Any
+    graphs: Any
+    context: Any
+    device_path: DevicePath | None
+    device_path_reason: str
+    ledger: Any
+    _capture: Any
+
+    def _device_ready(self) -> bool:
+        """Decode steps take the device path: it is open, captured, and every expert has a
+        live replica in its set."""
+        path, g = getattr(self, "device_path", None), getattr(self, "graphs", None)
+        return path is not None and path.covered and g is not None and g.experts is path.exchange
+
+    async def _open_device_path(self, snap: Any) -> None:
+        """Take the device data path to the server processes if placement.data_path and the
+        servers' devices and transports allow it (`device_path_reason`), and capture the
+        decode graphs over it; else the dispatcher's host path, with the reason kept."""
+        from eaas.engine.decode_graph import buckets_for
+        from eaas.engine.server_process import server_security
+        from eaas.engine.step_ledger import StepLedger
+
+        cfg = self.deps.config
+        if cfg.placement.server_mode != "process":
+            self.device_path_reason = "in-process expert servers"
+            return
+        servers = {n: d for n, d in self.deps.server_devices().items() if n not in snap.dead}
+        urls = self.deps.server_urls()
+        reason = device_path_reason(cfg.placement.data_path, self.device, servers, urls)
+        if reason is None and cfg.enforce_eager:
+            reason = "enforce_eager (the device path runs in captured decode steps)"
+        if reason is not None:
+            self.device_path_reason = reason
+            return
+        mc = self.model.config
+        names = sorted(servers, key=lambda n: (len(n), n))
+        try:
+            self.device_path = await DevicePath.open(
+                set_id=abs(hash((self.name, time.time_ns()))) % (1 << 31), device=self.device,
+                servers={n: urls[n] for n in names}, snapshot=snap,
+                layers=[layer.layer_idx for layer in self.model.layers if layer.is_moe],
+                num_experts=mc.num_experts, hidden=mc.hidden_size, top_k=mc.num_experts_per_tok,
+                dtype=self.model.dtype, max_rows=buckets_for(cfg.scheduler.max_num_seqs)[-1],
+                timeout_s=cfg.fault.device_timeout_s, server_timeout_s=SERVER_WAIT_S,
+                security=server_security())
+        except Exception as e:  # a server that cannot take part: the host path, said why
+            self.device_path_reason = f"the device path did not open: {type(e).__name__}: {e}"
+            log.warning("%s: %s", self.name, self.device_path_reason)
+            return
+        self.ledger = StepLedger(self.device_path.routing,
+                                 max_replays=cfg.fault.max_step_replays, max_in_flight=2,
+                                 counters=self.deps.counters)
+        self.device_path_reason = ""
+        # the capture's warm-up steps are rounds on every server: announced here, in the loop
+        self.device_path.announce(3 * len(buckets_for(cfg.scheduler.max_num_seqs)))
+        await asyncio.to_thread(self._capture, self.device_path)
+        self.context.create_task(self._watch_device_path(), name=f"{self.name}-readmit")
+
+    async def _watch_device_path(self) -> None:
+        """Readmit dropped servers of the device path whose process was restarted (a new
+        URL), one at a time; a failed readmission is retried at the next look."""
+        path = self.device_path
+        while path is not None and path is self.device_path:
+            await asyncio.sleep(READMIT_POLL_S)
+            assert path.routing is not None
+            for name in path.restarted(self.deps.server_urls(), path.routing.snapshot.dead):
+                try:
+                    await path.readmit(name, self.deps.server_urls()[name])
+                    self.deps.emit({"type": "device_path_readmitted", "shard": self.name,
+                                    "server": name, "time": time.time()})
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    self.deps.emit({"type": "device_path_readmit_failed", "shard": self.name,
+                                    "server": name, "error": repr(e), "time": time.time()})
 
 
 def _choose(live: Sequence[str], layer: int, expert: int) -> str:

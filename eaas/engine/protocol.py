@@ -30,8 +30,8 @@ from typing import Any
 
 from eaas.engine.messages import (ComputeBatch, ExchangeClose, ExchangeConnect, ExchangeOpen,
                                   ExchangeRun, LoadExperts, Ping, SetDelay, Stats, UnloadExperts)
-from eaas.transport.wire import (INT, Field, MessageType, MessageTypes, int_lists_by_int, number,
-                                 tensor)
+from eaas.transport.wire import (BOOL, INT, Field, MessageType, MessageTypes, int_lists_by_int,
+                                 number, tensor)
 
 __all__ = ["SERVER_PROTOCOL", "experts_reply"]
 
@@ -69,14 +69,7 @@ def _positive(value: Any) -> int:
     return value
 
 
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError
-    return value
-
-
 MAP = Field("a map with string keys", _map)
-BOOL = Field("true or false", _bool)
 EXPORTS = Field("a non-empty list of exports (maps) or nulls", _exports)
 LAYERS = Field("a non-empty list of distinct layer ids >= 0", _layers)
 POSITIVE = Field("an int >= 1", _positive)

@@ -29,6 +29,7 @@ from eaas.engine.batch_sampling import needs_batched_sampling, sample_rows
 from eaas.engine.blocks import BlockAllocator, num_blocks_for
 from eaas.engine.decode_graph import DecodeGraphs
 from eaas.engine.decode_lane import AsyncDecode, Launch
+from eaas.engine.device_path import SERVER_WAIT_S, DeviceShard
 from eaas.engine.dispatch import Dispatcher, ExpertCall, StepCancelled
 from eaas.engine.emission import TokenEmission
 from eaas.engine.forking import SeqForking
@@ -42,10 +43,6 @@ from eaas.gpu.waiter import download
 from eaas.model import bank_experts, combine_experts
 from eaas.model.kv_cache import AttentionBatch, PagedKVCache, SeqSpan
 from eaas.model.ops import upload
-
-
-SERVER_WAIT_S = 30.0  # a server's bound on its waits for this shard (and the warm-up's)
-READMIT_POLL_S = 0.25  # how often the device path looks for restarted servers
 
 
 class _Combine:
@@ -98,7 +95,7 @@ class ShardDeps:
     server_urls: Callable[[], dict[str, str]] = dict  # server name -> its RPC listener's URL
 
 
-class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor):
+class AttentionShard(StepPlanning, AsyncDecode, DeviceShard, TokenEmission, SeqForking, Actor):
     def __init__(self, name: str, deps: ShardDeps, device: str) -> None:
         self.name = name
         self.deps = deps
@@ -168,70 +165,6 @@ class AttentionShard(StepPlanning, AsyncDecode, TokenEmission, SeqForking, Actor
             return "dispatch"
         g = getattr(self, "graphs", None)
         return "captured" if g is not None and g.captured else "local"
-
-    def _device_ready(self) -> bool:
-        """Decode steps take the device path: it is open, captured, and every expert has a
-        live replica in its set."""
-        path, g = getattr(self, "device_path", None), getattr(self, "graphs", None)
-        return path is not None and path.covered and g is not None and g.experts is path.exchange
-
-    async def _open_device_path(self, snap: Any) -> None:
-        """Take the device data path to the server processes if placement.data_path and the
-        servers' devices and transports allow it (`device_path_reason`), and capture the
-        decode graphs over it; else the dispatcher's host path, with the reason kept."""
-        from eaas.engine.decode_graph import buckets_for
-        from eaas.engine.device_path import DevicePath, device_path_reason
-        from eaas.engine.server_process import server_security
-        from eaas.engine.step_ledger import StepLedger
-
-        cfg = self.deps.config
-        if cfg.placement.server_mode != "process":
-            self.device_path_reason = "in-process expert servers"
-            return
-        servers = {n: d for n, d in self.deps.server_devices().items() if n not in snap.dead}
-        urls = self.deps.server_urls()
-        reason = device_path_reason(cfg.placement.data_path, self.device, servers, urls)
-        if reason is None and cfg.enforce_eager:
-            reason = "enforce_eager (the device path runs in captured decode steps)"
-        if reason is not None:
-            self.device_path_reason = reason
-            return
-        mc = self.model.config
-        names = sorted(servers, key=lambda n: (len(n), n))
-        self.device_path = await DevicePath.open(
-            set_id=abs(hash((self.name, time.time_ns()))) % (1 << 31), device=self.device,
-            servers={n: urls[n] for n in names}, snapshot=snap,
-            layers=[layer.layer_idx for layer in self.model.layers if layer.is_moe],
-            num_experts=mc.num_experts, hidden=mc.hidden_size, top_k=mc.num_experts_per_tok,
-            dtype=self.model.dtype, max_rows=buckets_for(cfg.scheduler.max_num_seqs)[-1],
-            timeout_s=cfg.fault.device_timeout_s, server_timeout_s=SERVER_WAIT_S,
-            security=server_security())
-        self.ledger = StepLedger(self.device_path.routing,
-                                 max_replays=cfg.fault.max_step_replays, max_in_flight=2,
-                                 counters=self.deps.counters)
-        self.device_path_reason = ""
-        # the capture's warm-up steps are rounds on every server: announced here, in the loop
-        self.device_path.announce(3 * len(buckets_for(cfg.scheduler.max_num_seqs)))
-        await asyncio.to_thread(self._capture, self.device_path)
-        self.context.create_task(self._watch_device_path(), name=f"{self.name}-readmit")
-
-    async def _watch_device_path(self) -> None:
-        """Readmit dropped servers of the device path whose process was restarted (a new
-        URL), one at a time; a failed readmission is retried at the next look."""
-        path = self.device_path
-        while path is not None and path is self.device_path:
-            await asyncio.sleep(READMIT_POLL_S)
-            assert path.routing is not None
-            for name in path.restarted(self.deps.server_urls(), path.routing.snapshot.dead):
-                try:
-                    await path.readmit(name, self.deps.server_urls()[name])
-                    self.deps.emit({"type": "device_path_readmitted", "shard": self.name,
-                                    "server": name, "time": time.time()})
-                except asyncio.CancelledError:
-                    raise
-                except Exception as e:
-                    self.deps.emit({"type": "device_path_readmit_failed", "shard": self.name,
-                                    "server": name, "error": repr(e), "time": time.time()})
 
     def _colocate(self) -> None:
         store = self.deps.store

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Field", "MessageType", "MessageTypes", "INT", "TEXT", "number", "tensor",
+__all__ = ["Field", "MessageType", "MessageTypes", "INT", "TEXT", "BOOL", "number", "tensor",
            "int_lists_by_int"]
 
 
@@ -57,8 +57,15 @@ def _text(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
 INT = Field("an int", _int)
 TEXT = Field("a string", _text)
+BOOL = Field("true or false", _bool)
 
 
 def number(lo: float = -math.inf, hi: float = math.inf) -> Field:

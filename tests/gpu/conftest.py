@@ -27,3 +27,14 @@ def child_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture
+def child_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Server processes (`python -m eaas.engine.server_main`) import this tree, with this
+    GPU environment (no multicast)."""
+    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
+    for key, value in child_env().items():
+        if key.startswith(("NVSHMEM_", "NCCL_", "TORCH_SYMM")):
+            monkeypatch.setenv(key, value)
+    assert os.path.isdir(ROOT)

@@ -12,7 +12,6 @@ the device path by itself.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 import pytest
@@ -20,7 +19,7 @@ import pytest
 from eaas import AsyncEngine, EngineConfig, SamplingParams
 from tests.engine.conftest import prompts_of
 
-from .conftest import NUM_GPUS, child_env, cuda_only, two_gpus
+from .conftest import cuda_only, two_gpus
 
 pytestmark = [pytest.mark.cuda, cuda_only, pytest.mark.timeout(400)]
 N_TOKENS = 16
@@ -52,11 +51,8 @@ async def _run(engine: AsyncEngine, prompts: list, started: asyncio.Event | None
 
 
 @pytest.fixture(autouse=True)
-def _child_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
-    for key, value in child_env().items():
-        if key.startswith(("NVSHMEM_", "NCCL_", "TORCH_SYMM")):
-            monkeypatch.setenv(key, value)
+def _child_path(child_path) -> None:
+    """Server processes import this tree (tests/gpu/conftest.py)."""
 
 
 _EXPECTED: dict[str, tuple[list, list]] = {}
@@ -170,4 +166,5 @@ async def test_servers_on_another_gpu_take_the_device_path_by_themselves(tiny_di
         snap = engine.snapshot()
     assert [o.outputs[0].token_ids for o in outs] == want
     assert snap["shards"][0]["data_path"] == "device"
-    assert NUM_GPUS >= 2 and os.environ.get("PYTHONPATH")
+    assert all(s["device"] == "cuda:1" for s in snap["servers"])
+    assert all(s["data_path"] == {"shard-0": "device"} for s in snap["servers"])

@@ -55,13 +55,8 @@ async def _run(engine: AsyncEngine, prompts: list, started: asyncio.Event | None
 
 
 @pytest.fixture(autouse=True)
-def _child_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    # server processes are `python -m eaas.engine.server_main`: they must import this tree
-    monkeypatch.setenv("PYTHONPATH", child_env()["PYTHONPATH"])
-    for key, value in child_env().items():
-        if key.startswith(("NVSHMEM_", "NCCL_", "TORCH_SYMM")):
-            monkeypatch.setenv(key, value)
-    assert os.path.isdir(ROOT)
+def _child_path(child_path) -> None:
+    """Server processes import this tree (tests/gpu/conftest.py)."""
 
 
 async def test_servers_on_gpu1_over_cudaipc_equal_single_gpu_and_survive_a_kill(tiny_dirs):
