@@ -7,8 +7,9 @@ the device exchange (`eaas.engine.device_path`). On the device path every launch
 of the step ledger (`eaas.engine.step_ledger`) and lands with the exchange's flags: a step
 that a server failed (a timed-out wait, rows it could not be sent) is REPLAYed — the lane's
 requests go back to where they were before it (`num_computed`; its tokens were never taken),
-the step launched after it is voided (it fed the failed step's tokens), and the lane's next
-launch is the ledger's retry, with the failed server routed around. KV writes of the replay
+the step launched after it is voided (it fed the failed step's tokens), their sampling slots
+are refilled from the host's tokens, and the lane's next launch is the ledger's retry, with
+the failed server routed around. KV writes of the replay
 overwrite the failed attempt's, expert compute is pure: the tokens are a fault-free run's.
 """
 
@@ -153,6 +154,7 @@ class AsyncDecode:
         for ticket in (*reversed(landing.voided), launch.ticket):
             for r, n in ticket.inputs:
                 r.num_computed = n
+                self.graphs.slots.forget(r)  # the failed attempts' tokens are in its counts
         voided = self._ahead[lane]
         if voided is not None and voided.ticket in landing.voided:
             self._ahead[lane] = None  # it fed this step's tokens: its own are never taken

@@ -89,6 +89,15 @@ class SamplingSlots:
                 del self._held[key]
                 self._free.append(s)
 
+    def forget(self, r: Any) -> None:
+        """Give r's slot back now: its next step takes a fresh one, filled from r's prompt and
+        the output tokens on the host. For a step that is replayed: its sampled tokens were
+        counted on the device but never taken (the refill is queued after them, so it wipes
+        them)."""
+        held = self._held.pop(id(r), None)
+        if held is not None:
+            self._free.append(held[1])
+
     def slot_of(self, r: Any, pending: int = 0) -> int:
         """r's slot for the step about to run (0 if r needs none), taken and filled on first use;
         tokens r got off the graph since its last captured step are counted now. The step then

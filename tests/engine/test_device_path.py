@@ -120,7 +120,9 @@ class _Lane(AsyncDecode):
                 n for n, r in (("expert-0", 1), ("expert-1", 2)) if flags[r]))
         self.device_path.announce = lambda k: setattr(self.device_path, "announced",
                                                       self.device_path.announced + k)
-        self.graphs = SimpleNamespace(experts=self.device_path.exchange)
+        self.forgotten: list = []
+        self.graphs = SimpleNamespace(experts=self.device_path.exchange, slots=SimpleNamespace(
+            forget=self.forgotten.append))
         self.ledger = StepLedger(MemoryRouting({(3, 0): ("expert-0", "expert-1")}))
         self._ahead, self._retry = [None], [None]
         self.events: list[dict] = []
@@ -147,6 +149,7 @@ def test_a_flagged_step_rolls_the_lane_back_and_its_retry_is_the_next_launch() -
     assert lane.device_path.announced == 2
     assert lane._commits(first, [0, 3, 0], 0) is False  # expert-0 timed out
     assert (a.num_computed, b.num_computed) == (10, 20)  # as before the failed step
+    assert {id(r) for r in lane.forgotten} == {id(a), id(b)}  # slots refilled from the host
     assert lane._ahead[0] is None  # the step that fed its tokens is void
     retry = lane._retry[0]
     assert retry is not None and retry.step == first.ticket.step and retry.attempt == 1

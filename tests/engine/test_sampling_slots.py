@@ -153,3 +153,19 @@ def test_table_bytes_at_qwen3_30b():
     # Qwen3-30B-A3B: V = 151936, max_num_seqs 256 -> about 159 MB of slot tables
     assert table_bytes(256, 151936) == 257 * (4 * 151936 + 12 * 1024)
     assert 158e6 < table_bytes(256, 151936) < 160e6
+
+
+def test_a_replayed_step_forgets_the_tokens_its_failed_attempt_counted():
+    """A step whose tokens were counted on the device but never taken (the step ledger replays
+    it): after `forget`, the next step's slot holds exactly the host's history, as a request that
+    never ran the failed attempt would."""
+    reqs = [_req(p, i) for i, p in enumerate(PARAMS[:2])]
+    slots = SamplingSlots(4, V, "cpu")
+    clean = SamplingSlots(4, V, "cpu")
+    _graph_side(slots, _logits(0, 2), reqs, [slots.slot_of(r) for r in reqs])  # failed attempt
+    for r in reqs:
+        slots.forget(r)
+    got = [slots.table[slots.slot_of(r)].clone() for r in reqs]
+    want = [clean.table[clean.slot_of(r)].clone() for r in reqs]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert slots.num_held == 2
