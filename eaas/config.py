@@ -88,6 +88,8 @@ class PlacementConfig:
     # `host` (messages through the transport), or `auto` (device when every server is a CUDA
     # process on ANOTHER GPU the shard's can map; two processes on one GPU time-slice it)
     data_path: Literal["auto", "host", "device"] = "auto"
+    device_spare_ranks: int = 2  # device path: ranks each shard's set keeps for servers added
+                                 # while it serves (each costs R rows x H of buffers per channel)
 
     def __post_init__(self) -> None:
         p = "placement."
@@ -109,6 +111,7 @@ class PlacementConfig:
                f"one of {TRANSPORTS}")
         _check(self.data_path in DATA_PATHS, p + "data_path", self.data_path,
                f"one of {DATA_PATHS}")
+        _int(p + "device_spare_ranks", self.device_spare_ranks, 0, 64)
         _int(p + "nvshmem_slot_bytes", self.nvshmem_slot_bytes, 1)
         _check(self.nvshmem_slot_bytes % NVSHMEM_ALIGN == 0, p + "nvshmem_slot_bytes",
                self.nvshmem_slot_bytes, f"a multiple of {NVSHMEM_ALIGN} bytes")

@@ -122,6 +122,12 @@ class DeviceRouting:
             self.path.reroute()
         return self._generation
 
+    def joined(self, server: str) -> int:
+        """`server` (added while serving) is in the set now: routed to, in a new generation."""
+        self._generation += 1
+        self.path.reroute()
+        return self._generation
+
     def live_replicas(self, expert: Any) -> tuple[str, ...]:
         layer, e = expert
         return tuple(s for s in self.snapshot.servers_for(layer, e)
@@ -151,6 +157,7 @@ class DevicePath:
         self.routing: DeviceRouting | None = None
         self.urls: dict[str, str] = {}  # the URL of each server's process in the set
         self.readmitting: set[str] = set()
+        self.free_ranks: list[int] = []  # spare server ranks no process holds yet
         self._connect: Any = None
         self._security: Any = None
         self._server_timeout_s = 30.0
@@ -164,8 +171,10 @@ class DevicePath:
     async def open(cls, *, set_id: int, device: str, servers: Mapping[str, str], snapshot: Any,
                    layers: Sequence[int], num_experts: int, hidden: int, top_k: int,
                    dtype: torch.dtype, max_rows: int, timeout_s: float,
-                   server_timeout_s: float, security: Any, connect: Any = None) -> DevicePath:
-        """Build the set with `servers` (name -> RPC URL; ranks 1..N in this order)."""
+                   server_timeout_s: float, security: Any, connect: Any = None,
+                   spare_ranks: int = 0) -> DevicePath:
+        """Build the set with `servers` (name -> RPC URL; ranks 1..N in this order), and
+        `spare_ranks` more server ranks, masked, for servers added while it serves (`join`)."""
         from eaas.gpu.shared_channels import SharedChannels
         from eaas.transport import RpcClient
         from eaas.transport import connect as transport_connect
@@ -173,7 +182,9 @@ class DevicePath:
         connect = connect or transport_connect
         names = list(servers)
         ranks = {n: i + 1 for i, n in enumerate(names)}
-        fmt = ExchangeFormat((0,), tuple(ranks.values()), max_rows=max_rows, hidden=hidden,
+        spares = list(range(len(names) + 1, len(names) + 1 + spare_ranks))
+        fmt = ExchangeFormat((0,), tuple(ranks.values()) + tuple(spares), max_rows=max_rows,
+                             hidden=hidden,
                              top_k=top_k, dtype=str(dtype).removeprefix("torch."),
                              num_slots=2, ctas_per_send=8, gather_ctas=16)
         clients: dict[str, Any] = {}
@@ -190,7 +201,8 @@ class DevicePath:
             wire = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(fmt).items()}
             opened = await asyncio.gather(*(call(n, ExchangeOpen(set_id, ranks[n], wire), 120.0)
                                             for n in names))
-            exports: list[Any] = [shared.export()] + [o["export"] for o in opened]
+            exports: list[Any] = [shared.export()] + [o["export"] for o in opened] + \
+                [None] * spare_ranks
             rows = {n: {int(l): dict(zip(o["experts"][l], o["rows"][l])) for l in o["experts"]}
                     for n, o in zip(names, opened)}
             placements = {l: ExpertPlacement.build(num_experts, {}, device) for l in layers}
@@ -206,6 +218,7 @@ class DevicePath:
                 chans = shared.connect(exports, timeout_s=timeout_s)
                 ex = ShardExchange(fmt, ExchangeChannels(chans[ROWS], chans[PAIRS],
                                                          chans[RESULTS]), placements)
+                ex.peers[spares] = 0  # no process there yet: masked until one joins
                 shared.warm_up()  # with the servers' warm-ups: the rounds are the barrier
                 torch.cuda.synchronize(device)
                 return ex
@@ -222,57 +235,81 @@ class DevicePath:
         path = cls(fmt, shared, exchange, clients, ranks, rows, list(layers), num_experts,
                    set_id)
         path.urls, path._connect, path._security = dict(servers), connect, security
+        path.free_ranks = spares
         path._server_timeout_s = server_timeout_s
         path.routing = DeviceRouting(path, snapshot)
         path.reroute()
         return path
 
     async def readmit(self, name: str, url: str) -> None:
-        """Bring dropped server `name` back into the set as its restarted process at `url`:
-        the new process allocates its arena (xopen, same rank), the shard maps it in place of
-        the dead one's (`SharedChannels.readmit`: the pair's words reset), the process maps the
-        shard and warms up alone (xconnect), and only then is it unmasked and routed to again
-        (a new generation). The shard's steps go on meanwhile: the rank stays masked until
-        the end, so no round waits for it. On any failure it stays out."""
-        from eaas.transport import RpcClient
-
+        """Bring dropped server `name` back into the set as its restarted process at `url`
+        (same rank, `_admit`), routed to again in a new generation. On any failure it stays
+        out."""
         assert self.routing is not None and name in self.routing.dropped, name
-        rank = self.ranks[name]
         self.readmitting.add(name)
         try:
-            old = self.clients.pop(name, None)
-            if old is not None:
-                await _close(old)
-            client = self.clients[name] = RpcClient(await self._connect(
-                url, timeout=10.0, security=self._security))
-            wire = {k: list(v) if isinstance(v, tuple) else v
-                    for k, v in asdict(self.fmt).items()}
-            opened = await client.call(SERVER_PROTOCOL.encode(
-                ExchangeOpen(self.set_id, rank, wire)), timeout=120.0)
-            rows = {int(l): dict(zip(opened["experts"][l], opened["rows"][l]))
-                    for l in opened["experts"]}
-            hosted = self.routing.snapshot.hosted_by(name)
-            missing = sorted((l, e) for l, ids in hosted.items() if l in self.layers
-                             for e in ids if e not in rows.get(l, {}))
-            if missing:  # a restart's process before it loaded its experts: try again later
-                await client.call(SERVER_PROTOCOL.encode(ExchangeClose(self.set_id)),
-                                  timeout=10.0)
-                raise EaasError(f"server {name} does not host {len(missing)} of its experts "
-                                f"yet (first: layer {missing[0][0]} expert {missing[0][1]})")
-            await asyncio.to_thread(self.shared.readmit, opened["export"])
-            exports: list[Any] = [None] * self.fmt.world_size
-            exports[0], exports[rank] = self.shared.export(), opened["export"]
-            await client.call(SERVER_PROTOCOL.encode(ExchangeConnect(
-                self.set_id, exports, self.layers, self._server_timeout_s, alone=True)),
-                timeout=CONNECT_TIMEOUT_S)
-            self.rows[name] = rows
-            self.urls[name] = url
-            self.exchange.peers[rank] = 1  # stream order: launches from now on include it
+            await self._admit(name, url, self.ranks[name])
             self.routing.restore(name)
-            log.warning("device path: server %s readmitted to exchange set %d (%s)", name,
-                        self.set_id, url)
         finally:
             self.readmitting.discard(name)
+        log.warning("device path: server %s readmitted to exchange set %d (%s)", name,
+                    self.set_id, url)
+
+    async def join(self, name: str, url: str) -> None:
+        """Take server `name` (added while serving, at `url`) into the set on a spare rank
+        (`_admit`), routed to in a new generation. EaasError when no spare rank is left."""
+        assert self.routing is not None and name not in self.ranks, name
+        if not self.free_ranks:
+            raise EaasError(f"server {name}: no spare rank left in exchange set {self.set_id} "
+                            "(placement.device_spare_ranks)")
+        rank = self.free_ranks[0]
+        self.readmitting.add(name)
+        try:
+            await self._admit(name, url, rank)
+            self.free_ranks.remove(rank)
+            self.ranks[name] = rank
+            self.routing.joined(name)
+        finally:
+            self.readmitting.discard(name)
+        log.warning("device path: server %s joined exchange set %d as rank %d (%s)", name,
+                    self.set_id, rank, url)
+
+    async def _admit(self, name: str, url: str, rank: int) -> None:
+        """A server process at `url` takes `rank` of the running set: it allocates its arena
+        (xopen), the shard maps it in place of whatever held the rank (`SharedChannels.readmit`:
+        the pair's words reset), the process maps the shard and warms up alone (xconnect), and
+        only then is the rank unmasked. The shard's steps go on meanwhile: the rank stays masked
+        until the end, so no round waits for it."""
+        from eaas.transport import RpcClient
+
+        assert self.routing is not None
+        old = self.clients.pop(name, None)
+        if old is not None:
+            await _close(old)
+        client = self.clients[name] = RpcClient(await self._connect(
+            url, timeout=10.0, security=self._security))
+        wire = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.fmt).items()}
+        opened = await client.call(SERVER_PROTOCOL.encode(
+            ExchangeOpen(self.set_id, rank, wire)), timeout=120.0)
+        rows = {int(l): dict(zip(opened["experts"][l], opened["rows"][l]))
+                for l in opened["experts"]}
+        hosted = self.routing.snapshot.hosted_by(name)
+        missing = sorted((l, e) for l, ids in hosted.items() if l in self.layers
+                         for e in ids if e not in rows.get(l, {}))
+        if missing or not hosted:  # a process before it loaded its experts: try again later
+            await client.call(SERVER_PROTOCOL.encode(ExchangeClose(self.set_id)), timeout=10.0)
+            first = f" (first: layer {missing[0][0]} expert {missing[0][1]})" if missing else ""
+            raise EaasError(f"server {name} does not host {len(missing)} of its "
+                            f"{sum(len(v) for v in hosted.values())} experts yet{first}")
+        await asyncio.to_thread(self.shared.readmit, opened["export"])
+        exports: list[Any] = [None] * self.fmt.world_size
+        exports[0], exports[rank] = self.shared.export(), opened["export"]
+        await client.call(SERVER_PROTOCOL.encode(ExchangeConnect(
+            self.set_id, exports, self.layers, self._server_timeout_s, alone=True)),
+            timeout=CONNECT_TIMEOUT_S)
+        self.rows[name] = rows
+        self.urls[name] = url
+        self.exchange.peers[rank] = 1  # stream order: launches from now on include it
 
     def restarted(self, urls: Mapping[str, str], dead: Iterable[str]) -> list[str]:
         """Dropped servers whose process was replaced (a new URL) and is not dead: the ones
@@ -282,6 +319,18 @@ class DevicePath:
         return [n for n in sorted(self.routing.dropped)
                 if n not in dead and n not in self.readmitting and urls.get(n)
                 and urls[n] != self.urls.get(n)]
+
+    def joinable(self, urls: Mapping[str, str], devices: Mapping[str, str], mode: str,
+                 device: str) -> list[str]:
+        """Servers added since the set opened that could join it now: listening, not dead,
+        hosting experts in the current table, and on a device the path allows (`mode`:
+        placement.data_path, `device`: the shard's)."""
+        assert self.routing is not None
+        snap = self.routing.snapshot
+        return [n for n in sorted(urls) if n not in self.ranks and n not in self.readmitting
+                and urls[n] and n not in snap.dead and snap.hosted_by(n)
+                and device_path_reason(mode, device, {n: devices.get(n, "cpu")},
+                                       {n: urls[n]}) is None]
 
     # ---- routing ------------------------------------------------------------------------------
     def reroute(self) -> None:
@@ -347,6 +396,7 @@ class DevicePath:
                                                        n in self.routing.dropped else "in")
                                                    for n in self.ranks},
                 "covered": self.covered, "announced": self.announced,
+                "spare_ranks": len(self.free_ranks),
                 "max_rows": self.fmt.max_rows}
 
     async def aclose(self) -> None:
@@ -411,7 +461,7 @@ class DeviceShard:
                 num_experts=mc.num_experts, hidden=mc.hidden_size, top_k=mc.num_experts_per_tok,
                 dtype=self.model.dtype, max_rows=buckets_for(cfg.scheduler.max_num_seqs)[-1],
                 timeout_s=cfg.fault.device_timeout_s, server_timeout_s=SERVER_WAIT_S,
-                security=server_security())
+                security=server_security(), spare_ranks=cfg.placement.device_spare_ranks)
         except Exception as e:  # a server that cannot take part: the host path, said why
             self.device_path_reason = f"the device path did not open: {type(e).__name__}: {e}"
             log.warning("%s: %s", self.name, self.device_path_reason)
@@ -427,20 +477,27 @@ class DeviceShard:
 
     async def _watch_device_path(self) -> None:
         """Readmit dropped servers of the device path whose process was restarted (a new
-        URL), one at a time; a failed readmission is retried at the next look."""
+        URL), and take servers added while serving into spare ranks, one at a time; a failed
+        admission is retried at the next look."""
         path = self.device_path
         while path is not None and path is self.device_path:
             await asyncio.sleep(READMIT_POLL_S)
             assert path.routing is not None
-            for name in path.restarted(self.deps.server_urls(), path.routing.snapshot.dead):
+            urls, cfg = self.deps.server_urls(), self.deps.config
+            todo = [(n, path.readmit, "readmitted") for n in path.restarted(
+                urls, path.routing.snapshot.dead)]
+            if path.free_ranks:
+                todo += [(n, path.join, "joined") for n in path.joinable(
+                    urls, self.deps.server_devices(), cfg.placement.data_path, self.device)]
+            for name, admit, what in todo:
                 try:
-                    await path.readmit(name, self.deps.server_urls()[name])
-                    self.deps.emit({"type": "device_path_readmitted", "shard": self.name,
+                    await admit(name, urls[name])
+                    self.deps.emit({"type": f"device_path_{what}", "shard": self.name,
                                     "server": name, "time": time.time()})
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
-                    self.deps.emit({"type": "device_path_readmit_failed", "shard": self.name,
+                    self.deps.emit({"type": "device_path_admit_failed", "shard": self.name,
                                     "server": name, "error": repr(e), "time": time.time()})
 
 

@@ -181,3 +181,24 @@ def test_only_a_rise_in_a_servers_trouble_flags_it() -> None:
     path = SimpleNamespace(ranks={"expert-0": 1, "expert-1": 2})
     assert DevicePath.flagged(path, [0, -1, 2]) == frozenset({"expert-1"})
     assert DevicePath.flagged(path, [0, 0, 0]) == frozenset()
+
+
+def test_servers_added_while_serving_are_joinable_once_they_host_experts() -> None:
+    from eaas.engine.device_path import DevicePath
+
+    table = {3: {0: ("expert-0", "expert-2"), 1: ("expert-0",)}}
+    path = _Path()
+    path.readmitting = set()
+    path.routing = DeviceRouting(path, RoutingSnapshot(2, table))
+    urls = {"expert-0": "tcp://a", "expert-1": "tcp://b", "expert-2": "tcp://c",
+            "expert-3": ""}
+    devices = dict.fromkeys(urls, "cuda:0")
+    assert DevicePath.joinable(path, urls, devices, "device", "cuda:0") == ["expert-2"]
+    # not listening yet (""), hosting nothing (expert-3), on a device the path refuses
+    assert DevicePath.joinable(path, urls, {**devices, "expert-2": "cpu"}, "device",
+                               "cuda:0") == []
+    assert DevicePath.joinable(path, urls, devices, "auto", "cuda:0") == []  # same GPU: host
+    path.ranks["expert-2"], path.rows["expert-2"] = 3, {3: {0: 0}}
+    assert DevicePath.joinable(path, urls, devices, "device", "cuda:0") == []
+    assert path.routing.joined("expert-2") == 2 and path.reroutes == 1
+    assert path.routing.live_replicas((3, 0)) == ("expert-0", "expert-2")

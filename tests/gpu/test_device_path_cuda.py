@@ -155,6 +155,25 @@ async def _device_steps(engine, name: str) -> int:
     return sum(s.get("done", 0) for s in sets.values())
 
 
+async def test_a_server_added_while_serving_joins_the_device_path(tiny_dirs):
+    """add_server while the device path serves: the new process takes a spare rank of the
+    running set over CUDA IPC (warmed up alone), is routed to once its experts are loaded, and
+    computes device steps; tokens stay the co-located run's."""
+    prompts, want = await _expected(tiny_dirs["qwen3_moe"])
+    async with AsyncEngine(_device_cfg(tiny_dirs["qwen3_moe"])) as engine:
+        await _run(engine, prompts[:2])
+        name = await engine.add_server(device="cuda:0")
+        t0 = time.perf_counter()
+        while engine.snapshot()["shards"][0]["device_path"]["servers"].get(name) != "in":
+            assert time.perf_counter() - t0 < 120, engine.snapshot()["shards"][0]
+            await asyncio.sleep(0.2)
+        print(f"{name} joined the device path {time.perf_counter() - t0:.2f} s after it started")
+        outs = await _run(engine, prompts)
+        assert [o.outputs[0].token_ids for o in outs] == want
+        assert engine.snapshot()["shards"][0]["data_path"] == "device"
+        assert await _device_steps(engine, name) >= N_TOKENS - 1
+
+
 @pytest.mark.multi_gpu
 @two_gpus
 async def test_servers_on_another_gpu_take_the_device_path_by_themselves(tiny_dirs):

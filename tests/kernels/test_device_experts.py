@@ -62,9 +62,11 @@ class Cluster:
     layer (rows = global ids); experts 2 and 5 are on both, and each layer picks one replica."""
 
     def __init__(self, num_shards: int, dtype: torch.dtype, max_rows: int = 8,
-                 timeout_s: float | None = None, device: str = "cpu") -> None:
+                 timeout_s: float | None = None, device: str = "cpu", spares: int = 0) -> None:
         g = torch.Generator().manual_seed(5)
-        self.fmt = ExchangeFormat(tuple(range(num_shards)), (num_shards, num_shards + 1),
+        self.live = (num_shards, num_shards + 1)  # the servers' ranks; spares: masked ranks
+        self.spares = tuple(range(num_shards + 2, num_shards + 2 + spares))  # with no process
+        self.fmt = ExchangeFormat(tuple(range(num_shards)), self.live + self.spares,
                                   max_rows=max_rows, hidden=H, top_k=K,
                                   dtype=str(dtype).removeprefix("torch."), num_slots=2,
                                   ctas_per_send=2, gather_ctas=2)
@@ -88,8 +90,10 @@ class Cluster:
         self.placements = placements
         self.shards = [ShardExchange(self.fmt, self.channels[r], placements)
                        for r in self.fmt.shard_ranks]
+        for shard in self.shards:
+            shard.peers[list(self.spares)] = 0
         self.servers = [ServerExchange.from_banks(self.fmt, self.channels[r], banks[s])
-                        for s, r in enumerate(self.fmt.server_ranks)]
+                        for s, r in enumerate(self.live)]
 
     def round(self, layer: int, inputs: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
         """One round of every rank, phase by phase (see the module docstring)."""
@@ -156,7 +160,7 @@ def check_credits(cl: Cluster, rounds: int) -> None:
     fmt, w = cl.fmt, cl.fmt.world_size
     for ch in cl.channels:
         shard = ch.rank in fmt.shard_ranks
-        peers = fmt.server_ranks if shard else fmt.shard_ranks
+        peers = cl.live if shard else () if ch.rank in cl.spares else fmt.shard_ranks
         want, none = [rounds if r in peers else 0 for r in range(w)], [0] * w
         sends, takes = ((ch.rows, ch.pairs), (ch.results,)) if shard else \
             ((ch.results,), (ch.rows, ch.pairs))
@@ -209,6 +213,20 @@ def packed_local(cl: Cluster, layer: int, x: torch.Tensor, lay) -> torch.Tensor:
         xs = torch.where(rows[:, None] >= 0, x[rows.clamp(min=0)], 0)
         y[s] = fused_moe(xs, *server.experts[layer], pe.clamp(min=0), torch.where(pe >= 0, pw, 0))
     return combine_rows(y, lay)
+
+
+@interpreter_only
+def test_spare_server_ranks_stay_masked_and_untouched() -> None:
+    """A set with a spare server rank no process holds (kept for a server added later): the
+    shard masks it, routes it nothing, and the rounds are those of the set without it."""
+    cl = Cluster(1, torch.float32, spares=1)
+    for rnd in range(3):
+        x, ids, w = routing(5, 40 + rnd, torch.float32)
+        (out,) = cl.round(rnd % 2, [(x, ids, w)])
+        torch.testing.assert_close(out, cl.references(rnd % 2, x, ids, w)[0],
+                                   **EXACT[torch.float32])
+    check_credits(cl, 3)
+    assert int(cl.shards[0].trouble().sum()) == 0
 
 
 @interpreter_only
